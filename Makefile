@@ -1,0 +1,49 @@
+# pcisplit developer targets. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SYSPKGS := pciutils pci.ids fuse3 libfuse3-dev pkg-config
+
+.PHONY: install sysdeps demo test lint typecheck bench clean
+
+install: sysdeps $(STAMP)
+
+# System packages: installed through apt-get when run as root; otherwise we say what is missing.
+sysdeps:
+	@missing=""; for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    echo "installing system packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null || \
+	      { echo "apt-get install of$$missing failed" >&2; exit 1; }; \
+	  else echo "warning: missing system packages:$$missing (install them as root; lspci tests will skip)" >&2; fi; \
+	fi
+
+$(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/python examples/demo.py
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+bench: install
+	$(VENV)/bin/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name '__pycache__' -prune -exec rm -rf {} +
+	find shared/ring -name '_ring_cffi*' -delete

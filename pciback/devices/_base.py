@@ -1,0 +1,119 @@
+"""The device-provider contract: what the backend service needs from any device.
+
+Providers are emulated models, snapshot devices (from an lspci dump) and host
+devices (sysfs). They answer config and BAR accesses *as the hardware would*;
+the per-guest policy (``pciback.policy``) sits in front of them and decides
+what a guest may see and change.
+
+Config and BAR handlers are synchronous: they run under the service's
+per-device lock, so no two accesses to one device interleave. Work that must
+wait (a factorial that takes time, DMA, interrupts) goes through the
+:class:`DeviceContext` the backend attaches, never through a transport.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+__all__ = ["BarKind", "BarSpec", "DeviceProvider", "DeviceContext"]
+
+
+class BarKind(enum.Enum):
+    MEM32 = "mem32"
+    MEM64 = "mem64"
+    IO = "io"
+
+
+@dataclass(frozen=True, slots=True)
+class BarSpec:
+    """One implemented BAR. A 64-bit BAR occupies ``index`` and ``index + 1``."""
+
+    index: int
+    size: int
+    kind: BarKind = BarKind.MEM32
+    prefetchable: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index <= 5:
+            raise ValueError(f"BAR index {self.index} is out of range 0..5")
+        if self.kind is BarKind.MEM64 and self.index == 5:
+            raise ValueError("a 64-bit BAR cannot start at index 5")
+        minimum = 4 if self.kind is BarKind.IO else 16
+        if self.size < minimum or self.size & (self.size - 1):
+            raise ValueError(
+                f"BAR{self.index} size {self.size:#x} must be a power of two >= {minimum}"
+            )
+        if self.kind is BarKind.IO and self.prefetchable:
+            raise ValueError(f"BAR{self.index}: an I/O BAR cannot be prefetchable")
+
+    @property
+    def flags(self) -> int:
+        """The read-only low bits of the BAR register."""
+        if self.kind is BarKind.IO:
+            return 0x1
+        return (0x4 if self.kind is BarKind.MEM64 else 0x0) | (0x8 if self.prefetchable else 0)
+
+
+class DeviceContext(abc.ABC):
+    """Services the backend offers a device model. Interrupts and DMA arrive in later issues."""
+
+    @abc.abstractmethod
+    def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``fn`` as a background task owned by the device (cancelled on reset/removal)."""
+
+    @abc.abstractmethod
+    def locked(self) -> AbstractAsyncContextManager[None]:
+        """Hold the device's access lock (use from background tasks that change state)."""
+
+
+class DeviceProvider(abc.ABC):
+    """Base class of every device the backend can serve."""
+
+    #: "emulated", "snapshot" or "host".
+    kind: str = "emulated"
+
+    @property
+    @abc.abstractmethod
+    def config_size(self) -> int:
+        """64, 256 or 4096."""
+
+    @abc.abstractmethod
+    def config_read(self, offset: int, size: int) -> int:
+        """An aligned 1/2/4-byte config read, as the hardware answers it."""
+
+    @abc.abstractmethod
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        """An aligned 1/2/4-byte config write, with the hardware's register semantics."""
+
+    @abc.abstractmethod
+    def bars(self) -> list[BarSpec]:
+        """The implemented BARs (sizes and kinds)."""
+
+    def rom_size(self) -> int:
+        """Expansion ROM size in bytes, 0 when there is none."""
+        return 0
+
+    @abc.abstractmethod
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        """Read 1/2/4/8 bytes at ``offset`` inside BAR ``bar``."""
+
+    @abc.abstractmethod
+    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        """Write 1/2/4/8 bytes at ``offset`` inside BAR ``bar``."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Return the device to its power-on state."""
+
+    def attach(self, ctx: DeviceContext) -> None:  # noqa: B027
+        """Called once when the backend starts serving the device."""
+
+    def config_image(self) -> bytes:
+        """The whole config space as the hardware answers it (for snapshots)."""
+        return b"".join(
+            self.config_read(off, 4).to_bytes(4, "little") for off in range(0, self.config_size, 4)
+        )

@@ -1,0 +1,113 @@
+"""The one error hierarchy of pcisplit, and the one error-code enum.
+
+Every library error derives from :class:`PcisplitError`. Errors that travel on
+the wire carry an :class:`ErrorCode`; there is exactly one code space (unlike
+Xen, which mixes its own codes with Linux errnos).
+
+Transport failures are not here: they reuse trio's ``ClosedResourceError``,
+``BrokenResourceError`` and ``BusyResourceError`` (see ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ErrorCode",
+    "PcisplitError",
+    "PciError",
+    "ConfigAccessError",
+    "AddressError",
+    "DumpFormatError",
+    "CapabilityError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "RequestError",
+    "ConfigFileError",
+]
+
+
+class ErrorCode(enum.IntEnum):
+    """Wire error codes. Values are stable: never renumber, only append."""
+
+    OK = 0
+    NOT_FOUND = 1
+    INVALID_OFFSET = 2
+    INVALID_SIZE = 3
+    ACCESS_DENIED = 4
+    NOT_IMPLEMENTED = 5
+    OPERATION_FAILED = 6
+    BUSY = 7
+    PROTOCOL_ERROR = 8
+    VERSION_MISMATCH = 9
+    UNKNOWN_GUEST = 10
+    TIMED_OUT = 11
+    INVALID_STATE = 12
+    DMA_FAULT = 13
+
+
+class PcisplitError(Exception):
+    """Base class of every error pcisplit raises on purpose."""
+
+    #: The wire code this error maps to when it has to be reported to a peer.
+    code: ErrorCode = ErrorCode.OPERATION_FAILED
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PciError(PcisplitError):
+    """A problem in the pure PCI model (addresses, config images, dumps)."""
+
+
+class AddressError(PciError, ValueError):
+    """A PCI address string or number is malformed or out of range."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class ConfigAccessError(PciError):
+    """A config-space or BAR access is misaligned, of a bad size, or out of range."""
+
+    code = ErrorCode.INVALID_OFFSET
+
+
+class DumpFormatError(PciError, ValueError):
+    """An ``lspci -x`` style dump cannot be parsed. The message names the line."""
+
+
+class CapabilityError(PciError):
+    """A capability list is malformed (a loop, a pointer out of range, ...)."""
+
+
+class ProtocolError(PcisplitError):
+    """A violation of the pcisplit wire protocol."""
+
+    code = ErrorCode.PROTOCOL_ERROR
+
+
+class LocalProtocolError(ProtocolError):
+    """*We* tried to do something the protocol forbids (a bug in the caller)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The *peer* sent something the protocol forbids (hostile or buggy peer)."""
+
+
+class RequestError(PcisplitError):
+    """A request was answered with an error reply. ``code`` says which error."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}", code=code)
+        self.remote_message = message
+
+
+class ConfigFileError(PcisplitError, ValueError):
+    """The backend configuration is invalid. The message names the key."""

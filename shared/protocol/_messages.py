@@ -1,0 +1,437 @@
+"""Protocol messages: frozen, slotted dataclasses validated when built.
+
+An invalid message cannot exist: every constructor checks its fields' types
+and ranges and raises :class:`LocalProtocolError` (the codec turns that into
+:class:`RemoteProtocolError` when the bad values came off the wire).
+
+Every concrete message class has a stable wire ``TAG``. Tags are grouped:
+
+* 0x01-0x0f handshake and connection control
+* 0x10-0x3f requests (frontend -> backend), each with a ``request_id``
+* 0x40-0x5f replies (backend -> frontend), each answering one ``request_id``
+* 0x60-0x7f events (backend -> frontend, unsolicited; never compete with replies)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from shared.errors import ErrorCode, LocalProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Message",
+    "Request",
+    "Reply",
+    "Event",
+    "Limits",
+    "DeviceInfo",
+    "Hello",
+    "Welcome",
+    "HandshakeRejected",
+    "Goodbye",
+    "PingRequest",
+    "SnapshotRequest",
+    "ConfigReadRequest",
+    "ConfigWriteRequest",
+    "BarReadRequest",
+    "BarWriteRequest",
+    "ResetRequest",
+    "SnapshotReply",
+    "ValueReply",
+    "DoneReply",
+    "ErrorReply",
+    "MESSAGE_TYPES",
+    "U8",
+    "U16",
+    "U32",
+    "U64",
+]
+
+#: (major, minor). A different major is incompatible; minors negotiate down.
+PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+
+U8 = 0xFF
+U16 = 0xFFFF
+U32 = 0xFFFF_FFFF
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+MAX_NAME_LEN = 64
+MAX_TEXT_LEN = 1024
+MAX_FEATURES = 64
+MAX_DEVICES = 256
+MAX_BAR_INDEX = 5
+
+
+def _int(owner: object, name: str, value: object, top: int, bottom: int = 0) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not bottom <= value <= top:
+        raise LocalProtocolError(
+            f"{type(owner).__name__}.{name} must be an integer in {bottom}..{top:#x}, got {value!r}"
+        )
+
+
+def _str(owner: object, name: str, value: object, max_len: int) -> None:
+    if not isinstance(value, str) or len(value) > max_len:
+        raise LocalProtocolError(
+            f"{type(owner).__name__}.{name} must be a string of at most {max_len} characters, "
+            f"got {value!r:.80}"
+        )
+
+
+def _name(owner: object, name: str, value: object) -> None:
+    _str(owner, name, value, MAX_NAME_LEN)
+    assert isinstance(value, str)
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise LocalProtocolError(
+            f"{type(owner).__name__}.{name} {value!r} must be 1-{MAX_NAME_LEN} characters "
+            "of letters, digits, '-', '_' or '.'"
+        )
+
+
+def _access_size(owner: object, value: object, allowed: tuple[int, ...]) -> None:
+    if value not in allowed or isinstance(value, bool):
+        raise LocalProtocolError(
+            f"{type(owner).__name__}.size must be one of {allowed}, got {value!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base class. ``TAG`` is the wire type; subclasses validate in ``__post_init__``."""
+
+    TAG: ClassVar[int] = 0
+
+    def wire_fields(self) -> list[Any]:
+        """Field values in declaration order (what the codec puts on the wire)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _int(self, "request_id", self.request_id, U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    request_id: int
+
+    def __post_init__(self) -> None:
+        _int(self, "request_id", self.request_id, U32)
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Message):
+    """Backend-to-frontend notification. Later issues add interrupts, hot-plug, faults."""
+
+
+# --------------------------------------------------------------------------- handshake
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the *sender* of a Hello/Welcome is willing to receive.
+
+    ``max_message_size``: largest frame payload it accepts, in bytes.
+    ``max_in_flight``: most requests it accepts outstanding at once (for the
+    backend) or most events it buffers (for the frontend).
+    """
+
+    max_message_size: int = 65536
+    max_in_flight: int = 64
+
+    def __post_init__(self) -> None:
+        _int(self, "max_message_size", self.max_message_size, 16 * 1024 * 1024, 256)
+        _int(self, "max_in_flight", self.max_in_flight, 65536, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """Frontend -> backend, first message. Names the guest it asks to act as."""
+
+    TAG: ClassVar[int] = 0x01
+    version_major: int
+    version_minor: int
+    features: tuple[str, ...]
+    limits: Limits
+    guest: str
+
+    def __post_init__(self) -> None:
+        _int(self, "version_major", self.version_major, U16)
+        _int(self, "version_minor", self.version_minor, U16)
+        _features(self, self.features)
+        if not isinstance(self.limits, Limits):
+            raise LocalProtocolError("Hello.limits must be a Limits")
+        _name(self, "guest", self.guest)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Backend -> frontend: handshake accepted. Version is the negotiated one."""
+
+    TAG: ClassVar[int] = 0x02
+    version_major: int
+    version_minor: int
+    features: tuple[str, ...]
+    limits: Limits
+    guest: str
+
+    def __post_init__(self) -> None:
+        _int(self, "version_major", self.version_major, U16)
+        _int(self, "version_minor", self.version_minor, U16)
+        _features(self, self.features)
+        if not isinstance(self.limits, Limits):
+            raise LocalProtocolError("Welcome.limits must be a Limits")
+        _name(self, "guest", self.guest)
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRejected(Message):
+    """Backend -> frontend: handshake refused. Carries the backend's own version."""
+
+    TAG: ClassVar[int] = 0x03
+    code: ErrorCode
+    message: str
+    version_major: int
+    version_minor: int
+
+    def __post_init__(self) -> None:
+        _code(self, self.code)
+        _str(self, "message", self.message, MAX_TEXT_LEN)
+        _int(self, "version_major", self.version_major, U16)
+        _int(self, "version_minor", self.version_minor, U16)
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    """Either direction: the sender is closing, and says why."""
+
+    TAG: ClassVar[int] = 0x04
+    code: ErrorCode
+    message: str
+
+    def __post_init__(self) -> None:
+        _code(self, self.code)
+        _str(self, "message", self.message, MAX_TEXT_LEN)
+
+
+def _features(owner: object, value: object) -> None:
+    if not isinstance(value, tuple) or len(value) > MAX_FEATURES:
+        raise LocalProtocolError(
+            f"{type(owner).__name__}.features must be a tuple of at most {MAX_FEATURES} names"
+        )
+    for item in value:
+        _name(owner, "features[]", item)
+
+
+def _code(owner: object, value: object) -> None:
+    if not isinstance(value, ErrorCode):
+        raise LocalProtocolError(f"{type(owner).__name__}.code must be an ErrorCode, got {value!r}")
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest(Request):
+    """A no-op round trip (liveness, and the benchmarks' protocol floor)."""
+
+    TAG: ClassVar[int] = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest(Request):
+    """Every device of the guest's virtual bus, optionally with full config images."""
+
+    TAG: ClassVar[int] = 0x11
+    include_config: bool = False
+
+    def __post_init__(self) -> None:
+        Request.__post_init__(self)
+        if not isinstance(self.include_config, bool):
+            raise LocalProtocolError("SnapshotRequest.include_config must be a bool")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReadRequest(Request):
+    """Read 1, 2 or 4 bytes of config space. ``device`` is a packed PciAddress."""
+
+    TAG: ClassVar[int] = 0x12
+    device: int
+    offset: int
+    size: int
+
+    def __post_init__(self) -> None:
+        Request.__post_init__(self)
+        _int(self, "device", self.device, U32)
+        _int(self, "offset", self.offset, 0xFFF)
+        _access_size(self, self.size, (1, 2, 4))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWriteRequest(Request):
+    TAG: ClassVar[int] = 0x13
+    device: int
+    offset: int
+    size: int
+    value: int
+
+    def __post_init__(self) -> None:
+        Request.__post_init__(self)
+        _int(self, "device", self.device, U32)
+        _int(self, "offset", self.offset, 0xFFF)
+        _access_size(self, self.size, (1, 2, 4))
+        _int(self, "value", self.value, (1 << (8 * self.size)) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class BarReadRequest(Request):
+    """Read 1, 2, 4 or 8 bytes from BAR ``bar`` (0-5) at ``offset``."""
+
+    TAG: ClassVar[int] = 0x14
+    device: int
+    bar: int
+    offset: int
+    size: int
+
+    def __post_init__(self) -> None:
+        Request.__post_init__(self)
+        _int(self, "device", self.device, U32)
+        _int(self, "bar", self.bar, MAX_BAR_INDEX)
+        _int(self, "offset", self.offset, U64)
+        _access_size(self, self.size, (1, 2, 4, 8))
+
+
+@dataclass(frozen=True, slots=True)
+class BarWriteRequest(Request):
+    TAG: ClassVar[int] = 0x15
+    device: int
+    bar: int
+    offset: int
+    size: int
+    value: int
+
+    def __post_init__(self) -> None:
+        Request.__post_init__(self)
+        _int(self, "device", self.device, U32)
+        _int(self, "bar", self.bar, MAX_BAR_INDEX)
+        _int(self, "offset", self.offset, U64)
+        _access_size(self, self.size, (1, 2, 4, 8))
+        _int(self, "value", self.value, (1 << (8 * self.size)) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ResetRequest(Request):
+    TAG: ClassVar[int] = 0x16
+    device: int
+
+    def __post_init__(self) -> None:
+        Request.__post_init__(self)
+        _int(self, "device", self.device, U32)
+
+
+# --------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One device of a bus snapshot. ``class_code`` is 24-bit: class, subclass, prog-if."""
+
+    address: int  # packed PciAddress
+    vendor_id: int
+    device_id: int
+    class_code: int
+    revision: int
+    header_type: int
+    subsystem_vendor_id: int
+    subsystem_id: int
+    config: bytes | None = None
+
+    def __post_init__(self) -> None:
+        _int(self, "address", self.address, U32)
+        _int(self, "vendor_id", self.vendor_id, U16)
+        _int(self, "device_id", self.device_id, U16)
+        _int(self, "class_code", self.class_code, 0xFF_FFFF)
+        _int(self, "revision", self.revision, U8)
+        _int(self, "header_type", self.header_type, U8)
+        _int(self, "subsystem_vendor_id", self.subsystem_vendor_id, U16)
+        _int(self, "subsystem_id", self.subsystem_id, U16)
+        if self.config is not None and (
+            not isinstance(self.config, bytes) or len(self.config) not in (64, 256, 4096)
+        ):
+            raise LocalProtocolError("DeviceInfo.config must be None or 64, 256 or 4096 bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotReply(Reply):
+    TAG: ClassVar[int] = 0x40
+    devices: tuple[DeviceInfo, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        Reply.__post_init__(self)
+        if not isinstance(self.devices, tuple) or len(self.devices) > MAX_DEVICES:
+            raise LocalProtocolError(f"SnapshotReply.devices must be a tuple of <= {MAX_DEVICES}")
+        for dev in self.devices:
+            if not isinstance(dev, DeviceInfo):
+                raise LocalProtocolError("SnapshotReply.devices must hold DeviceInfo values")
+
+
+@dataclass(frozen=True, slots=True)
+class ValueReply(Reply):
+    """Answer to a read: the value read (up to 64 bits)."""
+
+    TAG: ClassVar[int] = 0x41
+    value: int = 0
+
+    def __post_init__(self) -> None:
+        Reply.__post_init__(self)
+        _int(self, "value", self.value, U64)
+
+
+@dataclass(frozen=True, slots=True)
+class DoneReply(Reply):
+    """Answer to a write, reset or ping: it was carried out."""
+
+    TAG: ClassVar[int] = 0x42
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Reply):
+    """Answer to any request that failed. ``message`` says what was wrong and what to do."""
+
+    TAG: ClassVar[int] = 0x43
+    code: ErrorCode = ErrorCode.OPERATION_FAILED
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        Reply.__post_init__(self)
+        _code(self, self.code)
+        if self.code is ErrorCode.OK:
+            raise LocalProtocolError("ErrorReply.code must not be OK")
+        _str(self, "message", self.message, MAX_TEXT_LEN)
+
+
+#: Every concrete message type by wire tag. Later issues append here.
+MESSAGE_TYPES: dict[int, type[Message]] = {
+    cls.TAG: cls
+    for cls in (
+        Hello,
+        Welcome,
+        HandshakeRejected,
+        Goodbye,
+        PingRequest,
+        SnapshotRequest,
+        ConfigReadRequest,
+        ConfigWriteRequest,
+        BarReadRequest,
+        BarWriteRequest,
+        ResetRequest,
+        SnapshotReply,
+        ValueReply,
+        DoneReply,
+        ErrorReply,
+    )
+}

@@ -1,0 +1,142 @@
+"""The frame-transport contract shared by every transport.
+
+A transport moves whole frames (``bytes``) in order, and nothing else: it never
+looks inside a frame. Framing of byte streams lives in
+:mod:`shared.protocol` (``encode_frame`` / ``FrameDecoder``), in one place.
+
+Error contract (same as trio's streams):
+
+* ``receive_frame`` raises :class:`trio.EndOfChannel` when the peer closed
+  cleanly, :class:`trio.BrokenResourceError` when the connection broke or the
+  peer misbehaved at the transport level (the message says how), and
+  :class:`trio.ClosedResourceError` when *we* closed the transport.
+* ``send_frame`` raises ``BrokenResourceError`` / ``ClosedResourceError``
+  likewise, and :class:`FrameTooLargeError` for a frame over the limit
+  (the transport stays usable).
+* Two tasks calling ``send_frame`` (or ``receive_frame``) at once raise
+  :class:`trio.BusyResourceError`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import PcisplitError
+
+__all__ = [
+    "FrameTransport",
+    "FrameListener",
+    "FrameTooLargeError",
+    "TransportAddressError",
+    "TransportOptions",
+    "DEFAULT_MAX_FRAME",
+]
+
+#: Frame limit before a handshake has negotiated one.
+DEFAULT_MAX_FRAME = 1 << 20
+
+
+class FrameTooLargeError(PcisplitError, ValueError):
+    """A frame is larger than the transport's negotiated maximum."""
+
+
+class TransportAddressError(PcisplitError, ValueError):
+    """An address string names an unknown scheme or is malformed."""
+
+
+@dataclass
+class TransportOptions:
+    """Per-endpoint options a transport may use. Unknown keys go in ``extra``.
+
+    ``ssl_context``: an :class:`ssl.SSLContext` for ``tls://``.
+    ``server_hostname``: the name the client checks in the server certificate.
+    ``ring_size``: bytes per direction for ``shm:`` rings.
+    ``poll_us``: adaptive-polling budget for ``shm:`` (0 disables polling).
+    """
+
+    ssl_context: Any = None
+    server_hostname: str | None = None
+    ring_size: int = 256 * 1024
+    poll_us: float | None = None
+    max_frame_size: int = DEFAULT_MAX_FRAME
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FrameTransport(abc.ABC):
+    """One end of a connection that carries frames."""
+
+    #: Largest frame this end sends or accepts; ``set_max_frame_size`` lowers it.
+    max_frame_size: int = DEFAULT_MAX_FRAME
+
+    @abc.abstractmethod
+    async def send_frame(self, frame: bytes) -> None:
+        """Send one frame. Waits (back-pressure) while the peer is not reading."""
+
+    @abc.abstractmethod
+    async def receive_frame(self) -> bytes:
+        """Receive the next frame, in order."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close this end. Idempotent. Pending operations get ClosedResourceError."""
+
+    def set_max_frame_size(self, size: int) -> None:
+        """Apply the limit negotiated in the handshake."""
+        self.max_frame_size = size
+
+    async def start_session(self, *, is_server: bool, max_frame_size: int) -> None:  # noqa: B027
+        """Called by both sides right after a successful handshake.
+
+        Most transports do nothing. ``shm:`` uses it to hand over the shared
+        memory and doorbells and move the session onto the ring.
+        """
+
+    @property
+    def can_pass_fds(self) -> bool:
+        """True when :meth:`send_fds`/:meth:`receive_fds` work (UNIX sockets)."""
+        return False
+
+    async def send_fds(self, frame: bytes, fds: list[int]) -> None:
+        """Send a frame together with file descriptors (SCM_RIGHTS)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pass file descriptors")
+
+    async def receive_fds(self, max_fds: int) -> tuple[bytes, list[int]]:
+        """Receive a frame and the file descriptors sent with it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pass file descriptors")
+
+    def peer_identity(self) -> dict[str, Any]:
+        """What the transport knows of the peer (UNIX credentials, TLS certificate...)."""
+        return {}
+
+    def describe(self) -> str:
+        """A short human-readable name of this endpoint for logs."""
+        return type(self).__name__
+
+    async def __aenter__(self) -> FrameTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class FrameListener(abc.ABC):
+    """Accepts incoming frame transports."""
+
+    #: The address actually bound (``tcp://127.0.0.1:43121`` for port 0, say).
+    address: str = ""
+
+    @abc.abstractmethod
+    async def accept(self) -> FrameTransport:
+        """Wait for and return the next connection."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop listening and release the address (a UNIX socket file is removed)."""
+
+    async def __aenter__(self) -> FrameListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
