@@ -34,7 +34,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self.max_frame_size = max_frame_size
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
 
     def next_frame(self) -> bytes | None:

@@ -30,6 +30,7 @@ __all__ = [
     "FrameListener",
     "FrameTooLargeError",
     "TransportAddressError",
+    "TransportConnectError",
     "TransportOptions",
     "DEFAULT_MAX_FRAME",
 ]
@@ -44,6 +45,10 @@ class FrameTooLargeError(PcisplitError, ValueError):
 
 class TransportAddressError(PcisplitError, ValueError):
     """An address string names an unknown scheme or is malformed."""
+
+
+class TransportConnectError(PcisplitError):
+    """Connecting or listening failed (nothing listens there, permission denied...)."""
 
 
 @dataclass

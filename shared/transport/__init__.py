@@ -1,0 +1,45 @@
+"""Frame transports behind one small interface, chosen by address strings."""
+
+from shared.transport._base import (
+    DEFAULT_MAX_FRAME,
+    FrameListener,
+    FrameTooLargeError,
+    FrameTransport,
+    TransportAddressError,
+    TransportConnectError,
+    TransportOptions,
+)
+from shared.transport._memory import MemoryListener, MemoryTransport, memory_transport_pair
+from shared.transport._registry import (
+    ENTRY_POINT_GROUP,
+    TransportScheme,
+    available_schemes,
+    get_scheme,
+    open_listener,
+    open_transport,
+    register_transport,
+    split_address,
+)
+from shared.transport._stream import StreamFrameTransport
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "FrameListener",
+    "FrameTooLargeError",
+    "FrameTransport",
+    "TransportAddressError",
+    "TransportConnectError",
+    "TransportOptions",
+    "MemoryListener",
+    "MemoryTransport",
+    "memory_transport_pair",
+    "ENTRY_POINT_GROUP",
+    "TransportScheme",
+    "available_schemes",
+    "get_scheme",
+    "open_listener",
+    "open_transport",
+    "register_transport",
+    "split_address",
+    "StreamFrameTransport",
+]

@@ -1,0 +1,303 @@
+"""Socket-based transports: ``unix:``, ``tcp://``, ``tls://`` and ``vsock://``.
+
+All of them are byte streams carrying length-prefixed frames
+(:class:`StreamFrameTransport`). They differ only in how they connect and
+listen, which is all this module does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import ssl
+import stat
+from typing import Any
+
+import trio
+
+from shared.transport._base import (
+    FrameListener,
+    FrameTransport,
+    TransportAddressError,
+    TransportConnectError,
+    TransportOptions,
+)
+from shared.transport._stream import StreamFrameTransport
+
+__all__ = [
+    "connect_unix",
+    "listen_unix",
+    "connect_tcp",
+    "listen_tcp",
+    "connect_tls",
+    "listen_tls",
+    "connect_vsock",
+    "listen_vsock",
+    "parse_host_port",
+    "StreamListener",
+]
+
+
+def parse_host_port(rest: str, scheme: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too) and validate the port."""
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise TransportAddressError(f"{scheme}://{rest} needs the form {scheme}://HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise TransportAddressError(f"{scheme}://{rest}: port {port} is out of range 0..65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise TransportAddressError(f"{scheme}://{rest}: the host is missing")
+    return host, port
+
+
+class StreamListener(FrameListener):
+    """Wraps a trio :class:`~trio.abc.Listener` of streams into a frame listener."""
+
+    def __init__(
+        self,
+        listeners: list[trio.abc.Listener[Any]],
+        address: str,
+        options: TransportOptions,
+        *,
+        cleanup_path: str | None = None,
+        wrap_tls: bool = False,
+    ) -> None:
+        self._listeners = listeners
+        self.address = address
+        self._options = options
+        self._cleanup_path = cleanup_path
+        self._wrap_tls = wrap_tls
+        self._accepted: trio.MemoryReceiveChannel[trio.abc.Stream] | None = None
+        self._closed = False
+
+    async def accept(self) -> FrameTransport:
+        if self._closed:
+            raise trio.ClosedResourceError("listener closed")
+        if len(self._listeners) != 1:
+            raise TransportAddressError(
+                f"{self.address} resolved to {len(self._listeners)} sockets; "
+                "name one address (e.g. 127.0.0.1 rather than localhost)"
+            )
+        stream = await self._listeners[0].accept()
+        return StreamFrameTransport(
+            stream, max_frame_size=self._options.max_frame_size, name=f"{self.address}(peer)"
+        )
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for listener in self._listeners:
+            await listener.aclose()
+        if self._cleanup_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._cleanup_path)
+
+
+# --------------------------------------------------------------------------- unix
+
+
+async def connect_unix(path: str, options: TransportOptions) -> FrameTransport:
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError as exc:
+        raise TransportConnectError(
+            f"cannot connect to unix:{path}: {exc.strerror or exc}; is `pciback serve` running "
+            "and listening there?"
+        ) from exc
+    return StreamFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"unix:{path}")
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove ``path`` only if it is a UNIX socket nobody listens on."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TransportConnectError(
+            f"cannot listen on unix:{path}: a non-socket file is in the way; remove it or pick "
+            "another path"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: the previous owner died without cleaning up
+        return
+    except OSError as exc:
+        raise TransportConnectError(f"cannot check existing socket unix:{path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise TransportConnectError(
+        f"unix:{path} is already served by another process; stop it or pick another path"
+    )
+
+
+async def open_unix_listener_socket(path: str) -> trio.socket.SocketType:
+    """A bound, listening trio UNIX socket at ``path`` (stale sockets are replaced)."""
+    _remove_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportConnectError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from exc
+    return sock
+
+
+async def listen_unix(path: str, options: TransportOptions) -> FrameListener:
+    sock = await open_unix_listener_socket(path)
+    return StreamListener(
+        [trio.SocketListener(sock)], f"unix:{path}", options, cleanup_path=path
+    )
+
+
+# --------------------------------------------------------------------------- tcp
+
+
+async def connect_tcp(rest: str, options: TransportOptions) -> FrameTransport:
+    host, port = parse_host_port(rest, "tcp")
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise TransportConnectError(f"cannot connect to tcp://{rest}: {exc}") from exc
+    return StreamFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"tcp://{rest}")
+
+
+async def _tcp_listeners(rest: str, scheme: str) -> tuple[list[trio.SocketListener], str]:
+    host, port = parse_host_port(rest, scheme)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise TransportConnectError(f"cannot listen on {scheme}://{rest}: {exc}") from exc
+    bound = listeners[0].socket.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    return listeners, f"{scheme}://{shown}:{bound[1]}"
+
+
+async def listen_tcp(rest: str, options: TransportOptions) -> FrameListener:
+    listeners, address = await _tcp_listeners(rest, "tcp")
+    return StreamListener(list(listeners), address, options)
+
+
+# --------------------------------------------------------------------------- tls
+
+
+def _require_context(options: TransportOptions, scheme: str) -> ssl.SSLContext:
+    ctx = options.ssl_context
+    if not isinstance(ctx, ssl.SSLContext):
+        raise TransportAddressError(
+            f"{scheme}:// needs an ssl.SSLContext (TransportOptions.ssl_context); configure "
+            "certificates in the [tls] section or pass --cert/--key/--ca"
+        )
+    return ctx
+
+
+class _TlsStreamTransport(StreamFrameTransport):
+    def peer_identity(self) -> dict[str, Any]:
+        info = super().peer_identity()
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            cert = stream.getpeercert()
+            if cert:
+                subject = {k: v for rdn in cert.get("subject", ()) for (k, v) in rdn}
+                info["tls_subject"] = subject
+                info["tls_common_name"] = subject.get("commonName")
+        return info
+
+
+class _TlsListener(StreamListener):
+    async def accept(self) -> FrameTransport:
+        if self._closed:
+            raise trio.ClosedResourceError("listener closed")
+        stream = await self._listeners[0].accept()
+        assert isinstance(stream, trio.SSLStream)
+        try:
+            # Handshake now so that a bad client certificate fails here, per connection.
+            await stream.do_handshake()
+        except trio.BrokenResourceError:
+            await trio.aclose_forcefully(stream)
+            raise
+        return _TlsStreamTransport(
+            stream, max_frame_size=self._options.max_frame_size, name=f"{self.address}(peer)"
+        )
+
+
+async def connect_tls(rest: str, options: TransportOptions) -> FrameTransport:
+    host, port = parse_host_port(rest, "tls")
+    ctx = _require_context(options, "tls")
+    try:
+        tcp = await trio.open_tcp_stream(host, port)
+        stream = trio.SSLStream(
+            tcp, ctx, server_hostname=options.server_hostname or host, https_compatible=False
+        )
+        await stream.do_handshake()
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise TransportConnectError(f"cannot connect to tls://{rest}: {exc}") from exc
+    return _TlsStreamTransport(stream, max_frame_size=options.max_frame_size, name=f"tls://{rest}")
+
+
+async def listen_tls(rest: str, options: TransportOptions) -> FrameListener:
+    ctx = _require_context(options, "tls")
+    listeners, address = await _tcp_listeners(rest, "tls")
+    ssl_listeners: list[trio.abc.Listener[Any]] = [
+        trio.SSLListener(lst, ctx, https_compatible=False) for lst in listeners
+    ]
+    return _TlsListener(ssl_listeners, address, options)
+
+
+# --------------------------------------------------------------------------- vsock
+
+
+def _parse_vsock(rest: str) -> tuple[int, int]:
+    cid_text, sep, port_text = rest.partition(":")
+    if not sep or not port_text.isdigit():
+        raise TransportAddressError(f"vsock://{rest} needs the form vsock://CID:PORT")
+    if cid_text in ("any", "-1"):
+        cid = getattr(socket, "VMADDR_CID_ANY", 0xFFFFFFFF)
+    elif cid_text.isdigit():
+        cid = int(cid_text)
+    else:
+        raise TransportAddressError(f"vsock://{rest}: CID {cid_text!r} is not a number")
+    return cid, int(port_text)
+
+
+def _vsock_family() -> int:
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        raise TransportConnectError("this platform has no AF_VSOCK support")
+    return int(family)
+
+
+async def connect_vsock(rest: str, options: TransportOptions) -> FrameTransport:
+    cid, port = _parse_vsock(rest)
+    sock = trio.socket.socket(_vsock_family(), socket.SOCK_STREAM)
+    try:
+        await sock.connect((cid, port))
+    except OSError as exc:
+        sock.close()
+        hint = " (the kernel has no vsock transport for this CID)" if exc.errno in (
+            errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENETUNREACH) else ""
+        raise TransportConnectError(f"cannot connect to vsock://{rest}: {exc}{hint}") from exc
+    stream = trio.SocketStream(sock)
+    return StreamFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"vsock://{rest}")
+
+
+async def listen_vsock(rest: str, options: TransportOptions) -> FrameListener:
+    cid, port = _parse_vsock(rest)
+    sock = trio.socket.socket(_vsock_family(), socket.SOCK_STREAM)
+    try:
+        await sock.bind((cid, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportConnectError(f"cannot listen on vsock://{rest}: {exc}") from exc
+    bound_cid, bound_port = sock.getsockname()
+    return StreamListener([trio.SocketListener(sock)], f"vsock://{bound_cid}:{bound_port}", options)
