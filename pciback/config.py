@@ -1,0 +1,255 @@
+"""The backend configuration: TOML, validated with errors that name the key.
+
+Schema (later issues extend it)::
+
+    listen = ["unix:/run/pcisplit/pciback.sock"]   # address strings
+    [limits]                    # optional: what the backend accepts per connection
+    max_message_size = 65536
+    max_in_flight = 64
+    [tls]                       # needed only for tls:// listeners
+    cert = "server.pem"  key = "server.key"  ca = "guests-ca.pem"
+    [[guest]]
+    name = "guest0"
+    allow_plain_tcp = false     # a guest may use tcp:// (no TLS) only if this is true
+    [[device]]
+    id = "edu0"                 # unique name
+    kind = "emulated"           # "emulated" | "snapshot" | "host"
+    model = "edu"               # emulated: a registered model
+    dump = "nic.txt"            # snapshot: an lspci -x/-xxx/-xxxx dump (relative to this file)
+    bar_sizes = { 0 = 0x20000 } # snapshot: optional BAR sizes
+    address = "0000:00:03.0"    # host: the real device (read-only unless writable = true)
+    writable = false
+    guest = "guest0"            # optional: assigned at start
+    policy = "default"          # "default" | "transparent-readonly" | "permissive"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigFileError, LocalProtocolError
+from shared.pci import PciAddress
+from shared.protocol import Limits
+
+__all__ = [
+    "BackendConfig",
+    "GuestConfig",
+    "DeviceConfig",
+    "TlsConfig",
+    "load_config",
+    "parse_config",
+    "default_config",
+    "DEFAULT_CONFIG_TEXT",
+]
+
+DEVICE_KINDS = ("emulated", "snapshot", "host")
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    name: str
+    allow_plain_tcp: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str
+    kind: str
+    where: str  # "device[0]" -- for error messages
+    model: str | None = None
+    dump: Path | None = None
+    dump_index: int = 0
+    bar_sizes: dict[int, int] = field(default_factory=dict)
+    address: PciAddress | None = None
+    writable: bool = False
+    guest: str | None = None
+    function: int | None = None
+    policy: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    ca: Path | None
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    listen: tuple[str, ...]
+    guests: dict[str, GuestConfig]
+    devices: tuple[DeviceConfig, ...]
+    limits: Limits = field(default_factory=Limits)
+    tls: TlsConfig | None = None
+    source: str = "<embedded default>"
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigFileError(f"{where}: expected {what}, got {value!r}")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    _expect(value, str, where, "a string")
+    if not value or len(value) > 64 or not all(c.isalnum() or c in "-_." for c in value):
+        raise ConfigFileError(
+            f"{where}: {value!r} is not a valid name (1-64 letters, digits, '-', '_', '.')"
+        )
+    return str(value)
+
+
+def _known_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigFileError(
+            f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}"
+        )
+
+
+def _path(value: Any, where: str, base: Path) -> Path:
+    _expect(value, str, where, "a file path string")
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+_DEVICE_KEYS = {
+    "id", "kind", "model", "dump", "dump_index", "bar_sizes", "address", "writable", "guest",
+    "function", "policy", "allow", "deny", "hide_capabilities", "quirks",
+}
+_POLICY_KEYS = ("policy", "allow", "deny", "hide_capabilities", "quirks")
+
+
+def _device(raw: Any, where: str, base: Path, guests: dict[str, GuestConfig]) -> DeviceConfig:
+    _expect(raw, dict, where, "a table")
+    _known_keys(raw, _DEVICE_KEYS, where)
+    if "id" not in raw:
+        raise ConfigFileError(f"{where}: missing key 'id' (a unique device name)")
+    dev_id = _name(raw["id"], f"{where}.id")
+    kind = _expect(raw.get("kind", "emulated"), str, f"{where}.kind", "a string")
+    if kind not in DEVICE_KINDS:
+        raise ConfigFileError(f"{where}.kind: {kind!r} is not one of {', '.join(DEVICE_KINDS)}")
+    guest = raw.get("guest")
+    if guest is not None:
+        guest = _name(guest, f"{where}.guest")
+        if guest not in guests:
+            raise ConfigFileError(
+                f"{where}.guest: guest {guest!r} is not declared; add [[guest]] name = {guest!r}"
+            )
+    function = raw.get("function")
+    if function is not None:
+        _expect(function, int, f"{where}.function", "an integer 0-7")
+        if not 0 <= function <= 7:
+            raise ConfigFileError(f"{where}.function: {function} is out of range 0-7")
+    policy = {key: raw[key] for key in _POLICY_KEYS if key in raw}
+    common: dict[str, Any] = dict(
+        id=dev_id, kind=kind, where=where, guest=guest, function=function, policy=policy
+    )
+    if kind == "emulated":
+        if "model" not in raw:
+            raise ConfigFileError(f"{where}: kind 'emulated' needs key 'model' (e.g. \"edu\")")
+        model = _expect(raw["model"], str, f"{where}.model", "a model name string")
+        return DeviceConfig(model=model, **common)
+    if kind == "snapshot":
+        if "dump" not in raw:
+            raise ConfigFileError(f"{where}: kind 'snapshot' needs key 'dump' (an lspci dump file)")
+        dump = _path(raw["dump"], f"{where}.dump", base)
+        index = _expect(raw.get("dump_index", 0), int, f"{where}.dump_index", "an integer")
+        sizes_raw = _expect(raw.get("bar_sizes", {}), dict, f"{where}.bar_sizes", "a table")
+        sizes: dict[int, int] = {}
+        for key, size in sizes_raw.items():
+            if not str(key).isdigit() or not 0 <= int(key) <= 5:
+                raise ConfigFileError(f"{where}.bar_sizes: key {key!r} must be a BAR index 0-5")
+            _expect(size, int, f"{where}.bar_sizes.{key}", "a size in bytes")
+            if size <= 0 or size & (size - 1):
+                raise ConfigFileError(
+                    f"{where}.bar_sizes.{key}: {size:#x} is not a power of two"
+                )
+            sizes[int(key)] = size
+        return DeviceConfig(dump=dump, dump_index=index, bar_sizes=sizes, **common)
+    if "address" not in raw:
+        raise ConfigFileError(f"{where}: kind 'host' needs key 'address' (e.g. \"0000:00:03.0\")")
+    address_text = _expect(raw["address"], str, f"{where}.address", "a PCI address string")
+    try:
+        address = PciAddress.parse(address_text)
+    except ValueError as exc:
+        raise ConfigFileError(f"{where}.address: {exc}") from exc
+    writable = _expect(raw.get("writable", False), bool, f"{where}.writable", "true or false")
+    return DeviceConfig(address=address, writable=writable, **common)
+
+
+def parse_config(text: str, *, source: str = "<string>", base: Path | None = None) -> BackendConfig:
+    """Parse and validate TOML text. Raises :class:`ConfigFileError` naming the key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(f"{source}: not valid TOML: {exc}") from exc
+    base = base or Path.cwd()
+    _known_keys(raw, {"listen", "guest", "device", "limits", "tls"}, source)
+    listen = _expect(raw.get("listen", []), list, "listen", "a list of address strings")
+    for i, address in enumerate(listen):
+        _expect(address, str, f"listen[{i}]", "an address string such as unix:/run/pciback.sock")
+    guests: dict[str, GuestConfig] = {}
+    for i, graw in enumerate(_expect(raw.get("guest", []), list, "guest", "[[guest]] tables")):
+        where = f"guest[{i}]"
+        _expect(graw, dict, where, "a table")
+        _known_keys(graw, {"name", "allow_plain_tcp"}, where)
+        if "name" not in graw:
+            raise ConfigFileError(f"{where}: missing key 'name'")
+        name = _name(graw["name"], f"{where}.name")
+        if name in guests:
+            raise ConfigFileError(f"{where}.name: guest {name!r} is declared twice")
+        plain = _expect(graw.get("allow_plain_tcp", False), bool, f"{where}.allow_plain_tcp",
+                        "true or false")
+        guests[name] = GuestConfig(name, plain)
+    devices: list[DeviceConfig] = []
+    seen: set[str] = set()
+    for i, draw in enumerate(_expect(raw.get("device", []), list, "device", "[[device]] tables")):
+        dev = _device(draw, f"device[{i}]", base, guests)
+        if dev.id in seen:
+            raise ConfigFileError(f"device[{i}].id: device id {dev.id!r} is used twice")
+        seen.add(dev.id)
+        devices.append(dev)
+    limits = Limits()
+    if "limits" in raw:
+        lraw = _expect(raw["limits"], dict, "limits", "a table")
+        _known_keys(lraw, {"max_message_size", "max_in_flight"}, "limits")
+        try:
+            limits = Limits(**lraw)
+        except (TypeError, ValueError, LocalProtocolError) as exc:
+            raise ConfigFileError(f"limits: {exc}") from exc
+    tls = None
+    if "tls" in raw:
+        traw = _expect(raw["tls"], dict, "tls", "a table")
+        _known_keys(traw, {"cert", "key", "ca"}, "tls")
+        for key in ("cert", "key"):
+            if key not in traw:
+                raise ConfigFileError(f"tls: missing key {key!r} (PEM file path)")
+        tls = TlsConfig(
+            _path(traw["cert"], "tls.cert", base),
+            _path(traw["key"], "tls.key", base),
+            _path(traw["ca"], "tls.ca", base) if "ca" in traw else None,
+        )
+    return BackendConfig(tuple(listen), guests, tuple(devices), limits, tls, source)
+
+
+def load_config(path: str | Path) -> BackendConfig:
+    """Read and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    return parse_config(text, source=str(path), base=path.parent.resolve())
+
+
+DEFAULT_CONFIG_TEXT = resources.files("pciback").joinpath("default.toml").read_text()
+
+
+def default_config() -> BackendConfig:
+    """The embedded default: one edu device for guest0 on unix:./pciback.sock."""
+    return parse_config(DEFAULT_CONFIG_TEXT, source="<embedded default>")

@@ -1,0 +1,176 @@
+"""Devices the backend owns, their assignment to guests, and each guest's virtual bus.
+
+A guest sees only the devices assigned to it, on a virtual bus 0000:00 (then
+0000:01 ... past 32 slots). Slots are numbered in assignment order; the
+functions of one physical multi-function device share a virtual slot and keep
+their function numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from pciback.access import DeviceAccess, make_access
+from pciback.config import BackendConfig, DeviceConfig
+from pciback.devices import DeviceProvider, EduDevice, HostDevice, SnapshotDevice
+from shared.errors import ConfigFileError, ErrorCode, PcisplitError
+from shared.pci import PciAddress
+
+__all__ = ["MODELS", "register_model", "ServedDevice", "DeviceRegistry", "NotAssignedError"]
+
+MODEL_ENTRY_POINT_GROUP = "pcisplit.models"
+
+#: Emulated device models by name. Plugins add more through ``pcisplit.models``.
+MODELS: dict[str, Callable[[], DeviceProvider]] = {"edu": EduDevice}
+_models_loaded = False
+
+
+def register_model(name: str, factory: Callable[[], DeviceProvider]) -> None:
+    """Make ``model = "<name>"`` available in ``[[device]]`` tables."""
+    if name in MODELS:
+        raise ConfigFileError(f"device model {name!r} is already registered")
+    MODELS[name] = factory
+
+
+def _model(name: str, where: str) -> Callable[[], DeviceProvider]:
+    global _models_loaded
+    if name not in MODELS and not _models_loaded:
+        _models_loaded = True
+        for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINT_GROUP):
+            MODELS.setdefault(ep.name, ep.load())
+    if name not in MODELS:
+        raise ConfigFileError(
+            f"{where}.model: unknown device model {name!r}; known: {', '.join(sorted(MODELS))}"
+        )
+    return MODELS[name]
+
+
+class NotAssignedError(PcisplitError):
+    """The guest named a device that is not on its virtual bus."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+@dataclass(eq=False)
+class ServedDevice:
+    """One device the backend serves, with its lock and its guest-facing access path."""
+
+    config: DeviceConfig
+    provider: DeviceProvider
+    access: DeviceAccess
+    physical: PciAddress | None = None
+    guest: str | None = None
+    address: PciAddress | None = None  # on the guest's virtual bus
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+
+def build_provider(cfg: DeviceConfig) -> tuple[DeviceProvider, PciAddress | None]:
+    """Instantiate the provider a ``[[device]]`` table describes."""
+    try:
+        if cfg.kind == "emulated":
+            assert cfg.model is not None
+            return _model(cfg.model, cfg.where)(), None
+        if cfg.kind == "snapshot":
+            assert cfg.dump is not None
+            dev = SnapshotDevice.from_dump(cfg.dump, bar_sizes=cfg.bar_sizes or None,
+                                           index=cfg.dump_index)
+            return dev, dev.address
+        assert cfg.address is not None
+        return HostDevice(cfg.address, writable=cfg.writable), cfg.address
+    except ConfigFileError:
+        raise
+    except (PcisplitError, OSError, ValueError) as exc:
+        raise ConfigFileError(f"{cfg.where} ({cfg.id}): cannot create the device: {exc}") from exc
+
+
+class DeviceRegistry:
+    """All served devices, and which guest owns which."""
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self._devices: dict[str, ServedDevice] = {}
+        for cfg in config.devices:
+            provider, physical = build_provider(cfg)
+            access = make_access(provider, cfg)
+            self._devices[cfg.id] = ServedDevice(cfg, provider, access, physical)
+        self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}
+        for dev in self._devices.values():
+            if dev.config.guest is not None:
+                self.assign(dev.id, dev.config.guest)
+
+    def __iter__(self) -> Iterator[ServedDevice]:
+        return iter(self._devices.values())
+
+    def get(self, device_id: str) -> ServedDevice:
+        try:
+            return self._devices[device_id]
+        except KeyError:
+            raise NotAssignedError(f"no device with id {device_id!r}") from None
+
+    def assign(self, device_id: str, guest: str) -> PciAddress:
+        """Put a device on ``guest``'s virtual bus and return its virtual address."""
+        dev = self.get(device_id)
+        if guest not in self._buses:
+            raise NotAssignedError(f"unknown guest {guest!r}", code=ErrorCode.UNKNOWN_GUEST)
+        if dev.guest is not None:
+            raise PcisplitError(
+                f"device {device_id} is already assigned to guest {dev.guest!r}",
+                code=ErrorCode.BUSY,
+            )
+        bus = self._buses[guest]
+        address = self._place(bus, dev)
+        dev.guest, dev.address = guest, address
+        bus[address.pack()] = dev
+        return address
+
+    def _place(self, bus: dict[int, ServedDevice], dev: ServedDevice) -> PciAddress:
+        function = dev.config.function
+        if dev.physical is not None and function is None:
+            function = dev.physical.function
+            # Functions of one physical slot share a virtual slot.
+            for other in bus.values():
+                if (
+                    other.physical is not None
+                    and other.address is not None
+                    and (other.physical.domain, other.physical.bus, other.physical.device)
+                    == (dev.physical.domain, dev.physical.bus, dev.physical.device)
+                ):
+                    candidate = PciAddress(0, other.address.bus, other.address.device, function)
+                    if candidate.pack() not in bus:
+                        return candidate
+        function = function or 0
+        used_slots = {(a.bus, a.device) for a in (PciAddress.unpack(k) for k in bus)}
+        for n in range(256 * 32):
+            slot = (n // 32, n % 32)
+            if slot not in used_slots:
+                return PciAddress(0, slot[0], slot[1], function)
+        raise PcisplitError("the guest's virtual buses are full", code=ErrorCode.BUSY)
+
+    def devices_of(self, guest: str) -> list[ServedDevice]:
+        """The guest's devices in virtual-address order."""
+        bus = self._buses.get(guest, {})
+        return [bus[k] for k in sorted(bus)]
+
+    def lookup(self, guest: str, packed_address: int) -> ServedDevice:
+        """The device at ``packed_address`` on ``guest``'s bus, or NotAssignedError."""
+        dev = self._buses.get(guest, {}).get(packed_address)
+        if dev is None:
+            try:
+                shown = str(PciAddress.unpack(packed_address))
+            except ValueError:
+                shown = f"{packed_address:#x}"
+            raise NotAssignedError(
+                f"no device at {shown} on guest {guest!r}'s bus; take a bus snapshot to list them"
+            )
+        return dev
+
+    def knows_guest(self, guest: str) -> bool:
+        return guest in self._buses

@@ -1,0 +1,13 @@
+"""Testing kit: start an in-process backend and connect a frontend over any transport.
+
+Use the pytest fixtures (installed as the ``pcisplit`` pytest plugin) or the
+async helpers directly::
+
+    async with running_backend(config, transports=("unix",), tmp=tmp_path) as rb:
+        async with pcifront.connect(rb.address("unix"), guest="guest0") as bus:
+            ...
+"""
+
+from pciback.testing._kit import RunningBackend, listen_address, running_backend
+
+__all__ = ["RunningBackend", "running_backend", "listen_address"]
