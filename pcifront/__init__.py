@@ -18,6 +18,8 @@ from pcifront._errors import (
     RequestError,
     error_for_code,
 )
+from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
+from pcifront._pciids import PciIds
 from shared.errors import ErrorCode
 
 __all__ = [
@@ -37,4 +39,9 @@ __all__ = [
     "NotImplementedOpError",
     "OperationFailedError",
     "error_for_code",
+    "LspciOptionError",
+    "PciIds",
+    "filter_devices",
+    "format_listing",
+    "render_lspci",
 ]

@@ -10,24 +10,16 @@ import argparse
 import ssl
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import trio
 
 from pcifront._client import connect
-from pcifront._lspci import filter_devices, format_listing
+from pcifront._lspci import DeviceFilter, render_lspci
 from pcifront._pciids import PciIds
 from shared.errors import PcisplitError
-from shared.pci import PciAddress
 from shared.transport import TransportOptions
 
 __all__ = ["main", "build_parser"]
-
-
-@dataclass(frozen=True)
-class _Listed:
-    address: PciAddress
-    config: bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,13 +63,14 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
 
 
 async def _lspci(args: argparse.Namespace) -> str:
+    # Validate the selectors before connecting, so a typo costs no round trip.
+    DeviceFilter.parse(args.slot, args.ids)
     async with connect(args.connect, guest=args.guest, options=_tls_options(args),
                        include_config=True) as bus:
-        listed = [_Listed(dev.pci_address, dev.config or b"") for dev in bus.devices]
-    listed = filter_devices(listed, args.slot, args.ids)
+        devices = list(bus.devices)
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
-    return format_listing(listed, numeric=min(args.numeric, 2), ids=ids,
-                          dump_bytes=_dump_bytes(args.hex))
+    return render_lspci(devices, slot=args.slot, vendor_device=args.ids,
+                        numeric=min(args.numeric, 2), ids=ids, dump_bytes=_dump_bytes(args.hex))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""pcisplit benchmarks (run with ``make bench``). Results go to ``benchmarks/results/``."""

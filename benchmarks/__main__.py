@@ -1,0 +1,19 @@
+"""Run every benchmark: ``python -m benchmarks [--quick]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchmarks import transports
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="pcisplit benchmarks")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    args = parser.parse_args()
+    return transports.main(quick=args.quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
