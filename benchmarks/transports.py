@@ -63,7 +63,9 @@ def _write_tls(tmp: Path) -> ssl.SSLContext:
     return ctx
 
 
-def _start_backend(tmp: Path, transports: list[str]) -> tuple[subprocess.Popen[str], dict[str, str]]:
+def _start_backend(
+    tmp: Path, transports: list[str]
+) -> tuple[subprocess.Popen[str], dict[str, str]]:
     listen = []
     for kind in transports:
         if kind in ("unix", "shm"):
@@ -80,8 +82,9 @@ def _start_backend(tmp: Path, transports: list[str]) -> tuple[subprocess.Popen[s
     )
     exe = Path(sys.executable).parent / "pciback"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pciback.cli"]
-    proc = subprocess.Popen([*cmd, "serve", "--config", str(config)], stdout=subprocess.PIPE,
-                            text=True, cwd=tmp)
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--config", str(config)], stdout=subprocess.PIPE, text=True, cwd=tmp
+    )
     assert proc.stdout is not None
     addresses: dict[str, str] = {}
     for _ in listen:
@@ -131,18 +134,42 @@ def _ratio_rows(floor_p50: float, by: dict[str, Result]) -> list[dict[str, Any]]
     rows: list[dict[str, Any]] = []
     shm, unix = by.get("shm"), by.get("unix")
     if shm is not None:
-        rows.append(dict(measure="shm QD1 p50 / eventfd floor p50", value=shm.qd1_p50_us / floor_p50,
-                         target="<= 1.5", met=shm.qd1_p50_us / floor_p50 <= 1.5))
+        rows.append(
+            dict(
+                measure="shm QD1 p50 / eventfd floor p50",
+                value=shm.qd1_p50_us / floor_p50,
+                target="<= 1.5",
+                met=shm.qd1_p50_us / floor_p50 <= 1.5,
+            )
+        )
         ratio = shm.qd32_ops_per_s / shm.qd1_ops_per_s
-        rows.append(dict(measure="shm QD32 throughput / shm QD1 throughput", value=ratio,
-                         target=">= 4", met=ratio >= 4))
+        rows.append(
+            dict(
+                measure="shm QD32 throughput / shm QD1 throughput",
+                value=ratio,
+                target=">= 4",
+                met=ratio >= 4,
+            )
+        )
     if shm is not None and unix is not None:
         ratio = unix.qd1_p50_us / shm.qd1_p50_us
-        rows.append(dict(measure="unix QD1 p50 / shm QD1 p50", value=ratio, target=">= 1.25",
-                         met=ratio >= 1.25))
+        rows.append(
+            dict(
+                measure="unix QD1 p50 / shm QD1 p50",
+                value=ratio,
+                target=">= 1.25",
+                met=ratio >= 1.25,
+            )
+        )
     for name, res in sorted(by.items()):
-        rows.append(dict(measure=f"{name} QD1 p50 / eventfd floor p50",
-                         value=res.qd1_p50_us / floor_p50, target="(info)", met=None))
+        rows.append(
+            dict(
+                measure=f"{name} QD1 p50 / eventfd floor p50",
+                value=res.qd1_p50_us / floor_p50,
+                target="(info)",
+                met=None,
+            )
+        )
     return rows
 
 
@@ -166,15 +193,22 @@ def main(*, quick: bool = False) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    print(f"\npcisplit transport benchmark ({platform.node()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()})")
-    print(f"floor: trio eventfd ping-pong between two processes: p50 {floor_p50:.1f} us, "
-          f"p99 {floor_p99:.1f} us\n")
-    print(f"{'transport':<10}{'QD1 p50 us':>12}{'QD1 p99 us':>12}{'QD1 ops/s':>12}"
-          f"{'QD32 ops/s':>12}")
+    print(
+        f"\npcisplit transport benchmark ({platform.node()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()})"
+    )
+    print(
+        f"floor: trio eventfd ping-pong between two processes: p50 {floor_p50:.1f} us, "
+        f"p99 {floor_p99:.1f} us\n"
+    )
+    print(
+        f"{'transport':<10}{'QD1 p50 us':>12}{'QD1 p99 us':>12}{'QD1 ops/s':>12}{'QD32 ops/s':>12}"
+    )
     for res in results.values():
-        print(f"{res.transport:<10}{res.qd1_p50_us:>12.1f}{res.qd1_p99_us:>12.1f}"
-              f"{res.qd1_ops_per_s:>12.0f}{res.qd32_ops_per_s:>12.0f}")
+        print(
+            f"{res.transport:<10}{res.qd1_p50_us:>12.1f}{res.qd1_p99_us:>12.1f}"
+            f"{res.qd1_ops_per_s:>12.0f}{res.qd32_ops_per_s:>12.0f}"
+        )
     if missing:
         print(f"(not measured, transport unavailable: {', '.join(missing)})")
     rows = _ratio_rows(floor_p50, results)
@@ -184,13 +218,21 @@ def main(*, quick: bool = False) -> int:
         print(f"{row['measure']:<46}{row['value']:>8.2f}  {row['target']:<8} {met}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "transports.json"
-    out.write_text(json.dumps({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "floor": {"p50_us": floor_p50, "p99_us": floor_p99,
-                  "median_us": statistics.median(floor) / 1000},
-        "results": [asdict(r) for r in results.values()],
-        "ratios": rows,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "floor": {
+                    "p50_us": floor_p50,
+                    "p99_us": floor_p99,
+                    "median_us": statistics.median(floor) / 1000,
+                },
+                "results": [asdict(r) for r in results.values()],
+                "ratios": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"\nJSON: {out}")
     return 0
 

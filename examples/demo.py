@@ -38,11 +38,14 @@ def main() -> int:
             print("pciback did not start", file=sys.stderr)
             return 1
         print(f"\n$ pcifront lspci --connect {ADDRESS} --guest guest0 -nn", flush=True)
-        subprocess.run([*tool("pcifront"), "lspci", "--connect", ADDRESS, "--guest", "guest0",
-                        "-nn"], check=True)
+        subprocess.run(
+            [*tool("pcifront"), "lspci", "--connect", ADDRESS, "--guest", "guest0", "-nn"],
+            check=True,
+        )
         print(f"\n$ python examples/edu_driver.py --connect {ADDRESS}", flush=True)
-        subprocess.run([sys.executable, str(HERE / "edu_driver.py"), "--connect", ADDRESS],
-                       check=True)
+        subprocess.run(
+            [sys.executable, str(HERE / "edu_driver.py"), "--connect", ADDRESS], check=True
+        )
     except subprocess.CalledProcessError as exc:
         print(f"demo step failed: {exc}", file=sys.stderr)
         return 1

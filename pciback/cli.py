@@ -1,7 +1,7 @@
 """``pciback``: the backend service's command line.
 
-    pciback serve                       # embedded default: edu for guest0 on unix:./pciback.sock
-    pciback serve --config backend.toml --listen tcp://127.0.0.1:7070
+pciback serve                       # embedded default: edu for guest0 on unix:./pciback.sock
+pciback serve --config backend.toml --listen tcp://127.0.0.1:7070
 """
 
 from __future__ import annotations
@@ -27,10 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pciback", description="pcisplit backend service")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve devices to guests")
-    serve.add_argument("--config", metavar="FILE",
-                       help="TOML config (default: the embedded edu-for-guest0 configuration)")
-    serve.add_argument("--listen", action="append", default=[], metavar="ADDR",
-                       help="extra address to listen on (repeatable), e.g. unix:/tmp/b.sock")
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config (default: the embedded edu-for-guest0 configuration)",
+    )
+    serve.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="extra address to listen on (repeatable), e.g. unix:/tmp/b.sock",
+    )
     serve.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub.add_parser("show-default-config", help="print the embedded default configuration")
     return parser
@@ -45,8 +53,7 @@ async def _serve(args: argparse.Namespace) -> None:
             for address in addresses:
                 print(f"pciback: listening on {address}", flush=True)
             async for signum in signals:
-                print(f"pciback: {signal.Signals(signum).name} received, shutting down",
-                      flush=True)
+                print(f"pciback: {signal.Signals(signum).name} received, shutting down", flush=True)
                 nursery.cancel_scope.cancel()
                 break
     print("pciback: stopped", flush=True)

@@ -118,8 +118,21 @@ def _path(value: Any, where: str, base: Path) -> Path:
 
 
 _DEVICE_KEYS = {
-    "id", "kind", "model", "dump", "dump_index", "bar_sizes", "address", "writable", "guest",
-    "function", "policy", "allow", "deny", "hide_capabilities", "quirks",
+    "id",
+    "kind",
+    "model",
+    "dump",
+    "dump_index",
+    "bar_sizes",
+    "address",
+    "writable",
+    "guest",
+    "function",
+    "policy",
+    "allow",
+    "deny",
+    "hide_capabilities",
+    "quirks",
 }
 _POLICY_KEYS = ("policy", "allow", "deny", "hide_capabilities", "quirks")
 
@@ -166,9 +179,7 @@ def _device(raw: Any, where: str, base: Path, guests: dict[str, GuestConfig]) ->
                 raise ConfigFileError(f"{where}.bar_sizes: key {key!r} must be a BAR index 0-5")
             _expect(size, int, f"{where}.bar_sizes.{key}", "a size in bytes")
             if size <= 0 or size & (size - 1):
-                raise ConfigFileError(
-                    f"{where}.bar_sizes.{key}: {size:#x} is not a power of two"
-                )
+                raise ConfigFileError(f"{where}.bar_sizes.{key}: {size:#x} is not a power of two")
             sizes[int(key)] = size
         return DeviceConfig(dump=dump, dump_index=index, bar_sizes=sizes, **common)
     if "address" not in raw:
@@ -203,8 +214,9 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         name = _name(graw["name"], f"{where}.name")
         if name in guests:
             raise ConfigFileError(f"{where}.name: guest {name!r} is declared twice")
-        plain = _expect(graw.get("allow_plain_tcp", False), bool, f"{where}.allow_plain_tcp",
-                        "true or false")
+        plain = _expect(
+            graw.get("allow_plain_tcp", False), bool, f"{where}.allow_plain_tcp", "true or false"
+        )
         guests[name] = GuestConfig(name, plain)
     devices: list[DeviceConfig] = []
     seen: set[str] = set()

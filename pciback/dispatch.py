@@ -78,17 +78,19 @@ class Dispatcher:
         handler = self.handlers.get(type(request))
         if handler is None:
             return ErrorReply(
-                request.request_id, ErrorCode.NOT_IMPLEMENTED,
+                request.request_id,
+                ErrorCode.NOT_IMPLEMENTED,
                 f"operation {type(request).__name__} is not implemented by this backend",
             )
         try:
             return await handler(request)
         except PcisplitError as exc:
             return ErrorReply(request.request_id, exc.code, exc.message[:1000])
-        except Exception as exc:  # noqa: BLE001 - a model bug must not kill the connection
+        except Exception as exc:  # a model bug must not kill the connection
             log.exception("device handler failed on %r for guest %s", request, self.guest)
             return ErrorReply(
-                request.request_id, ErrorCode.OPERATION_FAILED,
+                request.request_id,
+                ErrorCode.OPERATION_FAILED,
                 f"the device model failed: {type(exc).__name__}: {exc}"[:1000],
             )
 

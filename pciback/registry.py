@@ -80,8 +80,9 @@ def build_provider(cfg: DeviceConfig) -> tuple[DeviceProvider, PciAddress | None
             return _model(cfg.model, cfg.where)(), None
         if cfg.kind == "snapshot":
             assert cfg.dump is not None
-            dev = SnapshotDevice.from_dump(cfg.dump, bar_sizes=cfg.bar_sizes or None,
-                                           index=cfg.dump_index)
+            dev = SnapshotDevice.from_dump(
+                cfg.dump, bar_sizes=cfg.bar_sizes or None, index=cfg.dump_index
+            )
             return dev, dev.address
         assert cfg.address is not None
         return HostDevice(cfg.address, writable=cfg.writable), cfg.address

@@ -94,10 +94,13 @@ class Backend:
             ssl_context=self._ssl, max_frame_size=self.config.limits.max_message_size
         )
 
-    async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         if not self.addresses:
-            raise PcisplitError("nothing to listen on: give --listen ADDR or `listen` in the config")
+            raise PcisplitError(
+                "nothing to listen on: give --listen ADDR or `listen` in the config"
+            )
         try:
             for address in self.addresses:
                 listener = await open_listener(address, self._options(address))
@@ -140,7 +143,9 @@ class Backend:
             log.warning("%s: disconnected for a protocol violation: %s", peer, exc)
         except trio.TooSlowError:
             self.stats.disconnects_for_misbehaviour += 1
-            log.warning("%s: no handshake within %.1f s; disconnected", peer, self.handshake_timeout)
+            log.warning(
+                "%s: no handshake within %.1f s; disconnected", peer, self.handshake_timeout
+            )
         finally:
             self.stats.connections_active -= 1
             with trio.CancelScope(shield=True):

@@ -113,11 +113,15 @@ class Device:
 
     async def config_write(self, offset: int, size: int, value: int) -> None:
         """Write 1, 2 or 4 bytes of config space (the backend's policy may refuse)."""
-        await self._bus._call(lambda rid: ConfigWriteRequest(rid, self._packed, offset, size, value))
+        await self._bus._call(
+            lambda rid: ConfigWriteRequest(rid, self._packed, offset, size, value)
+        )
 
     async def bar_read(self, bar: int, offset: int, size: int) -> int:
         """Read 1, 2, 4 or 8 bytes from BAR ``bar``."""
-        reply = await self._bus._call(lambda rid: BarReadRequest(rid, self._packed, bar, offset, size))
+        reply = await self._bus._call(
+            lambda rid: BarReadRequest(rid, self._packed, bar, offset, size)
+        )
         assert isinstance(reply, ValueReply)
         return reply.value
 
@@ -141,7 +145,9 @@ class Device:
 class Bus:
     """A connected guest's virtual PCI bus."""
 
-    def __init__(self, transport: FrameTransport, conn: Connection, *, timeout: float | None) -> None:
+    def __init__(
+        self, transport: FrameTransport, conn: Connection, *, timeout: float | None
+    ) -> None:
         self._transport = transport
         self._conn = conn
         self._timeout = timeout
@@ -232,7 +238,8 @@ class Bus:
             for pending in list(self._pending.values()):
                 if pending.started < deadline and not pending.event.is_set():
                     pending.reply = ErrorReply(
-                        0, ErrorCode.TIMED_OUT,
+                        0,
+                        ErrorCode.TIMED_OUT,
                         f"no reply from the backend within {timeout} s; it may be overloaded "
                         "or stuck (raise timeout= in connect() if this is expected)",
                     )
@@ -269,8 +276,9 @@ class Bus:
                     self.stats.replies_received += 1
                     pending = self._pending.get(msg.request_id)
                     if pending is None:
-                        log.debug("reply to request %d arrived after it was cancelled",
-                                  msg.request_id)
+                        log.debug(
+                            "reply to request %d arrived after it was cancelled", msg.request_id
+                        )
                         continue
                     pending.reply = msg
                     pending.event.set()
@@ -278,7 +286,9 @@ class Bus:
                     self.stats.events_received += 1
                     self._events_send.send_nowait(msg)
                 elif isinstance(msg, Goodbye):
-                    self._fail_all(f"backend closed the connection ({msg.code.name}): {msg.message}")
+                    self._fail_all(
+                        f"backend closed the connection ({msg.code.name}): {msg.message}"
+                    )
                     return
         except trio.EndOfChannel:
             self._fail_all("the backend closed the connection")
@@ -311,7 +321,9 @@ async def _handshake(
         try:
             frame = await transport.receive_frame()
         except trio.EndOfChannel as exc:
-            raise ConnectionLostError("the backend closed the connection during the handshake") from exc
+            raise ConnectionLostError(
+                "the backend closed the connection during the handshake"
+            ) from exc
     reply = conn.receive(frame)
     if isinstance(reply, HandshakeRejected):
         raise HandshakeError(reply.code, reply.message)

@@ -1,7 +1,7 @@
 """``pcifront``: the guest agent's command line.
 
-    pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
-    pcifront lspci --connect ADDR --guest NAME -xxx -s 00:00.0
+pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
+pcifront lspci --connect ADDR --guest NAME -xxx -s 00:00.0
 """
 
 from __future__ import annotations
@@ -26,17 +26,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcifront", description="pcisplit guest agent")
     sub = parser.add_subparsers(dest="command", required=True)
     lspci = sub.add_parser("lspci", help="list the guest's virtual PCI bus like lspci")
-    lspci.add_argument("--connect", required=True, metavar="ADDR",
-                       help="backend address, e.g. unix:./pciback.sock or tls://host:7071")
+    lspci.add_argument(
+        "--connect",
+        required=True,
+        metavar="ADDR",
+        help="backend address, e.g. unix:./pciback.sock or tls://host:7071",
+    )
     lspci.add_argument("--guest", default="guest0", help="guest name to act as (default guest0)")
-    lspci.add_argument("-n", action="count", default=0, dest="numeric",
-                       help="show numeric IDs (-nn: names and numbers)")
-    lspci.add_argument("-x", action="count", default=0, dest="hex",
-                       help="hex dump of config space (-x 64 B, -xxx 256 B, -xxxx 4096 B)")
-    lspci.add_argument("-s", dest="slot", metavar="[[[[DOMAIN]:]BUS]:][DEV][.[FUNC]]",
-                       help="show only matching devices")
-    lspci.add_argument("-d", dest="ids", metavar="[VENDOR]:[DEVICE][:CLASS]",
-                       help="show only devices with these IDs")
+    lspci.add_argument(
+        "-n",
+        action="count",
+        default=0,
+        dest="numeric",
+        help="show numeric IDs (-nn: names and numbers)",
+    )
+    lspci.add_argument(
+        "-x",
+        action="count",
+        default=0,
+        dest="hex",
+        help="hex dump of config space (-x 64 B, -xxx 256 B, -xxxx 4096 B)",
+    )
+    lspci.add_argument(
+        "-s",
+        dest="slot",
+        metavar="[[[[DOMAIN]:]BUS]:][DEV][.[FUNC]]",
+        help="show only matching devices",
+    )
+    lspci.add_argument(
+        "-d",
+        dest="ids",
+        metavar="[VENDOR]:[DEVICE][:CLASS]",
+        help="show only devices with these IDs",
+    )
     lspci.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
     lspci.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
     lspci.add_argument("--key", help="TLS client key (PEM)")
@@ -65,12 +87,19 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
 async def _lspci(args: argparse.Namespace) -> str:
     # Validate the selectors before connecting, so a typo costs no round trip.
     DeviceFilter.parse(args.slot, args.ids)
-    async with connect(args.connect, guest=args.guest, options=_tls_options(args),
-                       include_config=True) as bus:
+    async with connect(
+        args.connect, guest=args.guest, options=_tls_options(args), include_config=True
+    ) as bus:
         devices = list(bus.devices)
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
-    return render_lspci(devices, slot=args.slot, vendor_device=args.ids,
-                        numeric=min(args.numeric, 2), ids=ids, dump_bytes=_dump_bytes(args.hex))
+    return render_lspci(
+        devices,
+        slot=args.slot,
+        vendor_device=args.ids,
+        numeric=min(args.numeric, 2),
+        ids=ids,
+        dump_bytes=_dump_bytes(args.hex),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

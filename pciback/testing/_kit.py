@@ -14,7 +14,11 @@ from pciback.config import BackendConfig, parse_config
 from pciback.service import Backend
 
 __all__ = [
-    "RunningBackend", "running_backend", "listen_address", "start_backend", "make_test_config"
+    "RunningBackend",
+    "running_backend",
+    "listen_address",
+    "start_backend",
+    "make_test_config",
 ]
 
 _counter = itertools.count()
@@ -69,9 +73,7 @@ def make_test_config(
     return replace(config, listen=listen)
 
 
-async def start_backend(
-    nursery: trio.Nursery, config: BackendConfig
-) -> RunningBackend:
+async def start_backend(nursery: trio.Nursery, config: BackendConfig) -> RunningBackend:
     """Start ``config``'s backend in ``nursery``; returns once every address is bound."""
     backend = Backend(config)
     addresses = await nursery.start(backend.serve)
@@ -87,7 +89,9 @@ async def running_backend(
     allow_plain_tcp: bool = True,
 ) -> AsyncIterator[RunningBackend]:
     """Run a backend for ``config`` (a BackendConfig or TOML text) until the block ends."""
-    config = make_test_config(config, transports=transports, tmp=tmp, allow_plain_tcp=allow_plain_tcp)
+    config = make_test_config(
+        config, transports=transports, tmp=tmp, allow_plain_tcp=allow_plain_tcp
+    )
     async with trio.open_nursery() as nursery:
         running = await start_backend(nursery, config)
         try:

@@ -114,7 +114,9 @@ class MemoryListener(FrameListener):
             raise trio.ClosedResourceError("listener closed") from exc
 
     def _connect(self) -> MemoryTransport:
-        client, server = memory_transport_pair(max_frame_size=self.max_frame_size, name=self.address)
+        client, server = memory_transport_pair(
+            max_frame_size=self.max_frame_size, name=self.address
+        )
         try:
             self._pending_send.send_nowait(server)
         except trio.ClosedResourceError as exc:

@@ -158,7 +158,11 @@ def _builtin() -> None:
         TransportScheme("memory", connect_memory, listen_memory),
         TransportScheme("unix", _sockets.connect_unix, _sockets.listen_unix, passes_fds=True),
         TransportScheme(
-            "tcp", _sockets.connect_tcp, _sockets.listen_tcp, slashes=True, secure=False,
+            "tcp",
+            _sockets.connect_tcp,
+            _sockets.listen_tcp,
+            slashes=True,
+            secure=False,
             local_only=False,
         ),
         TransportScheme(
@@ -173,6 +177,4 @@ def _builtin() -> None:
         from shared.transport import _shm  # type: ignore[attr-defined,unused-ignore]
     except ImportError:  # the ring extension is not built: shm: is unavailable, say so on use
         return
-    _SCHEMES["shm"] = TransportScheme(
-        "shm", _shm.connect_shm, _shm.listen_shm, passes_fds=True
-    )
+    _SCHEMES["shm"] = TransportScheme("shm", _shm.connect_shm, _shm.listen_shm, passes_fds=True)

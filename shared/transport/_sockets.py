@@ -154,9 +154,7 @@ async def open_unix_listener_socket(path: str) -> trio.socket.SocketType:
 
 async def listen_unix(path: str, options: TransportOptions) -> FrameListener:
     sock = await open_unix_listener_socket(path)
-    return StreamListener(
-        [trio.SocketListener(sock)], f"unix:{path}", options, cleanup_path=path
-    )
+    return StreamListener([trio.SocketListener(sock)], f"unix:{path}", options, cleanup_path=path)
 
 
 # --------------------------------------------------------------------------- tcp
@@ -208,8 +206,11 @@ class _TlsStreamTransport(StreamFrameTransport):
             cert = stream.getpeercert()
             if cert:
                 subject = {k: v for rdn in cert.get("subject", ()) for (k, v) in rdn}
+                names = [v for (k, v) in cert.get("subjectAltName", ()) if k == "DNS"]
+                if "commonName" in subject:
+                    names.insert(0, subject["commonName"])
                 info["tls_subject"] = subject
-                info["tls_common_name"] = subject.get("commonName")
+                info["tls_names"] = names
         return info
 
 
@@ -283,11 +284,16 @@ async def connect_vsock(rest: str, options: TransportOptions) -> FrameTransport:
         await sock.connect((cid, port))
     except OSError as exc:
         sock.close()
-        hint = " (the kernel has no vsock transport for this CID)" if exc.errno in (
-            errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENETUNREACH) else ""
+        hint = (
+            " (the kernel has no vsock transport for this CID)"
+            if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENETUNREACH)
+            else ""
+        )
         raise TransportConnectError(f"cannot connect to vsock://{rest}: {exc}{hint}") from exc
     stream = trio.SocketStream(sock)
-    return StreamFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"vsock://{rest}")
+    return StreamFrameTransport(
+        stream, max_frame_size=options.max_frame_size, name=f"vsock://{rest}"
+    )
 
 
 async def listen_vsock(rest: str, options: TransportOptions) -> FrameListener:

@@ -124,9 +124,11 @@ class StreamFrameTransport(FrameTransport):
             except OSError as exc:
                 info["peercred_error"] = str(exc)
             else:
-                pid, uid, gid = int.from_bytes(creds[0:4], "little"), int.from_bytes(
-                    creds[4:8], "little"
-                ), int.from_bytes(creds[8:12], "little")
+                pid, uid, gid = (
+                    int.from_bytes(creds[0:4], "little"),
+                    int.from_bytes(creds[4:8], "little"),
+                    int.from_bytes(creds[8:12], "little"),
+                )
                 info.update(pid=pid, uid=uid, gid=gid)
         elif sock is not None:
             try:

@@ -50,8 +50,9 @@ def _frame(i: int, size: int) -> bytes:
     return (pattern * (size // 4 + 1))[:size]
 
 
-async def _expect(exc_types: tuple[type[BaseException], ...], fn: Callable[[], Awaitable[Any]],
-                  what: str) -> BaseException:
+async def _expect(
+    exc_types: tuple[type[BaseException], ...], fn: Callable[[], Awaitable[Any]], what: str
+) -> BaseException:
     try:
         await fn()
     except exc_types as exc:
@@ -76,6 +77,7 @@ class TransportConformance:
         async with self.make_pair(self.max_frame_size) as (a, b):
             sizes = [0, 1, 3, 4, 7, 100, 1000, 4096, 12345]
             async with trio.open_nursery() as nursery:
+
                 async def pump(src: FrameTransport) -> None:
                     for i, size in enumerate(sizes * 5):
                         await src.send_frame(_frame(i, size))
@@ -95,7 +97,8 @@ class TransportConformance:
                 got = await b.receive_frame()
             _check(got == _frame(1, limit), "a frame of exactly the limit must arrive intact")
             await _expect(
-                (FrameTooLargeError,), lambda: a.send_frame(b"x" * (limit + 1)),
+                (FrameTooLargeError,),
+                lambda: a.send_frame(b"x" * (limit + 1)),
                 "a frame one byte over the limit",
             )
             # The transport stays usable after refusing an oversized frame.
@@ -108,6 +111,7 @@ class TransportConformance:
         async with self.make_pair(self.max_frame_size) as (a, b):
             received: list[bytes] = []
             async with trio.open_nursery() as nursery:
+
                 async def reader() -> None:
                     for _ in range(count):
                         received.append(await b.receive_frame())
@@ -115,8 +119,10 @@ class TransportConformance:
                 nursery.start_soon(reader)
                 for i in range(count):
                     await a.send_frame(_frame(i, 16 + i % 200))
-            _check(received == [_frame(i, 16 + i % 200) for i in range(count)],
-                   "pipelined frames were lost, duplicated or reordered")
+            _check(
+                received == [_frame(i, 16 + i % 200) for i in range(count)],
+                "pipelined frames were lost, duplicated or reordered",
+            )
 
     async def test_close_semantics(self) -> None:
         async with self.make_pair(self.max_frame_size) as (a, b):
@@ -127,8 +133,9 @@ class TransportConformance:
             await a.aclose()  # idempotent
             await _expect((trio.EndOfChannel,), b.receive_frame, "receive after the peer closed")
             await _expect((trio.ClosedResourceError,), a.receive_frame, "receive after own close")
-            await _expect((trio.ClosedResourceError,), lambda: a.send_frame(b"x"),
-                          "send after own close")
+            await _expect(
+                (trio.ClosedResourceError,), lambda: a.send_frame(b"x"), "send after own close"
+            )
 
     async def test_send_to_dead_peer_breaks(self) -> None:
         async with self.make_pair(self.max_frame_size) as (a, b):
@@ -142,8 +149,11 @@ class TransportConformance:
                     await a.send_frame(payload)
 
             with trio.fail_after(30):
-                await _expect((trio.BrokenResourceError, trio.ClosedResourceError), keep_sending,
-                              "sending to a peer that closed")
+                await _expect(
+                    (trio.BrokenResourceError, trio.ClosedResourceError),
+                    keep_sending,
+                    "sending to a peer that closed",
+                )
 
     async def test_receive_cancellation_loses_nothing(self) -> None:
         async with self.make_pair(self.max_frame_size) as (a, b):
@@ -154,8 +164,10 @@ class TransportConformance:
                     scope.cancel()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(a.send_frame, b"first")
-                _check(await b.receive_frame() == b"first",
-                       "a frame sent after a cancelled receive was lost or torn")
+                _check(
+                    await b.receive_frame() == b"first",
+                    "a frame sent after a cancelled receive was lost or torn",
+                )
 
     async def test_send_cancellation_never_tears_a_frame(self) -> None:
         limit = self.max_frame_size
@@ -163,6 +175,7 @@ class TransportConformance:
             sent: list[bytes] = []
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
+
                     async def flood() -> None:
                         for i in range(self.backpressure_frames):
                             frame = _frame(i, limit)
@@ -192,6 +205,7 @@ class TransportConformance:
         async with self.make_pair(limit) as (a, b):
             sent = 0
             async with trio.open_nursery() as nursery:
+
                 async def flood() -> None:
                     nonlocal sent
                     for i in range(self.backpressure_frames):
@@ -200,8 +214,10 @@ class TransportConformance:
 
                 nursery.start_soon(flood)
                 await trio.testing.wait_all_tasks_blocked()
-                _check(sent < self.backpressure_frames,
-                       "the sender never blocked although nobody read: unbounded buffering")
+                _check(
+                    sent < self.backpressure_frames,
+                    "the sender never blocked although nobody read: unbounded buffering",
+                )
                 for i in range(self.backpressure_frames):
                     got = await b.receive_frame()
                     _check(got == _frame(i, limit), f"frame {i} changed under back-pressure")
@@ -212,8 +228,9 @@ class TransportConformance:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(b.receive_frame)
                 await trio.testing.wait_all_tasks_blocked()
-                await _expect((trio.BusyResourceError,), b.receive_frame,
-                              "two tasks receiving at once")
+                await _expect(
+                    (trio.BusyResourceError,), b.receive_frame, "two tasks receiving at once"
+                )
                 nursery.cancel_scope.cancel()
 
 

@@ -27,7 +27,10 @@ def backend(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     sock = tmp_path / "b.sock"
     proc = subprocess.Popen(
         [*_tool("pciback"), "serve", "--listen", f"unix:{sock}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     lines = [proc.stdout.readline(), proc.stdout.readline()]
@@ -47,7 +50,7 @@ def _pcifront(*args: str) -> subprocess.CompletedProcess[str]:
 def test_serve_default_prints_both_addresses_and_lspci_lists_edu(
     backend: tuple[subprocess.Popen[str], str], tmp_path: Path
 ) -> None:
-    proc, address = backend
+    _proc, address = backend
     # The embedded default also listens on ./pciback.sock (cwd is tmp_path).
     assert (tmp_path / "pciback.sock").exists()
     out = _pcifront("lspci", "--connect", address, "--guest", "guest0", "-n")
@@ -58,8 +61,9 @@ def test_serve_default_prints_both_addresses_and_lspci_lists_edu(
     assert "[1234:11e8]" in out.stdout and "[00ff]" in out.stdout
 
 
-def test_sigterm_shuts_down_cleanly(backend: tuple[subprocess.Popen[str], str],
-                                    tmp_path: Path) -> None:
+def test_sigterm_shuts_down_cleanly(
+    backend: tuple[subprocess.Popen[str], str], tmp_path: Path
+) -> None:
     proc, _ = backend
     proc.send_signal(signal.SIGTERM)
     out, _err = proc.communicate(timeout=20)
@@ -77,15 +81,17 @@ def test_sigint_shuts_down_cleanly(backend: tuple[subprocess.Popen[str], str]) -
 
 @pytest.mark.lspci
 @pytest.mark.skipif(shutil.which("lspci") is None, reason="pciutils (lspci) is not installed")
-def test_real_lspci_decodes_our_dump(backend: tuple[subprocess.Popen[str], str],
-                                     tmp_path: Path) -> None:
+def test_real_lspci_decodes_our_dump(
+    backend: tuple[subprocess.Popen[str], str], tmp_path: Path
+) -> None:
     _, address = backend
     out = _pcifront("lspci", "--connect", address, "--guest", "guest0", "-xxx")
     assert out.returncode == 0, out.stderr
     dump = tmp_path / "edu.txt"
     dump.write_text(out.stdout)
-    decoded = subprocess.run(["lspci", "-F", str(dump), "-nn", "-vv"], capture_output=True,
-                             text=True, check=True)
+    decoded = subprocess.run(
+        ["lspci", "-F", str(dump), "-nn", "-vv"], capture_output=True, text=True, check=True
+    )
     assert "1234:11e8" in decoded.stdout
     assert "Unclassified device [00ff]" in decoded.stdout
     assert "MSI: Enable- Count=1/1 Maskable- 64bit+" in decoded.stdout
@@ -107,19 +113,26 @@ def test_no_backend_fails_with_clear_message(tmp_path: Path) -> None:
 def test_invalid_config_names_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[[device]]\nid = 'x'\nkind = 'emulated'\n")
-    out = subprocess.run([*_tool("pciback"), "serve", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*_tool("pciback"), "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "device[0]: kind 'emulated' needs key 'model'" in out.stderr
 
 
 def test_edu_driver_example_against_real_backend(
-    backend: tuple[subprocess.Popen[str], str]
+    backend: tuple[subprocess.Popen[str], str],
 ) -> None:
     _, address = backend
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "edu_driver.py"), "--connect", address],
-        capture_output=True, text=True, timeout=60, env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
     )
     assert out.returncode == 0, out.stderr
     assert "factorial(10) = 3628800" in out.stdout

@@ -43,7 +43,7 @@ guest = "alpha"
 [[device]]
 id = "sata"
 kind = "snapshot"
-dump = "{DATA / 'sata_intel_ich10_ahci.txt'}"
+dump = "{DATA / "sata_intel_ich10_ahci.txt"}"
 guest = "beta"
 [[device]]
 id = "edu-b"
@@ -57,10 +57,14 @@ model = "edu"
 
 @pytest.mark.parametrize("kind", ["memory", "unix", "tcp"])
 async def test_edu_through_the_whole_stack(kind: str, tmp_path: Path) -> None:
-    async with running_backend(
-        "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
-        transports=(kind,), tmp=tmp_path,
-    ) as rb, pcifront.connect(rb.address(kind), guest="guest0") as bus:
+    async with (
+        running_backend(
+            "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
+            transports=(kind,),
+            tmp=tmp_path,
+        ) as rb,
+        pcifront.connect(rb.address(kind), guest="guest0") as bus,
+    ):
         (edu,) = bus.devices
         power_on_liveness = await edu.bar_read(0, 0x04, 4)
         assert edu.address == "0000:00:00.0"
@@ -80,10 +84,14 @@ async def test_edu_through_the_whole_stack(kind: str, tmp_path: Path) -> None:
 
 
 async def test_many_requests_in_flight_get_one_reply_each(tmp_path: Path) -> None:
-    async with running_backend(
-        "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
-        transports=("unix",), tmp=tmp_path,
-    ) as rb, pcifront.connect(rb.address("unix"), guest="guest0") as bus:
+    async with (
+        running_backend(
+            "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
+            transports=("unix",),
+            tmp=tmp_path,
+        ) as rb,
+        pcifront.connect(rb.address("unix"), guest="guest0") as bus,
+    ):
         edu = bus.devices[0]
         results: dict[int, int] = {}
 
@@ -105,9 +113,7 @@ async def test_many_requests_in_flight_get_one_reply_each(tmp_path: Path) -> Non
 async def test_each_guest_sees_only_its_devices_in_assignment_order(tmp_path: Path) -> None:
     async with running_backend(TWO_GUESTS, transports=("memory",), tmp=tmp_path) as rb:
         async with pcifront.connect(rb.address("memory"), guest="alpha") as alpha:
-            assert [(d.address, d.device_id) for d in alpha.devices] == [
-                ("0000:00:00.0", 0x11E8)
-            ]
+            assert [(d.address, d.device_id) for d in alpha.devices] == [("0000:00:00.0", 0x11E8)]
         async with pcifront.connect(rb.address("memory"), guest="beta") as beta:
             # sata is 00:1f.2 on its host: it keeps function 2 on virtual slot 0.
             assert [(d.address, d.vendor_id, d.device_id) for d in beta.devices] == [
@@ -240,8 +246,9 @@ async def test_goodbye_is_sent_on_protocol_violation(pcisplit_backend) -> None: 
 
 async def test_plain_tcp_needs_explicit_permission(tmp_path: Path) -> None:
     text = "[[guest]]\nname='guest0'\n[[device]]\nid='e'\nmodel='edu'\nguest='guest0'"
-    async with running_backend(text, transports=("tcp",), tmp=tmp_path,
-                               allow_plain_tcp=False) as rb:
+    async with running_backend(
+        text, transports=("tcp",), tmp=tmp_path, allow_plain_tcp=False
+    ) as rb:
         with pytest.raises(pcifront.HandshakeError) as info:
             async with pcifront.connect(rb.address("tcp"), guest="guest0"):
                 pass
@@ -275,8 +282,9 @@ async def test_tls_client_certificate_names_the_guest(tmp_path: Path) -> None:
         async with pcifront.connect(rb.address("tls"), guest="guest0", options=opts) as bus:
             assert bus.devices[0].device_id == 0x11E8
         with pytest.raises(pcifront.HandshakeError) as info:
-            async with pcifront.connect(rb.address("tls"), guest="guest1",
-                                        options=TransportOptions(ssl_context=client_ctx)):
+            async with pcifront.connect(
+                rb.address("tls"), guest="guest1", options=TransportOptions(ssl_context=client_ctx)
+            ):
                 pass
         assert info.value.code is ErrorCode.ACCESS_DENIED and "guest0" in str(info.value)
 

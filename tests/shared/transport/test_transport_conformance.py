@@ -24,7 +24,9 @@ from shared.transport.conformance import TransportConformance
 
 @asynccontextmanager
 async def _listener_pair(
-    address: str, max_frame_size: int, server_opts: TransportOptions | None = None,
+    address: str,
+    max_frame_size: int,
+    server_opts: TransportOptions | None = None,
     client_opts: TransportOptions | None = None,
 ) -> AsyncIterator[tuple[FrameTransport, FrameTransport]]:
     server_opts = server_opts or TransportOptions()
