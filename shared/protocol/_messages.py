@@ -64,10 +64,22 @@ MAX_DEVICES = 256
 MAX_BAR_INDEX = 5
 
 
-def _int(owner: object, name: str, value: object, top: int, bottom: int = 0) -> None:
+def _int(
+    owner: object,
+    name: str,
+    value: object,
+    top: int,
+    bottom: int = 0,
+    *,
+    code: ErrorCode | None = None,
+) -> None:
+    # ``code`` lets a range error map to a precise wire code (INVALID_OFFSET ...)
+    # when the backend answers a request that failed this check.
     if not isinstance(value, int) or isinstance(value, bool) or not bottom <= value <= top:
         raise LocalProtocolError(
-            f"{type(owner).__name__}.{name} must be an integer in {bottom}..{top:#x}, got {value!r}"
+            f"{type(owner).__name__}.{name} must be an integer in {bottom}..{top:#x}, "
+            f"got {value!r}",
+            code=code,
         )
 
 
@@ -92,7 +104,8 @@ def _name(owner: object, name: str, value: object) -> None:
 def _access_size(owner: object, value: object, allowed: tuple[int, ...]) -> None:
     if value not in allowed or isinstance(value, bool):
         raise LocalProtocolError(
-            f"{type(owner).__name__}.size must be one of {allowed}, got {value!r}"
+            f"{type(owner).__name__}.size must be one of {allowed}, got {value!r}",
+            code=ErrorCode.INVALID_SIZE,
         )
 
 
@@ -267,7 +280,7 @@ class ConfigReadRequest(Request):
     def __post_init__(self) -> None:
         Request.__post_init__(self)
         _int(self, "device", self.device, U32)
-        _int(self, "offset", self.offset, 0xFFF)
+        _int(self, "offset", self.offset, 0xFFF, code=ErrorCode.INVALID_OFFSET)
         _access_size(self, self.size, (1, 2, 4))
 
 
@@ -282,7 +295,7 @@ class ConfigWriteRequest(Request):
     def __post_init__(self) -> None:
         Request.__post_init__(self)
         _int(self, "device", self.device, U32)
-        _int(self, "offset", self.offset, 0xFFF)
+        _int(self, "offset", self.offset, 0xFFF, code=ErrorCode.INVALID_OFFSET)
         _access_size(self, self.size, (1, 2, 4))
         _int(self, "value", self.value, (1 << (8 * self.size)) - 1)
 
@@ -300,7 +313,7 @@ class BarReadRequest(Request):
     def __post_init__(self) -> None:
         Request.__post_init__(self)
         _int(self, "device", self.device, U32)
-        _int(self, "bar", self.bar, MAX_BAR_INDEX)
+        _int(self, "bar", self.bar, MAX_BAR_INDEX, code=ErrorCode.NOT_FOUND)
         _int(self, "offset", self.offset, U64)
         _access_size(self, self.size, (1, 2, 4, 8))
 
@@ -317,7 +330,7 @@ class BarWriteRequest(Request):
     def __post_init__(self) -> None:
         Request.__post_init__(self)
         _int(self, "device", self.device, U32)
-        _int(self, "bar", self.bar, MAX_BAR_INDEX)
+        _int(self, "bar", self.bar, MAX_BAR_INDEX, code=ErrorCode.NOT_FOUND)
         _int(self, "offset", self.offset, U64)
         _access_size(self, self.size, (1, 2, 4, 8))
         _int(self, "value", self.value, (1 << (8 * self.size)) - 1)

@@ -1,0 +1,132 @@
+"""The pcisplit wire protocol, sans-I/O.
+
+Messages (frozen dataclasses), the one msgpack codec, stream framing, the
+connection state tables and the :class:`Connection` object. Nothing here does
+I/O or imports trio, socket, os or time: the caller moves the bytes. See
+``docs/protocol.md`` for the wire format and the rules.
+"""
+
+from shared.protocol._codec import (
+    CONTROL_TAGS,
+    EVENT_TAGS,
+    REPLY_TAGS,
+    REQUEST_TAGS,
+    MalformedMessageError,
+    UnknownMessageError,
+    decode,
+    encode,
+)
+from shared.protocol._connection import (
+    PRE_HANDSHAKE_LIMITS,
+    Connection,
+    MessageTooLargeError,
+    PeerOverLimitError,
+    TooManyInFlightError,
+    version_mismatch_message,
+)
+from shared.protocol._framing import FRAME_HEADER, FrameDecoder, encode_frame
+from shared.protocol._messages import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    U8,
+    U16,
+    U32,
+    U64,
+    BarReadRequest,
+    BarWriteRequest,
+    ConfigReadRequest,
+    ConfigWriteRequest,
+    DeviceInfo,
+    DoneReply,
+    ErrorReply,
+    Event,
+    Goodbye,
+    HandshakeRejected,
+    Hello,
+    Limits,
+    Message,
+    PingRequest,
+    Reply,
+    Request,
+    ResetRequest,
+    SnapshotReply,
+    SnapshotRequest,
+    ValueReply,
+    Welcome,
+)
+from shared.protocol._state import (
+    INITIAL_STATE,
+    LIVE_STATES,
+    TERMINAL_STATES,
+    TRANSITIONS,
+    ConnectionState,
+    Direction,
+    MessageKind,
+    Role,
+    message_kind,
+    next_state,
+    render_state_diagram,
+)
+
+__all__ = [
+    # messages
+    "PROTOCOL_VERSION",
+    "Message",
+    "Request",
+    "Reply",
+    "Event",
+    "Limits",
+    "DeviceInfo",
+    "Hello",
+    "Welcome",
+    "HandshakeRejected",
+    "Goodbye",
+    "PingRequest",
+    "SnapshotRequest",
+    "ConfigReadRequest",
+    "ConfigWriteRequest",
+    "BarReadRequest",
+    "BarWriteRequest",
+    "ResetRequest",
+    "SnapshotReply",
+    "ValueReply",
+    "DoneReply",
+    "ErrorReply",
+    "MESSAGE_TYPES",
+    "U8",
+    "U16",
+    "U32",
+    "U64",
+    # codec
+    "encode",
+    "decode",
+    "MalformedMessageError",
+    "UnknownMessageError",
+    "CONTROL_TAGS",
+    "REQUEST_TAGS",
+    "REPLY_TAGS",
+    "EVENT_TAGS",
+    # framing
+    "FRAME_HEADER",
+    "encode_frame",
+    "FrameDecoder",
+    # state machine
+    "Role",
+    "ConnectionState",
+    "Direction",
+    "MessageKind",
+    "INITIAL_STATE",
+    "LIVE_STATES",
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "message_kind",
+    "next_state",
+    "render_state_diagram",
+    # connection
+    "Connection",
+    "PRE_HANDSHAKE_LIMITS",
+    "PeerOverLimitError",
+    "TooManyInFlightError",
+    "MessageTooLargeError",
+    "version_mismatch_message",
+]
