@@ -11,7 +11,9 @@ CONFIG_SIZES = (64, 256, 4096)
 _ACCESS_SIZES = (1, 2, 4)
 
 
-def check_access(offset: int, size: int, limit: int, *, sizes: tuple[int, ...] = _ACCESS_SIZES) -> None:
+def check_access(
+    offset: int, size: int, limit: int, *, sizes: tuple[int, ...] = _ACCESS_SIZES
+) -> None:
     """Raise :class:`ConfigAccessError` unless ``offset``/``size`` is a valid access.
 
     Valid means: ``size`` is one of ``sizes``, ``offset`` is aligned to ``size``,
