@@ -140,7 +140,7 @@ class Dispatcher:
     async def _reset(self, req: ResetRequest) -> Reply:
         access = await self._enter(req.device)
         try:
-            access.access.reset()
+            access.reset()
         finally:
             self._leave(access)
         return DoneReply(req.request_id)

@@ -17,6 +17,7 @@ import trio
 from pciback.access import DeviceAccess, make_access
 from pciback.config import BackendConfig, DeviceConfig
 from pciback.devices import DeviceProvider, EduDevice, HostDevice, SnapshotDevice
+from pciback.runtime import DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError
 from shared.pci import PciAddress
 
@@ -66,10 +67,22 @@ class ServedDevice:
     guest: str | None = None
     address: PciAddress | None = None  # on the guest's virtual bus
     lock: trio.Lock = field(default_factory=trio.Lock)
+    runtime: DeviceRuntime | None = None
 
     @property
     def id(self) -> str:
         return self.config.id
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Give the device its runtime context (background tasks, lock)."""
+        self.runtime = DeviceRuntime(self.id, self.lock, nursery)
+        self.provider.attach(self.runtime)
+
+    def reset(self) -> None:
+        """Reset through the access path, cancelling the model's background work first."""
+        if self.runtime is not None:
+            self.runtime.cancel_background()
+        self.access.reset()
 
 
 def build_provider(cfg: DeviceConfig) -> tuple[DeviceProvider, PciAddress | None]:

@@ -107,6 +107,9 @@ class Backend:
                 self.listeners.append(listener)
                 log.info("listening on %s", listener.address)
             async with trio.open_nursery() as nursery:
+                for dev in self.registry:
+                    if dev.runtime is None:
+                        dev.start(nursery)
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 task_status.started([lst.address for lst in self.listeners])

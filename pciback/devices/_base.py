@@ -18,8 +18,43 @@ import enum
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-__all__ = ["BarKind", "BarSpec", "DeviceProvider", "DeviceContext"]
+from shared.errors import ErrorCode, PcisplitError
+
+__all__ = [
+    "BarKind",
+    "BarSpec",
+    "DeviceProvider",
+    "DeviceContext",
+    "InterruptSink",
+    "NullInterruptSink",
+    "DeviceSetupError",
+    "DmaUnavailableError",
+    "DmaFaultError",
+]
+
+
+class DeviceSetupError(PcisplitError, ValueError):
+    """A device model or provider was declared inconsistently (bad BAR, capability, size...)."""
+
+    code = ErrorCode.INVALID_STATE
+
+
+class DmaUnavailableError(PcisplitError):
+    """The device tried DMA but its context offers none (no guest memory windows yet)."""
+
+    code = ErrorCode.NOT_IMPLEMENTED
+
+
+class DmaFaultError(PcisplitError):
+    """A DMA touched a bus address outside every window the guest mapped.
+
+    Contexts raise it *after* reporting the fault to the guest; the model only
+    has to abandon the transfer.
+    """
+
+    code = ErrorCode.DMA_FAULT
 
 
 class BarKind(enum.Enum):
@@ -58,8 +93,52 @@ class BarSpec:
         return (0x4 if self.kind is BarKind.MEM64 else 0x0) | (0x8 if self.prefetchable else 0)
 
 
+@runtime_checkable
+class InterruptSink(Protocol):
+    """Where a device's interrupts go. The IRQ router implements it; models never do.
+
+    All methods are synchronous and must not block: they are called from
+    register handlers that run under the device lock.
+    """
+
+    def assert_intx(self) -> None:
+        """The device drives its INTx line active (level-triggered)."""
+
+    def deassert_intx(self) -> None:
+        """The device releases its INTx line."""
+
+    def signal_msi(self, vector: int) -> None:
+        """The device sends MSI message ``vector`` (0-based, < enabled vector count)."""
+
+
+class NullInterruptSink:
+    """The sink of a context that delivers no interrupts: it records nothing.
+
+    Models still track their own INTx level and interrupt status (see
+    :meth:`pciback.devices.EmulatedDevice.intx_asserted`), so registers hold
+    their values even before an IRQ router exists.
+    """
+
+    def assert_intx(self) -> None:
+        """Ignore: nobody is listening."""
+
+    def deassert_intx(self) -> None:
+        """Ignore: nobody is listening."""
+
+    def signal_msi(self, vector: int) -> None:
+        """Ignore: nobody is listening."""
+
+
+_NULL_SINK = NullInterruptSink()
+
+
 class DeviceContext(abc.ABC):
-    """Services the backend offers a device model. Interrupts and DMA arrive in later issues."""
+    """Services the backend offers a device model: tasks, the lock, interrupts and DMA.
+
+    Only :meth:`spawn` and :meth:`locked` are abstract. Interrupt delivery and
+    DMA have defaults (deliver nothing; DMA unavailable) that contexts override
+    when the backend gains an IRQ router and guest memory windows.
+    """
 
     @abc.abstractmethod
     def spawn(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
@@ -68,6 +147,34 @@ class DeviceContext(abc.ABC):
     @abc.abstractmethod
     def locked(self) -> AbstractAsyncContextManager[None]:
         """Hold the device's access lock (use from background tasks that change state)."""
+
+    @property
+    def interrupts(self) -> InterruptSink:
+        """Where the device's interrupts go. The default sink delivers nothing."""
+        return _NULL_SINK
+
+    @property
+    def dma_available(self) -> bool:
+        """Whether :meth:`dma_read` and :meth:`dma_write` can work at all."""
+        return False
+
+    async def dma_read(self, address: int, length: int) -> bytes:
+        """Read ``length`` bytes of guest memory at bus address ``address``.
+
+        Raises :class:`DmaFaultError` when the range is outside the guest's
+        windows and :class:`DmaUnavailableError` when the context has no DMA.
+        """
+        raise DmaUnavailableError(
+            f"DMA read of {length} bytes at {address:#x} is not possible: this backend has "
+            "no guest memory windows yet (DMA arrives with guest memory windows)"
+        )
+
+    async def dma_write(self, address: int, data: bytes) -> None:
+        """Write ``data`` to guest memory at bus address ``address`` (see :meth:`dma_read`)."""
+        raise DmaUnavailableError(
+            f"DMA write of {len(data)} bytes at {address:#x} is not possible: this backend has "
+            "no guest memory windows yet (DMA arrives with guest memory windows)"
+        )
 
 
 class DeviceProvider(abc.ABC):
