@@ -1,0 +1,795 @@
+"""The ``shm:`` transport: frames over a shared-memory ring, doorbells on eventfds.
+
+Bootstrap (address ``shm:/path/to.sock``):
+
+1. The client connects to a UNIX stream socket. Until :meth:`start_session`
+   the transport is a plain framed socket (``shared.protocol._framing``), so
+   both sides run the normal protocol handshake over it.
+2. ``start_session``: the client creates a sealed memfd holding one ring per
+   direction plus two eventfds (one doorbell per side) and sends them with a
+   setup frame through SCM_RIGHTS. The server checks everything it received
+   (fd kinds, seals, sizes, geometry) and acknowledges.
+3. From then on frames travel on the ring. The socket stays open only as the
+   liveness signal: a goodbye frame then EOF is a clean close; EOF without the
+   goodbye means the peer died. Either way no ring operation can hang.
+
+The peer is untrusted: ring corruption is detected in C (see ``ring.h``) and
+turns into :class:`trio.BrokenResourceError` for this connection only.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from shared.errors import RemoteProtocolError
+from shared.evtchn import EventfdPort
+from shared.protocol._framing import FrameDecoder, encode_frame
+from shared.ring import (
+    CLIENT_TO_SERVER,
+    SERVER_TO_CLIENT,
+    RecordTooLargeError,
+    RingConsumer,
+    RingCorruptError,
+    RingError,
+    RingFullError,
+    RingProducer,
+    ShmLayout,
+    ring_size_for,
+)
+from shared.transport._base import (
+    FrameListener,
+    FrameTooLargeError,
+    FrameTransport,
+    TransportConnectError,
+    TransportOptions,
+)
+from shared.transport._sockets import _remove_stale_socket
+
+__all__ = [
+    "ShmTransport",
+    "ShmListener",
+    "ShmStatistics",
+    "connect_shm",
+    "listen_shm",
+    "DEFAULT_POLL_US",
+]
+
+#: Adaptive-polling budget when ``TransportOptions.poll_us`` is None (see docs/transports.md).
+DEFAULT_POLL_US = 20.0
+
+# Setup frame: magic, version, flags, ring sizes, max record, region size.
+_SETUP = struct.Struct("<4sHHIIIQ")
+_SETUP_MAGIC = b"PSHM"
+_SETUP_VERSION = 1
+_ACK = b"PSHM-ACK\x01"
+_GOODBYE = b"PSHM-BYE"
+_SETUP_FDS = 3  # memfd, doorbell to the server, doorbell to the client
+_RECV_CHUNK = 65536
+_FD_BYTES = array.array("i").itemsize
+_CMSG_SPACE = socket.CMSG_SPACE(_SETUP_FDS * _FD_BYTES)
+_REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_YIELD_EVERY = 16  # send_frame yields to the scheduler once per this many frames
+
+
+@dataclass(frozen=True, slots=True)
+class ShmStatistics:
+    """Counters of one ``shm:`` endpoint (see :meth:`ShmTransport.statistics`)."""
+
+    frames_sent: int
+    frames_received: int
+    doorbells_sent: int
+    doorbell_sleeps: int
+    spin_hits: int
+    spin_misses: int
+    space_waits: int
+
+
+def _translate(exc: OSError, what: str) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if exc.errno == errno.EBADF:  # closed under us
+        return trio.ClosedResourceError(f"shm control socket closed during {what}")
+    return trio.BrokenResourceError(f"shm control socket {what} failed: {exc.strerror or exc}")
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+
+
+class _Session:
+    """What exists only once the session moved to the ring."""
+
+    __slots__ = ("consumer", "layout", "mm", "producer", "rx_port", "tx_port")
+
+    def __init__(
+        self, layout: ShmLayout, mm: mmap.mmap, *, is_server: bool,
+        rx_port: EventfdPort, tx_port: EventfdPort,
+    ) -> None:
+        self.layout = layout
+        self.mm = mm
+        self.rx_port = rx_port
+        self.tx_port = tx_port
+        tx_dir, rx_dir = SERVER_TO_CLIENT, CLIENT_TO_SERVER
+        if not is_server:
+            tx_dir, rx_dir = rx_dir, tx_dir
+        self.producer = RingProducer(mm, layout.ring_spec(tx_dir))
+        try:
+            self.consumer = RingConsumer(mm, layout.ring_spec(rx_dir))
+        except BaseException:
+            self.producer.release()
+            raise
+
+    def close(self) -> None:
+        # Ring ends must let go of the mapping before mmap.close() (BufferError otherwise).
+        self.producer.release()
+        self.consumer.release()
+        self.rx_port.close()
+        self.tx_port.close()
+        self.mm.close()
+
+
+class ShmTransport(FrameTransport):
+    """One end of a ``shm:`` connection. Built by :func:`connect_shm` or a listener."""
+
+    def __init__(self, sock: socket.socket, options: TransportOptions, *, name: str) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._options = options
+        self._name = name
+        self.max_frame_size = options.max_frame_size
+        self._decoder = FrameDecoder(options.max_frame_size)
+        self._fds: list[int] = []
+        self._eof = False
+        self._closed = False
+        self._broken: str | None = None
+        self._sending = False
+        self._receiving = False
+        self._session: _Session | None = None
+        self._peer_gone = False
+        self._peer_reason: str | None = None  # None: clean goodbye
+        self._doorbell_busy = False
+        self._doorbell_scope: trio.CancelScope | None = None
+        self._doorbell_lot = trio.lowlevel.ParkingLot()
+        self._watch_scope = trio.CancelScope()
+        poll_us = DEFAULT_POLL_US if options.poll_us is None else options.poll_us
+        if poll_us < 0:
+            raise ValueError(f"poll_us must be >= 0, not {poll_us}")
+        self._poll_ns = int(poll_us * 1000)
+        timeout = options.extra.get("shm_send_timeout")
+        self._send_timeout: float | None = None if timeout is None else float(timeout)
+        self._initial_index = int(options.extra.get("shm_initial_index", 0))
+        self._frames_sent = 0
+        self._frames_received = 0
+        self._doorbells_sent = 0
+        self._doorbell_sleeps = 0
+        self._spin_hits = 0
+        self._spin_misses = 0
+        self._space_waits = 0
+
+    # ------------------------------------------------------------------ info
+    @property
+    def session_started(self) -> bool:
+        """True once frames travel on the ring."""
+        return self._session is not None
+
+    @property
+    def can_pass_fds(self) -> bool:
+        return self._session is None and not self._closed
+
+    def describe(self) -> str:
+        return self._name
+
+    def peer_identity(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"transport": self._name}
+        try:
+            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError as exc:
+            info["peercred_error"] = str(exc)
+        else:
+            info["pid"], info["uid"], info["gid"] = struct.unpack("3i", creds)
+        return info
+
+    def statistics(self) -> ShmStatistics:
+        """Frames and doorbells so far; ``doorbell_sleeps`` counts real sleeps."""
+        return ShmStatistics(
+            frames_sent=self._frames_sent,
+            frames_received=self._frames_received,
+            doorbells_sent=self._doorbells_sent,
+            doorbell_sleeps=self._doorbell_sleeps,
+            spin_hits=self._spin_hits,
+            spin_misses=self._spin_misses,
+            space_waits=self._space_waits,
+        )
+
+    def set_max_frame_size(self, size: int) -> None:
+        session = self._session
+        if session is not None and size > session.layout.max_record:
+            raise FrameTooLargeError(
+                f"cannot raise the frame limit to {size} bytes after the session started; "
+                f"the ring was set up for {session.layout.max_record}-byte frames"
+            )
+        self.max_frame_size = size
+        self._decoder.max_frame_size = size
+
+    # ------------------------------------------------------------------ control socket
+    def _receive_some(self) -> bytes:
+        """One recvmsg; collects any fds that came with the bytes. Raises BlockingIOError."""
+        data, ancdata, flags, _ = self._sock.recvmsg(_RECV_CHUNK, _CMSG_SPACE)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % _FD_BYTES])
+                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            _close_fds(self._fds)
+            raise trio.BrokenResourceError(
+                f"peer sent more than {_SETUP_FDS} file descriptors at once; refusing them"
+            )
+        return data
+
+    async def _socket_receive(self) -> bytes:
+        while True:
+            try:
+                frame = self._decoder.next_frame()
+            except RemoteProtocolError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if frame is not None:
+                return frame
+            if self._eof:
+                if self._decoder.buffered:
+                    raise trio.BrokenResourceError(
+                        "peer closed the connection in the middle of a frame"
+                    )
+                raise trio.EndOfChannel("peer closed the connection")
+            try:
+                data = self._receive_some()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+                continue
+            except OSError as exc:
+                raise _translate(exc, "receive") from exc
+            if not data:
+                self._eof = True
+            else:
+                self._decoder.feed(data)
+
+    async def _socket_send(self, data: bytes, fds: list[int] | None = None) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    if fds:
+                        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                        sent = self._sock.sendmsg([view], ancillary)
+                        fds = None  # the fds travel with the first byte sent
+                    else:
+                        sent = self._sock.send(view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._sock)
+                    continue
+                except OSError as exc:
+                    raise _translate(exc, "send") from exc
+                view = view[sent:]
+        except trio.Cancelled:
+            if len(view) != len(data):
+                # Part of the frame went out: the byte stream is unframed from here on.
+                self._broken = "an earlier send was cancelled mid-frame; reconnect"
+            raise
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this shm transport was closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+
+    async def _socket_send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
+        self._check_usable()
+        if len(frame) > self.max_frame_size:
+            raise FrameTooLargeError(
+                f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
+            )
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this transport")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await self._socket_send(encode_frame(frame), fds)
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _socket_receive_frame(self) -> bytes:
+        self._check_usable()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this transport")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            frame = await self._socket_receive()
+        finally:
+            self._receiving = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return frame
+
+    async def send_fds(self, frame: bytes, fds: list[int]) -> None:
+        """Before the session starts: send a frame with file descriptors (SCM_RIGHTS)."""
+        if self._session is not None:
+            raise trio.BrokenResourceError("fds travel only before the session moves to the ring")
+        if not fds or len(fds) > _SETUP_FDS:
+            raise ValueError(f"send between 1 and {_SETUP_FDS} file descriptors, not {len(fds)}")
+        await self._socket_send_frame(frame, list(fds))
+
+    async def receive_fds(self, max_fds: int) -> tuple[bytes, list[int]]:
+        """Before the session starts: receive a frame and the fds that came with it."""
+        if self._session is not None:
+            raise trio.BrokenResourceError("fds travel only before the session moves to the ring")
+        frame = await self._socket_receive_frame()
+        fds, self._fds = self._fds, []
+        if len(fds) > max_fds:
+            _close_fds(fds)
+            raise trio.BrokenResourceError(f"peer sent {len(fds)} fds; at most {max_fds} expected")
+        return frame, fds
+
+    # ------------------------------------------------------------------ session setup
+    async def start_session(self, *, is_server: bool, max_frame_size: int) -> None:
+        """Move the session onto the ring (both sides call this after the handshake)."""
+        self._check_usable()
+        if self._session is not None:
+            raise trio.BusyResourceError("the shm session was already started")
+        if self._sending or self._receiving:
+            raise trio.BusyResourceError("cannot start the session while a send or receive runs")
+        self.set_max_frame_size(max_frame_size)
+        self._sending = self._receiving = True
+        try:
+            if is_server:
+                session = await self._accept_setup(max_frame_size)
+            else:
+                session = await self._offer_setup(max_frame_size)
+        except (RingError, OSError, ValueError) as exc:
+            self._broken = f"shm session setup failed: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+        except trio.BrokenResourceError as exc:
+            self._broken = str(exc)
+            raise
+        finally:
+            self._sending = self._receiving = False
+            _close_fds(self._fds)
+        self._session = session
+        trio.lowlevel.spawn_system_task(self._watch_peer, name=f"{self._name} liveness")
+
+    async def _offer_setup(self, max_frame_size: int) -> _Session:
+        ring_size = ring_size_for(self._options.ring_size, max_frame_size)
+        layout = ShmLayout(ring_size, ring_size, max_frame_size)
+        memfd = os.memfd_create("pcisplit-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(memfd, layout.total)
+            # Sealed so the server can trust the size: a shrink would SIGBUS its accesses.
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+            mm = mmap.mmap(memfd, layout.total)
+            with contextlib.ExitStack() as undo:
+                undo.callback(mm.close)
+                to_server = EventfdPort.create()
+                undo.callback(to_server.close)
+                to_client = EventfdPort.create()
+                undo.callback(to_client.close)
+                layout.initialise(mm, initial_index=self._initial_index)
+                session = _Session(
+                    layout, mm, is_server=False, rx_port=to_client, tx_port=to_server
+                )
+                undo.pop_all()
+            try:
+                setup = _SETUP.pack(
+                    _SETUP_MAGIC, _SETUP_VERSION, 0, layout.size_c2s, layout.size_s2c,
+                    layout.max_record, layout.total,
+                )
+                await self._socket_send(
+                    encode_frame(setup), [memfd, to_server.fileno(), to_client.fileno()]
+                )
+                reply = await self._socket_receive()
+                if reply != _ACK:
+                    raise trio.BrokenResourceError(
+                        f"server answered the shm setup with {reply[:32]!r}, not an "
+                        "acknowledgement; does it serve shm: on this socket?"
+                    )
+            except BaseException:
+                session.close()
+                raise
+        except trio.EndOfChannel as exc:
+            raise trio.BrokenResourceError("server closed the connection during shm setup") from exc
+        finally:
+            os.close(memfd)  # the mapping keeps the memory; the peer has its own fd
+        return session
+
+    async def _accept_setup(self, max_frame_size: int) -> _Session:
+        try:
+            frame = await self._socket_receive()
+        except trio.EndOfChannel as exc:
+            raise trio.BrokenResourceError("client closed the connection during shm setup") from exc
+        fds, self._fds = self._fds, []
+        try:
+            layout = self._validate_setup(frame, fds, max_frame_size)
+            mm = mmap.mmap(fds[0], layout.total)
+            rx_port = EventfdPort(fds[1])
+            fds[1] = -1
+            tx_port = EventfdPort(fds[2])
+            fds[2] = -1
+            try:
+                session = _Session(layout, mm, is_server=True, rx_port=rx_port, tx_port=tx_port)
+            except BaseException:
+                rx_port.close()
+                tx_port.close()
+                mm.close()
+                raise
+        finally:
+            _close_fds([fd for fd in fds if fd >= 0])
+        try:
+            await self._socket_send(encode_frame(_ACK))
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    @staticmethod
+    def _validate_setup(frame: bytes, fds: list[int], max_frame_size: int) -> ShmLayout:
+        """Check the client's setup frame and fds; everything later uses this private copy."""
+        if len(frame) != _SETUP.size:
+            raise trio.BrokenResourceError(
+                f"shm setup frame has {len(frame)} bytes, expected {_SETUP.size}; "
+                "is the client speaking shm:?"
+            )
+        magic, version, _flags, size_c2s, size_s2c, max_record, total = _SETUP.unpack(frame)
+        if magic != _SETUP_MAGIC or version != _SETUP_VERSION:
+            raise trio.BrokenResourceError(
+                f"shm setup has magic {magic!r} version {version}; expected "
+                f"{_SETUP_MAGIC!r} version {_SETUP_VERSION}"
+            )
+        if len(fds) != _SETUP_FDS:
+            raise trio.BrokenResourceError(
+                f"shm setup came with {len(fds)} file descriptors, expected {_SETUP_FDS} "
+                "(memfd, two eventfds)"
+            )
+        if max_record != max_frame_size:
+            raise trio.BrokenResourceError(
+                f"client set the ring up for {max_record}-byte frames but the negotiated limit "
+                f"is {max_frame_size}; both sides must pass the handshake's max_frame_size"
+            )
+        layout = ShmLayout(size_c2s, size_s2c, max_record)  # RingError if sizes are bad
+        if total != layout.total:
+            raise trio.BrokenResourceError(
+                f"shm setup claims {total} bytes but its rings need exactly {layout.total}"
+            )
+        st = os.fstat(fds[0])
+        if not stat.S_ISREG(st.st_mode) or st.st_size != layout.total:
+            raise trio.BrokenResourceError(
+                f"shm memory fd is not a {layout.total}-byte memfd (mode {st.st_mode:o}, "
+                f"size {st.st_size})"
+            )
+        seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+        if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+            raise trio.BrokenResourceError(
+                "shm memfd is not sealed against shrinking and growing; the client could "
+                "make our accesses fault"
+            )
+        for fd in fds[1:]:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+            if kind != "anon_inode:[eventfd]":
+                raise trio.BrokenResourceError(f"shm doorbell fd is {kind!r}, not an eventfd")
+        return layout
+
+    # ------------------------------------------------------------------ liveness
+    async def _watch_peer(self) -> None:
+        """System task: the control socket's EOF is the peer's death certificate."""
+        reason: str | None = "peer closed the shm control socket without saying goodbye (died?)"
+        with self._watch_scope:
+            try:
+                frame = await self._socket_receive()
+                if frame == _GOODBYE:
+                    reason = None
+                else:
+                    reason = (
+                        f"peer sent an unexpected {len(frame)}-byte frame on the shm control "
+                        "socket"
+                    )
+            except trio.EndOfChannel:
+                pass
+            except trio.BrokenResourceError as exc:
+                reason = f"shm control socket broke: {exc}"
+            except trio.ClosedResourceError:
+                return  # we closed it ourselves
+            finally:
+                _close_fds(self._fds)  # fds after setup are never wanted
+            self._peer_gone = True
+            self._peer_reason = reason
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        if self._doorbell_scope is not None:
+            self._doorbell_scope.cancel()
+        self._doorbell_lot.unpark_all()
+
+    async def _wait_doorbell(self, session: _Session) -> None:
+        """Sleep until our doorbell rings, the peer goes away, or we close.
+
+        One doorbell serves both "data arrived" and "space freed", so one task
+        (the leader) waits on the eventfd and wakes the others when it returns.
+        Every caller re-checks its own condition afterwards.
+        """
+        if self._doorbell_busy:
+            await self._doorbell_lot.park()
+            return
+        self._doorbell_busy = True
+        self._doorbell_sleeps += 1
+        try:
+            with trio.CancelScope() as scope:
+                self._doorbell_scope = scope
+                await session.rx_port.wait()
+        finally:
+            self._doorbell_scope = None
+            self._doorbell_busy = False
+            self._doorbell_lot.unpark_all()
+
+    def _fail(self, message: str, exc: BaseException) -> trio.BrokenResourceError:
+        self._broken = message
+        self._wake_waiters()
+        error = trio.BrokenResourceError(message)
+        error.__cause__ = exc
+        return error
+
+    def _ring_doorbell(self, session: _Session) -> None:
+        try:
+            session.tx_port.notify()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise self._fail(f"cannot ring the peer's doorbell: {exc}", exc) from exc
+        self._doorbells_sent += 1
+
+    # ------------------------------------------------------------------ frames
+    async def send_frame(self, frame: bytes) -> None:
+        session = self._session
+        if session is None:
+            await self._socket_send_frame(frame)
+            return
+        self._check_usable()
+        length = len(frame)
+        if length > self.max_frame_size:
+            raise FrameTooLargeError(
+                f"frame of {length} bytes exceeds the {self.max_frame_size}-byte limit; "
+                "send smaller messages or negotiate a larger max_message_size"
+            )
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this transport")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            producer = session.producer
+            deadline: float | None = None
+            while True:
+                self._check_usable()
+                if self._peer_gone:
+                    raise trio.BrokenResourceError(
+                        self._peer_reason or "peer closed the connection; cannot send"
+                    )
+                try:
+                    # One C call writes and publishes the record: a frame is on the
+                    # ring whole or not at all, so cancellation cannot tear it.
+                    notify = producer.send_nowait(frame)
+                except RingFullError:
+                    if producer.prepare_wait_space(length):
+                        continue
+                    self._space_waits += 1
+                    if deadline is None:
+                        timeout = self._send_timeout
+                        deadline = trio.current_time() + timeout if timeout else float("inf")
+                    with trio.move_on_at(deadline) as waited:
+                        await self._wait_doorbell(session)
+                    if waited.cancelled_caught:
+                        err = TimeoutError(f"ring full for {self._send_timeout} s")
+                        raise self._fail(
+                            f"the peer consumed nothing for {self._send_timeout} s while the ring "
+                            "was full; disconnecting it", err,
+                        ) from err
+                    continue
+                except RecordTooLargeError as exc:
+                    raise FrameTooLargeError(str(exc)) from exc
+                except RingCorruptError as exc:
+                    raise self._fail(str(exc), exc) from exc
+                break
+            if notify:
+                self._ring_doorbell(session)
+            self._frames_sent += 1
+        finally:
+            self._sending = False
+        # Always a cancellation point (above); a schedule point only every
+        # _YIELD_EVERY frames: a scheduler round trip per frame doubled the QD1
+        # round trip in measurements, and a full ring makes us sleep anyway.
+        if self._frames_sent % _YIELD_EVERY == 0:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Send several frames, publishing them together: at most one doorbell per batch.
+
+        When the ring fills up the frames written so far are published and the
+        rest wait for space. On cancellation a prefix of ``frames`` was sent,
+        each frame whole.
+        """
+        session = self._session
+        if session is None:
+            for frame in frames:
+                await self._socket_send_frame(frame)
+            return
+        self._check_usable()
+        for frame in frames:
+            if len(frame) > self.max_frame_size:
+                raise FrameTooLargeError(
+                    f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
+                )
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this transport")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            producer = session.producer
+            done = 0
+            while done < len(frames):
+                self._check_usable()
+                if self._peer_gone:
+                    raise trio.BrokenResourceError(
+                        self._peer_reason or "peer closed the connection; cannot send"
+                    )
+                try:
+                    while done < len(frames):
+                        producer.write_nowait(frames[done])
+                        done += 1
+                        self._frames_sent += 1
+                except RingFullError:
+                    pass  # publish what fits, then wait for space below
+                except RingCorruptError as exc:
+                    raise self._fail(str(exc), exc) from exc
+                # Published before any await: cancellation never strands written records.
+                if producer.publish():
+                    self._ring_doorbell(session)
+                if done < len(frames) and not producer.prepare_wait_space(len(frames[done])):
+                    self._space_waits += 1
+                    await self._wait_doorbell(session)
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_frame(self) -> bytes:
+        session = self._session
+        if session is None:
+            return await self._socket_receive_frame()
+        self._check_usable()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this transport")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            consumer = session.consumer
+            slept = False
+            while True:
+                self._check_usable()
+                gone = self._peer_gone  # read before the ring: frames sent before death count
+                try:
+                    item = consumer.receive_nowait()
+                except RingCorruptError as exc:
+                    raise self._fail(str(exc), exc) from exc
+                if item is not None:
+                    frame, wake_producer = item
+                    if wake_producer:
+                        self._ring_doorbell(session)
+                    break
+                if gone:
+                    if self._peer_reason is None:
+                        raise trio.EndOfChannel("peer closed the connection")
+                    raise trio.BrokenResourceError(self._peer_reason)
+                if self._poll_ns:
+                    if consumer.spin(self._poll_ns):
+                        self._spin_hits += 1
+                        continue
+                    self._spin_misses += 1
+                if consumer.prepare_wait():
+                    continue
+                slept = True
+                await self._wait_doorbell(session)
+            self._frames_received += 1
+        finally:
+            self._receiving = False
+        if not slept:
+            # Sleeping on the doorbell was already a full checkpoint; a second
+            # scheduler round trip would cost ~10 us per frame at QD1.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return frame
+
+    # ------------------------------------------------------------------ close
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._watch_scope.cancel()
+        self._wake_waiters()
+        session, self._session = self._session, None
+        if session is not None and not self._peer_gone and self._broken is None:
+            # Best effort: without the goodbye the peer reports our close as a death.
+            with contextlib.suppress(OSError):
+                self._sock.send(encode_frame(_GOODBYE))
+        with contextlib.suppress(RuntimeError):  # outside trio.run nobody waits on it
+            trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+        _close_fds(self._fds)
+        if session is not None:
+            session.close()
+        await trio.lowlevel.checkpoint()
+
+
+class ShmListener(FrameListener):
+    """Accepts ``shm:`` connections on a UNIX socket path."""
+
+    def __init__(self, sock: trio.socket.SocketType, path: str, options: TransportOptions) -> None:
+        self._sock = sock
+        self._path = path
+        self._options = options
+        self._inode = os.stat(path).st_ino
+        self.address = f"shm:{path}"
+        self._closed = False
+
+    async def accept(self) -> ShmTransport:
+        if self._closed:
+            raise trio.ClosedResourceError("this shm listener was closed")
+        try:
+            conn, _ = await self._sock.accept()
+        except OSError as exc:
+            raise _translate(exc, "accept") from exc
+        raw = socket.socket(fileno=conn.detach())
+        return ShmTransport(raw, self._options, name=f"{self.address}(peer)")
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._sock.close()
+        # Remove the path only if it is still ours (not a successor's socket).
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._path).st_ino == self._inode:
+                os.unlink(self._path)
+        await trio.lowlevel.checkpoint()
+
+
+async def connect_shm(path: str, options: TransportOptions) -> ShmTransport:
+    """Connect to ``shm:PATH``. Frames use the socket until :meth:`start_session`."""
+    tsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await tsock.connect(path)
+    except OSError as exc:
+        tsock.close()
+        raise TransportConnectError(
+            f"cannot connect to shm:{path}: {exc.strerror or exc}; is `pciback serve` listening "
+            "there with shm:?"
+        ) from exc
+    return ShmTransport(socket.socket(fileno=tsock.detach()), options, name=f"shm:{path}")
+
+
+async def listen_shm(path: str, options: TransportOptions) -> ShmListener:
+    """Listen on ``shm:PATH`` (a stale socket file left by a dead server is replaced)."""
+    _remove_stale_socket(path)
+    tsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await tsock.bind(path)
+        tsock.listen(128)
+    except OSError as exc:
+        tsock.close()
+        raise TransportConnectError(f"cannot listen on shm:{path}: {exc.strerror or exc}") from exc
+    return ShmListener(tsock, path, options)
