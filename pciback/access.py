@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from collections.abc import Sequence
+
 from pciback.config import DeviceConfig
 from pciback.devices import DeviceProvider
+from pciback.policy import AuditLog, PolicedDevice, QuirkConfig
+from shared.errors import ConfigFileError, PcisplitError
 from shared.pci import check_access
 
-__all__ = ["DeviceAccess", "make_access", "DirectAccess"]
+__all__ = ["DeviceAccess", "make_access", "DirectAccess", "PolicedAccess"]
 
 
 class DeviceAccess(Protocol):
@@ -49,6 +53,48 @@ class DirectAccess:
         return self.provider.config_image()
 
 
-def make_access(provider: DeviceProvider, cfg: DeviceConfig) -> DeviceAccess:
-    """The access path for a configured device."""
-    return DirectAccess(provider)
+class PolicedAccess:
+    """The guest's access path through its config-space policy (``pciback.policy``)."""
+
+    def __init__(self, provider: DeviceProvider, policed: PolicedDevice) -> None:
+        self.provider = provider
+        self.policed = policed
+
+    def config_read(self, offset: int, size: int) -> int:
+        return self.policed.config_read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        self.policed.config_write(offset, size, value)
+
+    def bar_read(self, bar: int, offset: int, size: int) -> int:
+        return self.provider.bar_read(bar, offset, size)
+
+    def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        self.provider.bar_write(bar, offset, size, value)
+
+    def reset(self) -> None:
+        self.provider.reset()
+        self.policed.reset()
+
+    def config_image(self) -> bytes:
+        return self.policed.guest_config_image()
+
+
+def make_access(
+    provider: DeviceProvider,
+    cfg: DeviceConfig,
+    *,
+    guest: str,
+    quirks: Sequence[QuirkConfig],
+    audit: AuditLog,
+) -> DeviceAccess:
+    """The access path of a configured device assigned to ``guest``: always through its policy."""
+    try:
+        policed = PolicedDevice(
+            provider, cfg.policy, guest=guest, device=cfg.id, quirks=quirks, audit=audit
+        )
+    except ConfigFileError:
+        raise
+    except PcisplitError as exc:
+        raise ConfigFileError(f"{cfg.where} ({cfg.id}): invalid policy: {exc}") from exc
+    return PolicedAccess(provider, policed)

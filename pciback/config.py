@@ -21,6 +21,11 @@ Schema (later issues extend it)::
     writable = false
     guest = "guest0"            # optional: assigned at start
     policy = "default"          # "default" | "transparent-readonly" | "permissive"
+    allow = ["command.bus_master"]   deny = [...]   hide = ["msix"]   quirks = [...]
+    [[quirk]]                   # global quirks (masks that ARE enforced); see docs/policy.md
+    match = "8086:10c9"  register = "..."  mask = 0x...
+    [audit]                     # denied-write audit log rate limit per (guest, device)
+    rate = 5.0  burst = 20
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pciback.policy import PolicyConfig, QuirkConfig
 from shared.errors import ConfigFileError, LocalProtocolError
 from shared.pci import PciAddress
 from shared.protocol import Limits
@@ -68,7 +74,7 @@ class DeviceConfig:
     writable: bool = False
     guest: str | None = None
     function: int | None = None
-    policy: dict[str, Any] = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=lambda: PolicyConfig.from_mapping({}, where="-"))
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,9 @@ class BackendConfig:
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig | None = None
     source: str = "<embedded default>"
+    quirks: tuple[QuirkConfig, ...] = ()
+    audit_rate: float = 5.0
+    audit_burst: int = 20
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -158,7 +167,7 @@ def _device(raw: Any, where: str, base: Path, guests: dict[str, GuestConfig]) ->
         _expect(function, int, f"{where}.function", "an integer 0-7")
         if not 0 <= function <= 7:
             raise ConfigFileError(f"{where}.function: {function} is out of range 0-7")
-    policy = {key: raw[key] for key in _POLICY_KEYS if key in raw}
+    policy = PolicyConfig.from_mapping(raw, where=where)
     common: dict[str, Any] = dict(
         id=dev_id, kind=kind, where=where, guest=guest, function=function, policy=policy
     )
@@ -200,7 +209,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"{source}: not valid TOML: {exc}") from exc
     base = base or Path.cwd()
-    _known_keys(raw, {"listen", "guest", "device", "limits", "tls"}, source)
+    _known_keys(raw, {"listen", "guest", "device", "limits", "tls", "quirk", "audit"}, source)
     listen = _expect(raw.get("listen", []), list, "listen", "a list of address strings")
     for i, address in enumerate(listen):
         _expect(address, str, f"listen[{i}]", "an address string such as unix:/run/pciback.sock")
@@ -246,7 +255,19 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
             _path(traw["key"], "tls.key", base),
             _path(traw["ca"], "tls.ca", base) if "ca" in traw else None,
         )
-    return BackendConfig(tuple(listen), guests, tuple(devices), limits, tls, source)
+    quirks = tuple(
+        QuirkConfig.from_mapping(_expect(q, dict, f"quirk[{i}]", "a table"), where=f"quirk[{i}]")
+        for i, q in enumerate(_expect(raw.get("quirk", []), list, "quirk", "[[quirk]] tables"))
+    )
+    audit = _expect(raw.get("audit", {}), dict, "audit", "a table")
+    _known_keys(audit, {"rate", "burst"}, "audit")
+    rate = _expect(audit.get("rate", 5.0), (int, float), "audit.rate", "entries per second")
+    burst = _expect(audit.get("burst", 20), int, "audit.burst", "an entry count")
+    if rate <= 0 or burst < 1:
+        raise ConfigFileError("audit: rate must be > 0 and burst >= 1")
+    return BackendConfig(
+        tuple(listen), guests, tuple(devices), limits, tls, source, quirks, float(rate), burst
+    )
 
 
 def load_config(path: str | Path) -> BackendConfig:

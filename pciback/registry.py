@@ -17,6 +17,7 @@ import trio
 from pciback.access import DeviceAccess, make_access
 from pciback.config import BackendConfig, DeviceConfig
 from pciback.devices import DeviceProvider, EduDevice, HostDevice, SnapshotDevice
+from pciback.policy import AuditLog
 from pciback.runtime import DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError
 from shared.pci import PciAddress
@@ -62,8 +63,9 @@ class ServedDevice:
 
     config: DeviceConfig
     provider: DeviceProvider
-    access: DeviceAccess
     physical: PciAddress | None = None
+    #: The guest's access path (through the policy); set when the device is assigned.
+    access: DeviceAccess = field(default=None)  # type: ignore[assignment]
     guest: str | None = None
     address: PciAddress | None = None  # on the guest's virtual bus
     lock: trio.Lock = field(default_factory=trio.Lock)
@@ -111,10 +113,10 @@ class DeviceRegistry:
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self._devices: dict[str, ServedDevice] = {}
+        self.audit = AuditLog(rate=config.audit_rate, burst=config.audit_burst)
         for cfg in config.devices:
             provider, physical = build_provider(cfg)
-            access = make_access(provider, cfg)
-            self._devices[cfg.id] = ServedDevice(cfg, provider, access, physical)
+            self._devices[cfg.id] = ServedDevice(cfg, provider, physical)
         self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}
         for dev in self._devices.values():
             if dev.config.guest is not None:
@@ -141,6 +143,9 @@ class DeviceRegistry:
             )
         bus = self._buses[guest]
         address = self._place(bus, dev)
+        dev.access = make_access(
+            dev.provider, dev.config, guest=guest, quirks=self.config.quirks, audit=self.audit
+        )
         dev.guest, dev.address = guest, address
         bus[address.pack()] = dev
         return address

@@ -16,7 +16,7 @@ from pciback.policy import (
     ext_cap_name,
     std_cap_name,
 )
-from shared.pci import Capability, walk_capabilities
+from shared.pci import walk_capabilities
 
 READONLY = PolicyConfig(preset=Preset.TRANSPARENT_READONLY)
 

@@ -288,7 +288,7 @@ def test_transparent_readonly_refuses_every_write_and_reaches_nothing() -> None:
     dev = PolicedDevice(
         provider, PolicyConfig(preset=Preset.TRANSPARENT_READONLY), guest="g", device="d"
     )
-    for offset in range(0, 0x200):
+    for offset in range(0x200):
         current = dev.config_read(offset, 1)
         with pytest.raises(AccessDeniedError):
             dev.config_write(offset, 1, current ^ 0x01)
