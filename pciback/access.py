@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from collections.abc import Sequence
+from typing import Protocol
 
 from pciback.config import DeviceConfig
 from pciback.devices import DeviceProvider
