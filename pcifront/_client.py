@@ -316,14 +316,21 @@ async def _handshake(
     transport: FrameTransport, guest: str, limits: Limits, timeout: float | None
 ) -> Connection:
     conn = Connection(Role.CLIENT, limits=limits, features=FRONTEND_FEATURES, guest=guest)
-    await transport.send_frame(conn.hello())
-    with trio.fail_after(timeout if timeout is not None else float("inf")):
-        try:
+    try:
+        await transport.send_frame(conn.hello())
+        with trio.fail_after(timeout if timeout is not None else float("inf")):
             frame = await transport.receive_frame()
-        except trio.EndOfChannel as exc:
-            raise ConnectionLostError(
-                "the backend closed the connection during the handshake"
-            ) from exc
+    except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        detail = f" ({cause})" if cause is not None else ""
+        raise ConnectionLostError(
+            f"the backend closed the connection during the handshake{detail}; over tls:// this "
+            "usually means it refused our client certificate (pass --cert/--key naming the guest)"
+        ) from exc
+    except trio.TooSlowError as exc:
+        raise ConnectionLostError(
+            f"the backend did not answer the handshake within {timeout} s"
+        ) from exc
     reply = conn.receive(frame)
     if isinstance(reply, HandshakeRejected):
         raise HandshakeError(reply.code, reply.message)

@@ -137,3 +137,54 @@ def test_edu_driver_example_against_real_backend(
     assert out.returncode == 0, out.stderr
     assert "factorial(10) = 3628800" in out.stdout
     assert "identification 0x010000ed" in out.stdout
+
+
+def _tls_material(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    guest = ca.issue_cert("guest0")
+    guest.cert_chain_pems[0].write_to_path(str(tmp_path / "guest0.pem"))
+    guest.private_key_pem.write_to_path(str(tmp_path / "guest0.key"))
+
+
+def test_lspci_over_shm_and_tls_against_real_backend(tmp_path: Path) -> None:
+    _tls_material(tmp_path)
+    config = tmp_path / "backend.toml"
+    config.write_text(
+        f'listen = ["shm:{tmp_path / "shm.sock"}", "tls://127.0.0.1:0"]\n'
+        "[tls]\ncert = 'server.pem'\nkey = 'server.key'\nca = 'ca.pem'\n"
+        "[[guest]]\nname = 'guest0'\n"
+        "[[device]]\nid = 'edu0'\nmodel = 'edu'\nguest = 'guest0'\n"
+    )
+    proc = subprocess.Popen(
+        [*_tool("pciback"), "serve", "--config", str(config)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        addresses = [line.split("listening on ", 1)[1].strip() for line in lines]
+        shm = next(a for a in addresses if a.startswith("shm:"))
+        tls = next(a for a in addresses if a.startswith("tls://"))
+        out = _pcifront("lspci", "--connect", shm, "--guest", "guest0", "-n")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "00:00.0 00ff: 1234:11e8 (rev 10)\n"
+        out = _pcifront(
+            "lspci", "--connect", tls, "--guest", "guest0", "-n",
+            "--cert", str(tmp_path / "guest0.pem"), "--key", str(tmp_path / "guest0.key"),
+            "--ca", str(tmp_path / "ca.pem"),
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "00:00.0 00ff: 1234:11e8 (rev 10)\n"
+        # Without a client certificate the TLS handshake is refused.
+        out = _pcifront("lspci", "--connect", tls, "--ca", str(tmp_path / "ca.pem"))
+        assert out.returncode == 1
+        assert out.stderr.startswith("pcifront: ") and "Traceback" not in out.stderr, out.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
