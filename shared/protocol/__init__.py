@@ -7,6 +7,7 @@ I/O or imports trio, socket, os or time: the caller moves the bytes. See
 """
 
 from shared.protocol._codec import (
+    CALL_RESULT_TAGS,
     CONTROL_TAGS,
     EVENT_TAGS,
     REPLY_TAGS,
@@ -17,6 +18,7 @@ from shared.protocol._codec import (
     encode,
 )
 from shared.protocol._connection import (
+    DMA_CALL_OVERHEAD,
     PRE_HANDSHAKE_LIMITS,
     Connection,
     MessageTooLargeError,
@@ -26,6 +28,14 @@ from shared.protocol._connection import (
 )
 from shared.protocol._framing import FRAME_HEADER, FrameDecoder, encode_frame
 from shared.protocol._messages import (
+    FUNCTION_MASK_VECTOR,
+    IRQ_MODE_INTX,
+    IRQ_MODE_MSI,
+    IRQ_MODE_MSIX,
+    IRQ_MODES,
+    MAX_DMA_CHUNK,
+    MAX_DMA_WINDOW,
+    MAX_MSIX_VECTORS,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     U8,
@@ -37,12 +47,23 @@ from shared.protocol._messages import (
     ConfigReadRequest,
     ConfigWriteRequest,
     DeviceInfo,
+    DmaCallResult,
+    DmaFaultEvent,
+    DmaMapRequest,
+    DmaReadCall,
+    DmaUnmapRequest,
+    DmaWriteCall,
     DoneReply,
     ErrorReply,
     Event,
     Goodbye,
     HandshakeRejected,
     Hello,
+    InterruptDisableRequest,
+    InterruptEnableRequest,
+    InterruptEoiRequest,
+    InterruptEvent,
+    InterruptMaskRequest,
     Limits,
     Message,
     PingRequest,
@@ -97,6 +118,26 @@ __all__ = [
     "U16",
     "U32",
     "U64",
+    # interrupts and DMA
+    "IRQ_MODE_INTX",
+    "IRQ_MODE_MSI",
+    "IRQ_MODE_MSIX",
+    "IRQ_MODES",
+    "MAX_MSIX_VECTORS",
+    "FUNCTION_MASK_VECTOR",
+    "MAX_DMA_WINDOW",
+    "MAX_DMA_CHUNK",
+    "InterruptEnableRequest",
+    "InterruptDisableRequest",
+    "InterruptEoiRequest",
+    "InterruptMaskRequest",
+    "DmaMapRequest",
+    "DmaUnmapRequest",
+    "InterruptEvent",
+    "DmaFaultEvent",
+    "DmaReadCall",
+    "DmaWriteCall",
+    "DmaCallResult",
     # codec
     "encode",
     "decode",
@@ -106,6 +147,7 @@ __all__ = [
     "REQUEST_TAGS",
     "REPLY_TAGS",
     "EVENT_TAGS",
+    "CALL_RESULT_TAGS",
     # framing
     "FRAME_HEADER",
     "encode_frame",
@@ -129,4 +171,5 @@ __all__ = [
     "TooManyInFlightError",
     "MessageTooLargeError",
     "version_mismatch_message",
+    "DMA_CALL_OVERHEAD",
 ]

@@ -32,6 +32,7 @@ import msgpack
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol._messages import (
     MAX_DEVICES,
+    MAX_DMA_CHUNK,
     MAX_FEATURES,
     MAX_TEXT_LEN,
     MESSAGE_TYPES,
@@ -50,6 +51,7 @@ __all__ = [
     "REPLY_TAGS",
     "EVENT_TAGS",
     "CONTROL_TAGS",
+    "CALL_RESULT_TAGS",
 ]
 
 #: Tag ranges (see ``_messages``). A frame whose tag is in ``REQUEST_TAGS`` and
@@ -59,6 +61,10 @@ CONTROL_TAGS = range(0x01, 0x10)
 REQUEST_TAGS = range(0x10, 0x40)
 REPLY_TAGS = range(0x40, 0x60)
 EVENT_TAGS = range(0x60, 0x80)
+#: Frontend -> backend answers to backend calls (DmaCallResult). Deliberately
+#: outside ``REQUEST_TAGS``: their second element is a call id, not a request
+#: id, and a malformed one must never be "answered" with an ErrorReply.
+CALL_RESULT_TAGS = range(0x80, 0xA0)
 
 
 class MalformedMessageError(RemoteProtocolError):
@@ -98,10 +104,13 @@ class UnknownMessageError(MalformedMessageError):
 # --------------------------------------------------------------------------- limits
 
 # Longest legal string in UTF-8 bytes (a character is at most 4 bytes), the
-# largest bin (a 4 KiB extended config image) and the longest legal array.
-# Anything longer is rejected by msgpack before it allocates.
+# largest bin (one DMA chunk; the next largest is a 4 KiB extended config
+# image) and the longest legal array. Anything longer is rejected by msgpack
+# before it allocates; in any case ``decode`` refuses a frame over the
+# receiver's ``max_message_size`` before unpacking, so a bin can never claim
+# more than the frame holds.
 _MAX_STR_BYTES = 4 * MAX_TEXT_LEN
-_MAX_BIN_BYTES = 4096
+_MAX_BIN_BYTES = max(4096, MAX_DMA_CHUNK)
 _MAX_ARRAY_LEN = max(MAX_DEVICES, MAX_FEATURES, 16)
 
 
@@ -155,6 +164,12 @@ def _want_bool(value: Any) -> Any:
 def _want_str(value: Any) -> Any:
     if type(value) is not str:
         raise _BadField(f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _want_bytes(value: Any) -> Any:
+    if type(value) is not bytes:
+        raise _BadField(f"expected bytes (msgpack bin), got {_type_name(value)}")
     return value
 
 
@@ -275,6 +290,7 @@ def _field_codec(
         int: _want_int,
         bool: _want_bool,
         str: _want_str,
+        bytes: _want_bytes,
         bytes | None: _want_opt_bytes,
         tuple[str, ...]: _want_names,
         ErrorCode: _want_code,

@@ -11,7 +11,20 @@ Which errors end a connection
 *Fatal* (the state becomes ``ERROR``; send at most a courtesy Goodbye, then
 close the transport): an undecodable or oversized frame with no readable
 request id, anything illegal during the handshake, a message the table does
-not allow, a reply to an id that is not outstanding, a duplicate request id.
+not allow, a reply to an id that is not outstanding, a duplicate request id,
+and on the backend call path (below) a result for a call id that is not
+outstanding or a result whose data does not fit its call; on the frontend a
+call reusing an owed call id, or more calls than its ``max_in_flight``.
+
+Backend calls
+-------------
+The backend may *call* the frontend (message-based DMA): it sends a
+:class:`DmaReadCall` or :class:`DmaWriteCall` (events) with a ``call_id``
+from :meth:`Connection.next_call_id`, and the frontend answers each with
+exactly one :class:`DmaCallResult`. The SERVER tracks the ids it awaits
+(:attr:`Connection.outstanding_calls`, at most the frontend's
+``max_in_flight``); the CLIENT tracks the ids it owes
+(:attr:`Connection.owed_calls`).
 
 *Answerable* (the state stays ``OPEN``; a backend answers and carries on):
 a malformed request whose request id could be read (``PROTOCOL_ERROR``, or a
@@ -28,10 +41,14 @@ from collections.abc import Iterable
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol._codec import MalformedMessageError, decode, encode
 from shared.protocol._messages import (
+    MAX_DMA_CHUNK,
     MAX_TEXT_LEN,
     PROTOCOL_VERSION,
     U16,
     U32,
+    DmaCallResult,
+    DmaReadCall,
+    DmaWriteCall,
     ErrorReply,
     Goodbye,
     HandshakeRejected,
@@ -59,7 +76,13 @@ __all__ = [
     "TooManyInFlightError",
     "MessageTooLargeError",
     "version_mismatch_message",
+    "DMA_CALL_OVERHEAD",
 ]
+
+#: Bytes a DmaWriteCall or DmaCallResult needs besides its ``data`` (array
+#: header, tag, call id, address or code, bin header), rounded up. A chunk of
+#: ``max_message_size - DMA_CALL_OVERHEAD`` bytes always fits in one frame.
+DMA_CALL_OVERHEAD = 32
 
 #: What we assume the peer accepts before its Hello/Welcome tells us: enough
 #: for any handshake message, and the protocol's documented default.
@@ -140,9 +163,11 @@ class Connection:
     """
 
     __slots__ = (
+        "_calls",
         "_features",
         "_limits",
         "_local_version",
+        "_next_call_id",
         "_next_id",
         "_offered",
         "_peer_limits",
@@ -188,6 +213,11 @@ class Connection:
         self._features: tuple[str, ...] = ()
         self._pending: set[int] = set()
         self._next_id = 1
+        # Backend calls. SERVER: ids awaiting a result; CLIENT: ids owed a
+        # result. The value is the data length an OK result must carry (the
+        # read length; 0 for a write), so both sides check the same rule.
+        self._calls: dict[int, int] = {}
+        self._next_call_id = 1
         #: The guest this connection acts for: requested (client) / claimed (server).
         self.guest: str | None = guest
         #: SERVER: the Hello the frontend sent.
@@ -252,10 +282,51 @@ class Connection:
         self._next_id = (rid + 1) & U32
         return rid
 
+    @property
+    def outstanding_calls(self) -> frozenset[int]:
+        """SERVER: call ids of DmaReadCall/DmaWriteCall sent and not yet answered.
+
+        Always empty on a CLIENT (see :attr:`owed_calls`).
+        """
+        return frozenset(self._calls) if self._role is Role.SERVER else frozenset()
+
+    @property
+    def owed_calls(self) -> frozenset[int]:
+        """CLIENT: call ids received in DmaReadCall/DmaWriteCall and not yet answered.
+
+        Always empty on a SERVER (see :attr:`outstanding_calls`).
+        """
+        return frozenset(self._calls) if self._role is Role.CLIENT else frozenset()
+
+    @property
+    def max_dma_chunk(self) -> int:
+        """The largest ``data``/``length`` one DMA call may carry on this connection.
+
+        :data:`MAX_DMA_CHUNK`, lowered so that a DmaWriteCall fits the peer's
+        ``max_message_size`` and a DmaCallResult fits ours (before the
+        handshake the peer's limits are the defaults). A backend splits
+        message-based DMA into chunks of at most this many bytes.
+        """
+        smallest = min(self._limits.max_message_size, self._peer_limits.max_message_size)
+        return min(MAX_DMA_CHUNK, smallest - DMA_CALL_OVERHEAD)
+
+    def next_call_id(self) -> int:
+        """SERVER: a fresh call id: a wrapping u32 counter that skips outstanding ids."""
+        if self._role is not Role.SERVER:
+            raise LocalProtocolError(
+                "only the backend (SERVER) makes calls; a frontend answers them with "
+                "DmaCallResult using the call id it received"
+            )
+        cid = self._next_call_id
+        while cid in self._calls:
+            cid = (cid + 1) & U32
+        self._next_call_id = (cid + 1) & U32
+        return cid
+
     def __repr__(self) -> str:
         return (
             f"<Connection {self._role.name} {self._state.name} guest={self.guest!r} "
-            f"in_flight={len(self._pending)}>"
+            f"in_flight={len(self._pending)} calls={len(self._calls)}>"
         )
 
     # ------------------------------------------------------------------ sending
@@ -269,6 +340,14 @@ class Connection:
         that is not outstanding, a request whose id is already outstanding,
         :class:`TooManyInFlightError` over the peer's ``max_in_flight``, or
         :class:`MessageTooLargeError` over the peer's ``max_message_size``.
+
+        Backend calls: a SERVER sending DmaReadCall/DmaWriteCall registers its
+        ``call_id`` as outstanding (a duplicate outstanding id is refused;
+        more calls than the frontend's ``max_in_flight`` is
+        :class:`TooManyInFlightError`; a read longer than
+        :attr:`max_dma_chunk` is refused). A CLIENT may send a DmaCallResult
+        only for an owed call id, once, with exactly the read length of data
+        on success (none for a write) and no data on failure.
         """
         kind = message_kind(msg)
         target = TRANSITIONS.get((self._role, self._state, _SEND, kind))
@@ -294,6 +373,10 @@ class Connection:
                 )
         elif isinstance(msg, Welcome):
             self._check_welcome_send(msg)
+        elif isinstance(msg, DmaReadCall | DmaWriteCall):
+            self._check_call_send(msg)
+        elif isinstance(msg, DmaCallResult):
+            self._check_call_result(msg, self._calls.get(msg.call_id), LocalProtocolError)
 
         data = encode(msg)
         limit = self._peer_limits.max_message_size
@@ -317,8 +400,69 @@ class Connection:
             self._limits = msg.limits
             self._version = (msg.version_major, msg.version_minor)
             self._features = msg.features
+        elif isinstance(msg, DmaReadCall):
+            self._calls[msg.call_id] = msg.length
+        elif isinstance(msg, DmaWriteCall):
+            self._calls[msg.call_id] = 0
+        elif isinstance(msg, DmaCallResult):
+            del self._calls[msg.call_id]
         self._state = target
         return data
+
+    def _check_call_send(self, msg: DmaReadCall | DmaWriteCall) -> None:
+        if msg.call_id in self._calls:
+            raise LocalProtocolError(
+                f"call id {msg.call_id} is still outstanding; use next_call_id()"
+            )
+        cap = self._peer_limits.max_in_flight
+        if len(self._calls) >= cap:
+            raise TooManyInFlightError(
+                f"{len(self._calls)} DMA calls await results and the frontend accepts at most "
+                f"{cap}; wait for a DmaCallResult before calling again"
+            )
+        if isinstance(msg, DmaReadCall) and msg.length > self.max_dma_chunk:
+            raise LocalProtocolError(
+                f"DmaReadCall of {msg.length} bytes: the result would not fit in one frame on "
+                f"this connection; split the read into chunks of at most max_dma_chunk "
+                f"({self.max_dma_chunk}) bytes"
+            )
+
+    def _check_call_result(
+        self,
+        msg: DmaCallResult,
+        expected: int | None,
+        error: type[LocalProtocolError] | type[RemoteProtocolError],
+    ) -> None:
+        """The rules a DmaCallResult obeys, checked by the sender and the receiver alike.
+
+        ``expected`` is the OK data length of the call it answers (None when
+        no such call is outstanding/owed). ``error`` is the class to raise:
+        Local on send (our bug), Remote on receive (the frontend's).
+        """
+        if expected is None:
+            if self._role is Role.CLIENT:
+                text = (
+                    f"no DMA call {msg.call_id} is owed: a DmaCallResult answers a "
+                    "DmaReadCall/DmaWriteCall received from the backend, exactly once"
+                )
+            else:
+                text = (
+                    f"the frontend answered DMA call {msg.call_id}, which is not outstanding "
+                    "(never made, or already answered)"
+                )
+            raise error(text)
+        if msg.code is ErrorCode.OK:
+            if len(msg.data) != expected:
+                raise error(
+                    f"DmaCallResult for call {msg.call_id} carries {len(msg.data)} bytes, but "
+                    f"a successful result must carry exactly {expected} (the read length; "
+                    "0 for a write)"
+                )
+        elif msg.data:
+            raise error(
+                f"DmaCallResult for call {msg.call_id} failed with {msg.code.name} but "
+                f"carries {len(msg.data)} bytes; a failed result carries no data"
+            )
 
     def _check_request_send(self, msg: Request) -> None:
         if msg.request_id in self._pending:
@@ -491,8 +635,43 @@ class Connection:
             self.rejection = msg
         elif isinstance(msg, Goodbye):
             self.peer_goodbye = msg
+        elif isinstance(msg, DmaReadCall | DmaWriteCall):
+            self._on_call(msg)
+        elif isinstance(msg, DmaCallResult):
+            try:
+                self._check_call_result(msg, self._calls.get(msg.call_id), RemoteProtocolError)
+            except RemoteProtocolError:
+                # The frontend lied about a call: the backend cannot trust
+                # anything it says about guest memory any more.
+                self._state = _ERROR
+                raise
+            del self._calls[msg.call_id]
         self._state = target
         return msg
+
+    def _on_call(self, msg: DmaReadCall | DmaWriteCall) -> None:
+        problem: str | None = None
+        if msg.call_id in self._calls:
+            problem = (
+                f"the backend reused DMA call id {msg.call_id} while it is still owed a "
+                "result; a result could not say which call it answers"
+            )
+        elif len(self._calls) >= self._limits.max_in_flight:
+            problem = (
+                f"the backend has more than {self._limits.max_in_flight} DMA calls awaiting "
+                "results, the max_in_flight this frontend announced"
+            )
+        elif isinstance(msg, DmaReadCall):
+            room = min(MAX_DMA_CHUNK, self._peer_limits.max_message_size - DMA_CALL_OVERHEAD)
+            if msg.length > room:
+                problem = (
+                    f"the backend asked to read {msg.length} bytes in one DmaReadCall, but a "
+                    f"result it accepts holds at most {room}"
+                )
+        if problem is not None:
+            self._state = _ERROR
+            raise RemoteProtocolError(problem)
+        self._calls[msg.call_id] = msg.length if isinstance(msg, DmaReadCall) else 0
 
     def _on_request(self, msg: Request) -> None:
         rid = msg.request_id

@@ -16,6 +16,7 @@ import enum
 
 from shared.errors import LocalProtocolError
 from shared.protocol._messages import (
+    DmaCallResult,
     Event,
     Goodbye,
     HandshakeRejected,
@@ -87,6 +88,9 @@ class MessageKind(enum.Enum):
     REQUEST = "Request"
     REPLY = "Reply"
     EVENT = "Event"
+    #: The frontend's one answer to a backend call (DmaReadCall/DmaWriteCall,
+    #: which are events), matched by ``call_id``.
+    CALL_RESULT = "CallResult"
 
 
 _CLIENT, _SERVER = Role.CLIENT, Role.SERVER
@@ -108,6 +112,9 @@ TRANSITIONS: dict[tuple[Role, ConnectionState, Direction, MessageKind], Connecti
     (_CLIENT, _S.OPEN, _SEND, _K.REQUEST): _S.OPEN,
     (_CLIENT, _S.OPEN, _RECV, _K.REPLY): _S.OPEN,
     (_CLIENT, _S.OPEN, _RECV, _K.EVENT): _S.OPEN,
+    # Backend calls (DmaReadCall/DmaWriteCall) arrive as events; the answer
+    # goes back frontend -> backend, only while OPEN.
+    (_CLIENT, _S.OPEN, _SEND, _K.CALL_RESULT): _S.OPEN,
     # ---- backend (SERVER)
     (_SERVER, _S.AWAIT_HELLO, _RECV, _K.HELLO): _S.HELLO_RECEIVED,
     (_SERVER, _S.HELLO_RECEIVED, _SEND, _K.WELCOME): _S.OPEN,
@@ -116,6 +123,7 @@ TRANSITIONS: dict[tuple[Role, ConnectionState, Direction, MessageKind], Connecti
     (_SERVER, _S.OPEN, _SEND, _K.REPLY): _S.OPEN,
     # Events flow backend -> frontend only, never before the handshake.
     (_SERVER, _S.OPEN, _SEND, _K.EVENT): _S.OPEN,
+    (_SERVER, _S.OPEN, _RECV, _K.CALL_RESULT): _S.OPEN,
     # Room for hot-plug (a later issue). Unlike Xen's xenbus, where per-device
     # sub-states are multiplexed with whole-connection states, reconfiguration
     # will be one extra state in which requests and replies keep flowing:
@@ -146,6 +154,7 @@ _KINDS: dict[type, MessageKind] = {
     Welcome: _K.WELCOME,
     HandshakeRejected: _K.HANDSHAKE_REJECTED,
     Goodbye: _K.GOODBYE,
+    DmaCallResult: _K.CALL_RESULT,
 }
 
 
@@ -164,7 +173,7 @@ def message_kind(msg: Message | type[Message]) -> MessageKind:
             return base_kind
     raise LocalProtocolError(
         f"{cls.__name__} is not a protocol message kind (Hello, Welcome, HandshakeRejected, "
-        "Goodbye, or a Request/Reply/Event subclass)"
+        "Goodbye, DmaCallResult, or a Request/Reply/Event subclass)"
     )
 
 

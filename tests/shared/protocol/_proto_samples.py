@@ -9,6 +9,13 @@ from hypothesis import strategies as st
 
 from shared.errors import ErrorCode
 from shared.protocol import (
+    FUNCTION_MASK_VECTOR,
+    IRQ_MODE_INTX,
+    IRQ_MODE_MSI,
+    IRQ_MODE_MSIX,
+    MAX_DMA_CHUNK,
+    MAX_DMA_WINDOW,
+    MAX_MSIX_VECTORS,
     U16,
     U32,
     U64,
@@ -18,11 +25,22 @@ from shared.protocol import (
     ConfigWriteRequest,
     Connection,
     DeviceInfo,
+    DmaCallResult,
+    DmaFaultEvent,
+    DmaMapRequest,
+    DmaReadCall,
+    DmaUnmapRequest,
+    DmaWriteCall,
     DoneReply,
     ErrorReply,
     Goodbye,
     HandshakeRejected,
     Hello,
+    InterruptDisableRequest,
+    InterruptEnableRequest,
+    InterruptEoiRequest,
+    InterruptEvent,
+    InterruptMaskRequest,
     Limits,
     Message,
     PingRequest,
@@ -53,6 +71,17 @@ SAMPLES: list[Message] = [
     ValueReply(2, U64),
     DoneReply(3),
     ErrorReply(4, ErrorCode.INVALID_OFFSET, "offset 0x1001 is not aligned to 2 bytes"),
+    InterruptEnableRequest(6, 0x0000_0100, IRQ_MODE_MSIX, MAX_MSIX_VECTORS, eventfds=True),
+    InterruptDisableRequest(7, 0x0000_0100, IRQ_MODE_MSI),
+    InterruptEoiRequest(8, 0x0000_0100, 0),
+    InterruptMaskRequest(9, 0x0000_0100, FUNCTION_MASK_VECTOR, True),
+    DmaMapRequest(10, MAX_DMA_WINDOW, writable=False, shared=True),
+    DmaUnmapRequest(11, 0x0000_0001_0000_0000),
+    InterruptEvent(0x0000_0100, MAX_MSIX_VECTORS - 1, U32),
+    DmaFaultEvent(0x0000_0100, U64, 100, True, "write outside every DMA window"),
+    DmaReadCall(U32, 0x1000, 100),
+    DmaWriteCall(0, 0x1000, bytes(range(256)) * 4),
+    DmaCallResult(5, ErrorCode.OK, b"\x01\x02"),
 ]
 
 
@@ -78,6 +107,11 @@ def open_pair(
 
 u32 = st.integers(0, U32)
 u16 = st.integers(0, U16)
+u64 = st.integers(0, U64)
+irq_modes = st.sampled_from([IRQ_MODE_INTX, IRQ_MODE_MSI, IRQ_MODE_MSIX])
+vectors = st.integers(0, MAX_MSIX_VECTORS - 1)
+# Mostly small payloads (fast), sometimes exactly the largest chunk.
+dma_data = st.binary(min_size=1, max_size=300) | st.just(b"\xa5" * MAX_DMA_CHUNK)
 names = st.text(string.ascii_letters + string.digits + "-_.", min_size=1, max_size=64)
 features = st.lists(names, max_size=8).map(tuple)
 texts = st.text(max_size=200)
@@ -141,4 +175,24 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(
         ErrorReply, u32, st.sampled_from([c for c in ErrorCode if c is not ErrorCode.OK]), texts
     ),
+    st.builds(
+        InterruptEnableRequest,
+        u32,
+        u32,
+        irq_modes,
+        st.integers(1, MAX_MSIX_VECTORS),
+        st.booleans(),
+    ),
+    st.builds(InterruptDisableRequest, u32, u32, irq_modes),
+    st.builds(InterruptEoiRequest, u32, u32, vectors),
+    st.builds(
+        InterruptMaskRequest, u32, u32, vectors | st.just(FUNCTION_MASK_VECTOR), st.booleans()
+    ),
+    st.builds(DmaMapRequest, u32, st.integers(1, MAX_DMA_WINDOW), st.booleans(), st.booleans()),
+    st.builds(DmaUnmapRequest, u32, u64),
+    st.builds(InterruptEvent, u32, vectors, st.integers(1, U32)),
+    st.builds(DmaFaultEvent, u32, u64, u64, st.booleans(), texts),
+    st.builds(DmaReadCall, u32, u64, st.integers(1, MAX_DMA_CHUNK)),
+    st.builds(DmaWriteCall, u32, u64, dma_data),
+    st.builds(DmaCallResult, u32, codes, st.binary(max_size=300)),
 )

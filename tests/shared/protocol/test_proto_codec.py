@@ -13,11 +13,22 @@ from hypothesis import strategies as st
 
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol import (
+    CALL_RESULT_TAGS,
+    MAX_DMA_CHUNK,
+    MAX_DMA_WINDOW,
+    MAX_MSIX_VECTORS,
     MESSAGE_TYPES,
+    U32,
+    U64,
     ConfigReadRequest,
     DeviceInfo,
+    DmaCallResult,
+    DmaReadCall,
+    DmaWriteCall,
     ErrorReply,
     Hello,
+    InterruptEnableRequest,
+    InterruptMaskRequest,
     Limits,
     MalformedMessageError,
     Message,
@@ -68,6 +79,31 @@ def test_nested_values_are_arrays_codes_are_ints_bytes_are_bin() -> None:
     assert wire == [0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, bytes(64)]]]
     # bytes travel as msgpack bin (0xc4 = bin 8), never as str
     assert b"\xc4\x40" + bytes(64) in encode(SnapshotReply(1, (dev,)))
+
+
+def test_interrupt_and_dma_wire_forms() -> None:
+    assert encode(InterruptEnableRequest(1, 0x100, 2, 2048, eventfds=True)) == raw(
+        0x17, 1, 0x100, 2, 2048, True
+    )
+    assert encode(InterruptMaskRequest(2, 0x100, 0xFFFF, False)) == raw(
+        0x1A, 2, 0x100, 0xFFFF, False
+    )
+    assert encode(DmaReadCall(3, 0x1000, 64)) == raw(0x62, 3, 0x1000, 64)
+    # DMA data is msgpack bin, and the call result's code is its integer.
+    assert msgpack.unpackb(encode(DmaWriteCall(4, 0x2000, b"ab"))) == [0x63, 4, 0x2000, b"ab"]
+    assert msgpack.unpackb(encode(DmaCallResult(4, ErrorCode.DMA_FAULT, b""))) == [0x80, 4, 13, b""]
+    assert DmaCallResult.TAG in CALL_RESULT_TAGS
+
+
+def test_the_largest_dma_chunk_round_trips() -> None:
+    chunk = bytes(range(256)) * (MAX_DMA_CHUNK // 256)
+    for msg in (DmaWriteCall(U32, U64, chunk), DmaCallResult(1, ErrorCode.OK, chunk)):
+        data = encode(msg)
+        assert len(data) <= MAX_DMA_CHUNK + 32
+        assert decode(data, max_size=len(data)) == msg
+        # ... and the receiver's size limit still applies before unpacking.
+        with pytest.raises(MalformedMessageError, match="exceeds the"):
+            decode(data, max_size=len(data) - 1)
 
 
 def test_decoded_error_code_is_the_enum() -> None:
@@ -144,7 +180,43 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("huge bin header", b"\x93\x04\x00\xc6\xff\xff\xff\xff", "undecodable"),
     ("huge array header", b"\xdd\xff\xff\xff\xff", "undecodable"),
     ("long text", raw(0x04, 0, "x" * 5000), "exceeds max_str_len"),
-    ("long bin", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, b"x" * 5000]]), "exceeds max_bin_len"),
+    ("long config image", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, b"x" * 5000]]), "config"),
+    ("long bin", raw(0x63, 1, 0, b"x" * (MAX_DMA_CHUNK + 1)), "exceeds max_bin_len"),
+    ("huge bin header in a DMA call", b"\x94\x63\x01\x00\xc6\xff\xff\xff\xff", "undecodable"),
+    ("bin header past the end", b"\x94\x63\x01\x00\xc6\x00\x10\x00\x00" + b"x" * 10, "truncated"),
+    # ---- interrupts and DMA
+    ("irq mode out of range", raw(0x17, 1, 0x100, 3, 1, False), "mode must be"),
+    ("irq mode negative", raw(0x18, 1, 0x100, -1), "mode must be"),
+    ("zero vectors", raw(0x17, 1, 0x100, 2, 0, False), "vectors must be"),
+    ("too many vectors", raw(0x17, 1, 0x100, 2, MAX_MSIX_VECTORS + 1, False), "vectors must be"),
+    ("eventfds not a bool", raw(0x17, 1, 0x100, 2, 4, 1), "expected a boolean"),
+    ("eoi vector out of range", raw(0x19, 1, 0x100, MAX_MSIX_VECTORS), "vector must be"),
+    ("mask vector between table and function mask", raw(0x1A, 1, 0x100, 0xFFFE, True), "vector"),
+    ("mask flag not a bool", raw(0x1A, 1, 0x100, 0, "yes"), "expected a boolean"),
+    ("dma map of zero bytes", raw(0x1B, 1, 0, True, False), "size must be"),
+    ("dma map over the window limit", raw(0x1B, 1, MAX_DMA_WINDOW + 1, True, False), "size"),
+    ("dma map flags not bools", raw(0x1B, 1, 4096, 1, 0), "expected a boolean"),
+    ("dma unmap address a float", raw(0x1C, 1, 4096.0), "expected an integer, got float"),
+    ("dma unmap address negative", raw(0x1C, 1, -4096), "bus_address must be"),
+    ("interrupt count zero", raw(0x60, 0x100, 0, 0), "count must be"),
+    ("interrupt count over u32", raw(0x60, 0x100, 0, 1 << 32), "count must be"),
+    ("fault message bytes", raw(0x61, 0x100, 0, 4, False, b"x"), "expected a string"),
+    ("fault is_write int", raw(0x61, 0x100, 0, 4, 1, "x"), "expected a boolean"),
+    ("read call id over u32", raw(0x62, 1 << 32, 0, 4), "call_id must be"),
+    ("read call id negative", raw(0x62, -1, 0, 4), "call_id must be"),
+    ("read call of zero bytes", raw(0x62, 1, 0, 0), "length must be"),
+    ("read call over the chunk", raw(0x62, 1, 0, MAX_DMA_CHUNK + 1), "length must be"),
+    ("read call id a bool", raw(0x62, True, 0, 4), "expected an integer, got bool"),
+    ("write call of no data", raw(0x63, 1, 0, b""), "data must be"),
+    ("write call data as str", raw(0x63, 1, 0, "abcd"), "expected bytes"),
+    ("write call data as array", raw(0x63, 1, 0, [1, 2, 3]), "expected bytes"),
+    ("write call data nil", raw(0x63, 1, 0, None), "expected bytes"),
+    ("call result id over u32", raw(0x80, 1 << 32, 0, b""), "call_id must be"),
+    ("call result unknown code", raw(0x80, 1, 999, b""), "unknown error code 999"),
+    ("call result data as str", raw(0x80, 1, 0, "data"), "expected bytes"),
+    ("call result too few fields", raw(0x80, 1, 0), "takes 3 fields, got 2"),
+    ("call result over the chunk", raw(0x80, 1, 0, b"x" * (MAX_DMA_CHUNK + 1)), "max_bin_len"),
+    ("unknown call result tag", raw(0x81, 1, 0, b""), "unknown message type 0x81"),
     ("long array", raw(0x01, 1, 0, ["a"] * 300, [65536, 8], "g"), "exceeds max_array_len"),
     ("nested depth bomb", NESTED_BOMB, "nested too deeply"),
     ("deep but legal depth", b"\x91" * 500 + b"\x00", "tag must be an integer"),
@@ -216,6 +288,9 @@ def test_unknown_operation_is_distinguishable_and_answerable() -> None:
         raw(0x1F, True),  # bool is not an id
         raw(0x41, 5, None),  # a reply: ids of replies are not "answerable"
         raw(0x7E, 5),  # an unknown event
+        raw(0x80, 5, 999, b""),  # a call result: its call id is not a request id
+        raw(0x80, 5, 0, "x"),
+        raw(0x9F, 5),  # an unknown call result
     ],
 )
 def test_no_request_id_when_it_cannot_be_trusted(data: bytes) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from shared.errors import ErrorCode, LocalProtocolError
 from shared.protocol import (
+    CALL_RESULT_TAGS,
     CONTROL_TAGS,
     EVENT_TAGS,
     INITIAL_STATE,
@@ -20,6 +21,9 @@ from shared.protocol import (
     TRANSITIONS,
     ConnectionState,
     Direction,
+    DmaCallResult,
+    DmaReadCall,
+    DmaWriteCall,
     Event,
     Message,
     MessageKind,
@@ -85,6 +89,7 @@ def test_every_message_has_a_kind_and_a_tag_in_its_range(cls: type[Message]) -> 
         MessageKind.REQUEST: REQUEST_TAGS,
         MessageKind.REPLY: REPLY_TAGS,
         MessageKind.EVENT: EVENT_TAGS,
+        MessageKind.CALL_RESULT: CALL_RESULT_TAGS,
     }.get(kind, CONTROL_TAGS)
     assert cls.TAG in expected
     assert issubclass(cls, Request) == (kind is MessageKind.REQUEST)
@@ -104,7 +109,7 @@ def test_requests_flow_client_to_server_and_replies_and_events_back() -> None:
             if direction is Direction.SEND
             else (Role.SERVER if role is Role.CLIENT else Role.CLIENT)
         )
-        if kind in (MessageKind.HELLO, MessageKind.REQUEST):
+        if kind in (MessageKind.HELLO, MessageKind.REQUEST, MessageKind.CALL_RESULT):
             assert sender is Role.CLIENT
         if kind in (
             MessageKind.WELCOME,
@@ -117,7 +122,12 @@ def test_requests_flow_client_to_server_and_replies_and_events_back() -> None:
 
 def test_requests_replies_and_events_only_when_open() -> None:
     for (_role, state, _direction, kind), target in TRANSITIONS.items():
-        if kind in (MessageKind.REQUEST, MessageKind.REPLY, MessageKind.EVENT):
+        if kind in (
+            MessageKind.REQUEST,
+            MessageKind.REPLY,
+            MessageKind.EVENT,
+            MessageKind.CALL_RESULT,
+        ):
             assert state is target is ConnectionState.OPEN
 
 
@@ -153,3 +163,22 @@ def test_every_live_state_is_reachable_and_can_reach_open_or_closed() -> None:
                     reachable.add(target)
                     frontier.append(target)
         assert set(LIVE_STATES[role]) | {ConnectionState.CLOSED} <= reachable
+
+
+def test_backend_calls_are_events_and_their_result_has_its_own_kind() -> None:
+    assert message_kind(DmaReadCall) is MessageKind.EVENT
+    assert message_kind(DmaWriteCall) is MessageKind.EVENT
+    assert message_kind(DmaCallResult) is MessageKind.CALL_RESULT
+    rows = {key for key in TRANSITIONS if key[3] is MessageKind.CALL_RESULT}
+    assert rows == {
+        (Role.CLIENT, ConnectionState.OPEN, Direction.SEND, MessageKind.CALL_RESULT),
+        (Role.SERVER, ConnectionState.OPEN, Direction.RECEIVE, MessageKind.CALL_RESULT),
+    }
+
+
+def test_call_result_ranges_do_not_overlap_the_others() -> None:
+    ranges = [CONTROL_TAGS, REQUEST_TAGS, REPLY_TAGS, EVENT_TAGS, CALL_RESULT_TAGS]
+    seen: set[int] = set()
+    for r in ranges:
+        assert seen.isdisjoint(r)
+        seen.update(r)
