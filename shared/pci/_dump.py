@@ -37,6 +37,9 @@ __all__ = ["DumpEntry", "parse_dump", "format_dump", "format_hex_lines"]
 
 _BYTES_PER_LINE = 16
 _MAX_SIZE = max(CONFIG_SIZES)
+#: Sizes a dump entry can hold: the config sizes, plus the 128 bytes ``lspci -x``
+#: prints for a CardBus bridge (its header is longer than 64 bytes).
+DUMP_SIZES = (64, 128, 256, 4096)
 _HEADER = re.compile(
     r"^(?P<address>(?:[0-9a-fA-F]{1,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])(?: |$)"
 )
@@ -59,10 +62,15 @@ class DumpEntry:
     details: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.data) not in CONFIG_SIZES:
+        if len(self.data) not in DUMP_SIZES:
             raise DumpFormatError(
                 f"device {self.address} has {len(self.data)} bytes of config; a dump entry "
-                f"holds {', '.join(map(str, CONFIG_SIZES))} bytes"
+                f"holds {', '.join(map(str, DUMP_SIZES))} bytes"
+            )
+        if len(self.data) == 128 and self.data[0x0E] & 0x7F != 2:
+            raise DumpFormatError(
+                f"device {self.address} has 128 bytes of config, which lspci -x prints only for "
+                f"CardBus bridges (header type 2), but its header type is {self.data[0x0E]:#04x}"
             )
         if "\n" in self.header or any("\n" in line for line in self.details):
             raise DumpFormatError(
@@ -100,8 +108,13 @@ class DumpEntry:
         return cls(header, address, bytes(data))
 
     def config_space(self) -> ConfigSpace:
-        """A fresh, mutable :class:`ConfigSpace` holding this entry's bytes."""
-        return ConfigSpace(self.data)
+        """A fresh, mutable :class:`ConfigSpace` holding this entry's bytes.
+
+        A 128-byte CardBus ``-x`` dump is padded to 256 bytes with zeros (the rest of
+        conventional config space was not captured).
+        """
+        data = self.data if len(self.data) != 128 else self.data + bytes(128)
+        return ConfigSpace(data)
 
 
 def format_hex_lines(data: bytes | bytearray | memoryview) -> str:
@@ -151,11 +164,11 @@ class _Builder:
                 f"line {self.line_no}: device {self.address.lspci_name()} has no hex lines; "
                 "dump it with lspci -x, -xxx or -xxxx"
             )
-        if size not in CONFIG_SIZES:
+        if size not in DUMP_SIZES:
             raise DumpFormatError(
                 f"line {end_line}: device {self.address.lspci_name()} (line {self.line_no}) "
                 f"ends after {size} bytes (last offset {size - _BYTES_PER_LINE:#x}); a dump "
-                f"holds {', '.join(map(str, CONFIG_SIZES))} bytes, so lines are missing or extra"
+                f"holds {', '.join(map(str, DUMP_SIZES))} bytes, so lines are missing or extra"
             )
         return DumpEntry(self.header, self.address, bytes(self.data), tuple(self.details))
 

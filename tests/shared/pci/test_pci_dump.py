@@ -140,8 +140,8 @@ def test_missing_space_after_offset() -> None:
 
 def test_wrong_total_size_is_reported_where_the_device_ends() -> None:
     lines = _lines()
-    del lines[9:17]  # keep 0x00-0x7f: 128 bytes
-    _expect_error("\n".join(lines), 10, "128 bytes", "64, 256, 4096")
+    del lines[10:17]  # keep 0x00-0x8f: 144 bytes
+    _expect_error("\n".join(lines), 11, "144 bytes", "64, 128, 256, 4096")
 
 
 def test_truncated_4096_byte_dump_with_line_f10_missing() -> None:
@@ -223,7 +223,9 @@ def test_format_hex_lines_rejects_partial_lines_and_oversize(size: int) -> None:
 
 def test_entry_validation() -> None:
     addr = PciAddress(0, 0, 3, 0)
-    with pytest.raises(DumpFormatError, match="128 bytes"):
+    with pytest.raises(DumpFormatError, match="144 bytes"):
+        DumpEntry("00:03.0 x", addr, bytes(144))
+    with pytest.raises(DumpFormatError, match="only for CardBus bridges"):
         DumpEntry("00:03.0 x", addr, bytes(128))
     with pytest.raises(DumpFormatError, match="must start with the device's address"):
         DumpEntry("00:04.0 x", addr, bytes(64))
@@ -297,3 +299,19 @@ def test_written_dump_is_decoded_by_real_lspci(tmp_path: Path) -> None:
 def test_entry_with_an_impossible_header_address() -> None:
     with pytest.raises(DumpFormatError, match="out of range"):
         DumpEntry("00:24.0 x", PciAddress(0, 0, 3, 0), bytes(64))
+
+
+def test_cardbus_128_byte_dump_round_trips_and_pads() -> None:
+    """``lspci -x`` prints 128 bytes for a CardBus bridge (header type 2)."""
+    data = bytearray(128)
+    data[0:4] = bytes.fromhex("4c1051ac")
+    data[0x0E] = 0x82  # multi-function CardBus bridge
+    lines = ["02:01.0 CardBus bridge: Texas Instruments PCI1420 PC card Cardbus Controller"]
+    lines += [
+        f"{i:02x}: " + " ".join(f"{b:02x}" for b in data[i : i + 16]) for i in range(0, 128, 16)
+    ]
+    text = "\n".join(lines) + "\n\n"
+    (entry,) = parse_dump(text)
+    assert format_dump([entry]) == text
+    space = entry.config_space()
+    assert space.size == 256 and bytes(space)[:128] == bytes(data)
