@@ -14,13 +14,13 @@ wait (a factorial that takes time, DMA, interrupts) goes through the
 from __future__ import annotations
 
 import abc
-import enum
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from shared.errors import ErrorCode, PcisplitError
+from shared.pci import BarKind
 
 __all__ = [
     "BarKind",
@@ -55,12 +55,6 @@ class DmaFaultError(PcisplitError):
     """
 
     code = ErrorCode.DMA_FAULT
-
-
-class BarKind(enum.Enum):
-    MEM32 = "mem32"
-    MEM64 = "mem64"
-    IO = "io"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +104,9 @@ class InterruptSink(Protocol):
     def signal_msi(self, vector: int) -> None:
         """The device sends MSI message ``vector`` (0-based, < enabled vector count)."""
 
+    def signal_msix(self, vector: int) -> None:
+        """The device signals MSI-X table entry ``vector`` (0-based, < the table size)."""
+
 
 class NullInterruptSink:
     """The sink of a context that delivers no interrupts: it records nothing.
@@ -126,6 +123,9 @@ class NullInterruptSink:
         """Ignore: nobody is listening."""
 
     def signal_msi(self, vector: int) -> None:
+        """Ignore: nobody is listening."""
+
+    def signal_msix(self, vector: int) -> None:
         """Ignore: nobody is listening."""
 
 

@@ -46,7 +46,6 @@ from shared.pci import (
     parse_dump,
     walk_capabilities,
 )
-from shared.pci import BarKind as PciBarKind
 
 from ._base import BarKind, DeviceSetupError
 from ._emulated import EmulatedDevice
@@ -174,7 +173,7 @@ class SnapshotDevice(EmulatedDevice):
         for bar in bars:
             size = sizes.get(bar.index)
             if size is None:
-                if bar.is_zero or (bar.kind is PciBarKind.MEM64 and len(bar.slots) == 1):
+                if bar.is_zero or (bar.kind is BarKind.MEM64 and len(bar.slots) == 1):
                     # Unknown (reads 0) or malformed (64-bit in the last slot): keep the
                     # register as the dump has it, read-only, with no BAR behind it.
                     continue
@@ -201,4 +200,4 @@ class SnapshotDevice(EmulatedDevice):
 
 
 def _kind(bar: BarInfo) -> BarKind:
-    return BarKind(bar.kind.value)
+    return bar.kind

@@ -51,7 +51,7 @@ _IO_MAX_SIZE = 256  # PCI 3.0 6.2.5.1: an I/O BAR claims at most 256 bytes
 
 
 class BarKind(enum.Enum):
-    """What a BAR decodes. Values match ``pciback.devices.BarKind``.
+    """What a BAR decodes (also used by ``pciback.devices.BarSpec``).
 
     The legacy "below 1 MiB" memory type and the reserved type 3 decode as
     ``MEM32``; their raw type bits stay visible in :attr:`BarInfo.raw`.
