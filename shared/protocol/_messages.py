@@ -184,10 +184,9 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
-class Hello(Message):
-    """Frontend -> backend, first message. Names the guest it asks to act as."""
+class _Greeting(Message):
+    """The fields Hello and Welcome share: version, features, limits and guest."""
 
-    TAG: ClassVar[int] = 0x01
     version_major: int
     version_minor: int
     features: tuple[str, ...]
@@ -199,28 +198,22 @@ class Hello(Message):
         _int(self, "version_minor", self.version_minor, U16)
         _features(self, self.features)
         if not isinstance(self.limits, Limits):
-            raise LocalProtocolError("Hello.limits must be a Limits")
+            raise LocalProtocolError(f"{type(self).__name__}.limits must be a Limits")
         _name(self, "guest", self.guest)
 
 
 @dataclass(frozen=True, slots=True)
-class Welcome(Message):
+class Hello(_Greeting):
+    """Frontend -> backend, first message. Names the guest it asks to act as."""
+
+    TAG: ClassVar[int] = 0x01
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(_Greeting):
     """Backend -> frontend: handshake accepted. Version is the negotiated one."""
 
     TAG: ClassVar[int] = 0x02
-    version_major: int
-    version_minor: int
-    features: tuple[str, ...]
-    limits: Limits
-    guest: str
-
-    def __post_init__(self) -> None:
-        _int(self, "version_major", self.version_major, U16)
-        _int(self, "version_minor", self.version_minor, U16)
-        _features(self, self.features)
-        if not isinstance(self.limits, Limits):
-            raise LocalProtocolError("Welcome.limits must be a Limits")
-        _name(self, "guest", self.guest)
 
 
 @dataclass(frozen=True, slots=True)
