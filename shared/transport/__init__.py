@@ -2,6 +2,7 @@
 
 from shared.transport._base import (
     DEFAULT_MAX_FRAME,
+    FdPassingUnsupportedError,
     FrameListener,
     FrameTooLargeError,
     FrameTransport,
@@ -9,6 +10,7 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
+from shared.transport._fdpass import MAX_FDS_PER_FRAME
 from shared.transport._memory import MemoryListener, MemoryTransport, memory_transport_pair
 from shared.transport._registry import (
     ENTRY_POINT_GROUP,
@@ -20,10 +22,12 @@ from shared.transport._registry import (
     register_transport,
     split_address,
 )
-from shared.transport._stream import StreamFrameTransport
+from shared.transport._stream import StreamFrameTransport, UnixFrameTransport
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "FdPassingUnsupportedError",
+    "MAX_FDS_PER_FRAME",
     "FrameListener",
     "FrameTooLargeError",
     "FrameTransport",
@@ -42,4 +46,5 @@ __all__ = [
     "register_transport",
     "split_address",
     "StreamFrameTransport",
+    "UnixFrameTransport",
 ]

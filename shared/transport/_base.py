@@ -20,6 +20,7 @@ Error contract (same as trio's streams):
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "FrameTransport",
     "FrameListener",
     "FrameTooLargeError",
+    "FdPassingUnsupportedError",
     "TransportAddressError",
     "TransportConnectError",
     "TransportOptions",
@@ -41,6 +43,10 @@ DEFAULT_MAX_FRAME = 1 << 20
 
 class FrameTooLargeError(PcisplitError, ValueError):
     """A frame is larger than the transport's negotiated maximum."""
+
+
+class FdPassingUnsupportedError(PcisplitError, NotImplementedError):
+    """This transport cannot carry file descriptors (only ``unix:`` and ``shm:`` can)."""
 
 
 class TransportAddressError(PcisplitError, ValueError):
@@ -100,16 +106,30 @@ class FrameTransport(abc.ABC):
 
     @property
     def can_pass_fds(self) -> bool:
-        """True when :meth:`send_fds`/:meth:`receive_fds` work (UNIX sockets)."""
+        """True when :meth:`send_frame_with_fds` works (``unix:`` and ``shm:``)."""
         return False
 
-    async def send_fds(self, frame: bytes, fds: list[int]) -> None:
-        """Send a frame together with file descriptors (SCM_RIGHTS)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot pass file descriptors")
+    async def send_frame_with_fds(self, frame: bytes, fds: Sequence[int]) -> None:
+        """Send one frame with file descriptors attached (SCM_RIGHTS).
 
-    async def receive_fds(self, max_fds: int) -> tuple[bytes, list[int]]:
-        """Receive a frame and the file descriptors sent with it."""
-        raise NotImplementedError(f"{type(self).__name__} cannot pass file descriptors")
+        The sender keeps ownership of ``fds``: the kernel gives the peer its own
+        duplicates, so close yours when you no longer need them. Transports
+        that cannot pass fds raise :class:`FdPassingUnsupportedError`.
+        """
+        raise FdPassingUnsupportedError(
+            f"{self.describe()} cannot pass file descriptors; check can_pass_fds first "
+            "(unix: and shm: can)"
+        )
+
+    def take_received_fds(self) -> list[int]:
+        """The fds that came with the frame most recently returned by :meth:`receive_frame`.
+
+        The caller owns them and must close them. Fds nobody takes are closed
+        by the transport when the next frame is received (or on close), so a
+        peer cannot make us leak descriptors. Transports that cannot pass fds
+        always return an empty list.
+        """
+        return []
 
     def peer_identity(self) -> dict[str, Any]:
         """What the transport knows of the peer (UNIX credentials, TLS certificate...)."""

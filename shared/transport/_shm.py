@@ -9,9 +9,23 @@ Bootstrap (address ``shm:/path/to.sock``):
    direction plus two eventfds (one doorbell per side) and sends them with a
    setup frame through SCM_RIGHTS. The server checks everything it received
    (fd kinds, seals, sizes, geometry) and acknowledges.
-3. From then on frames travel on the ring. The socket stays open only as the
+3. From then on frames travel on the ring. The socket stays open as the
    liveness signal: a goodbye frame then EOF is a clean close; EOF without the
    goodbye means the peer died. Either way no ring operation can hang.
+
+File descriptors (:meth:`ShmTransport.send_frame_with_fds`): before the
+session starts they ride on the socket frames exactly as on ``unix:``. After
+it, frames travel on the ring but fds can only travel on the socket, so the
+sender first sends a control frame ``FDS seq`` carrying the fds, where
+``seq`` is the number (counted from 0 at session start) of the ring frame
+they belong to; the receiver's socket task files them under ``seq`` and
+answers ``FDA seq``; only then does the sender put the frame on the ring. The
+acknowledgement makes the fds reach the receiver before their frame can, so
+the ring's hot path only tests one flag and never makes a syscall. Fd frames
+are rare control operations (interrupt enable, DMA map), so their extra
+round trip costs nothing that matters. Cancelling such a send after the
+control frame went out breaks the transport (the receiver would otherwise
+tie the fds to the wrong frame), like a send cancelled mid-frame on a stream.
 
 The peer is untrusted: ring corruption is detected in C (see ``ring.h``) and
 turns into :class:`trio.BrokenResourceError` for this connection only.
@@ -19,7 +33,6 @@ turns into :class:`trio.BrokenResourceError` for this connection only.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import fcntl
@@ -28,6 +41,7 @@ import os
 import socket
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +69,17 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
+from shared.transport._fdpass import (
+    ANCILLARY_SPACE,
+    RECVMSG_FLAGS,
+    FdTracker,
+    SendProgress,
+    check_fds_argument,
+    close_fds,
+    fds_from_ancillary,
+    rights_message,
+    send_with_fds,
+)
 from shared.transport._sockets import _remove_stale_socket
 
 __all__ = [
@@ -76,9 +101,13 @@ _SETUP_VERSION = 1
 _ACK = b"PSHM-ACK\x01"
 _GOODBYE = b"PSHM-BYE"
 _SETUP_FDS = 3  # memfd, doorbell to the server, doorbell to the client
+# Control frames after the session started: fds for ring frame `seq`, and their ack.
+_FDS_MARK = b"PSHM-FDS"
+_FDS_ACK = b"PSHM-FDA"
+_SEQ = struct.Struct("<Q")
+#: Fd batches a peer may announce ahead of their ring frames (an honest peer: one).
+_MAX_FD_BATCHES = 16
 _RECV_CHUNK = 65536
-_FD_BYTES = array.array("i").itemsize
-_CMSG_SPACE = socket.CMSG_SPACE(_SETUP_FDS * _FD_BYTES)
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _YIELD_EVERY = 16  # send_frame yields to the scheduler once per this many frames
 
@@ -103,9 +132,7 @@ def _translate(exc: OSError, what: str) -> trio.BrokenResourceError | trio.Close
 
 
 def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
-    fds.clear()
+    close_fds(fds)
 
 
 class _Session:
@@ -150,7 +177,15 @@ class ShmTransport(FrameTransport):
         self._name = name
         self.max_frame_size = options.max_frame_size
         self._decoder = FrameDecoder(options.max_frame_size)
-        self._fds: list[int] = []
+        self._fd_tracker = FdTracker(name)
+        # After session start: fds announced for ring frame `seq`, and the fds
+        # tied to the ring frame returned last (closed at the next one if untaken).
+        self._ring_fd_batches: dict[int, list[int]] = {}
+        self._ring_fds: list[int] = []
+        self._ring_fds_active = False
+        self._control_lock = trio.Lock()
+        self._fd_ack_wanted: int | None = None
+        self._fd_ack_event: trio.Event | None = None
         self._eof = False
         self._closed = False
         self._broken: str | None = None
@@ -186,7 +221,7 @@ class ShmTransport(FrameTransport):
 
     @property
     def can_pass_fds(self) -> bool:
-        return self._session is None and not self._closed
+        return not self._closed
 
     def describe(self) -> str:
         return self._name
@@ -225,18 +260,11 @@ class ShmTransport(FrameTransport):
 
     # ------------------------------------------------------------------ control socket
     def _receive_some(self) -> bytes:
-        """One recvmsg; collects any fds that came with the bytes. Raises BlockingIOError."""
-        data, ancdata, flags, _ = self._sock.recvmsg(_RECV_CHUNK, _CMSG_SPACE)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % _FD_BYTES])
-                self._fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
-            _close_fds(self._fds)
-            raise trio.BrokenResourceError(
-                f"peer sent more than {_SETUP_FDS} file descriptors at once; refusing them"
-            )
+        """One recvmsg into the decoder, tying fds to their frame. Raises BlockingIOError."""
+        data, ancdata, flags, _ = self._sock.recvmsg(_RECV_CHUNK, ANCILLARY_SPACE, RECVMSG_FLAGS)
+        self._decoder.feed(data)
+        if ancdata or flags & socket.MSG_CTRUNC:
+            self._fd_tracker.on_chunk(self._decoder.buffered, fds_from_ancillary(ancdata, flags))
         return data
 
     async def _socket_receive(self) -> bytes:
@@ -246,6 +274,8 @@ class ShmTransport(FrameTransport):
             except RemoteProtocolError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
             if frame is not None:
+                if self._fd_tracker.busy:
+                    self._fd_tracker.on_frame(4 + len(frame))
                 return frame
             if self._eof:
                 if self._decoder.buffered:
@@ -262,28 +292,25 @@ class ShmTransport(FrameTransport):
                 raise _translate(exc, "receive") from exc
             if not data:
                 self._eof = True
-            else:
-                self._decoder.feed(data)
+
+    async def _send_piece(self, piece: memoryview, fds: list[int]) -> int:
+        """One non-blocking (partial) send on the control socket; fds ride on its first byte."""
+        while True:
+            try:
+                if fds:
+                    return self._sock.sendmsg([piece], rights_message(fds))
+                return self._sock.send(piece)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self._sock)
+            except OSError as exc:
+                raise _translate(exc, "send") from exc
 
     async def _socket_send(self, data: bytes, fds: list[int] | None = None) -> None:
-        view = memoryview(data)
+        progress = SendProgress()
         try:
-            while view:
-                try:
-                    if fds:
-                        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                        sent = self._sock.sendmsg([view], ancillary)
-                        fds = None  # the fds travel with the first byte sent
-                    else:
-                        sent = self._sock.send(view)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self._sock)
-                    continue
-                except OSError as exc:
-                    raise _translate(exc, "send") from exc
-                view = view[sent:]
+            await send_with_fds(self._send_piece, data, fds or [], progress)
         except trio.Cancelled:
-            if len(view) != len(data):
+            if progress.sent:
                 # Part of the frame went out: the byte stream is unframed from here on.
                 self._broken = "an earlier send was cancelled mid-frame; reconnect"
             raise
@@ -323,24 +350,106 @@ class ShmTransport(FrameTransport):
         await trio.lowlevel.cancel_shielded_checkpoint()
         return frame
 
-    async def send_fds(self, frame: bytes, fds: list[int]) -> None:
-        """Before the session starts: send a frame with file descriptors (SCM_RIGHTS)."""
-        if self._session is not None:
-            raise trio.BrokenResourceError("fds travel only before the session moves to the ring")
-        if not fds or len(fds) > _SETUP_FDS:
-            raise ValueError(f"send between 1 and {_SETUP_FDS} file descriptors, not {len(fds)}")
-        await self._socket_send_frame(frame, list(fds))
+    async def send_frame_with_fds(self, frame: bytes, fds: Sequence[int]) -> None:
+        """Send ``frame`` with ``fds`` attached; before or after the session started.
 
-    async def receive_fds(self, max_fds: int) -> tuple[bytes, list[int]]:
-        """Before the session starts: receive a frame and the fds that came with it."""
-        if self._session is not None:
-            raise trio.BrokenResourceError("fds travel only before the session moves to the ring")
-        frame = await self._socket_receive_frame()
-        fds, self._fds = self._fds, []
-        if len(fds) > max_fds:
+        After the session started the fds travel on the control socket, tied to
+        the frame's ring sequence number (see the module docstring).
+        """
+        fd_list = check_fds_argument(fds)
+        session = self._session
+        if session is None:
+            await self._socket_send_frame(frame, fd_list)
+            return
+        self._check_usable()
+        if len(frame) > self.max_frame_size:
+            raise FrameTooLargeError(
+                f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
+            )
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this transport")
+        self._sending = True
+        announced = False
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            seq = self._frames_sent  # the ring frame that will carry `frame`
+            event = trio.Event()
+            self._fd_ack_wanted, self._fd_ack_event = seq, event
+            async with self._control_lock:
+                announced = True
+                await self._socket_send(encode_frame(_FDS_MARK + _SEQ.pack(seq)), fd_list)
+            with trio.fail_after(self._send_timeout or float("inf")):
+                await event.wait()
+            if self._peer_gone:
+                raise trio.BrokenResourceError(
+                    self._peer_reason or "peer closed the connection; cannot send"
+                )
+            self._check_usable()
+            await self._ring_send(session, frame)
+        except trio.TooSlowError as exc:
+            raise self._fail(
+                f"the peer did not acknowledge file descriptors within {self._send_timeout} s",
+                exc,
+            ) from exc
+        except trio.Cancelled:
+            if announced:
+                # The peer holds fds for ring frame `seq`; a different frame would get them.
+                self._broken = "a send with file descriptors was cancelled midway; reconnect"
+                self._wake_waiters()
+            raise
+        finally:
+            self._fd_ack_wanted = self._fd_ack_event = None
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def take_received_fds(self) -> list[int]:
+        if self._session is None:
+            return self._fd_tracker.take()
+        fds, self._ring_fds = self._ring_fds, []
+        self._ring_fds_active = bool(self._ring_fd_batches)
+        return fds
+
+    def _tie_ring_fds(self, seq: int) -> None:
+        """Ring frame ``seq`` was returned: close untaken fds, attach any announced for it."""
+        if self._ring_fds:
+            _close_fds(self._ring_fds)
+        batches = self._ring_fd_batches
+        self._ring_fds = batches.pop(seq, [])
+        for stale in [s for s in batches if s < seq]:
+            # Announced for a frame that has passed: an honest peer never does this.
+            _close_fds(batches.pop(stale))
+        self._ring_fds_active = bool(batches or self._ring_fds)
+
+    async def _on_fds_announced(self, frame: bytes) -> str | None:
+        """Socket task: file the fds of an ``FDS seq`` frame and acknowledge it.
+
+        Returns why the peer must be dropped, or None.
+        """
+        fds = self._fd_tracker.take()
+        if len(frame) != len(_FDS_MARK) + _SEQ.size or not fds:
             _close_fds(fds)
-            raise trio.BrokenResourceError(f"peer sent {len(fds)} fds; at most {max_fds} expected")
-        return frame, fds
+            return "peer sent a malformed file-descriptor announcement on the shm socket"
+        (seq,) = _SEQ.unpack_from(frame, len(_FDS_MARK))
+        batches = self._ring_fd_batches
+        if seq < self._frames_received or seq in batches or len(batches) >= _MAX_FD_BATCHES:
+            _close_fds(fds)
+            return (
+                f"peer announced file descriptors for ring frame {seq}, which is already "
+                f"received, announced twice or too far ahead ({len(batches)} pending)"
+            )
+        batches[seq] = fds
+        self._ring_fds_active = True
+        async with self._control_lock:
+            await self._socket_send(encode_frame(_FDS_ACK + _SEQ.pack(seq)))
+        return None
+
+    def _on_fds_acknowledged(self, frame: bytes) -> str | None:
+        if len(frame) == len(_FDS_ACK) + _SEQ.size:
+            (seq,) = _SEQ.unpack_from(frame, len(_FDS_ACK))
+            if seq == self._fd_ack_wanted and self._fd_ack_event is not None:
+                self._fd_ack_event.set()
+                return None
+        return "peer acknowledged file descriptors nobody sent"
 
     # ------------------------------------------------------------------ session setup
     async def start_session(self, *, is_server: bool, max_frame_size: int) -> None:
@@ -365,7 +474,7 @@ class ShmTransport(FrameTransport):
             raise
         finally:
             self._sending = self._receiving = False
-            _close_fds(self._fds)
+            _close_fds(self._fd_tracker.take())
         self._session = session
         trio.lowlevel.spawn_system_task(self._watch_peer, name=f"{self._name} liveness")
 
@@ -417,7 +526,7 @@ class ShmTransport(FrameTransport):
             frame = await self._socket_receive()
         except trio.EndOfChannel as exc:
             raise trio.BrokenResourceError("client closed the connection during shm setup") from exc
-        fds, self._fds = self._fds, []
+        fds = self._fd_tracker.take()
         try:
             layout = self._validate_setup(frame, fds, max_frame_size)
             mm = mmap.mmap(fds[0], layout.total)
@@ -494,22 +603,31 @@ class ShmTransport(FrameTransport):
         reason: str | None = "peer closed the shm control socket without saying goodbye (died?)"
         with self._watch_scope:
             try:
-                frame = await self._socket_receive()
-                if frame == _GOODBYE:
-                    reason = None
-                else:
-                    reason = (
-                        f"peer sent an unexpected {len(frame)}-byte frame on the shm control "
-                        "socket"
-                    )
+                while True:
+                    frame = await self._socket_receive()
+                    if frame.startswith(_FDS_MARK):
+                        problem = await self._on_fds_announced(frame)
+                    elif frame.startswith(_FDS_ACK):
+                        problem = self._on_fds_acknowledged(frame)
+                    elif frame == _GOODBYE:
+                        reason = None
+                        break
+                    else:
+                        problem = (
+                            f"peer sent an unexpected {len(frame)}-byte frame on the shm "
+                            "control socket"
+                        )
+                    if problem is not None:
+                        reason = problem
+                        break
             except trio.EndOfChannel:
                 pass
-            except trio.BrokenResourceError as exc:
+            except (trio.BrokenResourceError, OSError) as exc:
                 reason = f"shm control socket broke: {exc}"
             except trio.ClosedResourceError:
                 return  # we closed it ourselves
             finally:
-                _close_fds(self._fds)  # fds after setup are never wanted
+                self._fd_tracker.close()  # fds nobody announced properly are never wanted
             self._peer_gone = True
             self._peer_reason = reason
             self._wake_waiters()
@@ -518,6 +636,8 @@ class ShmTransport(FrameTransport):
         if self._doorbell_scope is not None:
             self._doorbell_scope.cancel()
         self._doorbell_lot.unpark_all()
+        if self._fd_ack_event is not None:
+            self._fd_ack_event.set()
 
     async def _wait_doorbell(self, session: _Session) -> None:
         """Sleep until our doorbell rings, the peer goes away, or we close.
@@ -572,42 +692,7 @@ class ShmTransport(FrameTransport):
         self._sending = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            producer = session.producer
-            deadline: float | None = None
-            while True:
-                self._check_usable()
-                if self._peer_gone:
-                    raise trio.BrokenResourceError(
-                        self._peer_reason or "peer closed the connection; cannot send"
-                    )
-                try:
-                    # One C call writes and publishes the record: a frame is on the
-                    # ring whole or not at all, so cancellation cannot tear it.
-                    notify = producer.send_nowait(frame)
-                except RingFullError:
-                    if producer.prepare_wait_space(length):
-                        continue
-                    self._space_waits += 1
-                    if deadline is None:
-                        timeout = self._send_timeout
-                        deadline = trio.current_time() + timeout if timeout else float("inf")
-                    with trio.move_on_at(deadline) as waited:
-                        await self._wait_doorbell(session)
-                    if waited.cancelled_caught:
-                        err = TimeoutError(f"ring full for {self._send_timeout} s")
-                        raise self._fail(
-                            f"the peer consumed nothing for {self._send_timeout} s while the ring "
-                            "was full; disconnecting it", err,
-                        ) from err
-                    continue
-                except RecordTooLargeError as exc:
-                    raise FrameTooLargeError(str(exc)) from exc
-                except RingCorruptError as exc:
-                    raise self._fail(str(exc), exc) from exc
-                break
-            if notify:
-                self._ring_doorbell(session)
-            self._frames_sent += 1
+            await self._ring_send(session, frame)
         finally:
             self._sending = False
         # Always a cancellation point (above); a schedule point only every
@@ -615,6 +700,46 @@ class ShmTransport(FrameTransport):
         # round trip in measurements, and a full ring makes us sleep anyway.
         if self._frames_sent % _YIELD_EVERY == 0:
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _ring_send(self, session: _Session, frame: bytes) -> None:
+        """Put one frame on the ring, waiting for space. The caller holds ``_sending``."""
+        length = len(frame)
+        producer = session.producer
+        deadline: float | None = None
+        while True:
+            self._check_usable()
+            if self._peer_gone:
+                raise trio.BrokenResourceError(
+                    self._peer_reason or "peer closed the connection; cannot send"
+                )
+            try:
+                # One C call writes and publishes the record: a frame is on the
+                # ring whole or not at all, so cancellation cannot tear it.
+                notify = producer.send_nowait(frame)
+            except RingFullError:
+                if producer.prepare_wait_space(length):
+                    continue
+                self._space_waits += 1
+                if deadline is None:
+                    timeout = self._send_timeout
+                    deadline = trio.current_time() + timeout if timeout else float("inf")
+                with trio.move_on_at(deadline) as waited:
+                    await self._wait_doorbell(session)
+                if waited.cancelled_caught:
+                    err = TimeoutError(f"ring full for {self._send_timeout} s")
+                    raise self._fail(
+                        f"the peer consumed nothing for {self._send_timeout} s while the ring "
+                        "was full; disconnecting it", err,
+                    ) from err
+                continue
+            except RecordTooLargeError as exc:
+                raise FrameTooLargeError(str(exc)) from exc
+            except RingCorruptError as exc:
+                raise self._fail(str(exc), exc) from exc
+            break
+        if notify:
+            self._ring_doorbell(session)
+        self._frames_sent += 1
 
     async def send_frames(self, frames: list[bytes]) -> None:
         """Send several frames, publishing them together: at most one doorbell per batch.
@@ -689,6 +814,8 @@ class ShmTransport(FrameTransport):
                     frame, wake_producer = item
                     if wake_producer:
                         self._ring_doorbell(session)
+                    if self._ring_fds_active:
+                        self._tie_ring_fds(self._frames_received)
                     break
                 if gone:
                     if self._peer_reason is None:
@@ -728,7 +855,12 @@ class ShmTransport(FrameTransport):
         with contextlib.suppress(RuntimeError):  # outside trio.run nobody waits on it
             trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
-        _close_fds(self._fds)
+        self._fd_tracker.close()
+        _close_fds(self._ring_fds)
+        for batch in self._ring_fd_batches.values():
+            _close_fds(batch)
+        self._ring_fd_batches.clear()
+        self._ring_fds_active = False
         if session is not None:
             session.close()
         await trio.lowlevel.checkpoint()

@@ -24,7 +24,7 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
-from shared.transport._stream import StreamFrameTransport
+from shared.transport._stream import StreamFrameTransport, UnixFrameTransport
 
 __all__ = [
     "connect_unix",
@@ -66,12 +66,14 @@ class StreamListener(FrameListener):
         *,
         cleanup_path: str | None = None,
         wrap_tls: bool = False,
+        passes_fds: bool = False,
     ) -> None:
         self._listeners = listeners
         self.address = address
         self._options = options
         self._cleanup_path = cleanup_path
         self._wrap_tls = wrap_tls
+        self._passes_fds = passes_fds
         self._accepted: trio.MemoryReceiveChannel[trio.abc.Stream] | None = None
         self._closed = False
 
@@ -84,9 +86,10 @@ class StreamListener(FrameListener):
                 "name one address (e.g. 127.0.0.1 rather than localhost)"
             )
         stream = await self._listeners[0].accept()
-        return StreamFrameTransport(
-            stream, max_frame_size=self._options.max_frame_size, name=f"{self.address}(peer)"
-        )
+        name, limit = f"{self.address}(peer)", self._options.max_frame_size
+        if self._passes_fds and isinstance(stream, trio.SocketStream):
+            return UnixFrameTransport(stream, max_frame_size=limit, name=name)
+        return StreamFrameTransport(stream, max_frame_size=limit, name=name)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -110,7 +113,7 @@ async def connect_unix(path: str, options: TransportOptions) -> FrameTransport:
             f"cannot connect to unix:{path}: {exc.strerror or exc}; is `pciback serve` running "
             "and listening there?"
         ) from exc
-    return StreamFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"unix:{path}")
+    return UnixFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"unix:{path}")
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -154,7 +157,9 @@ async def open_unix_listener_socket(path: str) -> trio.socket.SocketType:
 
 async def listen_unix(path: str, options: TransportOptions) -> FrameListener:
     sock = await open_unix_listener_socket(path)
-    return StreamListener([trio.SocketListener(sock)], f"unix:{path}", options, cleanup_path=path)
+    return StreamListener(
+        [trio.SocketListener(sock)], f"unix:{path}", options, cleanup_path=path, passes_fds=True
+    )
 
 
 # --------------------------------------------------------------------------- tcp

@@ -1,20 +1,37 @@
 """Frame transport over any trio byte stream (UNIX, TCP, TLS, vsock).
 
 Framing comes from :mod:`shared.protocol._framing`, the one place it lives.
+:class:`UnixFrameTransport` adds file-descriptor passing on UNIX sockets
+(see :mod:`shared.transport._fdpass` for the rules).
 """
 
 from __future__ import annotations
 
+import errno
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import trio
 
 from shared.errors import RemoteProtocolError
-from shared.protocol._framing import FrameDecoder, encode_frame
+from shared.protocol._framing import FRAME_HEADER, FrameDecoder, encode_frame
 from shared.transport._base import DEFAULT_MAX_FRAME, FrameTooLargeError, FrameTransport
+from shared.transport._fdpass import (
+    ANCILLARY_SPACE,
+    RECVMSG_FLAGS,
+    FdTracker,
+    SendProgress,
+    check_fds_argument,
+    fds_from_ancillary,
+    rights_message,
+    rights_pieces,
+    send_with_fds,
+)
 
-__all__ = ["StreamFrameTransport"]
+__all__ = ["StreamFrameTransport", "UnixFrameTransport"]
+
+_HEADER = FRAME_HEADER.size
 
 _RECEIVE_CHUNK = 65536
 
@@ -34,6 +51,8 @@ class StreamFrameTransport(FrameTransport):
         self._eof = False
         self._closed = False
         self._broken: str | None = None
+        # Stays idle (busy is False) on transports that cannot receive fds.
+        self._fd_tracker = FdTracker(self._name)
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -43,7 +62,7 @@ class StreamFrameTransport(FrameTransport):
         self.max_frame_size = size
         self._decoder.max_frame_size = size
 
-    async def send_frame(self, frame: bytes) -> None:
+    def _check_send(self, frame: bytes) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this transport was closed")
         if len(frame) > self.max_frame_size:
@@ -55,6 +74,9 @@ class StreamFrameTransport(FrameTransport):
             raise trio.BusyResourceError("another task is already sending on this transport")
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
+
+    async def send_frame(self, frame: bytes) -> None:
+        self._check_send(frame)
         self._send_busy = True
         try:
             await self._stream.send_all(encode_frame(frame))
@@ -83,11 +105,12 @@ class StreamFrameTransport(FrameTransport):
                 except RemoteProtocolError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
                 if frame is not None:
+                    if self._fd_tracker.busy:
+                        self._fd_tracker.on_frame(_HEADER + len(frame))
                     return frame
                 if self._eof:
                     raise trio.EndOfChannel("peer closed the connection")
-                data = await self._stream.receive_some(_RECEIVE_CHUNK)
-                if not data:
+                if not await self._receive_chunk():
                     self._eof = True
                     if self._decoder.buffered:
                         raise trio.BrokenResourceError(
@@ -95,14 +118,22 @@ class StreamFrameTransport(FrameTransport):
                             f"({self._decoder.buffered} bytes of it arrived)"
                         )
                     raise trio.EndOfChannel("peer closed the connection")
-                self._decoder.feed(data)
         finally:
             self._receive_busy = False
+
+    async def _receive_chunk(self) -> bool:
+        """Feed the next bytes from the stream to the decoder; False at end of stream."""
+        data = await self._stream.receive_some(_RECEIVE_CHUNK)
+        if not data:
+            return False
+        self._decoder.feed(data)
+        return True
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._fd_tracker.close()
         if self._broken is not None:
             await trio.aclose_forcefully(self._stream)
         else:
@@ -139,3 +170,78 @@ class StreamFrameTransport(FrameTransport):
 
     def describe(self) -> str:
         return self._name
+
+
+def _translate(exc: OSError, what: str) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if exc.errno == errno.EBADF:  # closed under us
+        return trio.ClosedResourceError(f"the socket was closed during {what}")
+    return trio.BrokenResourceError(f"socket {what} failed: {exc.strerror or exc}")
+
+
+class UnixFrameTransport(StreamFrameTransport):
+    """Frames over a UNIX stream socket, with file descriptors passed by SCM_RIGHTS.
+
+    Every receive is a ``recvmsg`` with room for
+    :data:`~shared.transport._fdpass.MAX_FDS_PER_FRAME` fds, so fds a peer
+    attaches are never silently dropped; see :mod:`shared.transport._fdpass`
+    for how they are tied to frames and when untaken ones are closed.
+    """
+
+    def __init__(
+        self, stream: trio.SocketStream, *, max_frame_size: int = DEFAULT_MAX_FRAME, name: str = ""
+    ) -> None:
+        super().__init__(stream, max_frame_size=max_frame_size, name=name)
+        self._sock = stream.socket
+
+    @property
+    def can_pass_fds(self) -> bool:
+        return not self._closed
+
+    async def _receive_chunk(self) -> bool:
+        try:
+            data, ancdata, flags, _ = await self._sock.recvmsg(
+                _RECEIVE_CHUNK, ANCILLARY_SPACE, RECVMSG_FLAGS
+            )
+        except OSError as exc:
+            raise _translate(exc, "receive") from exc
+        if ancdata or flags & socket.MSG_CTRUNC:
+            fds = fds_from_ancillary(ancdata, flags)
+            self._decoder.feed(data)
+            self._fd_tracker.on_chunk(self._decoder.buffered, fds)
+            return bool(data)
+        if not data:
+            return False
+        self._decoder.feed(data)
+        return True
+
+    def take_received_fds(self) -> list[int]:
+        return self._fd_tracker.take()
+
+    async def send_frame_with_fds(self, frame: bytes, fds: Sequence[int]) -> None:
+        fd_list = check_fds_argument(fds)
+        self._check_send(frame)
+        data = encode_frame(frame)
+        rights_pieces(data, fd_list)  # validates before anything is sent
+        self._send_busy = True
+        progress = SendProgress()
+        sock = self._sock
+
+        async def send_piece(piece: memoryview, group: list[int]) -> int:
+            if group:
+                return await sock.sendmsg([piece], rights_message(group))
+            return await sock.send(piece)
+
+        try:
+            try:
+                await send_with_fds(send_piece, data, fd_list, progress)
+            except OSError as exc:
+                self._broken = f"sending a frame with file descriptors failed: {exc}"
+                raise _translate(exc, "send") from exc
+        except trio.Cancelled:
+            if progress.sent:
+                # Part of the frame went out: the byte stream is unframed from here on.
+                self._broken = "an earlier send was cancelled mid-frame; reconnect"
+                await trio.aclose_forcefully(self._stream)
+            raise
+        finally:
+            self._send_busy = False
