@@ -26,6 +26,10 @@ Schema (later issues extend it)::
     match = "8086:10c9"  register = "..."  mask = 0x...
     [audit]                     # denied-write audit log rate limit per (guest, device)
     rate = 5.0  burst = 20
+    [interrupts]                # per-guest interrupt delivery limit (token bucket)
+    max_events_per_second = 100000.0  burst = 1024
+    [dma]                       # message-based DMA: seconds to wait for the frontend
+    call_timeout = 5.0
 """
 
 from __future__ import annotations
@@ -95,6 +99,11 @@ class BackendConfig:
     quirks: tuple[QuirkConfig, ...] = ()
     audit_rate: float = 5.0
     audit_burst: int = 20
+    #: ``[interrupts]``: deliveries per second and burst, per guest (XSA-332).
+    irq_max_events_per_second: float = 100_000.0
+    irq_burst: int = 1024
+    #: ``[dma]``: how long a DMA call waits for the frontend's answer.
+    dma_call_timeout: float = 5.0
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -209,7 +218,11 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"{source}: not valid TOML: {exc}") from exc
     base = base or Path.cwd()
-    _known_keys(raw, {"listen", "guest", "device", "limits", "tls", "quirk", "audit"}, source)
+    _known_keys(
+        raw,
+        {"listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma"},
+        source,
+    )
     listen = _expect(raw.get("listen", []), list, "listen", "a list of address strings")
     for i, address in enumerate(listen):
         _expect(address, str, f"listen[{i}]", "an address string such as unix:/run/pciback.sock")
@@ -265,9 +278,47 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     burst = _expect(audit.get("burst", 20), int, "audit.burst", "an entry count")
     if rate <= 0 or burst < 1:
         raise ConfigFileError("audit: rate must be > 0 and burst >= 1")
+    irq_rate, irq_burst, dma_timeout = _interrupts_and_dma(raw)
     return BackendConfig(
-        tuple(listen), guests, tuple(devices), limits, tls, source, quirks, float(rate), burst
+        tuple(listen),
+        guests,
+        tuple(devices),
+        limits,
+        tls,
+        source,
+        quirks,
+        float(rate),
+        burst,
+        irq_rate,
+        irq_burst,
+        dma_timeout,
     )
+
+
+def _positive(table: dict[str, Any], key: str, default: float, where: str, what: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool):
+        raise ConfigFileError(f"{where}.{key}: expected a number ({what}), got {value!r}")
+    _expect(value, (int, float), f"{where}.{key}", what)
+    if not 0 < value < float("inf"):
+        raise ConfigFileError(f"{where}.{key}: {value!r} must be a positive number ({what})")
+    return float(value)
+
+
+def _interrupts_and_dma(raw: dict[str, Any]) -> tuple[float, int, float]:
+    """The ``[interrupts]`` and ``[dma]`` tables (both optional)."""
+    irq = _expect(raw.get("interrupts", {}), dict, "interrupts", "a table")
+    _known_keys(irq, {"max_events_per_second", "burst"}, "interrupts")
+    rate = _positive(
+        irq, "max_events_per_second", 100_000.0, "interrupts", "deliveries per second per guest"
+    )
+    burst = _expect(irq.get("burst", 1024), int, "interrupts.burst", "a delivery count")
+    if not 1 <= burst <= 1_000_000:
+        raise ConfigFileError(f"interrupts.burst: {burst} must be between 1 and 1000000")
+    dma = _expect(raw.get("dma", {}), dict, "dma", "a table")
+    _known_keys(dma, {"call_timeout"}, "dma")
+    timeout = _positive(dma, "call_timeout", 5.0, "dma", "seconds")
+    return rate, burst, timeout
 
 
 def load_config(path: str | Path) -> BackendConfig:

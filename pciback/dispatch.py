@@ -10,19 +10,27 @@ model cannot take down the connection or the backend.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pciback.registry import DeviceRegistry, ServedDevice
 from shared.errors import ErrorCode, PcisplitError
+from shared.evtchn import EventfdPort, Port
 from shared.protocol import (
     BarReadRequest,
     BarWriteRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
     DeviceInfo,
+    DmaMapRequest,
+    DmaUnmapRequest,
     DoneReply,
     ErrorReply,
+    InterruptDisableRequest,
+    InterruptEnableRequest,
+    InterruptEoiRequest,
+    InterruptMaskRequest,
     PingRequest,
     Reply,
     Request,
@@ -32,11 +40,45 @@ from shared.protocol import (
     ValueReply,
 )
 
-__all__ = ["Dispatcher"]
+if TYPE_CHECKING:
+    from pciback.session import GuestSession
+
+__all__ = ["Dispatcher", "FdPassingError"]
 
 log = logging.getLogger("pcisplit.backend")
 
 Handler = Callable[[Any], Awaitable[Reply]]
+FdHandler = Callable[[Any, list[int]], Awaitable[Reply]]
+
+
+class FdPassingError(PcisplitError):
+    """A request needed file descriptors that did not come (or cannot come) with it."""
+
+    code = ErrorCode.INVALID_STATE
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _eventfd_ports(fds: list[int]) -> list[Port]:
+    """Wrap received fds as eventfd ports, refusing anything that is not an eventfd.
+
+    A guest could send a pipe or a socket instead; signalling it would then
+    write into something else, so every fd is checked first.
+    """
+    for fd in fds:
+        try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as exc:
+            raise FdPassingError(f"a received fd cannot be inspected: {exc.strerror}") from exc
+        if kind != "anon_inode:[eventfd]":
+            raise FdPassingError(
+                f"InterruptEnableRequest(eventfds=True) needs eventfds, but an fd is {kind!r}; "
+                "send one os.eventfd() per vector"
+            )
+    return [EventfdPort(fd) for fd in fds]
 
 
 def device_info(dev: ServedDevice, include_config: bool) -> DeviceInfo:
@@ -60,10 +102,22 @@ def device_info(dev: ServedDevice, include_config: bool) -> DeviceInfo:
 class Dispatcher:
     """Answers one guest's requests against the registry."""
 
-    def __init__(self, registry: DeviceRegistry, guest: str) -> None:
+    def __init__(
+        self, registry: DeviceRegistry, guest: str, *, session: GuestSession | None = None
+    ) -> None:
         self.registry = registry
         self.guest = guest
+        #: Interrupts and DMA need the connection's session (its outbox, windows, fds).
+        self.session = session
+        self.fd_handlers: dict[type[Request], FdHandler] = {
+            InterruptEnableRequest: self._irq_enable,
+            DmaMapRequest: self._dma_map,
+        }
         self.handlers: dict[type[Request], Handler] = {
+            InterruptDisableRequest: self._irq_disable,
+            InterruptEoiRequest: self._irq_eoi,
+            InterruptMaskRequest: self._irq_mask,
+            DmaUnmapRequest: self._dma_unmap,
             PingRequest: self._ping,
             SnapshotRequest: self._snapshot,
             ConfigReadRequest: self._config_read,
@@ -74,9 +128,11 @@ class Dispatcher:
         }
 
     async def dispatch(self, request: Request) -> Reply:
-        """Exactly one reply for ``request``."""
+        """Exactly one reply for ``request`` (the hot path: one dict lookup, one await)."""
         handler = self.handlers.get(type(request))
         if handler is None:
+            if type(request) in self.fd_handlers:
+                return await self.dispatch_with_fds(request, [])
             return ErrorReply(
                 request.request_id,
                 ErrorCode.NOT_IMPLEMENTED,
@@ -88,11 +144,33 @@ class Dispatcher:
             return ErrorReply(request.request_id, exc.code, exc.message[:1000])
         except Exception as exc:  # a model bug must not kill the connection
             log.exception("device handler failed on %r for guest %s", request, self.guest)
-            return ErrorReply(
-                request.request_id,
-                ErrorCode.OPERATION_FAILED,
-                f"the device model failed: {type(exc).__name__}: {exc}"[:1000],
-            )
+            return self._model_failure(request, exc)
+
+    async def dispatch_with_fds(self, request: Request, fds: list[int]) -> Reply:
+        """Exactly one reply for a request whose frame carried ``fds``.
+
+        The dispatcher owns the fds from here: a handler keeps them, or they
+        are closed (also when the request type takes none).
+        """
+        handler = self.fd_handlers.get(type(request))
+        if handler is None:
+            _close_all(fds)
+            return await self.dispatch(request)
+        try:
+            return await handler(request, fds)
+        except PcisplitError as exc:
+            return ErrorReply(request.request_id, exc.code, exc.message[:1000])
+        except Exception as exc:  # a model bug must not kill the connection
+            log.exception("device handler failed on %r for guest %s", request, self.guest)
+            return self._model_failure(request, exc)
+
+    @staticmethod
+    def _model_failure(request: Request, exc: Exception) -> Reply:
+        return ErrorReply(
+            request.request_id,
+            ErrorCode.OPERATION_FAILED,
+            f"the device model failed: {type(exc).__name__}: {exc}"[:1000],
+        )
 
     def _device(self, packed: int) -> ServedDevice:
         return self.registry.lookup(self.guest, packed)
@@ -141,8 +219,116 @@ class Dispatcher:
         access = await self._enter(req.device)
         try:
             access.reset()
+            if self.session is not None:
+                # A function reset turns MSI/MSI-X off and forgets masks and pending bits.
+                self.session.router.reset_device(access)
         finally:
             self._leave(access)
+        return DoneReply(req.request_id)
+
+    # -- interrupts and DMA -----------------------------------------------------------
+
+    def _session(self, what: str) -> GuestSession:
+        if self.session is None:
+            raise PcisplitError(
+                f"{what} needs a guest session; this dispatcher serves config access only",
+                code=ErrorCode.NOT_IMPLEMENTED,
+            )
+        return self.session
+
+    @staticmethod
+    def _need_fd_passing(session: GuestSession, wanted: str, fallback: str) -> None:
+        if not session.can_pass_fds:
+            raise FdPassingError(
+                f"{wanted} needs file-descriptor passing, which this transport "
+                f"({session.transport.describe()}) cannot do; use {fallback} instead, or "
+                "connect over unix: or shm:",
+                code=ErrorCode.NOT_IMPLEMENTED,
+            )
+
+    async def _irq_enable(self, req: InterruptEnableRequest, fds: list[int]) -> Reply:
+        try:
+            session = self._session("InterruptEnableRequest")
+            if req.eventfds:
+                self._need_fd_passing(
+                    session, "eventfds=True", "in-band interrupts (eventfds=False)"
+                )
+                if len(fds) != req.vectors:
+                    raise FdPassingError(
+                        f"InterruptEnableRequest for {req.vectors} vector(s) came with "
+                        f"{len(fds)} fd(s); send exactly one eventfd per vector with the request"
+                    )
+            dev = await self._enter(req.device)
+        except BaseException:
+            _close_all(fds)
+            raise
+        try:
+            if req.eventfds:
+                try:
+                    ports = _eventfd_ports(fds)
+                except BaseException:
+                    _close_all(fds)
+                    raise
+            else:
+                _close_all(fds)
+                ports = []
+            # The router owns the ports from here (it closes them if it refuses).
+            granted = session.router.enable(dev, session.outbox, req.mode, req.vectors, ports)
+        finally:
+            self._leave(dev)
+        return ValueReply(req.request_id, granted)
+
+    async def _irq_disable(self, req: InterruptDisableRequest) -> Reply:
+        session = self._session("InterruptDisableRequest")
+        dev = await self._enter(req.device)
+        try:
+            session.router.disable(dev, self.guest, req.mode)
+        finally:
+            self._leave(dev)
+        return DoneReply(req.request_id)
+
+    async def _irq_eoi(self, req: InterruptEoiRequest) -> Reply:
+        session = self._session("InterruptEoiRequest")
+        dev = await self._enter(req.device)
+        try:
+            session.router.eoi(dev, self.guest, req.vector)
+        finally:
+            self._leave(dev)
+        return DoneReply(req.request_id)
+
+    async def _irq_mask(self, req: InterruptMaskRequest) -> Reply:
+        session = self._session("InterruptMaskRequest")
+        dev = await self._enter(req.device)
+        try:
+            session.router.mask(dev, req.vector, req.masked)
+        finally:
+            self._leave(dev)
+        return DoneReply(req.request_id)
+
+    async def _dma_map(self, req: DmaMapRequest, fds: list[int]) -> Reply:
+        try:
+            session = self._session("DmaMapRequest")
+            fd: int | None = None
+            if req.shared:
+                self._need_fd_passing(session, "shared=True", "message-based DMA (shared=False)")
+                if len(fds) != 1:
+                    raise FdPassingError(
+                        f"DmaMapRequest(shared=True) came with {len(fds)} fd(s); send exactly "
+                        "one sealed memfd with the request"
+                    )
+                fd = fds.pop()
+            elif fds:
+                _close_all(fds)
+                fds = []
+        except BaseException:
+            _close_all(fds)
+            raise
+        address = session.dma.map(req.size, req.writable, session, fd)
+        return ValueReply(req.request_id, address)
+
+    async def _dma_unmap(self, req: DmaUnmapRequest) -> Reply:
+        session = self._session("DmaUnmapRequest")
+        await session.dma.unmap(req.bus_address, session)
         return DoneReply(req.request_id)
 
     async def _enter(self, packed: int) -> ServedDevice:

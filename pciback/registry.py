@@ -16,9 +16,15 @@ import trio
 
 from pciback.access import DeviceAccess, make_access
 from pciback.config import BackendConfig, DeviceConfig
-from pciback.devices import DeviceProvider, EduDevice, HostDevice, SnapshotDevice
+from pciback.devices import (
+    DeviceProvider,
+    EduDevice,
+    HostDevice,
+    InterruptSink,
+    SnapshotDevice,
+)
 from pciback.policy import AuditLog
-from pciback.runtime import DeviceRuntime
+from pciback.runtime import DeviceDmaPort, DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError
 from shared.pci import PciAddress
 
@@ -75,9 +81,15 @@ class ServedDevice:
     def id(self) -> str:
         return self.config.id
 
-    def start(self, nursery: trio.Nursery) -> None:
-        """Give the device its runtime context (background tasks, lock)."""
-        self.runtime = DeviceRuntime(self.id, self.lock, nursery)
+    def start(
+        self,
+        nursery: trio.Nursery,
+        *,
+        interrupts: InterruptSink | None = None,
+        dma: DeviceDmaPort | None = None,
+    ) -> None:
+        """Give the device its runtime context (tasks, lock, IRQ router sink, DMA path)."""
+        self.runtime = DeviceRuntime(self.id, self.lock, nursery, interrupts=interrupts, dma=dma)
         self.provider.attach(self.runtime)
 
     def reset(self) -> None:
@@ -118,6 +130,8 @@ class DeviceRegistry:
             provider, physical = build_provider(cfg)
             self._devices[cfg.id] = ServedDevice(cfg, provider, physical)
         self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}
+        #: Called with a device after :meth:`unassign` (the IRQ router forgets its state).
+        self.release_hooks: list[Callable[[ServedDevice], None]] = []
         for dev in self._devices.values():
             if dev.config.guest is not None:
                 self.assign(dev.id, dev.config.guest)
@@ -172,6 +186,26 @@ class DeviceRegistry:
             if slot not in used_slots:
                 return PciAddress(0, slot[0], slot[1], function)
         raise PcisplitError("the guest's virtual buses are full", code=ErrorCode.BUSY)
+
+    def unassign(self, device_id: str) -> None:
+        """Take a device off its guest's bus and reset it before anyone else may get it.
+
+        The IRQ router and the DMA path check the owner on every delivery and
+        every transfer, so from here the old guest never sees the device again
+        (XSA-237/302); ``release_hooks`` drop the per-device state as well.
+        """
+        dev = self.get(device_id)
+        if dev.guest is None or dev.address is None:
+            raise PcisplitError(
+                f"device {device_id} is not assigned to any guest", code=ErrorCode.INVALID_STATE
+            )
+        del self._buses[dev.guest][dev.address.pack()]
+        dev.guest, dev.address = None, None
+        if dev.runtime is not None:
+            dev.runtime.cancel_background()
+        dev.provider.reset()
+        for hook in self.release_hooks:
+            hook(dev)
 
     def devices_of(self, guest: str) -> list[ServedDevice]:
         """The guest's devices in virtual-address order."""

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from pciback.config import BackendConfig
-from pciback.dispatch import Dispatcher
+from pciback.dma import DmaHub
+from pciback.irq import InterruptLimits, IrqRouter
 from pciback.registry import DeviceRegistry
+from pciback.session import GuestSession
 from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.protocol import (
     Connection,
-    Goodbye,
     Hello,
-    Request,
     Role,
 )
 from shared.transport import (
@@ -35,7 +35,15 @@ __all__ = ["Backend", "BackendStatistics"]
 log = logging.getLogger("pcisplit.backend")
 
 #: Features this backend offers in the handshake.
-BACKEND_FEATURES = ("bus-snapshot", "config-access", "bar-access", "reset", "ping")
+BACKEND_FEATURES = (
+    "bus-snapshot",
+    "config-access",
+    "bar-access",
+    "reset",
+    "ping",
+    "interrupts",
+    "dma",
+)
 
 
 @dataclass
@@ -77,9 +85,20 @@ class Backend:
         extra_listen: Sequence[str] = (),
         registry: DeviceRegistry | None = None,
         handshake_timeout: float = 10.0,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.config = config
         self.registry = registry or DeviceRegistry(config)
+        #: Interrupt delivery; ``clock`` drives its rate limits (MockClock in tests).
+        self.irq = IrqRouter(
+            InterruptLimits(
+                max_events_per_second=config.irq_max_events_per_second, burst=config.irq_burst
+            ),
+            clock=clock,
+        )
+        self.dma = DmaHub(call_timeout=config.dma_call_timeout)
+        self.registry.release_hooks.append(self.irq.reset_device)
+        self.sessions: list[GuestSession] = []
         self.addresses = list(dict.fromkeys([*config.listen, *extra_listen]))
         self.handshake_timeout = handshake_timeout
         self.stats = BackendStatistics()
@@ -109,7 +128,9 @@ class Backend:
             async with trio.open_nursery() as nursery:
                 for dev in self.registry:
                     if dev.runtime is None:
-                        dev.start(nursery)
+                        dev.start(
+                            nursery, interrupts=self.irq.device(dev), dma=self.dma.device(dev)
+                        )
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 task_status.started([lst.address for lst in self.listeners])
@@ -160,12 +181,13 @@ class Backend:
             frame = await transport.receive_frame()
         hello = conn.receive(frame)
         assert isinstance(hello, Hello)
-        problem = self._refusal(hello, transport, address)
-        if problem is None:
+        refusal = self._refusal(hello, transport, address)
+        problem: str | None
+        if refusal is None:
             problem = conn.check_version()
             code = ErrorCode.VERSION_MISMATCH
         else:
-            code, problem = problem
+            code, problem = refusal
         if problem is not None:
             self.stats.handshakes_rejected += 1
             log.warning("%s: handshake refused: %s", transport.describe(), problem)
@@ -210,33 +232,16 @@ class Backend:
         guest = conn.guest
         assert guest is not None
         log.info("%s: guest %s connected", transport.describe(), guest)
-        dispatcher = Dispatcher(self.registry, guest)
-        stats = self.stats
-        while True:
-            frame = await transport.receive_frame()
-            try:
-                msg = conn.receive(frame)
-            except RemoteProtocolError as exc:
-                stats.protocol_errors += 1
-                answer = conn.error_reply_for(exc)
-                if answer is None:
-                    await self._goodbye(transport, conn, exc)
-                    raise
-                log.info("%s: guest %s sent a bad request: %s", transport.describe(), guest, exc)
-                await transport.send_frame(conn.send(answer))
-                continue
-            if isinstance(msg, Request):
-                stats.requests += 1
-                reply_msg = await dispatcher.dispatch(msg)
-                await transport.send_frame(conn.send(reply_msg))
-            elif isinstance(msg, Goodbye):
-                log.info("%s: guest %s said goodbye: %s", transport.describe(), guest, msg.message)
-                return
-
-    @staticmethod
-    async def _goodbye(transport: FrameTransport, conn: Connection, exc: Exception) -> None:
-        with trio.move_on_after(1):
-            try:
-                await transport.send_frame(conn.close(ErrorCode.PROTOCOL_ERROR, str(exc)[:1000]))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, PcisplitError):
-                pass  # the peer is being dropped anyway; the protocol error is logged by our caller
+        session = GuestSession(
+            transport,
+            conn,
+            registry=self.registry,
+            router=self.irq,
+            dma=self.dma.space(guest),
+            backend_stats=self.stats,
+        )
+        self.sessions.append(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.remove(session)

@@ -42,7 +42,7 @@ class DeviceSetupError(PcisplitError, ValueError):
 
 
 class DmaUnavailableError(PcisplitError):
-    """The device tried DMA but its context offers none (no guest memory windows yet)."""
+    """The device tried DMA but its context offers none (no guest memory windows)."""
 
     code = ErrorCode.NOT_IMPLEMENTED
 
@@ -166,14 +166,14 @@ class DeviceContext(abc.ABC):
         """
         raise DmaUnavailableError(
             f"DMA read of {length} bytes at {address:#x} is not possible: this backend has "
-            "no guest memory windows yet (DMA arrives with guest memory windows)"
+            "no guest memory windows (a device served by a running backend has them)"
         )
 
     async def dma_write(self, address: int, data: bytes) -> None:
         """Write ``data`` to guest memory at bus address ``address`` (see :meth:`dma_read`)."""
         raise DmaUnavailableError(
             f"DMA write of {len(data)} bytes at {address:#x} is not possible: this backend has "
-            "no guest memory windows yet (DMA arrives with guest memory windows)"
+            "no guest memory windows (a device served by a running backend has them)"
         )
 
 

@@ -212,8 +212,9 @@ class EduDevice(EmulatedDevice):
         ctx = self.context
         if ctx is None or not ctx.dma_available:
             raise DmaUnavailableError(
-                "edu DMA is not implemented by this backend yet: DMA arrives with guest memory "
-                "windows (the interrupts-and-DMA work); the DMA registers keep their values"
+                "edu DMA needs a device context with guest memory windows (a running "
+                "backend); this one has none, so the transfer was not started and the DMA "
+                "registers keep their values"
             )
         to_ram = bool(command & DMA_TO_RAM)
         device_addr = self.dma_src if to_ram else self.dma_dst

@@ -346,6 +346,15 @@ class EmulatedDevice(DeviceProvider):
             return
         self.interrupt_sink.signal_msi(vector)
 
+    def signal_msix(self, vector: int) -> None:
+        """Signal MSI-X table entry ``vector``.
+
+        The IRQ router owns MSI-X enable, masks and pending bits (the guest sets
+        them through interrupt operations) and checks ``vector`` against the
+        table size, so a model only says which entry fired.
+        """
+        self.interrupt_sink.signal_msix(vector)
+
     # -- DeviceProvider ------------------------------------------------------------------
 
     @property
