@@ -3,9 +3,15 @@
     async with pcifront.connect("unix:./pciback.sock", guest="guest0") as bus:
         dev = bus.devices[0]
         vendor = await dev.config_read(0, 2)
+        async with dev.interrupts(mode="msi", vectors=1) as irqs:
+            irq = await irqs.receive()
+            await irqs.eoi(irq)
+        async with await bus.dma_map(4096) as buf:
+            buf.write(0, b"data for the device")
 """
 
 from pcifront._client import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
+from pcifront._dma import DmaBuffer, DmaError
 from pcifront._errors import (
     AccessDeniedError,
     BackendBusyError,
@@ -18,6 +24,12 @@ from pcifront._errors import (
     RequestError,
     error_for_code,
 )
+from pcifront._interrupts import (
+    Interrupt,
+    InterruptModeError,
+    Interrupts,
+    InterruptStatistics,
+)
 from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
 from pcifront._pciids import PciIds
 from shared.errors import ErrorCode
@@ -28,6 +40,12 @@ __all__ = [
     "Device",
     "BusStatistics",
     "FRONTEND_FEATURES",
+    "Interrupt",
+    "Interrupts",
+    "InterruptStatistics",
+    "InterruptModeError",
+    "DmaBuffer",
+    "DmaError",
     "ErrorCode",
     "RequestError",
     "AccessDeniedError",

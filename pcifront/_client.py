@@ -5,18 +5,26 @@ request waiting for it (many requests may be in flight; replies can arrive in
 any order). The connection is an async context manager that owns that task; a
 failure in the background surfaces as one :class:`ConnectionLostError` in the
 requests that were waiting, never as a bare exception group.
+
+The same task routes what the backend sends on its own: interrupt events go
+to the device's active ``interrupts()`` block (:mod:`pcifront._interrupts`),
+DMA calls are answered inline from the guest's buffers (:mod:`pcifront._dma`)
+and DMA faults land on :attr:`Bus.dma_faults`. None of that ever blocks the
+task on a consumer, so replies keep flowing.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
+from pcifront._dma import DmaBuffer, DmaSpace, map_buffer
 from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
+from pcifront._interrupts import InterruptModeError, Interrupts, open_interrupts
 from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
@@ -26,10 +34,14 @@ from shared.protocol import (
     ConfigWriteRequest,
     Connection,
     DeviceInfo,
+    DmaFaultEvent,
+    DmaReadCall,
+    DmaWriteCall,
     ErrorReply,
     Event,
     Goodbye,
     HandshakeRejected,
+    InterruptEvent,
     Limits,
     PingRequest,
     Reply,
@@ -46,7 +58,11 @@ __all__ = ["connect", "Bus", "Device", "BusStatistics", "FRONTEND_FEATURES"]
 
 log = logging.getLogger("pcisplit.frontend")
 
-FRONTEND_FEATURES = ("bus-snapshot", "config-access", "bar-access", "reset", "ping")
+FRONTEND_FEATURES = (
+    "bus-snapshot", "config-access", "bar-access", "reset", "ping", "interrupts", "dma",
+)
+#: DMA fault events buffered on ``Bus.dma_faults`` before new ones are only counted.
+DMA_FAULT_BUFFER = 64
 
 
 class _Pending:
@@ -60,11 +76,19 @@ class _Pending:
 
 @dataclass
 class BusStatistics:
+    """Counters of one connection. ``stray_interrupts``: fired while no block was active."""
+
     requests_sent: int = 0
     replies_received: int = 0
     errors_received: int = 0
     events_received: int = 0
     max_in_flight_seen: int = 0
+    interrupt_events: int = 0
+    stray_interrupts: int = 0
+    dma_calls_answered: int = 0
+    dma_calls_faulted: int = 0
+    dma_faults: int = 0
+    dma_faults_unread: int = 0
 
 
 class Device:
@@ -135,6 +159,18 @@ class Device:
         """Reset the device to its power-on state."""
         await self._bus._call(lambda rid: ResetRequest(rid, self._packed))
 
+    def interrupts(
+        self, mode: str = "msi", vectors: int = 1
+    ) -> AbstractAsyncContextManager[Interrupts]:
+        """Enable ``mode`` (``"intx"``, ``"msi"``, ``"msix"``) with ``vectors`` vectors.
+
+        ``async with dev.interrupts(mode="msi") as irqs:`` enables on entry and
+        disables on exit, also when the block fails or is cancelled. Inside,
+        ``await irqs.receive()`` returns the next :class:`~pcifront.Interrupt`
+        and ``await irqs.eoi(irq)`` ends it (INTx: unmasks the line).
+        """
+        return open_interrupts(self, mode, vectors)
+
     def __repr__(self) -> str:
         return (
             f"<Device {self.address} {self.vendor_id:04x}:{self.device_id:04x} "
@@ -157,8 +193,16 @@ class Bus:
         self._slot_free = trio.lowlevel.ParkingLot()
         self._lost: str | None = None
         self._events_send, self.events = trio.open_memory_channel[Event](256)
+        self._faults_send, self.dma_faults = trio.open_memory_channel[DmaFaultEvent](
+            DMA_FAULT_BUFFER
+        )
         self.devices: list[Device] = []
         self.stats = BusStatistics()
+        self._active_irqs: dict[int, Interrupts] = {}
+        self._stray_logged: set[int] = set()
+        self._dma = DmaSpace()
+        #: Bound on the shielded InterruptDisableRequest when an interrupts() block ends.
+        self._disable_timeout = 10.0 if timeout is None else timeout
 
     @property
     def guest(self) -> str:
@@ -169,8 +213,72 @@ class Bus:
     def transport(self) -> FrameTransport:
         return self._transport
 
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The optional features both sides support (``"interrupts"``, ``"dma"``...)."""
+        return self._conn.features
+
     def statistics(self) -> BusStatistics:
-        return self.stats
+        stats = self.stats
+        stats.dma_calls_answered = self._dma.calls_answered
+        stats.dma_calls_faulted = self._dma.calls_faulted
+        return stats
+
+    async def dma_map(self, size: int, *, writable: bool = True) -> DmaBuffer:
+        """Map ``size`` bytes of guest memory for device DMA; returns the :class:`DmaBuffer`.
+
+        Its ``bus_address`` is what a device's DMA registers take. On ``unix:``
+        and ``shm:`` the memory is shared with the backend (zero copy);
+        elsewhere the backend reaches it through DMA call messages. Use
+        ``async with await bus.dma_map(n) as buf:`` or ``await buf.unmap()``.
+        """
+        if "dma" not in self.features:
+            raise error_for_code(
+                ErrorCode.NOT_IMPLEMENTED,
+                "the backend did not offer the 'dma' feature; upgrade pciback",
+            )
+        return await map_buffer(self, size, writable=writable)
+
+    # -- interrupt routing (receive-loop side) ------------------------------------------
+
+    def _attach_interrupts(self, device: Device, irqs: Interrupts) -> None:
+        self._active_irqs[device._packed] = irqs
+
+    def _detach_interrupts(self, device: Device, irqs: Interrupts) -> None:
+        if self._active_irqs.get(device._packed) is irqs:
+            del self._active_irqs[device._packed]
+
+    def _check_no_interrupts(self, device: Device) -> None:
+        if device._packed in self._active_irqs:
+            raise InterruptModeError(
+                f"{device.address} already has an active interrupts() block; leave it first"
+            )
+
+    def _count_stray(self, device: Device, count: int) -> None:
+        self._count_stray_packed(device._packed, count)
+
+    def _count_stray_packed(self, packed: int, count: int) -> None:
+        self.stats.stray_interrupts += count
+        if packed not in self._stray_logged:
+            # Logged once per device: a storm must not become a log storm.
+            self._stray_logged.add(packed)
+            log.warning(
+                "interrupt for device %s while no interrupts() block is active; counted in "
+                "statistics().stray_interrupts, not queued",
+                PciAddress.unpack(packed) if packed <= 0xFFFFFFFF else packed,
+            )
+
+    def _on_fault(self, event: DmaFaultEvent) -> None:
+        self.stats.dma_faults += 1
+        log.warning(
+            "device %s DMA fault: %s %d bytes at %#x: %s",
+            PciAddress.unpack(event.device), "write" if event.is_write else "read",
+            event.length, event.bus_address, event.message,
+        )
+        try:
+            self._faults_send.send_nowait(event)
+        except trio.WouldBlock:
+            self.stats.dma_faults_unread += 1
 
     def device(self, address: str | PciAddress) -> Device:
         """The device at ``address`` (``0000:00:01.0`` or ``00:01.0``)."""
@@ -191,7 +299,9 @@ class Bus:
         """One protocol round trip that touches no device."""
         await self._call(PingRequest)
 
-    async def _call(self, make: Callable[[int], Request]) -> Reply:
+    async def _call(
+        self, make: Callable[[int], Request], *, fds: list[int] | None = None
+    ) -> Reply:
         if self._lost is not None:
             raise ConnectionLostError(self._lost)
         # Stay under the backend's in-flight limit. Parking only when full keeps the
@@ -209,7 +319,7 @@ class Bus:
         if len(self._pending) > stats.max_in_flight_seen:
             stats.max_in_flight_seen = len(self._pending)
         try:
-            await self._send(frame)
+            await self._send(frame, fds)
             await pending.event.wait()
         finally:
             # On cancellation the reply may still come; the receive loop accounts for it.
@@ -245,14 +355,17 @@ class Bus:
                     )
                     pending.event.set()
 
-    async def _send(self, frame: bytes) -> None:
+    async def _send(self, frame: bytes, fds: list[int] | None = None) -> None:
         lock = self._send_lock
         if lock.locked():
             await lock.acquire()
         else:
             lock.acquire_nowait()
         try:
-            await self._transport.send_frame(frame)
+            if fds:
+                await self._transport.send_frame_with_fds(frame, fds)
+            else:
+                await self._transport.send_frame(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail_all(f"connection to the backend lost while sending: {exc}")
             raise ConnectionLostError(self._lost or str(exc)) from exc
@@ -283,8 +396,22 @@ class Bus:
                     pending.reply = msg
                     pending.event.set()
                 elif isinstance(msg, Event):
-                    self.stats.events_received += 1
-                    self._events_send.send_nowait(msg)
+                    stats = self.stats
+                    stats.events_received += 1
+                    if isinstance(msg, InterruptEvent):
+                        stats.interrupt_events += 1
+                        irqs = self._active_irqs.get(msg.device)
+                        if irqs is None:
+                            self._count_stray_packed(msg.device, msg.count)
+                        else:
+                            irqs._post(msg.vector, msg.count)
+                    elif isinstance(msg, (DmaReadCall, DmaWriteCall)):
+                        # A memory copy: answered inline, in order, via the one send path.
+                        await self._send(conn.send(self._dma.answer(msg)))
+                    elif isinstance(msg, DmaFaultEvent):
+                        self._on_fault(msg)
+                    else:
+                        self._events_send.send_nowait(msg)
                 elif isinstance(msg, Goodbye):
                     self._fail_all(
                         f"backend closed the connection ({msg.code.name}): {msg.message}"
@@ -299,6 +426,10 @@ class Bus:
         except RemoteProtocolError as exc:
             self._fail_all(f"the backend violated the protocol: {exc}")
             log.error("backend protocol violation: %s", exc)
+        except ConnectionLostError:
+            pass  # answering a DMA call found the connection gone; _send recorded why
+        finally:
+            self._faults_send.close()
 
     async def aclose(self) -> None:
         """Say goodbye and close the transport. Idempotent."""
@@ -310,6 +441,7 @@ class Bus:
                     pass  # already gone: nothing to say goodbye to
         self._fail_all("the connection was closed by the guest")
         await self._transport.aclose()
+        self._dma.release_all()
 
 
 async def _handshake(

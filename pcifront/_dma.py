@@ -1,0 +1,272 @@
+"""Guest memory for device DMA: ``buf = await bus.dma_map(4096)``.
+
+A :class:`DmaBuffer` is guest memory the backend's devices may read and
+write at ``buf.bus_address`` (like a buffer mapped through an IOMMU).
+
+* On transports that pass file descriptors (``unix:``, ``shm:``) the buffer
+  is a memfd, sealed against shrinking and growing (a guest that shrank it
+  would make the backend's accesses fault with SIGBUS, so the backend insists
+  on the seal), mapped here and sent with the ``DmaMapRequest(shared=True)``
+  frame. The backend maps the same pages: device DMA is a memory copy in the
+  backend, with no message at all (zero copy).
+* Elsewhere the buffer is private memory here and the backend reaches it with
+  ``DmaReadCall``/``DmaWriteCall`` messages that the client's receive loop
+  answers inline (a memory copy) through the client's one send path. Every
+  call is bounds-checked against the buffers mapped on this bus: anything
+  outside them, or a write into a read-only buffer, gets ``DMA_FAULT`` and
+  touches nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import logging
+import mmap
+import os
+from typing import TYPE_CHECKING
+
+import trio
+
+from shared.errors import ErrorCode, PcisplitError
+from shared.protocol import (
+    MAX_DMA_WINDOW,
+    DmaCallResult,
+    DmaMapRequest,
+    DmaReadCall,
+    DmaUnmapRequest,
+    DmaWriteCall,
+    ValueReply,
+)
+
+if TYPE_CHECKING:
+    from pcifront._client import Bus
+
+__all__ = ["DmaBuffer", "DmaError", "DmaSpace", "map_buffer"]
+
+log = logging.getLogger("pcisplit.frontend.dma")
+
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class DmaError(PcisplitError, ValueError):
+    """A bad DMA buffer request or access (size, offset, buffer already unmapped)."""
+
+    code = ErrorCode.INVALID_STATE
+
+
+class DmaBuffer:
+    """Guest memory mapped for device DMA at :attr:`bus_address`.
+
+    Use :attr:`view` (a writable ``memoryview``), :meth:`read` and
+    :meth:`write`; ``await buf.unmap()`` (or ``async with``) gives it back.
+    Release any slices of :attr:`view` before unmapping.
+    """
+
+    def __init__(
+        self, bus: Bus, memory: mmap.mmap, bus_address: int, size: int, *,
+        writable: bool, shared: bool,
+    ) -> None:
+        self._bus = bus
+        self._memory = memory
+        self._view: memoryview | None = memoryview(memory)[:size]
+        #: The address the device uses for this buffer (chosen by the backend).
+        self.bus_address = bus_address
+        self.size = size
+        #: Whether devices may write into this buffer.
+        self.writable = writable
+        #: True: a memfd the backend maps too (zero copy); False: answered by messages.
+        self.shared = shared
+        self._unmapping = False
+
+    @property
+    def end(self) -> int:
+        """One past the last bus address of the buffer."""
+        return self.bus_address + self.size
+
+    @property
+    def mapped(self) -> bool:
+        return self._view is not None
+
+    @property
+    def view(self) -> memoryview:
+        """The buffer's bytes, writable by the guest."""
+        if self._view is None:
+            raise DmaError(f"DMA buffer at {self.bus_address:#x} was unmapped")
+        return self._view
+
+    def _check(self, offset: int, length: int) -> memoryview:
+        view = self.view
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise DmaError(
+                f"range {offset:#x}+{length:#x} is outside the {self.size}-byte DMA buffer"
+            )
+        return view
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of the buffer."""
+        return bytes(self._check(offset, length)[offset : offset + length])
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at ``offset`` of the buffer."""
+        view = self._check(offset, len(data))
+        view[offset : offset + len(data)] = data
+
+    async def unmap(self) -> None:
+        """Give the buffer back. The backend answers once in-flight DMA finished. Idempotent."""
+        if self._view is None or self._unmapping:
+            await trio.lowlevel.checkpoint()
+            return
+        self._unmapping = True
+        try:
+            await self._bus._call(lambda rid: DmaUnmapRequest(rid, self.bus_address))
+        finally:
+            # Even if the reply never comes the guest stops serving the buffer: a late
+            # device access then faults instead of touching released memory.
+            self._bus._dma.remove(self)
+            self._release()
+
+    def _release(self) -> None:
+        view, self._view = self._view, None
+        if view is not None:
+            view.release()
+        try:
+            self._memory.close()
+        except BufferError:
+            log.warning(
+                "DMA buffer at %#x: slices of its view are still alive; the memory is "
+                "freed when they are", self.bus_address,
+            )
+
+    async def __aenter__(self) -> DmaBuffer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self.unmap()
+
+    def __repr__(self) -> str:
+        kind = "shared" if self.shared else "messages"
+        state = "" if self.mapped else " unmapped"
+        return f"<DmaBuffer {self.bus_address:#x}+{self.size:#x} {kind}{state}>"
+
+
+class DmaSpace:
+    """This bus's DMA buffers by bus address; answers the backend's DMA calls."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._buffers: list[DmaBuffer] = []
+        self.calls_answered = 0
+        self.calls_faulted = 0
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def add(self, buf: DmaBuffer) -> None:
+        i = bisect.bisect_left(self._starts, buf.bus_address)
+        for other in self._buffers[max(0, i - 1) : i + 1]:
+            if other.bus_address < buf.end and buf.bus_address < other.end:
+                raise PcisplitError(
+                    f"the backend mapped {buf!r} over {other!r}; its IOVA allocator is broken",
+                    code=ErrorCode.OPERATION_FAILED,
+                )
+        self._starts.insert(i, buf.bus_address)
+        self._buffers.insert(i, buf)
+
+    def remove(self, buf: DmaBuffer) -> None:
+        i = bisect.bisect_left(self._starts, buf.bus_address)
+        if i < len(self._buffers) and self._buffers[i] is buf:
+            del self._starts[i]
+            del self._buffers[i]
+
+    def release_all(self) -> None:
+        """The connection ended: nothing is served any more."""
+        for buf in self._buffers:
+            buf._release()
+        self._starts.clear()
+        self._buffers.clear()
+
+    def find(self, address: int, length: int) -> DmaBuffer | None:
+        """The buffer holding all of ``address .. address+length``, or None."""
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i < 0:
+            return None
+        buf = self._buffers[i]
+        if address + length > buf.end or not buf.mapped:
+            return None
+        return buf
+
+    def answer(self, call: DmaReadCall | DmaWriteCall) -> DmaCallResult:
+        """The one result for a backend DMA call, computed from memory (never blocks)."""
+        if isinstance(call, DmaReadCall):
+            buf = self.find(call.bus_address, call.length)
+            if buf is not None:
+                start = call.bus_address - buf.bus_address
+                self.calls_answered += 1
+                return DmaCallResult(
+                    call.call_id, ErrorCode.OK, bytes(buf.view[start : start + call.length])
+                )
+            what = f"read of {call.length} bytes"
+        else:
+            length = len(call.data)
+            buf = self.find(call.bus_address, length)
+            if buf is not None and buf.writable:
+                start = call.bus_address - buf.bus_address
+                buf.view[start : start + length] = call.data
+                self.calls_answered += 1
+                return DmaCallResult(call.call_id, ErrorCode.OK, b"")
+            if buf is not None:
+                self.calls_faulted += 1
+                log.warning(
+                    "refused a device DMA write of %d bytes at %#x: the buffer is read-only",
+                    length, call.bus_address,
+                )
+                return DmaCallResult(call.call_id, ErrorCode.DMA_FAULT, b"")
+            what = f"write of {length} bytes"
+        self.calls_faulted += 1
+        log.warning(
+            "refused a device DMA %s at %#x: outside every buffer this guest mapped",
+            what, call.bus_address,
+        )
+        return DmaCallResult(call.call_id, ErrorCode.DMA_FAULT, b"")
+
+
+def _shared_memory(size: int) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("pcisplit-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        return fd, mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def map_buffer(bus: Bus, size: int, *, writable: bool) -> DmaBuffer:
+    """Map ``size`` bytes for device DMA (see :meth:`pcifront.Bus.dma_map`)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_DMA_WINDOW:
+        raise DmaError(f"DMA buffer size must be 1..{MAX_DMA_WINDOW} bytes, not {size!r}")
+    shared = bus.transport.can_pass_fds
+    if shared:
+        fd, memory = _shared_memory(size)
+        try:
+            reply = await bus._call(
+                lambda rid: DmaMapRequest(rid, size, writable, shared=True), fds=[fd]
+            )
+        except BaseException:
+            memory.close()
+            raise
+        finally:
+            os.close(fd)  # the mapping keeps the pages; the backend has its own fd
+    else:
+        memory = mmap.mmap(-1, size)
+        try:
+            reply = await bus._call(lambda rid: DmaMapRequest(rid, size, writable))
+        except BaseException:
+            memory.close()
+            raise
+    assert isinstance(reply, ValueReply)
+    buf = DmaBuffer(bus, memory, reply.value, size, writable=writable, shared=shared)
+    bus._dma.add(buf)
+    return buf
