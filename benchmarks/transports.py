@@ -33,6 +33,8 @@ from shared.transport import TransportOptions, available_schemes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRANSPORTS = ("unix", "shm", "tcp", "tls")
+#: Adaptive-polling budgets (µs, both sides) measured against polling off.
+POLL_VARIANTS_US = (20, 100)
 
 
 @dataclass
@@ -64,19 +66,20 @@ def _write_tls(tmp: Path) -> ssl.SSLContext:
 
 
 def _start_backend(
-    tmp: Path, transports: list[str]
+    tmp: Path, transports: list[str], *, poll_us: float = 0.0, tag: str = ""
 ) -> tuple[subprocess.Popen[str], dict[str, str]]:
     listen = []
     for kind in transports:
         if kind in ("unix", "shm"):
-            listen.append(f"{kind}:{tmp / (kind + '.sock')}")
+            listen.append(f"{kind}:{tmp / (kind + tag + '.sock')}")
         else:
             listen.append(f"{kind}://127.0.0.1:0")
-    config = tmp / "bench.toml"
+    config = tmp / f"bench{tag}.toml"
     config.write_text(
         f"listen = {json.dumps(listen)}\n"
         "[tls]\ncert = 'server.pem'\nkey = 'server.key'\nca = 'ca.pem'\n"
         "[limits]\nmax_in_flight = 256\n"
+        f"[transport]\nshm_poll_us = {poll_us}\n"
         "[[guest]]\nname = 'guest0'\nallow_plain_tcp = true\n"
         "[[device]]\nid = 'edu0'\nmodel = 'edu'\nguest = 'guest0'\n"
     )
@@ -193,6 +196,18 @@ def main(*, quick: bool = False) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        if "shm" in wanted:
+            # Adaptive polling on both sides, measured against the same floor.
+            for poll in POLL_VARIANTS_US:
+                proc, addresses = _start_backend(tmp, ["shm"], poll_us=poll, tag=f"-poll{poll}")
+                try:
+                    opts = TransportOptions(poll_us=poll)
+                    res = trio.run(_measure, addresses["shm"], opts, qd1, qd32_total)
+                    res.transport = f"shm+poll{poll}"
+                    results[res.transport] = res
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
     print(
         f"\npcisplit transport benchmark ({platform.node()}, {os.cpu_count()} CPUs, "
         f"python {platform.python_version()})"

@@ -104,6 +104,9 @@ class BackendConfig:
     irq_burst: int = 1024
     #: ``[dma]``: how long a DMA call waits for the frontend's answer.
     dma_call_timeout: float = 5.0
+    #: ``[transport]``: shm adaptive-polling budget in microseconds (0: off) and ring size.
+    shm_poll_us: float = 0.0
+    shm_ring_size: int = 256 * 1024
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -220,7 +223,10 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     base = base or Path.cwd()
     _known_keys(
         raw,
-        {"listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma"},
+        {
+            "listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma",
+            "transport",
+        },
         source,
     )
     listen = _expect(raw.get("listen", []), list, "listen", "a list of address strings")
@@ -279,6 +285,16 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     if rate <= 0 or burst < 1:
         raise ConfigFileError("audit: rate must be > 0 and burst >= 1")
     irq_rate, irq_burst, dma_timeout = _interrupts_and_dma(raw)
+    transport = _expect(raw.get("transport", {}), dict, "transport", "a table")
+    _known_keys(transport, {"shm_poll_us", "shm_ring_size"}, "transport")
+    poll_us = _expect(transport.get("shm_poll_us", 0.0), (int, float), "transport.shm_poll_us",
+                      "microseconds (0 turns polling off)")
+    if isinstance(poll_us, bool) or not 0 <= poll_us <= 100_000:
+        raise ConfigFileError("transport.shm_poll_us: must be between 0 and 100000 microseconds")
+    ring_size = _expect(transport.get("shm_ring_size", 256 * 1024), int,
+                        "transport.shm_ring_size", "a size in bytes")
+    if ring_size < 4096 or ring_size & (ring_size - 1):
+        raise ConfigFileError("transport.shm_ring_size: must be a power of two >= 4096")
     return BackendConfig(
         tuple(listen),
         guests,
@@ -292,6 +308,8 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         irq_rate,
         irq_burst,
         dma_timeout,
+        float(poll_us),
+        ring_size,
     )
 
 

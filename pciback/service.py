@@ -110,7 +110,10 @@ class Backend:
 
     def _options(self, address: str) -> TransportOptions:
         return TransportOptions(
-            ssl_context=self._ssl, max_frame_size=self.config.limits.max_message_size
+            ssl_context=self._ssl,
+            max_frame_size=self.config.limits.max_message_size,
+            poll_us=self.config.shm_poll_us,
+            ring_size=self.config.shm_ring_size,
         )
 
     async def serve(

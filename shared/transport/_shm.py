@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 #: Adaptive-polling budget when ``TransportOptions.poll_us`` is None (see docs/transports.md).
-DEFAULT_POLL_US = 20.0
+DEFAULT_POLL_US = 0.0
 
 # Setup frame: magic, version, flags, ring sizes, max record, region size.
 _SETUP = struct.Struct("<4sHHIIIQ")
@@ -821,7 +821,10 @@ class ShmTransport(FrameTransport):
                     if self._peer_reason is None:
                         raise trio.EndOfChannel("peer closed the connection")
                     raise trio.BrokenResourceError(self._peer_reason)
-                if self._poll_ns:
+                # Spin only when no other task of this process could run: the spin
+                # holds the thread, so spinning while (say) the task waiting for the
+                # frame just handed over is runnable would delay it by the whole budget.
+                if self._poll_ns and not trio.lowlevel.current_statistics().tasks_runnable:
                     if consumer.spin(self._poll_ns):
                         self._spin_hits += 1
                         continue

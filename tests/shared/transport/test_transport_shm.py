@@ -323,3 +323,4 @@ async def test_peer_death_in_another_process_is_an_error_not_a_hang(tmp_path: Pa
                 await trio.testing.wait_all_tasks_blocked()
                 proc.send_signal(signal.SIGKILL)
         await server.aclose()
+
