@@ -174,7 +174,7 @@ def _builtin() -> None:
     ):
         _SCHEMES[scheme.name] = scheme
     try:
-        from shared.transport import _shm  # type: ignore[attr-defined,unused-ignore]
+        from shared.transport import _shm_listen as _shm  # type: ignore[attr-defined,unused-ignore]
     except ImportError:  # the ring extension is not built: shm: is unavailable, say so on use
         return
     _SCHEMES["shm"] = TransportScheme("shm", _shm.connect_shm, _shm.listen_shm, passes_fds=True)

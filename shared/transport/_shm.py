@@ -34,15 +34,12 @@ turns into :class:`trio.BrokenResourceError` for this connection only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import mmap
 import os
 import socket
-import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -51,22 +48,16 @@ from shared.errors import RemoteProtocolError
 from shared.evtchn import EventfdPort
 from shared.protocol._framing import FrameDecoder, encode_frame
 from shared.ring import (
-    CLIENT_TO_SERVER,
-    SERVER_TO_CLIENT,
     RecordTooLargeError,
-    RingConsumer,
     RingCorruptError,
     RingError,
     RingFullError,
-    RingProducer,
     ShmLayout,
     ring_size_for,
 )
 from shared.transport._base import (
-    FrameListener,
     FrameTooLargeError,
     FrameTransport,
-    TransportConnectError,
     TransportOptions,
 )
 from shared.transport._fdpass import (
@@ -75,97 +66,34 @@ from shared.transport._fdpass import (
     FdTracker,
     SendProgress,
     check_fds_argument,
-    close_fds,
     fds_from_ancillary,
     rights_message,
     send_with_fds,
 )
-from shared.transport._sockets import _remove_stale_socket
+from shared.transport._shm_setup import (
+    _ACK,
+    _FDS_ACK,
+    _FDS_MARK,
+    _GOODBYE,
+    _MAX_FD_BATCHES,
+    _RECV_CHUNK,
+    _REQUIRED_SEALS,
+    _SEQ,
+    _SETUP,
+    _SETUP_MAGIC,
+    _SETUP_VERSION,
+    _YIELD_EVERY,
+    ShmStatistics,
+    _close_fds,
+    _Session,
+    _translate,
+    validate_setup,
+)
 
-__all__ = [
-    "ShmTransport",
-    "ShmListener",
-    "ShmStatistics",
-    "connect_shm",
-    "listen_shm",
-    "DEFAULT_POLL_US",
-]
+__all__ = ["ShmTransport", "ShmStatistics", "DEFAULT_POLL_US"]
 
 #: Adaptive-polling budget when ``TransportOptions.poll_us`` is None (see docs/transports.md).
 DEFAULT_POLL_US = 0.0
-
-# Setup frame: magic, version, flags, ring sizes, max record, region size.
-_SETUP = struct.Struct("<4sHHIIIQ")
-_SETUP_MAGIC = b"PSHM"
-_SETUP_VERSION = 1
-_ACK = b"PSHM-ACK\x01"
-_GOODBYE = b"PSHM-BYE"
-_SETUP_FDS = 3  # memfd, doorbell to the server, doorbell to the client
-# Control frames after the session started: fds for ring frame `seq`, and their ack.
-_FDS_MARK = b"PSHM-FDS"
-_FDS_ACK = b"PSHM-FDA"
-_SEQ = struct.Struct("<Q")
-#: Fd batches a peer may announce ahead of their ring frames (an honest peer: one).
-_MAX_FD_BATCHES = 16
-_RECV_CHUNK = 65536
-_REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-_YIELD_EVERY = 16  # send_frame yields to the scheduler once per this many frames
-
-
-@dataclass(frozen=True, slots=True)
-class ShmStatistics:
-    """Counters of one ``shm:`` endpoint (see :meth:`ShmTransport.statistics`)."""
-
-    frames_sent: int
-    frames_received: int
-    doorbells_sent: int
-    doorbell_sleeps: int
-    spin_hits: int
-    spin_misses: int
-    space_waits: int
-
-
-def _translate(exc: OSError, what: str) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    if exc.errno == errno.EBADF:  # closed under us
-        return trio.ClosedResourceError(f"shm control socket closed during {what}")
-    return trio.BrokenResourceError(f"shm control socket {what} failed: {exc.strerror or exc}")
-
-
-def _close_fds(fds: list[int]) -> None:
-    close_fds(fds)
-
-
-class _Session:
-    """What exists only once the session moved to the ring."""
-
-    __slots__ = ("consumer", "layout", "mm", "producer", "rx_port", "tx_port")
-
-    def __init__(
-        self, layout: ShmLayout, mm: mmap.mmap, *, is_server: bool,
-        rx_port: EventfdPort, tx_port: EventfdPort,
-    ) -> None:
-        self.layout = layout
-        self.mm = mm
-        self.rx_port = rx_port
-        self.tx_port = tx_port
-        tx_dir, rx_dir = SERVER_TO_CLIENT, CLIENT_TO_SERVER
-        if not is_server:
-            tx_dir, rx_dir = rx_dir, tx_dir
-        self.producer = RingProducer(mm, layout.ring_spec(tx_dir))
-        try:
-            self.consumer = RingConsumer(mm, layout.ring_spec(rx_dir))
-        except BaseException:
-            self.producer.release()
-            raise
-
-    def close(self) -> None:
-        # Ring ends must let go of the mapping before mmap.close() (BufferError otherwise).
-        self.producer.release()
-        self.consumer.release()
-        self.rx_port.close()
-        self.tx_port.close()
-        self.mm.close()
-
 
 class ShmTransport(FrameTransport):
     """One end of a ``shm:`` connection. Built by :func:`connect_shm` or a listener."""
@@ -528,7 +456,7 @@ class ShmTransport(FrameTransport):
             raise trio.BrokenResourceError("client closed the connection during shm setup") from exc
         fds = self._fd_tracker.take()
         try:
-            layout = self._validate_setup(frame, fds, max_frame_size)
+            layout = validate_setup(frame, fds, max_frame_size)
             mm = mmap.mmap(fds[0], layout.total)
             rx_port = EventfdPort(fds[1])
             fds[1] = -1
@@ -549,53 +477,6 @@ class ShmTransport(FrameTransport):
             session.close()
             raise
         return session
-
-    @staticmethod
-    def _validate_setup(frame: bytes, fds: list[int], max_frame_size: int) -> ShmLayout:
-        """Check the client's setup frame and fds; everything later uses this private copy."""
-        if len(frame) != _SETUP.size:
-            raise trio.BrokenResourceError(
-                f"shm setup frame has {len(frame)} bytes, expected {_SETUP.size}; "
-                "is the client speaking shm:?"
-            )
-        magic, version, _flags, size_c2s, size_s2c, max_record, total = _SETUP.unpack(frame)
-        if magic != _SETUP_MAGIC or version != _SETUP_VERSION:
-            raise trio.BrokenResourceError(
-                f"shm setup has magic {magic!r} version {version}; expected "
-                f"{_SETUP_MAGIC!r} version {_SETUP_VERSION}"
-            )
-        if len(fds) != _SETUP_FDS:
-            raise trio.BrokenResourceError(
-                f"shm setup came with {len(fds)} file descriptors, expected {_SETUP_FDS} "
-                "(memfd, two eventfds)"
-            )
-        if max_record != max_frame_size:
-            raise trio.BrokenResourceError(
-                f"client set the ring up for {max_record}-byte frames but the negotiated limit "
-                f"is {max_frame_size}; both sides must pass the handshake's max_frame_size"
-            )
-        layout = ShmLayout(size_c2s, size_s2c, max_record)  # RingError if sizes are bad
-        if total != layout.total:
-            raise trio.BrokenResourceError(
-                f"shm setup claims {total} bytes but its rings need exactly {layout.total}"
-            )
-        st = os.fstat(fds[0])
-        if not stat.S_ISREG(st.st_mode) or st.st_size != layout.total:
-            raise trio.BrokenResourceError(
-                f"shm memory fd is not a {layout.total}-byte memfd (mode {st.st_mode:o}, "
-                f"size {st.st_size})"
-            )
-        seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
-        if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
-            raise trio.BrokenResourceError(
-                "shm memfd is not sealed against shrinking and growing; the client could "
-                "make our accesses fault"
-            )
-        for fd in fds[1:]:
-            kind = os.readlink(f"/proc/self/fd/{fd}")
-            if kind != "anon_inode:[eventfd]":
-                raise trio.BrokenResourceError(f"shm doorbell fd is {kind!r}, not an eventfd")
-        return layout
 
     # ------------------------------------------------------------------ liveness
     async def _watch_peer(self) -> None:
@@ -867,64 +748,3 @@ class ShmTransport(FrameTransport):
         if session is not None:
             session.close()
         await trio.lowlevel.checkpoint()
-
-
-class ShmListener(FrameListener):
-    """Accepts ``shm:`` connections on a UNIX socket path."""
-
-    def __init__(self, sock: trio.socket.SocketType, path: str, options: TransportOptions) -> None:
-        self._sock = sock
-        self._path = path
-        self._options = options
-        self._inode = os.stat(path).st_ino
-        self.address = f"shm:{path}"
-        self._closed = False
-
-    async def accept(self) -> ShmTransport:
-        if self._closed:
-            raise trio.ClosedResourceError("this shm listener was closed")
-        try:
-            conn, _ = await self._sock.accept()
-        except OSError as exc:
-            raise _translate(exc, "accept") from exc
-        raw = socket.socket(fileno=conn.detach())
-        return ShmTransport(raw, self._options, name=f"{self.address}(peer)")
-
-    async def aclose(self) -> None:
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        self._sock.close()
-        # Remove the path only if it is still ours (not a successor's socket).
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(self._path).st_ino == self._inode:
-                os.unlink(self._path)
-        await trio.lowlevel.checkpoint()
-
-
-async def connect_shm(path: str, options: TransportOptions) -> ShmTransport:
-    """Connect to ``shm:PATH``. Frames use the socket until :meth:`start_session`."""
-    tsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await tsock.connect(path)
-    except OSError as exc:
-        tsock.close()
-        raise TransportConnectError(
-            f"cannot connect to shm:{path}: {exc.strerror or exc}; is `pciback serve` listening "
-            "there with shm:?"
-        ) from exc
-    return ShmTransport(socket.socket(fileno=tsock.detach()), options, name=f"shm:{path}")
-
-
-async def listen_shm(path: str, options: TransportOptions) -> ShmListener:
-    """Listen on ``shm:PATH`` (a stale socket file left by a dead server is replaced)."""
-    _remove_stale_socket(path)
-    tsock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await tsock.bind(path)
-        tsock.listen(128)
-    except OSError as exc:
-        tsock.close()
-        raise TransportConnectError(f"cannot listen on shm:{path}: {exc.strerror or exc}") from exc
-    return ShmListener(tsock, path, options)

@@ -20,7 +20,8 @@ import trio.testing
 
 from shared.protocol._framing import encode_frame
 from shared.transport import FrameTooLargeError, FrameTransport, TransportOptions
-from shared.transport._shm import ShmTransport, connect_shm, listen_shm
+from shared.transport._shm import ShmTransport
+from shared.transport._shm_listen import connect_shm, listen_shm
 from shared.transport.conformance import TransportConformance
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -281,7 +282,7 @@ async def test_listener_replaces_stale_socket_and_removes_its_file(tmp_path: Pat
 CHILD = r"""
 import sys, trio
 from shared.transport import TransportOptions
-from shared.transport._shm import connect_shm
+from shared.transport._shm_listen import connect_shm
 
 async def main():
     client = await connect_shm(sys.argv[1], TransportOptions(max_frame_size=4096))

@@ -1,0 +1,149 @@
+"""The ``shm:`` bootstrap's wire format, the session state, and validation of a peer's setup.
+
+Split out of ``_shm.py`` (the transport itself). The peer is untrusted: every
+field of its setup frame and every fd it sent is checked before we map
+anything (see :func:`validate_setup`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from shared.evtchn import EventfdPort
+from shared.ring import (
+    CLIENT_TO_SERVER,
+    SERVER_TO_CLIENT,
+    RingConsumer,
+    RingProducer,
+    ShmLayout,
+)
+from shared.transport._fdpass import close_fds
+
+__all__ = ["ShmStatistics", "validate_setup"]
+
+# Setup frame: magic, version, flags, ring sizes, max record, region size.
+_SETUP = struct.Struct("<4sHHIIIQ")
+_SETUP_MAGIC = b"PSHM"
+_SETUP_VERSION = 1
+_ACK = b"PSHM-ACK\x01"
+_GOODBYE = b"PSHM-BYE"
+_SETUP_FDS = 3  # memfd, doorbell to the server, doorbell to the client
+# Control frames after the session started: fds for ring frame `seq`, and their ack.
+_FDS_MARK = b"PSHM-FDS"
+_FDS_ACK = b"PSHM-FDA"
+_SEQ = struct.Struct("<Q")
+#: Fd batches a peer may announce ahead of their ring frames (an honest peer: one).
+_MAX_FD_BATCHES = 16
+_RECV_CHUNK = 65536
+_REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_YIELD_EVERY = 16  # send_frame yields to the scheduler once per this many frames
+
+
+@dataclass(frozen=True, slots=True)
+class ShmStatistics:
+    """Counters of one ``shm:`` endpoint (see :meth:`ShmTransport.statistics`)."""
+
+    frames_sent: int
+    frames_received: int
+    doorbells_sent: int
+    doorbell_sleeps: int
+    spin_hits: int
+    spin_misses: int
+    space_waits: int
+
+
+def _translate(exc: OSError, what: str) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    if exc.errno == errno.EBADF:  # closed under us
+        return trio.ClosedResourceError(f"shm control socket closed during {what}")
+    return trio.BrokenResourceError(f"shm control socket {what} failed: {exc.strerror or exc}")
+
+
+def _close_fds(fds: list[int]) -> None:
+    close_fds(fds)
+
+
+class _Session:
+    """What exists only once the session moved to the ring."""
+
+    __slots__ = ("consumer", "layout", "mm", "producer", "rx_port", "tx_port")
+
+    def __init__(
+        self, layout: ShmLayout, mm: mmap.mmap, *, is_server: bool,
+        rx_port: EventfdPort, tx_port: EventfdPort,
+    ) -> None:
+        self.layout = layout
+        self.mm = mm
+        self.rx_port = rx_port
+        self.tx_port = tx_port
+        tx_dir, rx_dir = SERVER_TO_CLIENT, CLIENT_TO_SERVER
+        if not is_server:
+            tx_dir, rx_dir = rx_dir, tx_dir
+        self.producer = RingProducer(mm, layout.ring_spec(tx_dir))
+        try:
+            self.consumer = RingConsumer(mm, layout.ring_spec(rx_dir))
+        except BaseException:
+            self.producer.release()
+            raise
+
+    def close(self) -> None:
+        # Ring ends must let go of the mapping before mmap.close() (BufferError otherwise).
+        self.producer.release()
+        self.consumer.release()
+        self.rx_port.close()
+        self.tx_port.close()
+        self.mm.close()
+
+
+def validate_setup(frame: bytes, fds: list[int], max_frame_size: int) -> ShmLayout:
+    """Check the client's setup frame and fds; everything later uses this private copy."""
+    if len(frame) != _SETUP.size:
+        raise trio.BrokenResourceError(
+            f"shm setup frame has {len(frame)} bytes, expected {_SETUP.size}; "
+            "is the client speaking shm:?"
+        )
+    magic, version, _flags, size_c2s, size_s2c, max_record, total = _SETUP.unpack(frame)
+    if magic != _SETUP_MAGIC or version != _SETUP_VERSION:
+        raise trio.BrokenResourceError(
+            f"shm setup has magic {magic!r} version {version}; expected "
+            f"{_SETUP_MAGIC!r} version {_SETUP_VERSION}"
+        )
+    if len(fds) != _SETUP_FDS:
+        raise trio.BrokenResourceError(
+            f"shm setup came with {len(fds)} file descriptors, expected {_SETUP_FDS} "
+            "(memfd, two eventfds)"
+        )
+    if max_record != max_frame_size:
+        raise trio.BrokenResourceError(
+            f"client set the ring up for {max_record}-byte frames but the negotiated limit "
+            f"is {max_frame_size}; both sides must pass the handshake's max_frame_size"
+        )
+    layout = ShmLayout(size_c2s, size_s2c, max_record)  # RingError if sizes are bad
+    if total != layout.total:
+        raise trio.BrokenResourceError(
+            f"shm setup claims {total} bytes but its rings need exactly {layout.total}"
+        )
+    st = os.fstat(fds[0])
+    if not stat.S_ISREG(st.st_mode) or st.st_size != layout.total:
+        raise trio.BrokenResourceError(
+            f"shm memory fd is not a {layout.total}-byte memfd (mode {st.st_mode:o}, "
+            f"size {st.st_size})"
+        )
+    seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+    if seals & _REQUIRED_SEALS != _REQUIRED_SEALS:
+        raise trio.BrokenResourceError(
+            "shm memfd is not sealed against shrinking and growing; the client could "
+            "make our accesses fault"
+        )
+    for fd in fds[1:]:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+        if kind != "anon_inode:[eventfd]":
+            raise trio.BrokenResourceError(f"shm doorbell fd is {kind!r}, not an eventfd")
+    return layout
