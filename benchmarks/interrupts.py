@@ -32,9 +32,9 @@ import trio
 
 import pcifront
 from benchmarks._floor import eventfd_floor
+from benchmarks._report import percentile_us, print_ratios, write_results
 from shared.protocol import Limits
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MAX_MESSAGE = (1 << 20) + (64 << 10)  # a 1 MiB DMA chunk fits in one message
 BURST = 10_000
 REG_LATENCY, REG_ACK, REG_BURST, REG_COUNT, REG_SAMPLES = 0x00, 0x08, 0x10, 0x18, 0x20
@@ -71,11 +71,6 @@ class DmaResult:
     us_per_copy: float
 
 
-def _pct(samples: list[int], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
-
-
 def _start_backend(tmp: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     listen = [f"unix:{tmp / 'unix.sock'}", f"shm:{tmp / 'shm.sock'}", "tcp://127.0.0.1:0"]
     config = tmp / "bench-irq.toml"
@@ -89,7 +84,9 @@ def _start_backend(tmp: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks._irq_model", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.stdout is not None
     addresses: dict[str, str] = {}
@@ -120,7 +117,9 @@ async def _round_trip(
         samples = [await dev.bar_read(0, REG_SAMPLES + 8 * i, 8) for i in range(count)]
         delivery = irqs.delivery
     warm = samples[min(50, count // 10) :]
-    return RoundTrip(kind, mode, delivery, len(warm), _pct(warm, 0.5), _pct(warm, 0.99))
+    return RoundTrip(
+        kind, mode, delivery, len(warm), percentile_us(warm, 0.5), percentile_us(warm, 0.99)
+    )
 
 
 async def _burst(dev: pcifront.Device, kind: str) -> Burst:
@@ -151,8 +150,12 @@ async def _dma(bus: pcifront.Bus, dev: pcifront.Device, kind: str, quick: bool) 
                 elapsed = await dev.bar_read(0, REG_DMA_NS, 8) / 1e9
                 results.append(
                     DmaResult(
-                        kind, direction, size, iterations,
-                        size * iterations / elapsed / (1 << 20), elapsed / iterations * 1e6,
+                        kind,
+                        direction,
+                        size,
+                        iterations,
+                        size * iterations / elapsed / (1 << 20),
+                        elapsed / iterations * 1e6,
                     )
                 )
     return results
@@ -177,7 +180,7 @@ async def _measure(address: str, kind: str, quick: bool, parts: set[str]) -> dic
 
 def main(*, quick: bool = False) -> int:
     floor = eventfd_floor(2000 if quick else 20000)
-    floor_p50, floor_p99 = _pct(floor, 0.5), _pct(floor, 0.99)
+    floor_p50, floor_p99 = percentile_us(floor, 0.5), percentile_us(floor, 0.99)
     plan = {"shm": {"rt", "burst", "dma"}, "unix": {"rt", "burst"}, "tcp": {"rt", "burst", "dma"}}
     collected: dict[str, list[Any]] = {"round_trips": [], "bursts": [], "dma": []}
     with tempfile.TemporaryDirectory(prefix="pcisplit-irq-bench-") as tmpdir:
@@ -205,8 +208,10 @@ def main(*, quick: bool = False) -> int:
             f"{rt.transport + ' ' + rt.mode:<24}{rt.delivery:<10}{rt.p50_us:>9.1f}"
             f"{rt.p99_us:>9.1f}{rt.p50_us / floor_p50:>11.2f}"
         )
-    print(f"\n{'burst of ' + str(BURST) + ' MSIs':<24}{'handled':>9}{'counted':>9}{'ms':>9}"
-          f"{'raises/s':>11}")
+    print(
+        f"\n{'burst of ' + str(BURST) + ' MSIs':<24}{'handled':>9}{'counted':>9}{'ms':>9}"
+        f"{'raises/s':>11}"
+    )
     for b in collected["bursts"]:
         print(
             f"{b.transport:<24}{b.interrupts_handled:>9}{b.counted:>9}{b.elapsed_ms:>9.1f}"
@@ -225,8 +230,12 @@ def main(*, quick: bool = False) -> int:
     if shm_msi is not None:
         value = shm_msi.p50_us / floor_p50
         ratios.append(
-            dict(measure="shm MSI round trip p50 / floor p50", value=value, target="<= 1.5",
-                 met=value <= 1.5)
+            dict(
+                measure="shm MSI round trip p50 / floor p50",
+                value=value,
+                target="<= 1.5",
+                met=value <= 1.5,
+            )
         )
     for size in (4096, 1 << 20):
         shm = [d for d in collected["dma"] if d.transport == "shm" and d.size == size]
@@ -234,29 +243,24 @@ def main(*, quick: bool = False) -> int:
         if shm and tcp:
             value = min(d.mib_per_s for d in shm) / max(d.mib_per_s for d in tcp)
             ratios.append(
-                dict(measure=f"DMA {size} B: shm (zero copy) / tcp (messages)", value=value,
-                     target="(info)", met=None)
+                dict(
+                    measure=f"DMA {size} B: shm (zero copy) / tcp (messages)",
+                    value=value,
+                    target="(info)",
+                    met=None,
+                )
             )
-    print(f"\n{'ratio (same run)':<46}{'value':>8}  {'target':<8} met")
-    for row in ratios:
-        met = "-" if row["met"] is None else ("yes" if row["met"] else "NO")
-        print(f"{row['measure']:<46}{row['value']:>8.2f}  {row['target']:<8} {met}")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "interrupts.json"
-    path.write_text(
-        json.dumps(
-            {
-                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "floor": {"p50_us": floor_p50, "p99_us": floor_p99},
-                "round_trips": [asdict(r) for r in collected["round_trips"]],
-                "bursts": [asdict(b) for b in collected["bursts"]],
-                "dma": [asdict(d) for d in collected["dma"]],
-                "ratios": ratios,
-            },
-            indent=2,
-        )
+    print_ratios(ratios)
+    write_results(
+        "interrupts",
+        {
+            "floor": {"p50_us": floor_p50, "p99_us": floor_p99},
+            "round_trips": [asdict(r) for r in collected["round_trips"]],
+            "bursts": [asdict(b) for b in collected["bursts"]],
+            "dma": [asdict(d) for d in collected["dma"]],
+            "ratios": ratios,
+        },
     )
-    print(f"\nJSON: {path}")
     return 0
 
 

@@ -29,9 +29,9 @@ import trio
 
 import pcifront
 from benchmarks._floor import eventfd_floor
+from benchmarks._report import percentile_us, print_ratios, write_results
 from shared.transport import TransportOptions, available_schemes
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TRANSPORTS = ("unix", "shm", "tcp", "tls")
 #: Adaptive-polling budgets (µs, both sides) measured against polling off.
 POLL_VARIANTS_US = (20, 100)
@@ -44,11 +44,6 @@ class Result:
     qd1_p99_us: float
     qd1_ops_per_s: float
     qd32_ops_per_s: float
-
-
-def _pct(samples: list[int], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
 
 
 def _write_tls(tmp: Path) -> ssl.SSLContext:
@@ -126,8 +121,8 @@ async def _measure(address: str, options: TransportOptions, qd1: int, qd32_total
         qd32_elapsed = (clock() - start) / 1e9
     return Result(
         transport=address.split(":", 1)[0],
-        qd1_p50_us=_pct(samples, 0.50),
-        qd1_p99_us=_pct(samples, 0.99),
+        qd1_p50_us=percentile_us(samples, 0.50),
+        qd1_p99_us=percentile_us(samples, 0.99),
         qd1_ops_per_s=qd1 / qd1_elapsed,
         qd32_ops_per_s=per_task * 32 / qd32_elapsed,
     )
@@ -180,7 +175,7 @@ def main(*, quick: bool = False) -> int:
     qd1 = 1000 if quick else 5000
     qd32_total = 3200 if quick else 32000
     floor = eventfd_floor(2000 if quick else 20000)
-    floor_p50, floor_p99 = _pct(floor, 0.5), _pct(floor, 0.99)
+    floor_p50, floor_p99 = percentile_us(floor, 0.5), percentile_us(floor, 0.99)
     schemes = set(available_schemes())
     wanted = [t for t in TRANSPORTS if t in schemes]
     missing = [t for t in TRANSPORTS if t not in schemes]
@@ -227,28 +222,19 @@ def main(*, quick: bool = False) -> int:
     if missing:
         print(f"(not measured, transport unavailable: {', '.join(missing)})")
     rows = _ratio_rows(floor_p50, results)
-    print(f"\n{'ratio (same run)':<46}{'value':>8}  {'target':<8} met")
-    for row in rows:
-        met = "-" if row["met"] is None else ("yes" if row["met"] else "NO")
-        print(f"{row['measure']:<46}{row['value']:>8.2f}  {row['target']:<8} {met}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "transports.json"
-    out.write_text(
-        json.dumps(
-            {
-                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "floor": {
-                    "p50_us": floor_p50,
-                    "p99_us": floor_p99,
-                    "median_us": statistics.median(floor) / 1000,
-                },
-                "results": [asdict(r) for r in results.values()],
-                "ratios": rows,
+    print_ratios(rows)
+    write_results(
+        "transports",
+        {
+            "floor": {
+                "p50_us": floor_p50,
+                "p99_us": floor_p99,
+                "median_us": statistics.median(floor) / 1000,
             },
-            indent=2,
-        )
+            "results": [asdict(r) for r in results.values()],
+            "ratios": rows,
+        },
     )
-    print(f"\nJSON: {out}")
     return 0
 
 
