@@ -42,6 +42,7 @@ from shared.protocol import (
     Goodbye,
     InterruptEnableRequest,
     Message,
+    Reply,
     Request,
 )
 from shared.transport import FrameTransport
@@ -79,6 +80,10 @@ class _Call:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.result: DmaCallResult | None = None
+
+
+#: Most replies answered as one batch before they are sent (bounds reply latency).
+REPLY_BATCH = 32
 
 
 class GuestSession:
@@ -167,39 +172,76 @@ class GuestSession:
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         transport, conn, dispatcher = self.transport, self.conn, self.dispatcher
         stats, backend_stats = self.stats, self._backend_stats
+        replies: list[Reply] = []
         while True:
-            frame = await transport.receive_frame()
-            try:
-                msg = conn.receive(frame)
-            except RemoteProtocolError as exc:
-                backend_stats.protocol_errors += 1
-                answer = conn.error_reply_for(exc)
-                if answer is None:
-                    await self._goodbye(exc)
-                    raise
-                log.info(
-                    "%s: guest %s sent a bad request: %s", transport.describe(), self.guest, exc
-                )
-                await self.send(answer)
-                continue
-            if isinstance(msg, Request):
-                stats.requests += 1
-                backend_stats.requests += 1
-                if type(msg) in _SLOW_PATH:
-                    if type(msg) is DmaUnmapRequest:
-                        nursery.start_soon(self._answer_later, msg)
-                        continue
-                    reply = await dispatcher.dispatch_with_fds(msg, self.take_fds())
+            frame: bytes | None = await transport.receive_frame()
+            # Answer every request that already arrived (pipelined guests send bursts),
+            # then send the replies as one batch: one write or one doorbell.
+            while frame is not None:
+                try:
+                    msg = conn.receive(frame)
+                except RemoteProtocolError as exc:
+                    backend_stats.protocol_errors += 1
+                    answer = conn.error_reply_for(exc)
+                    if answer is None:
+                        await self._flush(replies)
+                        await self._goodbye(exc)
+                        raise
+                    log.info(
+                        "%s: guest %s sent a bad request: %s",
+                        transport.describe(),
+                        self.guest,
+                        exc,
+                    )
+                    replies.append(answer)
                 else:
-                    reply = await dispatcher.dispatch(msg)
-                await self.send(reply)
-            elif isinstance(msg, DmaCallResult):
-                self._resolve(msg)
-            elif isinstance(msg, Goodbye):
-                log.info(
-                    "%s: guest %s said goodbye: %s", transport.describe(), self.guest, msg.message
-                )
-                return
+                    if isinstance(msg, Request):
+                        stats.requests += 1
+                        backend_stats.requests += 1
+                        if type(msg) in _SLOW_PATH:
+                            if type(msg) is DmaUnmapRequest:
+                                nursery.start_soon(self._answer_later, msg)
+                            else:
+                                replies.append(
+                                    await dispatcher.dispatch_with_fds(msg, self.take_fds())
+                                )
+                        else:
+                            replies.append(await dispatcher.dispatch(msg))
+                    elif isinstance(msg, DmaCallResult):
+                        self._resolve(msg)
+                    elif isinstance(msg, Goodbye):
+                        await self._flush(replies)
+                        log.info(
+                            "%s: guest %s said goodbye: %s",
+                            transport.describe(),
+                            self.guest,
+                            msg.message,
+                        )
+                        return
+                if len(replies) >= REPLY_BATCH:
+                    break
+                frame = transport.receive_frame_nowait()
+            await self._flush(replies)
+
+    async def _flush(self, replies: list[Reply]) -> None:
+        """Send the collected replies (in order) through the one send path, and clear them."""
+        if not replies:
+            return
+        if len(replies) == 1:
+            reply = replies.pop()
+            await self.send(reply)
+            return
+        while self._sending:
+            await self._send_waiters.park()
+        self._sending = True
+        try:
+            frames = [self.conn.send(reply) for reply in replies]
+            replies.clear()
+            await self.transport.send_frames(frames)
+        finally:
+            self._sending = False
+            if self._send_waiters:
+                self._send_waiters.unpark()
 
     async def _answer_later(self, request: Request) -> None:
         reply = await self.dispatcher.dispatch(request)

@@ -382,9 +382,14 @@ class Bus:
     async def _receive_loop(self) -> None:
         conn, transport = self._conn, self._transport
         try:
+            frame: bytes | None = None
             while True:
-                frame = await transport.receive_frame()
+                # Replies that already arrived are taken without a scheduler round trip
+                # each; only an empty buffer makes us wait.
+                if frame is None:
+                    frame = await transport.receive_frame()
                 msg = conn.receive(frame)
+                frame = transport.receive_frame_nowait()
                 if isinstance(msg, Reply):
                     self.stats.replies_received += 1
                     pending = self._pending.get(msg.request_id)

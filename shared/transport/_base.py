@@ -89,6 +89,26 @@ class FrameTransport(abc.ABC):
     async def receive_frame(self) -> bytes:
         """Receive the next frame, in order."""
 
+    def receive_frame_nowait(self) -> bytes | None:
+        """A frame that already arrived and sits in this end's buffers, or None.
+
+        Never blocks, never checkpoints, never reads from the OS. A server uses
+        it to drain a burst of pipelined requests and answer them as one batch
+        (:meth:`send_frames`). Call it only from the task that calls
+        :meth:`receive_frame`; errors are left for the next ``receive_frame``.
+        The default knows of no buffer and returns None.
+        """
+        return None
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Send several frames in order, as one batch where the transport can.
+
+        The default sends them one by one; stream transports write them with one
+        system call and ``shm:`` publishes them with at most one doorbell.
+        """
+        for frame in frames:
+            await self.send_frame(frame)
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close this end. Idempotent. Pending operations get ClosedResourceError."""

@@ -66,6 +66,14 @@ class MemoryTransport(FrameTransport):
         finally:
             self._receive_busy = False
 
+    def receive_frame_nowait(self) -> bytes | None:
+        if self._closed or self._receive_busy:
+            return None
+        try:
+            return self._receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return None  # nothing buffered, or the next receive_frame reports the end
+
     async def aclose(self) -> None:
         if self._closed:
             return

@@ -672,6 +672,31 @@ class ShmTransport(FrameTransport):
             self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def _take_ring_frame(self, session: _Session) -> bytes | None:
+        """The next frame on the receive ring, copied out once, or None (no await)."""
+        try:
+            item = session.consumer.receive_nowait()
+        except RingCorruptError as exc:
+            raise self._fail(str(exc), exc) from exc
+        if item is None:
+            return None
+        frame, wake_producer = item
+        if wake_producer:
+            self._ring_doorbell(session)
+        if self._ring_fds_active:
+            self._tie_ring_fds(self._frames_received)
+        self._frames_received += 1
+        return frame
+
+    def receive_frame_nowait(self) -> bytes | None:
+        session = self._session
+        if session is None or self._receiving or self._closed or self._broken is not None:
+            return None
+        try:
+            return self._take_ring_frame(session)
+        except trio.BrokenResourceError:
+            return None  # the connection is now broken; the next receive_frame says so
+
     async def receive_frame(self) -> bytes:
         session = self._session
         if session is None:
@@ -687,16 +712,9 @@ class ShmTransport(FrameTransport):
             while True:
                 self._check_usable()
                 gone = self._peer_gone  # read before the ring: frames sent before death count
-                try:
-                    item = consumer.receive_nowait()
-                except RingCorruptError as exc:
-                    raise self._fail(str(exc), exc) from exc
-                if item is not None:
-                    frame, wake_producer = item
-                    if wake_producer:
-                        self._ring_doorbell(session)
-                    if self._ring_fds_active:
-                        self._tie_ring_fds(self._frames_received)
+                got = self._take_ring_frame(session)
+                if got is not None:
+                    frame = got
                     break
                 if gone:
                     if self._peer_reason is None:
@@ -714,7 +732,6 @@ class ShmTransport(FrameTransport):
                     continue
                 slept = True
                 await self._wait_doorbell(session)
-            self._frames_received += 1
         finally:
             self._receiving = False
         if not slept:

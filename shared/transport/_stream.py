@@ -77,9 +77,28 @@ class StreamFrameTransport(FrameTransport):
 
     async def send_frame(self, frame: bytes) -> None:
         self._check_send(frame)
+        await self._send_encoded(encode_frame(frame))
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            self._check_send(frame)
+        await self._send_encoded(b"".join([encode_frame(frame) for frame in frames]))
+
+    def receive_frame_nowait(self) -> bytes | None:
+        if self._closed or self._receive_busy or self._broken is not None:
+            return None
+        try:
+            frame = self._decoder.next_frame()
+        except RemoteProtocolError:
+            return None  # the next receive_frame reports the broken framing
+        if frame is not None and self._fd_tracker.busy:
+            self._fd_tracker.on_frame(_HEADER + len(frame))
+        return frame
+
+    async def _send_encoded(self, data: bytes) -> None:
         self._send_busy = True
         try:
-            await self._stream.send_all(encode_frame(frame))
+            await self._stream.send_all(data)
         except trio.Cancelled:
             # A cancelled send_all may have written part of the frame; the byte stream
             # is now unframed. Never let the peer parse a torn frame as the start of

@@ -124,6 +124,18 @@ class TransportConformance:
                 "pipelined frames were lost, duplicated or reordered",
             )
 
+    async def test_batches_and_nowait_receive_keep_order(self) -> None:
+        frames = [_frame(i, 10 + 37 * i) for i in range(40)]
+        async with self.make_pair(self.max_frame_size) as (a, b):
+            got: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.send_frames, frames)
+                while len(got) < len(frames):
+                    frame = b.receive_frame_nowait()
+                    got.append(frame if frame is not None else await b.receive_frame())
+            _check(got == frames, "send_frames/receive_frame_nowait lost or reordered frames")
+            _check(b.receive_frame_nowait() is None, "receive_frame_nowait invented a frame")
+
     async def test_close_semantics(self) -> None:
         async with self.make_pair(self.max_frame_size) as (a, b):
             async with trio.open_nursery() as nursery:
