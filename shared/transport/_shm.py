@@ -249,15 +249,21 @@ class ShmTransport(FrameTransport):
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
 
-    async def _socket_send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
+    def _claim_send(self, frames: Sequence[bytes]) -> None:
+        """The checks every send makes, then take the send slot (the caller releases it)."""
         self._check_usable()
-        if len(frame) > self.max_frame_size:
-            raise FrameTooLargeError(
-                f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
-            )
+        for frame in frames:
+            if len(frame) > self.max_frame_size:
+                raise FrameTooLargeError(
+                    f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit; "
+                    "send smaller messages or negotiate a larger max_message_size"
+                )
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this transport")
         self._sending = True
+
+    async def _socket_send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
+        self._claim_send((frame,))
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             await self._socket_send(encode_frame(frame), fds)
@@ -289,14 +295,7 @@ class ShmTransport(FrameTransport):
         if session is None:
             await self._socket_send_frame(frame, fd_list)
             return
-        self._check_usable()
-        if len(frame) > self.max_frame_size:
-            raise FrameTooLargeError(
-                f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
-            )
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this transport")
-        self._sending = True
+        self._claim_send((frame,))
         announced = False
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -561,16 +560,7 @@ class ShmTransport(FrameTransport):
         if session is None:
             await self._socket_send_frame(frame)
             return
-        self._check_usable()
-        length = len(frame)
-        if length > self.max_frame_size:
-            raise FrameTooLargeError(
-                f"frame of {length} bytes exceeds the {self.max_frame_size}-byte limit; "
-                "send smaller messages or negotiate a larger max_message_size"
-            )
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this transport")
-        self._sending = True
+        self._claim_send((frame,))
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             await self._ring_send(session, frame)
@@ -634,15 +624,7 @@ class ShmTransport(FrameTransport):
             for frame in frames:
                 await self._socket_send_frame(frame)
             return
-        self._check_usable()
-        for frame in frames:
-            if len(frame) > self.max_frame_size:
-                raise FrameTooLargeError(
-                    f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
-                )
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this transport")
-        self._sending = True
+        self._claim_send(frames)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             producer = session.producer
