@@ -499,14 +499,18 @@ class Connection:
 
     # ------------------------------------------------------------------ handshake helpers
 
-    def hello(self) -> bytes:
-        """CLIENT: send the Hello (our version, features, limits and guest)."""
+    def hello(self, token: bytes = b"") -> bytes:
+        """CLIENT: send the Hello (our version, features, limits, guest and token).
+
+        ``token`` is the guest's secret for ``tcp://`` and ``vsock://``
+        backends that ask for one (``token_file`` in the backend config).
+        """
         if self.guest is None:
             raise LocalProtocolError(
                 "a frontend Connection needs guest=... to say which guest it acts as"
             )
         major, minor = self._local_version
-        return self.send(Hello(major, minor, self._offered, self._limits, self.guest))
+        return self.send(Hello(major, minor, self._offered, self._limits, self.guest, token))
 
     def check_version(self) -> str | None:
         """SERVER, after the Hello: None if the versions are compatible, else why not.
