@@ -223,7 +223,8 @@ class Hello(_Greeting):
     """
 
     TAG: ClassVar[int] = 0x01
-    token: bytes = field(default=b"", repr=False)
+    # Added after 1.0 as an optional trailing field: a 1.0 Hello without it still decodes.
+    token: bytes = field(default=b"", repr=False, metadata={"wire_optional": True})
 
     def __post_init__(self) -> None:
         _Greeting.__post_init__(self)

@@ -57,7 +57,8 @@ def test_certificate_names_compare_case_insensitively() -> None:
     guest = GuestConfig("Guest0")
     peer = PeerIdentity("tls", cert_names=("other", "GUEST0"))
     assert authorize(guest, peer, scheme="tls", token=b"") is None
-    refusal = authorize(guest, PeerIdentity("tls", cert_names=("guest01",)), scheme="tls", token=b"")
+    other = PeerIdentity("tls", cert_names=("guest01",))
+    refusal = authorize(guest, other, scheme="tls", token=b"")
     assert refusal is not None and "'guest01'" in refusal.message
     refusal = authorize(guest, PeerIdentity("tls"), scheme="tls", token=b"")
     assert refusal is not None and "no name" in refusal.message
@@ -134,7 +135,7 @@ def test_tls_listener_without_ca_is_a_config_error(tmp_path: Path) -> None:
         parse_config("listen=['tls://0.0.0.0:7071']\n", base=tmp_path)
     # An extra --listen address gets the same check when the service starts.
     config = parse_config("[tls]\ncert='c.pem'\nkey='k.pem'\n", base=tmp_path)
-    with pytest.raises(ConfigFileError, match="tls.ca"):
+    with pytest.raises(ConfigFileError, match=r"tls\.ca"):
         Backend(config, extra_listen=["tls://127.0.0.1:0"])
 
 

@@ -373,3 +373,16 @@ def test_structured_garbage_decodes_or_raises_protocol_error(item: tuple[int, An
 @given(messages)
 def test_generated_messages_round_trip(msg: Message) -> None:
     assert decode(encode(msg), max_size=BIG) == msg
+
+
+def test_hello_token_is_an_optional_trailing_field() -> None:
+    # A 1.0 frontend's Hello has no token: it still decodes, with an empty one.
+    old = decode(raw(0x01, 1, 0, [], [65536, 8], "g"), max_size=BIG)
+    assert isinstance(old, Hello) and old.token == b""
+    new = decode(raw(0x01, 1, 0, [], [65536, 8], "g", b"secret"), max_size=BIG)
+    assert isinstance(new, Hello) and new.token == b"secret"
+    assert "secret" not in repr(new)
+    with pytest.raises(RemoteProtocolError, match=r"Hello \(tag 0x01\) takes 5-6 fields, got 7"):
+        decode(raw(0x01, 1, 0, [], [65536, 8], "g", b"", 1), max_size=BIG)
+    with pytest.raises(RemoteProtocolError, match="takes 5-6 fields, got 4"):
+        decode(raw(0x01, 1, 0, [], [65536, 8]), max_size=BIG)
