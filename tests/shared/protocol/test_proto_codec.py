@@ -223,7 +223,7 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("call result data as str", raw(0x80, 1, 0, "data"), "expected bytes"),
     ("call result too few fields", raw(0x80, 1, 0), "takes 3 fields, got 2"),
     ("call result over the chunk", raw(0x80, 1, 0, b"x" * (MAX_DMA_CHUNK + 1)), "max_bin_len"),
-    ("unknown call result tag", raw(0x81, 1, 0, b""), "unknown message type 0x81"),
+    ("unknown call result tag", raw(0x9F, 1, 0, b""), "unknown message type 0x9f"),
     ("long array", raw(0x01, 1, 0, ["a"] * 300, [65536, 8], "g"), "exceeds max_array_len"),
     ("nested depth bomb", NESTED_BOMB, "nested too deeply"),
     ("deep but legal depth", b"\x91" * 500 + b"\x00", "tag must be an integer"),
