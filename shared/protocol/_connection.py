@@ -37,6 +37,18 @@ exactly one :class:`DmaCallResult`. The SERVER tracks the ids it awaits
 ``max_in_flight``); the CLIENT tracks the ids it owes
 (:attr:`Connection.owed_calls`).
 
+Hot-plug
+--------
+With the ``hotplug`` feature negotiated, the backend announces each device
+that joins or leaves the guest's bus with a :class:`DeviceAddedEvent` or
+:class:`DeviceRemovedEvent` carrying a ``change_id`` from
+:meth:`Connection.next_change_id`; the frontend acknowledges each with
+exactly one :class:`DeviceChangeAck`. The SERVER tracks the ids awaiting an
+acknowledgement (:attr:`Connection.outstanding_changes`, at most the
+frontend's ``max_in_flight``), the CLIENT the ids it owes
+(:attr:`Connection.owed_changes`). An acknowledgement of an id that is not
+outstanding, a reused id, or a hot-plug event without the feature is fatal.
+
 *Answerable* (the state stays ``OPEN``; a backend answers and carries on):
 a malformed request whose request id could be read (``PROTOCOL_ERROR``, or a
 precise code such as ``INVALID_SIZE``), an unknown operation
@@ -62,10 +74,14 @@ from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol._codec import MalformedMessageError, decode, encode
 from shared.protocol._handshake import Handshake, clip_text, version_mismatch_message
 from shared.protocol._messages import (
+    HOTPLUG_FEATURE,
     MAX_DMA_CHUNK,
     PROTOCOL_VERSION,
     U16,
     U32,
+    DeviceAddedEvent,
+    DeviceChangeAck,
+    DeviceRemovedEvent,
     DmaCallResult,
     DmaReadCall,
     DmaWriteCall,
@@ -163,9 +179,11 @@ class Connection:
 
     __slots__ = (
         "_calls",
+        "_changes",
         "_handshake",
         "_limits",
         "_next_call_id",
+        "_next_change_id",
         "_next_id",
         "_peer_limits",
         "_pending",
@@ -210,6 +228,10 @@ class Connection:
         # read length; 0 for a write), so both sides check the same rule.
         self._calls: dict[int, int] = {}
         self._next_call_id = 1
+        # Hot-plug events. SERVER: change ids awaiting an acknowledgement;
+        # CLIENT: change ids it owes an acknowledgement.
+        self._changes: set[int] = set()
+        self._next_change_id = 1
         #: The Goodbye the peer sent, if it closed the connection.
         self.peer_goodbye: Goodbye | None = None
 
@@ -322,6 +344,35 @@ class Connection:
         while cid in self._calls:
             cid = (cid + 1) & U32
         self._next_call_id = (cid + 1) & U32
+        return cid
+
+    @property
+    def outstanding_changes(self) -> frozenset[int]:
+        """SERVER: change ids of hot-plug events sent and not yet acknowledged.
+
+        Always empty on a CLIENT (see :attr:`owed_changes`).
+        """
+        return frozenset(self._changes) if self._role is Role.SERVER else frozenset()
+
+    @property
+    def owed_changes(self) -> frozenset[int]:
+        """CLIENT: change ids of hot-plug events received and not yet acknowledged.
+
+        Always empty on a SERVER (see :attr:`outstanding_changes`).
+        """
+        return frozenset(self._changes) if self._role is Role.CLIENT else frozenset()
+
+    def next_change_id(self) -> int:
+        """SERVER: a fresh change id: a wrapping u32 counter that skips outstanding ids."""
+        if self._role is not Role.SERVER:
+            raise LocalProtocolError(
+                "only the backend (SERVER) announces hot-plug changes; a frontend "
+                "acknowledges them with DeviceChangeAck using the change id it received"
+            )
+        cid = self._next_change_id
+        while cid in self._changes:
+            cid = (cid + 1) & U32
+        self._next_change_id = (cid + 1) & U32
         return cid
 
     def can_send(self, msg: Message | type[Message]) -> bool:
@@ -544,6 +595,9 @@ class Connection:
             self.peer_goodbye = msg
 
     def _check_event(self, direction: Direction, msg: Message) -> None:
+        if isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent):
+            self._check_change(direction, msg)
+            return
         if not isinstance(msg, DmaReadCall | DmaWriteCall):
             return
         cid = msg.call_id
@@ -575,7 +629,9 @@ class Connection:
                 )
 
     def _commit_event(self, direction: Direction, msg: Message) -> None:
-        if isinstance(msg, DmaReadCall):
+        if isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent):
+            self._changes.add(msg.change_id)
+        elif isinstance(msg, DmaReadCall):
             self._calls[msg.call_id] = msg.length
         elif isinstance(msg, DmaWriteCall):
             self._calls[msg.call_id] = 0
@@ -616,6 +672,54 @@ class Connection:
     def _commit_call_result(self, direction: Direction, msg: Message) -> None:
         assert isinstance(msg, DmaCallResult)
         del self._calls[msg.call_id]
+
+    def _check_change(
+        self, direction: Direction, msg: DeviceAddedEvent | DeviceRemovedEvent
+    ) -> None:
+        """A hot-plug event: the feature, a fresh change id, and the frontend's in-flight cap."""
+        cid = msg.change_id
+        if HOTPLUG_FEATURE not in self.features:
+            self._broken(
+                direction,
+                f"{type(msg).__name__} needs the {HOTPLUG_FEATURE!r} feature, which was not "
+                "negotiated on this connection; a backend announces hot-plug only to "
+                "frontends that offered it",
+            )
+        if cid in self._changes:
+            self._broken(
+                direction,
+                f"hot-plug change id {cid} is still awaiting its acknowledgement; "
+                "an acknowledgement could not say which change it answers",
+            )
+        cap = self._side_limits()[0].max_in_flight
+        if len(self._changes) >= cap:
+            self._broken(
+                direction,
+                f"{len(self._changes)} hot-plug changes await acknowledgement and the "
+                f"frontend accepts at most {cap} (its max_in_flight); wait for a "
+                "DeviceChangeAck first",
+                TooManyInFlightError,
+            )
+
+    def _check_change_ack(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, DeviceChangeAck)
+        cid = msg.change_id
+        if cid not in self._changes:
+            if direction is _SEND:
+                self._broken(
+                    direction,
+                    f"no hot-plug change {cid} is owed: a DeviceChangeAck acknowledges a "
+                    "DeviceAddedEvent/DeviceRemovedEvent received from the backend, once",
+                )
+            self._broken(
+                direction,
+                f"the frontend acknowledged hot-plug change {cid}, which is not "
+                "outstanding (never announced, or already acknowledged)",
+            )
+
+    def _commit_change_ack(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, DeviceChangeAck)
+        self._changes.discard(msg.change_id)
 
     # ------------------------------------------------------------------ conveniences
 
@@ -709,6 +813,7 @@ _CHECKS: dict[MessageKind, _Rule] = {
     _K.WELCOME: Connection._check_welcome,
     _K.EVENT: Connection._check_event,
     _K.CALL_RESULT: Connection._check_call_result,
+    _K.CHANGE_ACK: Connection._check_change_ack,
 }
 
 #: What each kind of message changes once it passed (absent: only the state).
@@ -721,4 +826,5 @@ _COMMITS: dict[MessageKind, _Rule] = {
     _K.GOODBYE: Connection._commit_goodbye,
     _K.EVENT: Connection._commit_event,
     _K.CALL_RESULT: Connection._commit_call_result,
+    _K.CHANGE_ACK: Connection._commit_change_ack,
 }
