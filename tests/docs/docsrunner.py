@@ -22,8 +22,8 @@ sessions find ``pciback``, ``pcifront``, ``python`` and ``pytest`` first on PATH
 virtual environment where pcisplit is installed from its wheel (not editable), so
 the documentation is checked against what users install.
 
-This module is the sybil parser and its evaluators; the repository's top-level
-``conftest.py`` hands it to pytest.
+This module is the sybil parser and its evaluators; ``tests/docs/plugin.py`` hands
+it to pytest.
 """
 
 from __future__ import annotations

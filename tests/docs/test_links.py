@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 TOP_DIRS = ("pciback", "pcifront", "shared", "tests", "docs", "examples", "benchmarks", "fuzz")
-REPO_PATH = re.compile(r"`((?:%s)/[\w./*-]*)`" % "|".join(TOP_DIRS))
+REPO_PATH = re.compile(r"`((?:" + "|".join(TOP_DIRS) + r")/[\w./*-]*)`")
 FENCE = re.compile(r"^(`{3,}|~{3,}).*?^\1", re.M | re.S)
 
 
