@@ -23,6 +23,7 @@ from pciback.devices import (
     InterruptSink,
     SnapshotDevice,
 )
+from pciback.firmware import GuestFirmware
 from pciback.policy import AuditLog
 from pciback.runtime import DeviceDmaPort, DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError
@@ -152,6 +153,10 @@ class DeviceRegistry:
         # a device that is leaving (never reused before it is released).
         self._gone: dict[str, set[int]] = {name: set() for name in config.guests}
         self._held: dict[str, set[int]] = {name: set() for name in config.guests}
+        #: Each guest's firmware: its address windows and what it assigned.
+        self.firmware: dict[str, GuestFirmware] = {
+            name: GuestFirmware(name) for name in config.guests
+        }
         #: Called with a device after :meth:`unassign` (the IRQ router forgets its state).
         self.release_hooks: list[Callable[[ServedDevice], None]] = []
         for dev in self._devices.values():
@@ -188,6 +193,7 @@ class DeviceRegistry:
         dev.access = make_access(
             dev.provider, dev.config, guest=guest, quirks=self.config.quirks, audit=self.audit
         )
+        dev.access.apply_firmware(self.firmware[guest].setup(dev.id, dev.provider, address))
         dev.guest, dev.address = guest, address
         bus[address.pack()] = dev
         self._gone[guest].discard(address.pack())
@@ -275,8 +281,11 @@ class DeviceRegistry:
         dev.provider.reset()
         for hook in self.release_hooks:
             hook(dev)
-        if dev.leaving is not None and dev.leaving_address is not None:
-            self._held[dev.leaving].discard(dev.leaving_address.pack())
+        if dev.leaving is not None:
+            # Its guest-physical windows, like its virtual address, are held until now.
+            self.firmware[dev.leaving].release(dev.id)
+            if dev.leaving_address is not None:
+                self._held[dev.leaving].discard(dev.leaving_address.pack())
         dev.leaving, dev.leaving_address = None, None
 
     def devices_of(self, guest: str) -> list[ServedDevice]:

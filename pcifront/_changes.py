@@ -274,7 +274,7 @@ class ChangeTracker:
         for packed, info in sorted(target.items()):
             prev = old.pop(packed, None)
             if prev is not None and _same_device(prev.info, info):
-                prev.info = info  # the latest image (include_config)
+                prev._update(info)  # the latest image (include_config)
                 devices.append(prev)
                 continue
             if prev is not None:
