@@ -135,6 +135,9 @@ class BackendConfig:
     #: ``[transport]``: shm adaptive-polling budget in microseconds (0: off) and ring size.
     shm_poll_us: float = 0.0
     shm_ring_size: int = 256 * 1024
+    #: ``[hotplug]``: how long a hot-plug operation waits for the guest's
+    #: acknowledgement; after it a removal is forced (and logged).
+    hotplug_ack_timeout: float = 5.0
     #: ``hide``: host addresses never offered to any guest (globs allowed).
     hide: tuple[HidePattern, ...] = ()
     #: ``control``: the admin socket (None: beside the first unix: listener).
@@ -272,7 +275,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         raw,
         {
             "listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma",
-            "transport", "hide", "control", "listen_mode", "listen_group",
+            "transport", "hide", "control", "listen_mode", "listen_group", "hotplug",
         },
         source,
     )
@@ -337,6 +340,9 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
                         "transport.shm_ring_size", "a size in bytes")
     if ring_size < 4096 or ring_size & (ring_size - 1):
         raise ConfigFileError("transport.shm_ring_size: must be a power of two >= 4096")
+    hotplug = _expect(raw.get("hotplug", {}), dict, "hotplug", "a table")
+    _known_keys(hotplug, {"ack_timeout"}, "hotplug")
+    ack_timeout = _positive(hotplug, "ack_timeout", 5.0, "hotplug", "seconds")
     mode_text = _expect(raw.get("listen_mode", "0600"), str, "listen_mode", 'an octal mode "0660"')
     if re.fullmatch(r"0?[0-7]{3}", mode_text) is None:
         raise ConfigFileError(f'listen_mode: {mode_text!r} is not an octal mode such as "0660"')
@@ -356,6 +362,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         dma_timeout,
         float(poll_us),
         ring_size,
+        hotplug_ack_timeout=ack_timeout,
         hide=hide,
         control=control,
         listen_mode=int(mode_text, 8),

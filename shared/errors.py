@@ -51,6 +51,8 @@ class ErrorCode(enum.IntEnum):
     #: The connection could not prove it may act as the guest it named
     #: (wrong UNIX uid/gid, certificate name or token).
     NOT_AUTHORIZED = 14
+    #: The device was hot-unplugged from the guest's bus (a request on its old address).
+    DEVICE_REMOVED = 15
 
 
 class PcisplitError(Exception):
