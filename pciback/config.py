@@ -44,6 +44,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pciback.devices import SYSFS_PCI_DEVICES
 from pciback.identity import GUEST_KEYS, GuestConfig, parse_guest, tls_listeners
 from pciback.policy import PolicyConfig, QuirkConfig
 from shared.errors import ConfigFileError, LocalProtocolError, did_you_mean
@@ -145,6 +146,8 @@ class BackendConfig:
     #: ``listen_mode`` / ``listen_group``: mode and group of unix:/shm: socket files.
     listen_mode: int = 0o600
     listen_group: int | None = None
+    #: ``sysfs_root``: where host devices are read (a copy of the tree for tests).
+    sysfs_root: Path = SYSFS_PCI_DEVICES
     #: The directory relative paths were resolved against.
     base: Path = field(default_factory=Path.cwd)
 
@@ -276,6 +279,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         {
             "listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma",
             "transport", "hide", "control", "listen_mode", "listen_group", "hotplug",
+            "sysfs_root",
         },
         source,
     )
@@ -368,6 +372,10 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         listen_mode=int(mode_text, 8),
         listen_group=_group(raw.get("listen_group")),
         base=base,
+        sysfs_root=(
+            _path(raw["sysfs_root"], "sysfs_root", base) if "sysfs_root" in raw
+            else SYSFS_PCI_DEVICES
+        ),
     )
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
 from pciback.access import DeviceAccess, make_access
 from pciback.config import BackendConfig, DeviceConfig
 from pciback.devices import (
+    SYSFS_PCI_DEVICES,
     DeviceProvider,
     EduDevice,
     HostDevice,
@@ -96,6 +98,17 @@ class ServedDevice:
     #: free (between :meth:`DeviceRegistry.detach` and :meth:`DeviceRegistry.release`).
     leaving: str | None = None
     leaving_address: PciAddress | None = None
+    #: Hidden devices are offered to nobody (``hide`` in the config, ``pciback ctl hide``).
+    hidden: bool = False
+
+    @property
+    def state(self) -> str:
+        """``assigned``, ``leaving`` (removal in progress), ``hidden`` or ``free``."""
+        if self.guest is not None:
+            return "assigned"
+        if self.leaving is not None:
+            return "leaving"
+        return "hidden" if self.hidden else "free"
 
     @property
     def id(self) -> str:
@@ -119,7 +132,9 @@ class ServedDevice:
         self.access.reset()
 
 
-def build_provider(cfg: DeviceConfig) -> tuple[DeviceProvider, PciAddress | None]:
+def build_provider(
+    cfg: DeviceConfig, sysfs_root: Path = SYSFS_PCI_DEVICES
+) -> tuple[DeviceProvider, PciAddress | None]:
     """Instantiate the provider a ``[[device]]`` table describes."""
     try:
         if cfg.kind == "emulated":
@@ -132,7 +147,7 @@ def build_provider(cfg: DeviceConfig) -> tuple[DeviceProvider, PciAddress | None
             )
             return dev, dev.address
         assert cfg.address is not None
-        return HostDevice(cfg.address, writable=cfg.writable), cfg.address
+        return HostDevice(cfg.address, writable=cfg.writable, sysfs_root=sysfs_root), cfg.address
     except ConfigFileError:
         raise
     except (PcisplitError, OSError, ValueError) as exc:
@@ -147,9 +162,11 @@ class DeviceRegistry:
         self._devices: dict[str, ServedDevice] = {}
         self.audit = AuditLog(rate=config.audit_rate, burst=config.audit_burst)
         for cfg in config.devices:
-            provider, physical = build_provider(cfg)
-            self._devices[cfg.id] = ServedDevice(cfg, provider, physical)
+            provider, physical = build_provider(cfg, config.sysfs_root)
+            hidden = config.is_hidden(physical) is not None
+            self._devices[cfg.id] = ServedDevice(cfg, provider, physical, hidden=hidden)
         self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}
+        self._views = {name: g.bus for name, g in config.guests.items()}
         # Per guest: addresses whose device was removed and not since reused
         # (answered DEVICE_REMOVED, not NOT_FOUND), and addresses still held by
         # a device that is leaving (never reused before it is released).
@@ -184,6 +201,12 @@ class DeviceRegistry:
                 f"device {device_id} is already assigned to guest {dev.guest!r}",
                 code=ErrorCode.BUSY,
             )
+        if dev.hidden:
+            raise PcisplitError(
+                f"device {device_id} is hidden and offered to nobody; unhide it first "
+                f"(pciback ctl unhide {device_id}, or drop it from hide in the config)",
+                code=ErrorCode.ACCESS_DENIED,
+            )
         if dev.leaving is not None:
             raise PcisplitError(
                 f"device {device_id} is still being removed from guest {dev.leaving!r} "
@@ -191,7 +214,7 @@ class DeviceRegistry:
                 code=ErrorCode.BUSY,
             )
         bus = self._buses[guest]
-        address = self._place(bus, dev, self._held[guest])
+        address = self._place(bus, dev, self._held[guest], guest)
         dev.access = make_access(
             dev.provider, dev.config, guest=guest, quirks=self.config.quirks, audit=self.audit
         )
@@ -202,9 +225,15 @@ class DeviceRegistry:
         return address
 
     def _place(
-        self, bus: dict[int, ServedDevice], dev: ServedDevice, held: set[int]
+        self, bus: dict[int, ServedDevice], dev: ServedDevice, held: set[int], guest: str
     ) -> PciAddress:
         function = dev.config.function
+        if dev.physical is not None and self._views.get(guest) == "passthrough":
+            # bus = "passthrough": the guest sees the host address (one owner per host
+            # address, so only a virtual device placed first could be in the way).
+            taken = dev.physical.pack() in bus or dev.physical.pack() in held
+            if not taken:
+                return dev.physical
         if dev.physical is not None and function is None:
             function = dev.physical.function
             # Functions of one physical slot share a virtual slot.
@@ -289,6 +318,43 @@ class DeviceRegistry:
             if dev.leaving_address is not None:
                 self._held[dev.leaving].discard(dev.leaving_address.pack())
         dev.leaving, dev.leaving_address = None, None
+
+    def add_guest(self, name: str, bus: str = "virtual") -> None:
+        """A guest declared by a config reload: an empty bus of its own."""
+        if name in self._buses:
+            return
+        self._buses[name] = {}
+        self._views[name] = bus
+        self._gone[name] = set()
+        self._held[name] = set()
+        self.firmware[name] = GuestFirmware(name)
+
+    def find(self, text: str) -> ServedDevice:
+        """A device by its id or by its host address (``0000:03:00.0``, ``03:00.0``)."""
+        if text in self._devices:
+            return self._devices[text]
+        try:
+            address = PciAddress.parse(text)
+        except ValueError:
+            address = None
+        for dev in self._devices.values():
+            if address is not None and dev.physical == address:
+                return dev
+        raise NotAssignedError(
+            f"no device with id or host address {text!r}; "
+            + did_you_mean(text, list(self._devices))
+        )
+
+    def set_hidden(self, device_id: str, hidden: bool) -> None:
+        """Hide a free device from every guest, or offer it again."""
+        dev = self.get(device_id)
+        if hidden and dev.state in ("assigned", "leaving"):
+            owner = dev.guest or dev.leaving
+            raise PcisplitError(
+                f"device {device_id} is assigned to guest {owner!r}; unassign it before hiding it",
+                code=ErrorCode.BUSY,
+            )
+        dev.hidden = hidden
 
     def devices_of(self, guest: str) -> list[ServedDevice]:
         """The guest's devices in virtual-address order."""

@@ -7,6 +7,7 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -15,13 +16,14 @@ from pciback.dma import DmaHub
 from pciback.hotplug import Hotplug, HotplugResult
 from pciback.identity import authorize
 from pciback.irq import InterruptLimits, IrqRouter
-from pciback.registry import DeviceRegistry
+from pciback.registry import DeviceRegistry, ServedDevice
 from pciback.session import GuestSession
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError, RemoteProtocolError
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
     HOTPLUG_FEATURE,
     Connection,
+    Goodbye,
     Hello,
     Role,
 )
@@ -101,8 +103,14 @@ class Backend:
         registry: DeviceRegistry | None = None,
         handshake_timeout: float = 10.0,
         clock: Callable[[], float] = trio.current_time,
+        control: Path | None = None,
     ) -> None:
         self.config = config
+        #: The admin socket ``serve`` opens (``pciback ctl``); None: no control socket.
+        self.control_path = control
+        self.started_at: float | None = None
+        #: Device resets that failed (logged); a device that cannot be reset is not trusted.
+        self.reset_failures = 0
         self.registry = registry or DeviceRegistry(config)
         #: Interrupt delivery; ``clock`` drives its rate limits (MockClock in tests).
         self.irq = IrqRouter(
@@ -146,6 +154,43 @@ class Backend:
         """
         return await self.hotplug.unassign(device_id, reason=reason)
 
+    async def say_goodbye(self, message: str) -> None:
+        """Tell every connected guest that the backend is going away (before stopping).
+
+        Each guest gets at most a second: one that does not read is not waited for.
+        """
+        for session in list(self.sessions):
+            with trio.move_on_after(1.0):
+                try:
+                    await session.send(Goodbye(ErrorCode.OK, message[:1000]))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, PcisplitError) as exc:
+                    log.info("guest %s: could not say goodbye: %s", session.guest, exc)
+
+    async def reset_device(self, dev: ServedDevice, why: str) -> None:
+        """Reset one device under its lock: the model, the policy's registers, the IRQ state.
+
+        Used when a guest's last connection ends and when the backend stops;
+        removal from a guest resets through :meth:`DeviceRegistry.release`.
+        Shielded: a reset that has begun always completes. A failure is logged
+        and counted, never raised into the caller's teardown.
+        """
+        with trio.CancelScope(shield=True):
+            async with dev.lock:
+                try:
+                    if dev.guest is not None:
+                        dev.reset()
+                    else:
+                        if dev.runtime is not None:
+                            dev.runtime.cancel_background()
+                        dev.provider.reset()
+                    for hook in self.registry.release_hooks:
+                        hook(dev)
+                except PcisplitError as exc:
+                    self.reset_failures += 1
+                    log.error("device %s: reset after %s failed: %s", dev.id, why, exc)
+                else:
+                    log.info("device %s reset (%s)", dev.id, why)
+
     def _options(self, address: str) -> TransportOptions:
         return TransportOptions(
             ssl_context=self._ssl,
@@ -175,11 +220,21 @@ class Backend:
                         )
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
+                if self.control_path is not None:
+                    from pciback.control import serve_control
+
+                    await nursery.start(serve_control, self, self.control_path)
+                self.started_at = trio.current_time()
                 task_status.started([lst.address for lst in self.listeners])
         finally:
             with trio.CancelScope(shield=True):
                 for listener in self.listeners:
                     await listener.aclose()
+                # Shutdown is a release too: nothing a guest wrote outlives the service
+                # (a writable host device gets its saved config back).
+                for dev in self.registry:
+                    if dev.guest is not None or dev.leaving is not None:
+                        await self.reset_device(dev, "the backend stopped")
 
     def _set_socket_mode(self, address: str) -> None:
         """Apply ``listen_mode``/``listen_group`` to a unix:/shm: socket file."""
@@ -303,3 +358,8 @@ class Backend:
             await session.run()
         finally:
             self.sessions.remove(session)
+            if not self.sessions_of(guest):
+                # The guest's last connection ended (goodbye, crash, kill -9): whatever it
+                # wrote must not reach whoever connects next (XSA-306).
+                for dev in self.registry.devices_of(guest):
+                    await self.reset_device(dev, f"guest {guest} disconnected")

@@ -14,7 +14,8 @@ BAR sizes come from the sysfs ``resource`` file. BAR *access* (mapping
 ``resourceN``) is not implemented: it answers ``NOT_IMPLEMENTED``. Mapping a
 real device's registers needs ``writable=True`` and a later issue's work; the
 machines this is developed on must never have their devices' BARs touched.
-Device reset is not implemented either (it would write sysfs ``reset``).
+Reset never writes sysfs ``reset``: a writable device gets the config space
+it had when it was opened written back (:meth:`HostDevice.reset`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from ._base import BarKind, BarSpec, DeviceProvider, DeviceSetupError
 __all__ = ["HostDevice", "SYSFS_PCI_DEVICES", "parse_resource_file"]
 
 SYSFS_PCI_DEVICES = Path("/sys/bus/pci/devices")
+
+#: The dword holding the command and status registers (restored last, command only).
+_COMMAND_DWORD = 0x04
 
 # Linux's IORESOURCE_* flags as sysfs prints them in ``resource``.
 _IORESOURCE_IO = 0x0000_0100
@@ -115,6 +119,9 @@ class HostDevice(DeviceProvider):
         try:
             self._config_size, self.restricted = self._probe_size()
             self._bars, self._rom_size = self._read_resources()
+            #: The config space as it was when we opened the device: what
+            #: :meth:`reset` puts back before anyone else gets it (XSA-306).
+            self.saved_config = self.config_image() if writable else b""
         except BaseException:
             os.close(self._fd)
             raise
@@ -207,11 +214,31 @@ class HostDevice(DeviceProvider):
         self._bar_not_implemented(bar)
 
     def reset(self) -> None:
-        raise PcisplitError(
-            f"resetting host device {self.address} is not implemented: it would write the "
-            "device's sysfs reset file, which pcisplit does not do",
-            code=ErrorCode.NOT_IMPLEMENTED,
-        )
+        """Put back the config space saved when the device was opened.
+
+        A read-only device needs nothing: no guest write ever reached it (the
+        policy's virtual registers are reset by the policy). A writable one
+        gets every dword that differs from the saved image written back, the
+        command register last so decoding is re-enabled only once the BARs
+        and capabilities hold their saved values. This never uses the sysfs
+        ``reset`` file (a function-level reset is the kernel's business).
+        """
+        if not self.writable:
+            return
+        current = self.config_image()
+        dwords = [
+            off
+            for off in range(0, len(self.saved_config), 4)
+            if current[off : off + 4] != self.saved_config[off : off + 4] and off != _COMMAND_DWORD
+        ]
+        if current[4:6] != self.saved_config[4:6]:
+            dwords.append(_COMMAND_DWORD)
+        saved = self.saved_config
+        for off in dwords:
+            # Status (the command dword's upper half) is RW1C: writing its saved bits
+            # back would clear them, so only the command half is restored.
+            size = 2 if off == _COMMAND_DWORD else 4
+            self.config_write(off, size, int.from_bytes(saved[off : off + size], "little"))
 
     # -- internals -------------------------------------------------------------------------
 

@@ -159,9 +159,7 @@ def test_fake_tree_read_only_by_default(tmp_path: Path) -> None:
             dev.config_write(Reg.COMMAND, 2, 0)
         assert info.value.code is ErrorCode.ACCESS_DENIED
         assert "writable" in str(info.value)
-        with pytest.raises(PcisplitError) as reset_info:
-            dev.reset()
-        assert reset_info.value.code is ErrorCode.NOT_IMPLEMENTED
+        dev.reset()  # nothing could have been written: nothing to restore
         with pytest.raises(ConfigAccessError) as bar_info:
             dev.bar_read(0, 0, 4)
         assert bar_info.value.code is ErrorCode.NOT_FOUND
@@ -201,3 +199,16 @@ def test_too_short_config_rejected(tmp_path: Path) -> None:
     fake_device(tmp_path, "0000:00:07.0", bytes(32), "")
     with pytest.raises(PcisplitError, match="64-byte header"):
         HostDevice("0000:00:07.0", sysfs_root=tmp_path)
+
+
+def test_writable_reset_restores_the_config_saved_at_open(tmp_path: Path) -> None:
+    config = sample_config()
+    path = fake_device(tmp_path, "0000:00:07.0", config, "")
+    with HostDevice("00:07.0", writable=True, sysfs_root=tmp_path) as dev:
+        assert dev.saved_config == config
+        dev.config_write(Reg.COMMAND, 2, 0x0007)
+        dev.config_write(0x10, 4, 0xFEB00000)
+        dev.config_write(0x3C, 1, 0x0B)
+        assert (path / "config").read_bytes() != config
+        dev.reset()
+        assert (path / "config").read_bytes() == config

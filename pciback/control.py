@@ -1,0 +1,267 @@
+"""The control API: a separate, private UNIX socket for the operator (``pciback ctl``).
+
+Guests never see this socket. It is created with mode 0600 (only the
+backend's user, and root, can connect) and every connection's peer
+credentials are checked again: only uid 0 and the backend's own uid may
+use it.
+
+The wire format is one JSON object per line, request then answer, as many as
+the client likes on one connection::
+
+    {"command": "assign", "device": "edu1", "guest": "beta"}
+    {"ok": true, "result": {...}, "text": "device edu1 assigned to guest beta at 0000:00:01.0 ..."}
+    {"ok": false, "error": "device edu9 ...", "code": "NOT_FOUND"}
+
+Commands: ``status``, ``list`` (the host view of every device), ``assign``,
+``unassign``, ``hide``, ``unhide``, ``reset``. ``device`` is a device id or a
+host address. Assign and unassign are the hot-plug operations of
+:class:`pciback.service.Backend`, the same ones a config reload (SIGHUP) uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from shared.errors import ErrorCode, PcisplitError
+from shared.transport._identity import peercred_identity
+
+if TYPE_CHECKING:
+    from pciback.registry import ServedDevice
+    from pciback.service import Backend
+
+__all__ = ["serve_control", "ControlApi", "ControlError", "COMMANDS", "MAX_REQUEST"]
+
+log = logging.getLogger("pcisplit.backend")
+
+#: Longest request line accepted (a request is a few short names).
+MAX_REQUEST = 4096
+
+COMMANDS = ("status", "list", "assign", "unassign", "hide", "unhide", "reset")
+
+
+class ControlError(PcisplitError):
+    """A control request was malformed or refused; the message says why."""
+
+    code = ErrorCode.INVALID_STATE
+
+
+def _string(request: dict[str, Any], key: str, command: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise ControlError(f"{command} needs {key!r} (a string)", code=ErrorCode.PROTOCOL_ERROR)
+    return value
+
+
+def device_row(dev: ServedDevice) -> dict[str, Any]:
+    """One device of the host view."""
+    cfg = dev.config
+    provider = cfg.kind + (f":{cfg.model}" if cfg.model else "")
+    virtual = dev.address or dev.leaving_address
+    return {
+        "id": dev.id,
+        "provider": provider,
+        "owner": dev.guest or dev.leaving,
+        "hidden": dev.hidden,
+        "state": dev.state,
+        "virtual": str(virtual) if virtual is not None else None,
+        "host": str(dev.physical) if dev.physical is not None else None,
+    }
+
+
+class ControlApi:
+    """Answers control requests against one running :class:`Backend`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[tuple[Any, str]]]] = {
+            "status": self._status,
+            "list": self._list,
+            "assign": self._assign,
+            "unassign": self._unassign,
+            "hide": self._hide,
+            "unhide": self._unhide,
+            "reset": self._reset,
+        }
+
+    async def handle(self, request: Any) -> dict[str, Any]:
+        """One request object -> one answer object (never raises for a bad request)."""
+        try:
+            if not isinstance(request, dict):
+                raise ControlError("a request is a JSON object", code=ErrorCode.PROTOCOL_ERROR)
+            command = request.get("command")
+            handler = self._handlers.get(command) if isinstance(command, str) else None
+            if handler is None:
+                raise ControlError(
+                    f"unknown command {command!r}; known: {', '.join(COMMANDS)}",
+                    code=ErrorCode.PROTOCOL_ERROR,
+                )
+            result, text = await handler(request)
+        except PcisplitError as exc:
+            return {"ok": False, "error": str(exc), "code": exc.code.name}
+        return {"ok": True, "result": result, "text": text}
+
+    async def _status(self, request: dict[str, Any]) -> tuple[Any, str]:
+        backend = self.backend
+        started = backend.started_at
+        uptime = 0.0 if started is None else trio.current_time() - started
+        guests = {}
+        for name in backend.config.guests:
+            guests[name] = {
+                "connections": len(backend.sessions_of(name)),
+                "devices": [dev.id for dev in backend.registry.devices_of(name)],
+            }
+        stats = asdict(backend.stats)
+        stats["forced_removals"] = backend.hotplug.forced_removals
+        stats["reset_failures"] = backend.reset_failures
+        result = {
+            "uptime": round(uptime, 3),
+            "listen": [lst.address for lst in backend.listeners],
+            "connections": len(backend.sessions),
+            "guests": guests,
+            "counters": stats,
+        }
+        lines = [
+            f"uptime {uptime:.0f} s, {len(backend.sessions)} connection(s) on "
+            + (", ".join(result["listen"]) or "nothing")
+        ]
+        for name, info in guests.items():
+            devices = ", ".join(info["devices"]) or "no devices"
+            lines.append(f"guest {name}: {info['connections']} connection(s), {devices}")
+        flat = [f"{k} {v}" for k, v in stats.items() if not isinstance(v, dict)]
+        lines.append("counters: " + ", ".join(flat))
+        return result, "\n".join(lines)
+
+    async def _list(self, request: dict[str, Any]) -> tuple[Any, str]:
+        rows = [device_row(dev) for dev in self.backend.registry]
+        header = ("ID", "PROVIDER", "OWNER", "HIDDEN", "STATE", "VIRTUAL", "HOST")
+        table = [header] + [
+            (
+                r["id"],
+                r["provider"],
+                r["owner"] or "-",
+                "yes" if r["hidden"] else "no",
+                r["state"],
+                r["virtual"] or "-",
+                r["host"] or "-",
+            )
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        text = "\n".join(
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in table
+        )
+        return rows, text
+
+    def _device(self, request: dict[str, Any], command: str) -> ServedDevice:
+        return self.backend.registry.find(_string(request, "device", command))
+
+    async def _assign(self, request: dict[str, Any]) -> tuple[Any, str]:
+        dev = self._device(request, "assign")
+        guest = _string(request, "guest", "assign")
+        result = await self.backend.assign(dev.id, guest)
+        return result.as_dict(), result.describe()
+
+    async def _unassign(self, request: dict[str, Any]) -> tuple[Any, str]:
+        dev = self._device(request, "unassign")
+        result = await self.backend.unassign(dev.id)
+        return result.as_dict(), result.describe()
+
+    async def _hide(self, request: dict[str, Any]) -> tuple[Any, str]:
+        dev = self._device(request, "hide")
+        self.backend.registry.set_hidden(dev.id, True)
+        log.info("device %s hidden by the operator", dev.id)
+        return device_row(dev), f"device {dev.id} is hidden"
+
+    async def _unhide(self, request: dict[str, Any]) -> tuple[Any, str]:
+        dev = self._device(request, "unhide")
+        self.backend.registry.set_hidden(dev.id, False)
+        log.info("device %s unhidden by the operator", dev.id)
+        return device_row(dev), f"device {dev.id} is offered again"
+
+    async def _reset(self, request: dict[str, Any]) -> tuple[Any, str]:
+        dev = self._device(request, "reset")
+        failures = self.backend.reset_failures
+        await self.backend.reset_device(dev, "a reset by the operator")
+        if self.backend.reset_failures != failures:
+            raise ControlError(
+                f"device {dev.id} could not be reset; see the backend's log",
+                code=ErrorCode.OPERATION_FAILED,
+            )
+        return device_row(dev), f"device {dev.id} reset"
+
+
+async def _serve_client(api: ControlApi, stream: trio.SocketStream) -> None:
+    peer = peercred_identity(stream.socket, "control")
+    async with stream:
+        if peer.uid not in (0, os.geteuid()):
+            # The socket's mode already keeps others out; this catches a loosened mode.
+            log.warning("control socket: refused %s", peer.describe())
+            await stream.send_all(
+                json.dumps({"ok": False, "error": "not authorized", "code": "NOT_AUTHORIZED"})
+                .encode() + b"\n"
+            )
+            return
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                if len(buffer) > MAX_REQUEST:
+                    log.warning("control socket: %s sent an over-long request", peer.describe())
+                    return
+                data = await stream.receive_some(MAX_REQUEST)
+                if not data:
+                    return
+                buffer += data
+            line, buffer = buffer.split(b"\n", 1)
+            try:
+                request = json.loads(line)
+            except ValueError as exc:
+                answer: dict[str, Any] = {
+                    "ok": False, "error": f"not JSON: {exc}", "code": "PROTOCOL_ERROR"
+                }
+            else:
+                answer = await api.handle(request)
+            await stream.send_all(json.dumps(answer).encode() + b"\n")
+
+
+async def serve_control(
+    backend: Backend, path: Path, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the control API on the UNIX socket ``path`` (mode 0600) until cancelled."""
+    from shared.transport._sockets import open_unix_listener_socket
+
+    api = ControlApi(backend)
+    old_umask = os.umask(0o177)  # the socket file is born 0600: no window where it is wider
+    try:
+        sock = await open_unix_listener_socket(str(path))
+    finally:
+        os.umask(old_umask)
+    inode = os.stat(path).st_ino
+    listener = trio.SocketListener(sock)
+    log.info("control socket at %s", path)
+    try:
+        async with trio.open_nursery() as nursery:
+            task_status.started(str(path))
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    log.warning("control socket: accept failed: %s", exc)
+                    await trio.sleep(0.1)  # EMFILE and friends: back off rather than spin
+                    continue
+                nursery.start_soon(_serve_client, api, stream)
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
