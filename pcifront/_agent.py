@@ -40,7 +40,7 @@ __all__ = ["add_agent_parser", "run_agent", "AgentOutput"]
 
 
 def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The ``agent`` subcommand's arguments (TLS options are added by the caller)."""
+    """The ``agent`` subcommand's arguments (TLS and token options are added by the caller)."""
     agent = sub.add_parser(
         "agent",
         help="run the guest agent: report device changes, reconnect when the backend restarts",
@@ -124,6 +124,7 @@ async def run_agent(
     output: AgentOutput,
     *,
     options: TransportOptions | None = None,
+    token: bytes | None = None,
     initial_delay: float = 0.1,
     max_delay: float = 10.0,
 ) -> int:
@@ -143,7 +144,7 @@ async def run_agent(
 
             nursery.start_soon(stop_on_signal)
             async with connect(
-                address, guest, options=options, reconnect=policy, timeout=None
+                address, guest, options=options, reconnect=policy, timeout=None, token=token
             ) as bus:
                 changes = bus.changes()  # before anything can change
                 output.connected(address, guest)
@@ -159,7 +160,9 @@ async def run_agent(
     return status
 
 
-def agent_main(args: argparse.Namespace, options: TransportOptions) -> int:
+def agent_main(
+    args: argparse.Namespace, options: TransportOptions, *, token: bytes | None = None
+) -> int:
     """``pcifront agent`` (called by :func:`pcifront.cli.main`)."""
     if not 0 < args.retry_initial <= 3600 or not 0 < args.retry_max <= 3600:
         print("pcifront agent: --retry-initial and --retry-max must be 0 < s <= 3600",
@@ -177,6 +180,7 @@ def agent_main(args: argparse.Namespace, options: TransportOptions) -> int:
                 args.guest,
                 output,
                 options=options,
+                token=token,
                 initial_delay=args.retry_initial,
                 max_delay=args.retry_max,
             )

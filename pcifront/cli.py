@@ -62,16 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="show only devices with these IDs",
     )
     lspci.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
-    _add_tls_arguments(lspci)
+    _add_connection_arguments(lspci)
     add_agent_parser(sub)
-    _add_tls_arguments(sub.choices["agent"])
+    _add_connection_arguments(sub.choices["agent"])
     return parser
 
 
-def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a guest proves itself: TLS client certificates and tokens."""
     parser.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
     parser.add_argument("--key", help="TLS client key (PEM)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
+    )
 
 
 def _dump_bytes(count: int) -> int:
@@ -92,11 +98,26 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
     return options
 
 
+def _read_token(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise PcisplitError(f"--token-file: cannot read {path}: {exc.strerror or exc}") from exc
+
+
 async def _lspci(args: argparse.Namespace) -> str:
     # Validate the selectors before connecting, so a typo costs no round trip.
     DeviceFilter.parse(args.slot, args.ids)
+    token = _read_token(args.token_file)
     async with connect(
-        args.connect, guest=args.guest, options=_tls_options(args), include_config=True
+        args.connect,
+        guest=args.guest,
+        options=_tls_options(args),
+        include_config=True,
+        token=token,
     ) as bus:
         devices = list(bus.devices)
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
@@ -113,7 +134,12 @@ async def _lspci(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "agent":
-        return agent_main(args, _tls_options(args))
+        try:
+            token = _read_token(args.token_file)
+        except PcisplitError as exc:
+            print(f"pcifront: {exc}", file=sys.stderr)
+            return 1
+        return agent_main(args, _tls_options(args), token=token)
     try:
         text = trio.run(_lspci, args)
     except PcisplitError as exc:
