@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import ssl
 from collections.abc import Callable, Sequence
@@ -358,7 +359,10 @@ class Backend:
             await session.run()
         finally:
             self.sessions.remove(session)
-            if not self.sessions_of(guest):
+            # A cancelled task here means the backend is stopping: serve() resets every
+            # device once its tasks are done, so this connection must not hold that up.
+            stopping = trio.current_effective_deadline() == -math.inf
+            if not stopping and not self.sessions_of(guest):
                 # The guest's last connection ended (goodbye, crash, kill -9): whatever it
                 # wrote must not reach whoever connects next (XSA-306).
                 for dev in self.registry.devices_of(guest):
