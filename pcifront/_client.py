@@ -60,7 +60,13 @@ __all__ = ["connect", "Bus", "Device", "BusStatistics", "FRONTEND_FEATURES"]
 log = logging.getLogger("pcisplit.frontend")
 
 FRONTEND_FEATURES = (
-    "bus-snapshot", "config-access", "bar-access", "reset", "ping", "interrupts", "dma",
+    "bus-snapshot",
+    "config-access",
+    "bar-access",
+    "reset",
+    "ping",
+    "interrupts",
+    "dma",
 )
 #: Writes below this offset may change what a device decodes (BARs, ROM, Command).
 _HEADER_SIZE = 0x48
@@ -297,8 +303,11 @@ class Bus:
         self.stats.dma_faults += 1
         log.warning(
             "device %s DMA fault: %s %d bytes at %#x: %s",
-            PciAddress.unpack(event.device), "write" if event.is_write else "read",
-            event.length, event.bus_address, event.message,
+            PciAddress.unpack(event.device),
+            "write" if event.is_write else "read",
+            event.length,
+            event.bus_address,
+            event.message,
         )
         try:
             self._faults_send.send_nowait(event)
@@ -350,9 +359,7 @@ class Bus:
         """One protocol round trip that touches no device."""
         await self._call(PingRequest)
 
-    async def _call(
-        self, make: Callable[[int], Request], *, fds: list[int] | None = None
-    ) -> Reply:
+    async def _call(self, make: Callable[[int], Request], *, fds: list[int] | None = None) -> Reply:
         if self._lost is not None:
             raise ConnectionLostError(self._lost)
         # Stay under the backend's in-flight limit. Parking only when full keeps the
@@ -522,7 +529,7 @@ async def _handshake(
     reply = conn.receive(frame)
     if isinstance(reply, HandshakeRejected):
         raise HandshakeError(reply.code, reply.message)
-    transport.set_max_frame_size(min(limits.max_message_size, conn.peer_limits.max_message_size))
+    transport.set_max_frame_size(conn.frame_size)
     await transport.start_session(is_server=False, max_frame_size=transport.max_frame_size)
     return conn
 
