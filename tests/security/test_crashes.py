@@ -30,7 +30,7 @@ import trio
 import pcifront
 from pciback.config import parse_config
 from pciback.service import Backend
-from pciback.testing import RunningBackend, running_backend
+from pciback.testing import TEST_TOKEN, RunningBackend, running_backend
 from shared.errors import ErrorCode
 from shared.protocol import (
     ConfigReadRequest,
@@ -92,7 +92,7 @@ async def attacker(
     transport = await open_transport(rb.address(kind), TransportOptions())
     async with transport:
         conn = Connection(Role.CLIENT, limits=limits, guest="attacker")
-        await transport.send_frame(conn.hello())
+        await transport.send_frame(conn.hello(TEST_TOKEN))  # tcp:// guests prove who they are
         assert isinstance(conn.receive(await transport.receive_frame()), Welcome)
         transport.set_max_frame_size(conn.frame_size)
         await transport.start_session(is_server=False, max_frame_size=conn.frame_size)
@@ -113,7 +113,7 @@ async def until_closed(transport: FrameTransport) -> list[Message]:
 
 async def still_serves_others(rb: RunningBackend, kind: str) -> None:
     """A well-behaved guest connects and gets correct answers; nothing was contained."""
-    async with pcifront.connect(rb.address(kind), guest="guest0") as bus:
+    async with pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus:
         assert await bus.devices[0].config_read(0, 4) == 0x11E81234
     assert rb.backend.statistics().connections_crashed == 0
 
@@ -185,7 +185,9 @@ async def test_frontend_cancelling_reads_then_leaving(kind: str, tmp_path: Path)
     """The ordinary program of the issue: 8 reads in a nursery, cancel it, leave."""
     async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
         for _ in range(3):
-            async with pcifront.connect(rb.address(kind), guest="attacker") as bus:
+            async with pcifront.connect(
+                rb.address(kind), guest="attacker", token=TEST_TOKEN
+            ) as bus:
                 edu = bus.devices[0]
                 async with trio.open_nursery() as nursery:
                     for i in range(8):
@@ -286,6 +288,7 @@ class _FlakyListener(FrameListener):
 
     def __init__(self, inner: FrameListener) -> None:
         self.inner = inner
+        self.address = inner.address.replace("memory:", "flaky-test:", 1)
         self.accepts = 0
 
     async def accept(self) -> FrameTransport:
