@@ -335,15 +335,12 @@ class Dispatcher:
         """Take the device's lock.
 
         Accesses are synchronous, so while we hold the lock without awaiting, nothing
-        else can touch the device. When the lock is free we take it with
-        ``acquire_nowait`` and skip a scheduler round trip on this hot path; when a
-        background task (a model's slow operation) holds it, we wait our turn.
+        else can touch the device. The lock is a :class:`~shared.sync.FastLock`:
+        when it is free taking it costs no scheduler round trip on this hot path;
+        when a background task (a model's slow operation) holds it, we wait our turn.
         """
         dev = self._device(packed)
-        if dev.lock.locked():
-            await dev.lock.acquire()
-        else:
-            dev.lock.acquire_nowait()
+        await dev.lock.acquire()
         return dev
 
     @staticmethod

@@ -27,6 +27,7 @@ from pciback.policy import AuditLog
 from pciback.runtime import DeviceDmaPort, DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError
 from shared.pci import PciAddress
+from shared.sync import FastLock
 
 __all__ = ["MODELS", "register_model", "ServedDevice", "DeviceRegistry", "NotAssignedError"]
 
@@ -74,7 +75,7 @@ class ServedDevice:
     access: DeviceAccess = field(default=None)  # type: ignore[assignment]
     guest: str | None = None
     address: PciAddress | None = None  # on the guest's virtual bus
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: FastLock = field(default_factory=FastLock)
     runtime: DeviceRuntime | None = None
 
     @property
