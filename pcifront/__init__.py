@@ -10,6 +10,7 @@
             buf.write(0, b"data for the device")
 """
 
+from pcifront import blocking
 from pcifront._client import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
 from pcifront._dma import DmaBuffer, DmaError
 from pcifront._errors import (
@@ -36,6 +37,7 @@ from shared.errors import ErrorCode
 
 __all__ = [
     "connect",
+    "blocking",
     "Bus",
     "Device",
     "BusStatistics",
