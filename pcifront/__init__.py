@@ -33,6 +33,7 @@ from pcifront._interrupts import (
 )
 from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
 from pcifront._pciids import PciIds
+from pcifront._resources import Resource, UnclaimedAddressError
 from shared.errors import ErrorCode
 
 __all__ = [
@@ -61,6 +62,8 @@ __all__ = [
     "error_for_code",
     "LspciOptionError",
     "PciIds",
+    "Resource",
+    "UnclaimedAddressError",
     "filter_devices",
     "format_listing",
     "render_lspci",

@@ -29,6 +29,7 @@ from shared.protocol._connection import (
 from shared.protocol._framing import FRAME_HEADER, FrameDecoder, encode_frame
 from shared.protocol._messages import (
     FUNCTION_MASK_VECTOR,
+    HOTPLUG_FEATURE,
     IRQ_MODE_INTX,
     IRQ_MODE_MSI,
     IRQ_MODE_MSIX,
@@ -46,7 +47,10 @@ from shared.protocol._messages import (
     BarWriteRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
+    DeviceAddedEvent,
+    DeviceChangeAck,
     DeviceInfo,
+    DeviceRemovedEvent,
     DmaCallResult,
     DmaFaultEvent,
     DmaMapRequest,
@@ -138,6 +142,11 @@ __all__ = [
     "DmaReadCall",
     "DmaWriteCall",
     "DmaCallResult",
+    # hot-plug
+    "HOTPLUG_FEATURE",
+    "DeviceAddedEvent",
+    "DeviceRemovedEvent",
+    "DeviceChangeAck",
     # codec
     "encode",
     "decode",

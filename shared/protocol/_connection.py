@@ -26,6 +26,18 @@ exactly one :class:`DmaCallResult`. The SERVER tracks the ids it awaits
 ``max_in_flight``); the CLIENT tracks the ids it owes
 (:attr:`Connection.owed_calls`).
 
+Hot-plug
+--------
+With the ``hotplug`` feature negotiated, the backend announces each device
+that joins or leaves the guest's bus with a :class:`DeviceAddedEvent` or
+:class:`DeviceRemovedEvent` carrying a ``change_id`` from
+:meth:`Connection.next_change_id`; the frontend acknowledges each with
+exactly one :class:`DeviceChangeAck`. The SERVER tracks the ids awaiting an
+acknowledgement (:attr:`Connection.outstanding_changes`, at most the
+frontend's ``max_in_flight``), the CLIENT the ids it owes
+(:attr:`Connection.owed_changes`). An acknowledgement of an id that is not
+outstanding, a reused id, or a hot-plug event without the feature is fatal.
+
 *Answerable* (the state stays ``OPEN``; a backend answers and carries on):
 a malformed request whose request id could be read (``PROTOCOL_ERROR``, or a
 precise code such as ``INVALID_SIZE``), an unknown operation
@@ -41,11 +53,15 @@ from collections.abc import Iterable
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol._codec import MalformedMessageError, decode, encode
 from shared.protocol._messages import (
+    HOTPLUG_FEATURE,
     MAX_DMA_CHUNK,
     MAX_TEXT_LEN,
     PROTOCOL_VERSION,
     U16,
     U32,
+    DeviceAddedEvent,
+    DeviceChangeAck,
+    DeviceRemovedEvent,
     DmaCallResult,
     DmaReadCall,
     DmaWriteCall,
@@ -164,10 +180,12 @@ class Connection:
 
     __slots__ = (
         "_calls",
+        "_changes",
         "_features",
         "_limits",
         "_local_version",
         "_next_call_id",
+        "_next_change_id",
         "_next_id",
         "_offered",
         "_peer_limits",
@@ -218,6 +236,10 @@ class Connection:
         # read length; 0 for a write), so both sides check the same rule.
         self._calls: dict[int, int] = {}
         self._next_call_id = 1
+        # Hot-plug events. SERVER: change ids awaiting an acknowledgement;
+        # CLIENT: change ids it owes an acknowledgement.
+        self._changes: set[int] = set()
+        self._next_change_id = 1
         #: The guest this connection acts for: requested (client) / claimed (server).
         self.guest: str | None = guest
         #: SERVER: the Hello the frontend sent.
@@ -323,6 +345,35 @@ class Connection:
         self._next_call_id = (cid + 1) & U32
         return cid
 
+    @property
+    def outstanding_changes(self) -> frozenset[int]:
+        """SERVER: change ids of hot-plug events sent and not yet acknowledged.
+
+        Always empty on a CLIENT (see :attr:`owed_changes`).
+        """
+        return frozenset(self._changes) if self._role is Role.SERVER else frozenset()
+
+    @property
+    def owed_changes(self) -> frozenset[int]:
+        """CLIENT: change ids of hot-plug events received and not yet acknowledged.
+
+        Always empty on a SERVER (see :attr:`outstanding_changes`).
+        """
+        return frozenset(self._changes) if self._role is Role.CLIENT else frozenset()
+
+    def next_change_id(self) -> int:
+        """SERVER: a fresh change id: a wrapping u32 counter that skips outstanding ids."""
+        if self._role is not Role.SERVER:
+            raise LocalProtocolError(
+                "only the backend (SERVER) announces hot-plug changes; a frontend "
+                "acknowledges them with DeviceChangeAck using the change id it received"
+            )
+        cid = self._next_change_id
+        while cid in self._changes:
+            cid = (cid + 1) & U32
+        self._next_change_id = (cid + 1) & U32
+        return cid
+
     def __repr__(self) -> str:
         return (
             f"<Connection {self._role.name} {self._state.name} guest={self.guest!r} "
@@ -377,6 +428,8 @@ class Connection:
             self._check_call_send(msg)
         elif isinstance(msg, DmaCallResult):
             self._check_call_result(msg, self._calls.get(msg.call_id), LocalProtocolError)
+        elif isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent | DeviceChangeAck):
+            self._check_change(msg, LocalProtocolError)
 
         data = encode(msg)
         limit = self._peer_limits.max_message_size
@@ -406,6 +459,10 @@ class Connection:
             self._calls[msg.call_id] = 0
         elif isinstance(msg, DmaCallResult):
             del self._calls[msg.call_id]
+        elif isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent):
+            self._changes.add(msg.change_id)
+        elif isinstance(msg, DeviceChangeAck):
+            self._changes.discard(msg.change_id)
         self._state = target
         return data
 
@@ -462,6 +519,53 @@ class Connection:
             raise error(
                 f"DmaCallResult for call {msg.call_id} failed with {msg.code.name} but "
                 f"carries {len(msg.data)} bytes; a failed result carries no data"
+            )
+
+    def _check_change(
+        self,
+        msg: DeviceAddedEvent | DeviceRemovedEvent | DeviceChangeAck,
+        error: type[LocalProtocolError] | type[RemoteProtocolError],
+    ) -> None:
+        """The hot-plug rules, checked by the sender and the receiver alike.
+
+        ``error`` is Local on send (our bug) and Remote on receive (the
+        peer's). The state tables already ensure that only the backend sends
+        events and only the frontend acknowledges.
+        """
+        cid = msg.change_id
+        if isinstance(msg, DeviceChangeAck):
+            if cid not in self._changes:
+                if self._role is Role.CLIENT:
+                    raise error(
+                        f"no hot-plug change {cid} is owed: a DeviceChangeAck acknowledges a "
+                        "DeviceAddedEvent/DeviceRemovedEvent received from the backend, once"
+                    )
+                raise error(
+                    f"the frontend acknowledged hot-plug change {cid}, which is not "
+                    "outstanding (never announced, or already acknowledged)"
+                )
+            return
+        if HOTPLUG_FEATURE not in self._features:
+            raise error(
+                f"{type(msg).__name__} needs the {HOTPLUG_FEATURE!r} feature, which was not "
+                "negotiated on this connection; a backend announces hot-plug only to "
+                "frontends that offered it"
+            )
+        if cid in self._changes:
+            raise error(
+                f"hot-plug change id {cid} is still awaiting its acknowledgement; "
+                "an acknowledgement could not say which change it answers"
+            )
+        cap = (self._peer_limits if self._role is Role.SERVER else self._limits).max_in_flight
+        if len(self._changes) >= cap:
+            if error is LocalProtocolError:
+                raise TooManyInFlightError(
+                    f"{len(self._changes)} hot-plug changes await acknowledgement and the "
+                    f"frontend accepts at most {cap}; wait for a DeviceChangeAck first"
+                )
+            raise error(
+                f"the backend has more than {cap} hot-plug changes awaiting acknowledgement, "
+                "the max_in_flight this frontend announced"
             )
 
     def _check_request_send(self, msg: Request) -> None:
@@ -646,6 +750,16 @@ class Connection:
                 self._state = _ERROR
                 raise
             del self._calls[msg.call_id]
+        elif isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent | DeviceChangeAck):
+            try:
+                self._check_change(msg, RemoteProtocolError)
+            except RemoteProtocolError:
+                self._state = _ERROR
+                raise
+            if isinstance(msg, DeviceChangeAck):
+                self._changes.discard(msg.change_id)
+            else:
+                self._changes.add(msg.change_id)
         self._state = target
         return msg
 

@@ -10,9 +10,10 @@ Every concrete message class has a stable wire ``TAG``. Tags are grouped:
 * 0x10-0x3f requests (frontend -> backend), each with a ``request_id``
 * 0x40-0x5f replies (backend -> frontend), each answering one ``request_id``
 * 0x60-0x7f events (backend -> frontend, unsolicited; never compete with replies)
-* 0x80-0x9f call results (frontend -> backend, answering a backend call such as
-  :class:`DmaReadCall` by its ``call_id``; outside the request range so a
-  malformed one is never mistaken for an answerable request)
+* 0x80-0x9f call results and acknowledgements (frontend -> backend, answering a
+  backend call such as :class:`DmaReadCall` by its ``call_id``, or a hot-plug
+  event by its ``change_id``; outside the request range so a malformed one is
+  never mistaken for an answerable request)
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ __all__ = [
     "DmaReadCall",
     "DmaWriteCall",
     "DmaCallResult",
+    "DeviceAddedEvent",
+    "DeviceRemovedEvent",
+    "DeviceChangeAck",
+    "HOTPLUG_FEATURE",
     "U8",
     "U16",
     "U32",
@@ -84,6 +89,10 @@ MAX_TEXT_LEN = 1024
 MAX_FEATURES = 64
 MAX_DEVICES = 256
 MAX_BAR_INDEX = 5
+
+#: The feature name both sides offer in the handshake to use hot-plug events;
+#: a backend sends DeviceAddedEvent/DeviceRemovedEvent only when it was granted.
+HOTPLUG_FEATURE = "hotplug"
 
 
 def _int(
@@ -579,7 +588,13 @@ class DmaCallResult(Message):
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
-    """One device of a bus snapshot. ``class_code`` is 24-bit: class, subclass, prog-if."""
+    """One device of a bus snapshot. ``class_code`` is 24-bit: class, subclass, prog-if.
+
+    ``bar_sizes`` holds the size in bytes of BARs 0-5 and the expansion ROM
+    (index 6), 0 where none is implemented, or is empty when the backend did
+    not say. A guest whose policy refuses BAR writes cannot size BARs itself,
+    so the sizes travel here (for sysfs ``resource`` and ``lspci -v``).
+    """
 
     address: int  # packed PciAddress
     vendor_id: int
@@ -590,6 +605,7 @@ class DeviceInfo:
     subsystem_vendor_id: int
     subsystem_id: int
     config: bytes | None = None
+    bar_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _int(self, "address", self.address, U32)
@@ -604,6 +620,13 @@ class DeviceInfo:
             not isinstance(self.config, bytes) or len(self.config) not in (64, 256, 4096)
         ):
             raise LocalProtocolError("DeviceInfo.config must be None or 64, 256 or 4096 bytes")
+        if not isinstance(self.bar_sizes, tuple) or len(self.bar_sizes) not in (0, 7):
+            raise LocalProtocolError("DeviceInfo.bar_sizes must be a tuple of 0 or 7 sizes")
+        for size in self.bar_sizes:
+            if type(size) is not int or not 0 <= size <= U64 or size & (size - 1):
+                raise LocalProtocolError(
+                    f"DeviceInfo.bar_sizes: {size!r} is not 0 or a power of two below 2**64"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,6 +678,58 @@ class ErrorReply(Reply):
         _str(self, "message", self.message, MAX_TEXT_LEN)
 
 
+# --------------------------------------------------------------------------- hot-plug
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAddedEvent(Event):
+    """Backend -> frontend: ``info`` was hot-plugged into the guest's bus.
+
+    ``info.address`` is its address on the guest's virtual bus. The frontend
+    answers with exactly one :class:`DeviceChangeAck` carrying ``change_id``.
+    """
+
+    TAG: ClassVar[int] = 0x64
+    change_id: int
+    info: DeviceInfo
+
+    def __post_init__(self) -> None:
+        _int(self, "change_id", self.change_id, U32)
+        if not isinstance(self.info, DeviceInfo):
+            raise LocalProtocolError("DeviceAddedEvent.info must be a DeviceInfo")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRemovedEvent(Event):
+    """Backend -> frontend: the device at ``device`` (packed) left the guest's bus.
+
+    From this event on the backend answers requests on it with ``NOT_FOUND``;
+    ``message`` says why it went. The frontend fails its requests in flight
+    on the device and answers with exactly one :class:`DeviceChangeAck`.
+    """
+
+    TAG: ClassVar[int] = 0x65
+    change_id: int
+    device: int
+    message: str
+
+    def __post_init__(self) -> None:
+        _int(self, "change_id", self.change_id, U32)
+        _int(self, "device", self.device, U32)
+        _str(self, "message", self.message, MAX_TEXT_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceChangeAck(Message):
+    """Frontend -> backend: the guest has applied hot-plug event ``change_id``."""
+
+    TAG: ClassVar[int] = 0x81
+    change_id: int
+
+    def __post_init__(self) -> None:
+        _int(self, "change_id", self.change_id, U32)
+
+
 #: Every concrete message type by wire tag. Later issues append here.
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TAG: cls
@@ -685,5 +760,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         DmaReadCall,
         DmaWriteCall,
         DmaCallResult,
+        DeviceAddedEvent,
+        DeviceRemovedEvent,
+        DeviceChangeAck,
     )
 }

@@ -16,6 +16,7 @@ import enum
 
 from shared.errors import LocalProtocolError
 from shared.protocol._messages import (
+    DeviceChangeAck,
     DmaCallResult,
     Event,
     Goodbye,
@@ -91,6 +92,9 @@ class MessageKind(enum.Enum):
     #: The frontend's one answer to a backend call (DmaReadCall/DmaWriteCall,
     #: which are events), matched by ``call_id``.
     CALL_RESULT = "CallResult"
+    #: The frontend's one acknowledgement of a hot-plug event
+    #: (DeviceAddedEvent/DeviceRemovedEvent, which are events), matched by ``change_id``.
+    CHANGE_ACK = "ChangeAck"
 
 
 _CLIENT, _SERVER = Role.CLIENT, Role.SERVER
@@ -115,6 +119,8 @@ TRANSITIONS: dict[tuple[Role, ConnectionState, Direction, MessageKind], Connecti
     # Backend calls (DmaReadCall/DmaWriteCall) arrive as events; the answer
     # goes back frontend -> backend, only while OPEN.
     (_CLIENT, _S.OPEN, _SEND, _K.CALL_RESULT): _S.OPEN,
+    # Hot-plug events arrive as events; each is acknowledged, only while OPEN.
+    (_CLIENT, _S.OPEN, _SEND, _K.CHANGE_ACK): _S.OPEN,
     # ---- backend (SERVER)
     (_SERVER, _S.AWAIT_HELLO, _RECV, _K.HELLO): _S.HELLO_RECEIVED,
     (_SERVER, _S.HELLO_RECEIVED, _SEND, _K.WELCOME): _S.OPEN,
@@ -124,13 +130,12 @@ TRANSITIONS: dict[tuple[Role, ConnectionState, Direction, MessageKind], Connecti
     # Events flow backend -> frontend only, never before the handshake.
     (_SERVER, _S.OPEN, _SEND, _K.EVENT): _S.OPEN,
     (_SERVER, _S.OPEN, _RECV, _K.CALL_RESULT): _S.OPEN,
-    # Room for hot-plug (a later issue). Unlike Xen's xenbus, where per-device
-    # sub-states are multiplexed with whole-connection states, reconfiguration
-    # will be one extra state in which requests and replies keep flowing:
-    #   (_SERVER, _S.OPEN, _SEND, _K.RECONFIGURE): _S.RECONFIGURING,
-    #   (_SERVER, _S.RECONFIGURING, _RECV, _K.RECONFIGURE_ACK): _S.OPEN,
-    # plus the mirror entries for the CLIENT and REQUEST/REPLY/EVENT rows for
-    # RECONFIGURING. Adding them is a table edit, not new logic.
+    (_SERVER, _S.OPEN, _RECV, _K.CHANGE_ACK): _S.OPEN,
+    # Hot-plug is per device and needs no state of its own: unlike Xen's
+    # xenbus (Reconfiguring/Reconfigured multiplexed with the whole
+    # connection's state), a DeviceAddedEvent/DeviceRemovedEvent and its
+    # DeviceChangeAck are one event and one acknowledgement in OPEN, while
+    # requests and replies for every other device keep flowing.
 }
 
 #: States in which a connection is alive (not yet CLOSED or ERROR), per role.
@@ -155,6 +160,7 @@ _KINDS: dict[type, MessageKind] = {
     HandshakeRejected: _K.HANDSHAKE_REJECTED,
     Goodbye: _K.GOODBYE,
     DmaCallResult: _K.CALL_RESULT,
+    DeviceChangeAck: _K.CHANGE_ACK,
 }
 
 
@@ -173,7 +179,7 @@ def message_kind(msg: Message | type[Message]) -> MessageKind:
             return base_kind
     raise LocalProtocolError(
         f"{cls.__name__} is not a protocol message kind (Hello, Welcome, HandshakeRejected, "
-        "Goodbye, DmaCallResult, or a Request/Reply/Event subclass)"
+        "Goodbye, DmaCallResult, DeviceChangeAck, or a Request/Reply/Event subclass)"
     )
 
 

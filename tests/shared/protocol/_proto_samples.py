@@ -24,7 +24,10 @@ from shared.protocol import (
     ConfigReadRequest,
     ConfigWriteRequest,
     Connection,
+    DeviceAddedEvent,
+    DeviceChangeAck,
     DeviceInfo,
+    DeviceRemovedEvent,
     DmaCallResult,
     DmaFaultEvent,
     DmaMapRequest,
@@ -82,6 +85,9 @@ SAMPLES: list[Message] = [
     DmaReadCall(U32, 0x1000, 100),
     DmaWriteCall(0, 0x1000, bytes(range(256)) * 4),
     DmaCallResult(5, ErrorCode.OK, b"\x01\x02"),
+    DeviceAddedEvent(U32, DEVICE),
+    DeviceRemovedEvent(1, 0x0000_0100, "unassigned by the operator"),
+    DeviceChangeAck(U32),
 ]
 
 
@@ -195,4 +201,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(DmaReadCall, u32, u64, st.integers(1, MAX_DMA_CHUNK)),
     st.builds(DmaWriteCall, u32, u64, dma_data),
     st.builds(DmaCallResult, u32, codes, st.binary(max_size=300)),
+    st.builds(DeviceAddedEvent, u32, devices),
+    st.builds(DeviceRemovedEvent, u32, u32, texts),
+    st.builds(DeviceChangeAck, u32),
 )

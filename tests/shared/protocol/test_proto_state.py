@@ -90,6 +90,7 @@ def test_every_message_has_a_kind_and_a_tag_in_its_range(cls: type[Message]) -> 
         MessageKind.REPLY: REPLY_TAGS,
         MessageKind.EVENT: EVENT_TAGS,
         MessageKind.CALL_RESULT: CALL_RESULT_TAGS,
+        MessageKind.CHANGE_ACK: CALL_RESULT_TAGS,
     }.get(kind, CONTROL_TAGS)
     assert cls.TAG in expected
     assert issubclass(cls, Request) == (kind is MessageKind.REQUEST)
@@ -109,7 +110,12 @@ def test_requests_flow_client_to_server_and_replies_and_events_back() -> None:
             if direction is Direction.SEND
             else (Role.SERVER if role is Role.CLIENT else Role.CLIENT)
         )
-        if kind in (MessageKind.HELLO, MessageKind.REQUEST, MessageKind.CALL_RESULT):
+        if kind in (
+            MessageKind.HELLO,
+            MessageKind.REQUEST,
+            MessageKind.CALL_RESULT,
+            MessageKind.CHANGE_ACK,
+        ):
             assert sender is Role.CLIENT
         if kind in (
             MessageKind.WELCOME,
@@ -127,6 +133,7 @@ def test_requests_replies_and_events_only_when_open() -> None:
             MessageKind.REPLY,
             MessageKind.EVENT,
             MessageKind.CALL_RESULT,
+            MessageKind.CHANGE_ACK,
         ):
             assert state is target is ConnectionState.OPEN
 
