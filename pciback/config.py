@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pciback.policy import PolicyConfig, QuirkConfig
-from shared.errors import ConfigFileError, LocalProtocolError
+from shared.errors import ConfigFileError, LocalProtocolError, did_you_mean
 from shared.pci import PciAddress
 from shared.protocol import Limits
 
@@ -128,7 +128,7 @@ def _known_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigFileError(
-            f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}"
+            f"{where}: unknown key {unknown[0]!r}; {did_you_mean(unknown[0], allowed)}"
         )
 
 

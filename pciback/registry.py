@@ -26,7 +26,7 @@ from pciback.devices import (
 from pciback.firmware import GuestFirmware
 from pciback.policy import AuditLog
 from pciback.runtime import DeviceDmaPort, DeviceRuntime
-from shared.errors import ConfigFileError, ErrorCode, PcisplitError
+from shared.errors import ConfigFileError, ErrorCode, PcisplitError, did_you_mean
 from shared.pci import PciAddress
 from shared.sync import FastLock
 
@@ -54,7 +54,9 @@ def _model(name: str, where: str) -> Callable[[], DeviceProvider]:
             MODELS.setdefault(ep.name, ep.load())
     if name not in MODELS:
         raise ConfigFileError(
-            f"{where}.model: unknown device model {name!r}; known: {', '.join(sorted(MODELS))}"
+            f"{where}.model: unknown device model {name!r}; {did_you_mean(name, MODELS)} "
+            f"(models are added with pciback.register_model or the {MODEL_ENTRY_POINT_GROUP!r} "
+            "entry point; see docs/devices.md)"
         )
     return MODELS[name]
 
