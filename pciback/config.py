@@ -107,6 +107,9 @@ class BackendConfig:
     #: ``[transport]``: shm adaptive-polling budget in microseconds (0: off) and ring size.
     shm_poll_us: float = 0.0
     shm_ring_size: int = 256 * 1024
+    #: ``[hotplug]``: how long a hot-plug operation waits for the guest's
+    #: acknowledgement; after it a removal is forced (and logged).
+    hotplug_ack_timeout: float = 5.0
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -225,7 +228,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         raw,
         {
             "listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma",
-            "transport",
+            "transport", "hotplug",
         },
         source,
     )
@@ -295,6 +298,9 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
                         "transport.shm_ring_size", "a size in bytes")
     if ring_size < 4096 or ring_size & (ring_size - 1):
         raise ConfigFileError("transport.shm_ring_size: must be a power of two >= 4096")
+    hotplug = _expect(raw.get("hotplug", {}), dict, "hotplug", "a table")
+    _known_keys(hotplug, {"ack_timeout"}, "hotplug")
+    ack_timeout = _positive(hotplug, "ack_timeout", 5.0, "hotplug", "seconds")
     return BackendConfig(
         tuple(listen),
         guests,
@@ -310,6 +316,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         dma_timeout,
         float(poll_us),
         ring_size,
+        hotplug_ack_timeout=ack_timeout,
     )
 
 

@@ -8,9 +8,11 @@ requests that were waiting, never as a bare exception group.
 
 The same task routes what the backend sends on its own: interrupt events go
 to the device's active ``interrupts()`` block (:mod:`pcifront._interrupts`),
-DMA calls are answered inline from the guest's buffers (:mod:`pcifront._dma`)
-and DMA faults land on :attr:`Bus.dma_faults`. None of that ever blocks the
-task on a consumer, so replies keep flowing.
+DMA calls are answered inline from the guest's buffers (:mod:`pcifront._dma`),
+DMA faults land on :attr:`Bus.dma_faults`, and hot-plug events update
+``bus.devices`` and are acknowledged (:mod:`pcifront._changes`). None of that
+ever blocks the task on a consumer, so replies keep flowing. With
+``reconnect=True`` the bus survives its connection (:mod:`pcifront._reconnect`).
 """
 
 from __future__ import annotations
@@ -22,21 +24,27 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
+from pcifront._changes import ChangeTracker, DeviceChanges, removed_error
 from pcifront._device import DeviceView
 from pcifront._dma import DmaBuffer, DmaSpace, map_buffer
 from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
 from pcifront._interrupts import Interrupts, open_interrupts
-from pcifront._link import BusLink, BusStatistics
+from pcifront._link import BusLink, BusStatistics, InterruptSink
+from pcifront._reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
 from pcifront._resources import DecodedResources, Resource, decode_device, route
 from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
+    HOTPLUG_FEATURE,
     BarReadRequest,
     BarWriteRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
     Connection,
+    DeviceAddedEvent,
+    DeviceChangeAck,
     DeviceInfo,
+    DeviceRemovedEvent,
     DmaFaultEvent,
     DmaReadCall,
     DmaWriteCall,
@@ -64,6 +72,7 @@ log = logging.getLogger("pcisplit.frontend")
 
 FRONTEND_FEATURES = (
     "bus-snapshot", "config-access", "bar-access", "reset", "ping", "interrupts", "dma",
+    HOTPLUG_FEATURE,
 )
 #: Writes below this offset may change what a device decodes (BARs, ROM, Command).
 _HEADER_SIZE = 0x48
@@ -79,6 +88,27 @@ class Device(DeviceView):
         self._bus = bus
         # What the BARs decode now; dropped by any write to the header (BARs, Command).
         self._decoded: DecodedResources | None = None
+        #: Why the device left the bus (hot-unplug, or gone after a reconnect); None while present.
+        self._removed: str | None = None
+
+    def _update(self, info: DeviceInfo) -> None:
+        """A new snapshot of the same device (after a refresh or a reconnect)."""
+        self.info = info
+        self._decoded = None
+
+    @property
+    def removed(self) -> bool:
+        """True once the device has left the bus; its requests then raise DeviceRemovedError."""
+        return self._removed is not None
+
+    async def _request(self, make: Callable[[int], Request], *, idempotent: bool) -> Reply:
+        # One check per request: a removed Device never reaches whatever took its address.
+        if self._removed is not None:
+            raise removed_error(self)
+        bus = self._bus
+        if bus._reconnect is None:
+            return await bus._call(make)
+        return await bus._reconnect.call(make, idempotent=idempotent, device=self)
 
     @property
     def bar_sizes(self) -> tuple[int, ...]:
@@ -99,8 +129,8 @@ class Device(DeviceView):
 
     async def config_read(self, offset: int, size: int) -> int:
         """Read 1, 2 or 4 bytes of config space."""
-        reply = await self._bus._call(
-            lambda rid: ConfigReadRequest(rid, self._packed, offset, size)
+        reply = await self._request(
+            lambda rid: ConfigReadRequest(rid, self._packed, offset, size), idempotent=True
         )
         assert isinstance(reply, ValueReply)
         return reply.value
@@ -109,28 +139,30 @@ class Device(DeviceView):
         """Write 1, 2 or 4 bytes of config space (the backend's policy may refuse)."""
         if offset < _HEADER_SIZE:
             self._decoded = None
-        await self._bus._call(
-            lambda rid: ConfigWriteRequest(rid, self._packed, offset, size, value)
+        await self._request(
+            lambda rid: ConfigWriteRequest(rid, self._packed, offset, size, value),
+            idempotent=False,
         )
 
     async def bar_read(self, bar: int, offset: int, size: int) -> int:
         """Read 1, 2, 4 or 8 bytes from BAR ``bar``."""
-        reply = await self._bus._call(
-            lambda rid: BarReadRequest(rid, self._packed, bar, offset, size)
+        reply = await self._request(
+            lambda rid: BarReadRequest(rid, self._packed, bar, offset, size), idempotent=True
         )
         assert isinstance(reply, ValueReply)
         return reply.value
 
     async def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
         """Write 1, 2, 4 or 8 bytes to BAR ``bar``."""
-        await self._bus._call(
-            lambda rid: BarWriteRequest(rid, self._packed, bar, offset, size, value)
+        await self._request(
+            lambda rid: BarWriteRequest(rid, self._packed, bar, offset, size, value),
+            idempotent=False,
         )
 
     async def reset(self) -> None:
         """Reset the device to its power-on state (with the addresses firmware assigned)."""
         self._decoded = None
-        await self._bus._call(lambda rid: ResetRequest(rid, self._packed))
+        await self._request(lambda rid: ResetRequest(rid, self._packed), idempotent=False)
 
     def interrupts(
         self, mode: str = "msi", vectors: int = 1
@@ -181,6 +213,9 @@ class Bus:
             disable_timeout=10.0 if timeout is None else timeout,
             stats=self.stats,
         )
+        self._changes = ChangeTracker(self, lambda info: Device(self, info))
+        #: Set by ``connect(..., reconnect=True)``.
+        self._reconnect: Reconnector | None = None
 
     @property
     def guest(self) -> str:
@@ -200,11 +235,38 @@ class Bus:
     def _lost(self) -> str | None:
         return self._calls.failed
 
+    @property
+    def _active_irqs(self) -> dict[int, InterruptSink]:
+        """Active interrupts blocks by packed address (read-only view for pcifront._changes)."""
+        return self._link.active
+
     def statistics(self) -> BusStatistics:
         stats = self.stats
         stats.dma_calls_answered = self._dma.calls_answered
         stats.dma_calls_faulted = self._dma.calls_faulted
+        if self._reconnect is not None:
+            stats.reconnects = self._reconnect.reconnects
         return stats
+
+    # -- device changes (hot-plug, re-enumeration) ---------------------------------------
+
+    def changes(self) -> DeviceChanges:
+        """``async for change in bus.changes()``: each device added or removed from now on.
+
+        Each :class:`~pcifront.DeviceChange` says ``kind`` (``ChangeKind.ADDED``
+        or ``REMOVED``), the :class:`Device` and, for a removal, why.
+        ``bus.devices`` is already updated when a change is yielded.
+        """
+        return self._changes.subscribe()
+
+    async def wait_changed(self) -> None:
+        """Wait until ``bus.devices`` changes (a device was added or removed)."""
+        await self._changes.wait_changed()
+
+    @property
+    def connected(self) -> bool:
+        """False while the connection is lost (a ``reconnect=True`` bus is reconnecting)."""
+        return self._lost is None
 
     async def dma_map(self, size: int, *, writable: bool = True) -> DmaBuffer:
         """Map ``size`` bytes of guest memory for device DMA; returns the :class:`DmaBuffer`.
@@ -242,11 +304,27 @@ class Bus:
         raise error_for_code(ErrorCode.NOT_FOUND, f"no device at {wanted} on this bus")
 
     async def refresh(self, *, include_config: bool = False) -> list[Device]:
-        """Take a bus snapshot and rebuild :attr:`devices`."""
-        reply = await self._call(lambda rid: SnapshotRequest(rid, include_config))
-        assert isinstance(reply, SnapshotReply)
-        self.devices = [Device(self, info) for info in reply.devices]
+        """Take a bus snapshot and bring :attr:`devices` up to date.
+
+        Devices that did not change keep their :class:`Device` objects; any
+        difference is reported through :meth:`changes` and :meth:`wait_changed`.
+        """
+        await self._enumerate(include_config, reason="", raw=False)
         return self.devices
+
+    async def _enumerate(self, include_config: bool, *, reason: str, raw: bool) -> None:
+        """Snapshot and rebase. ``raw``: on this connection only (the reconnector's own use)."""
+        make = lambda rid: SnapshotRequest(rid, include_config)  # noqa: E731
+        self._changes.begin_refresh()
+        try:
+            if raw or self._reconnect is None:
+                reply = await self._call(make)
+            else:
+                reply = await self._reconnect.call(make, idempotent=True, device=None)
+            assert isinstance(reply, SnapshotReply)
+            self._changes.rebase(reply.devices, reason=reason)
+        finally:
+            self._changes.end_refresh()
 
     async def mmio_read(self, address: int, size: int) -> int:
         """Read 1, 2, 4 or 8 bytes at a guest-physical memory address.
@@ -276,7 +354,10 @@ class Bus:
 
     async def ping(self) -> None:
         """One protocol round trip that touches no device."""
-        await self._call(PingRequest)
+        if self._reconnect is None:
+            await self._call(PingRequest)
+        else:
+            await self._reconnect.call(PingRequest, idempotent=True, device=None)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -290,11 +371,11 @@ class Bus:
     ) -> Reply:
         calls = self._calls
         if calls.failed is not None:
-            raise ConnectionLostError(calls.failed)
+            raise ConnectionLostError(calls.failed, request_sent=False)
         # Parking only when full keeps the common path free of scheduler passes.
         await calls.wait_slot()
         if calls.failed is not None:
-            raise ConnectionLostError(calls.failed)
+            raise ConnectionLostError(calls.failed, request_sent=False)
         conn = self._conn
         rid = conn.next_request_id()
         frame = conn.send(make(rid))
@@ -311,7 +392,7 @@ class Bus:
             calls.close(call)
         reply = call.result
         if reply is None:
-            raise ConnectionLostError(calls.failed or "connection closed")
+            raise ConnectionLostError(calls.failed or "connection closed", request_sent=True)
         if isinstance(reply, ErrorReply):
             stats.errors_received += 1
             raise error_for_code(reply.code, reply.message)
@@ -417,7 +498,7 @@ class Bus:
                 await self._transport.send_frame(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail_all(f"connection to the backend lost while sending: {exc}")
-            raise ConnectionLostError(self._lost or str(exc)) from exc
+            raise ConnectionLostError(self._lost or str(exc), request_sent=True) from exc
         finally:
             lock.release()
 
@@ -464,6 +545,11 @@ class Bus:
                 await self._send(self._conn.send(self._dma.answer(msg)))
             elif isinstance(msg, DmaFaultEvent):
                 self._on_fault(msg)
+            elif isinstance(msg, (DeviceAddedEvent, DeviceRemovedEvent)):
+                # Applied at once (never blocks), then acknowledged in order.
+                stats.hotplug_events += 1
+                self._changes.apply_event(msg)
+                await self._send(self._conn.send(DeviceChangeAck(msg.change_id)))
             else:
                 self._events_send.send_nowait(msg)
         elif isinstance(msg, Goodbye):
@@ -504,10 +590,42 @@ class Bus:
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._receive_failed(exc)
         finally:
-            self._faults_send.close()
+            if self._reconnect is None:
+                self._faults_send.close()  # with reconnect: at aclose()
+
+    # -- reconnecting (pcifront._reconnect drives these) ---------------------------------
+
+    async def _detach_connection(self) -> None:
+        """The connection is gone: close it, end what lived in its backend session."""
+        with trio.CancelScope(shield=True):
+            await self._transport.aclose()
+        self._link.close_all_interrupts()
+        self._dma.release_all()
+        # Requests woken by _fail_all leave the call table as they run; the next
+        # connection numbers its requests from 1 again, so wait for them to go.
+        for _ in range(1000):
+            if not len(self._calls):
+                break
+            await trio.lowlevel.checkpoint()
+        else:
+            log.warning(
+                "%d requests did not leave after the connection was lost", len(self._calls)
+            )
+
+    def _attach_connection(self, transport: FrameTransport, conn: Connection) -> None:
+        self._transport = transport
+        self._conn = conn
+        self._max_in_flight = conn.peer_limits.max_in_flight
+        self._calls = CallTable(self._full)  # a fresh table: not failed, no calls
+        self._owner, self._read_scope, self._reader_busy = None, None, False
+        self._want.clear()
+        self._link.rebind(features=conn.features, can_pass_fds=transport.can_pass_fds)
 
     async def aclose(self) -> None:
         """Say goodbye and close the transport. Idempotent."""
+        self._changes.end("the guest closed the bus", lost=False)
+        if self._reconnect is not None:
+            self._reconnect.closing = True
         if self._lost is None:
             with trio.move_on_after(1):
                 try:
@@ -517,6 +635,7 @@ class Bus:
         self._fail_all("the connection was closed by the guest")
         await self._transport.aclose()
         self._dma.release_all()
+        self._faults_send.close()
 
 
 async def _handshake(
@@ -556,6 +675,7 @@ async def connect(
     timeout: float | None = 60.0,
     include_config: bool = False,
     poll_us: float | None = None,
+    reconnect: bool | ReconnectPolicy = False,
 ) -> AsyncIterator[Bus]:
     """Connect to a backend, act as ``guest``, and yield its :class:`Bus`.
 
@@ -567,24 +687,67 @@ async def connect(
     many microseconds before sleeping on the doorbell; the spin runs in C with the
     GIL released, and never while another task of this process is runnable. It
     pays only on dedicated cores (see docs/performance.md).
+    ``reconnect=True`` (or a :class:`~pcifront.ReconnectPolicy`) keeps the bus
+    alive across lost connections: the first connection and every reconnect
+    retry with exponential back-off, reads are retried, and a write whose
+    outcome is unknown raises :class:`~pcifront.OutcomeUnknownError`.
     """
     limits = limits or Limits()
     opts = options or TransportOptions()
     opts.max_frame_size = limits.max_message_size
     if poll_us is not None:
         opts.poll_us = poll_us
-    transport = await open_transport(address, opts)
-    try:
-        conn = await _handshake(transport, guest, limits, timeout)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await transport.aclose()
-        raise
+
+    async def dial() -> tuple[FrameTransport, Connection]:
+        transport = await open_transport(address, opts)
+        try:
+            return transport, await _handshake(transport, guest, limits, timeout)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+            raise
+
+    policy = ReconnectPolicy() if reconnect is True else reconnect or None
+    if policy is None:
+        transport, conn = await dial()
+    else:
+        transport, conn, _ = await dial_with_backoff(dial, policy)
     bus = Bus(transport, conn, timeout=timeout)
+    if policy is not None:
+        bus._reconnect = Reconnector(bus, dial, policy)
+
+    async def serve(reenumerate: bool) -> None:
+        # One connection's tasks; returns when that connection is gone.
+        async with trio.open_nursery() as tasks:
+
+            async def receive() -> None:
+                await bus._receive_loop()
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(receive)
+            tasks.start_soon(bus._watchdog)
+            if reenumerate and bus._reconnect is not None:
+                try:
+                    await bus._enumerate(
+                        include_config, reason="re-enumerated after reconnecting", raw=True
+                    )
+                except ConnectionLostError:
+                    return  # lost again at once: the receive loop ends and we retry
+                except PcisplitError as exc:
+                    log.warning("re-enumerating after the reconnect failed: %s", exc)
+                bus._reconnect.mark_up()
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(bus._receive_loop)
-            nursery.start_soon(bus._watchdog)
+            if bus._reconnect is None:
+
+                async def serve_once() -> None:
+                    await serve(False)
+                    bus._changes.end(bus._lost or "the connection ended", lost=True)
+
+                nursery.start_soon(serve_once)
+            else:
+                nursery.start_soon(bus._reconnect.run, serve)
             try:
                 await bus.refresh(include_config=include_config)
                 yield bus

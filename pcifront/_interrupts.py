@@ -120,6 +120,11 @@ class VectorCounts:
         self._delivered = 0
         self._coalesced = 0
         self._eois = 0
+        self._closed = False
+
+    def _close(self) -> None:
+        """The block ended (or its connection did): receiving raises from now on."""
+        self._closed = True
 
     def _wake(self) -> None:
         """A vector became pending (the trio block wakes its receiver)."""
@@ -184,7 +189,6 @@ class Interrupts(VectorCounts):
         self._device = device
         self._packed = packed
         self._lot = trio.lowlevel.ParkingLot()
-        self._closed = False
 
     @property
     def device(self) -> object:
@@ -282,7 +286,7 @@ class Interrupts(VectorCounts):
         await self._link.call(lambda rid: InterruptMaskRequest(rid, packed, vector, masked))
 
     def _close(self) -> None:
-        self._closed = True
+        super()._close()
         self._lot.unpark_all()
 
 

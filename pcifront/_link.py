@@ -40,6 +40,9 @@ class BusStatistics:
     dma_calls_faulted: int = 0
     dma_faults: int = 0
     dma_faults_unread: int = 0
+    #: Hot-plug events received (each acknowledged), and successful reconnects.
+    hotplug_events: int = 0
+    reconnects: int = 0
     #: Replies that came after their request timed out or was cancelled.
     late_replies: int = 0
 
@@ -48,6 +51,8 @@ class InterruptSink(Protocol):
     """Where the receive side posts a device's interrupts (an active interrupts() block)."""
 
     def _post(self, vector: int, count: int) -> None: ...
+
+    def _close(self) -> None: ...
 
 
 class CallFunction(Protocol):
@@ -70,6 +75,18 @@ class InterruptRoutes:
 
     def has_interrupts(self, packed: int) -> bool:
         return packed in self._active
+
+    @property
+    def active(self) -> dict[int, InterruptSink]:
+        """The active interrupts blocks by packed device address (do not modify)."""
+        return self._active
+
+    def close_all_interrupts(self) -> None:
+        """The connection is gone: every interrupts block ends (its device's session did)."""
+        for sink in list(self._active.values()):
+            sink._close()
+        self._active.clear()
+        self._stray_logged.clear()
 
     def attach_interrupts(self, packed: int, sink: InterruptSink) -> None:
         self._active[packed] = sink
@@ -120,3 +137,8 @@ class BusLink(InterruptRoutes):
         self.can_pass_fds = can_pass_fds
         #: Bound on the shielded disable request when an interrupts() block ends.
         self.disable_timeout = disable_timeout
+
+    def rebind(self, *, features: tuple[str, ...], can_pass_fds: bool) -> None:
+        """A new connection replaced the old one (``connect(reconnect=True)``)."""
+        self.features = features
+        self.can_pass_fds = can_pass_fds

@@ -113,7 +113,6 @@ class Interrupts(VectorCounts):
         super().__init__(address, mode, vectors, lambda count: routes.count_stray(packed, count))
         self._bus = bus
         self._packed = packed
-        self._closed = False
 
     def receive_nowait(self) -> Interrupt | None:
         """The next pending interrupt, or None. Reads nothing from the transport."""
@@ -229,7 +228,7 @@ class Device(DeviceView):
         finally:
             with bus._lock:
                 bus._routes.detach_interrupts(packed, irqs)
-                irqs._closed = True
+                irqs._close()
                 if bus._lost is None:
                     try:
                         bus._call(lambda rid: InterruptDisableRequest(rid, packed, code))

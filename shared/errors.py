@@ -48,6 +48,9 @@ class ErrorCode(enum.IntEnum):
     TIMED_OUT = 11
     INVALID_STATE = 12
     DMA_FAULT = 13
+    # 14 is NOT_AUTHORIZED (guest identity, issue 9 part 1), which lands separately.
+    #: The device was hot-unplugged from the guest's bus (a request on its old address).
+    DEVICE_REMOVED = 15
 
 
 class PcisplitError(Exception):
