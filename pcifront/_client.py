@@ -197,6 +197,8 @@ class Bus:
         # nobody yet (None). See _await_reply for why callers read for themselves.
         self._owner: object = None
         self._read_scope: trio.CancelScope | None = None
+        # True while the reader task is reading or routing (not merely woken up).
+        self._reader_busy = False
         self._want: deque[Call[Reply]] = deque()
         self._reader_idle = trio.lowlevel.ParkingLot()
         self._events_send, self.events = trio.open_memory_channel[Event](256)
@@ -414,7 +416,13 @@ class Bus:
         try:
             while call.result is None and calls.failed is None:
                 owner = self._owner
-                if owner is None or owner is call:
+                if (
+                    owner is None
+                    or owner is call
+                    or (owner is _READER and not self._reader_busy)
+                ):
+                    # Free, handed to us, or the reader task was woken but has not
+                    # started reading yet: read for ourselves (it parks again).
                     self._owner = call
                     await self._read_until(call)
                     continue
@@ -576,17 +584,21 @@ class Bus:
                     continue
                 self._owner = _READER
                 frame: bytes | None = None
-                with trio.CancelScope() as scope:
-                    self._read_scope = scope
-                    try:
-                        frame = await transport.receive_frame()
-                    finally:
-                        self._read_scope = None
-                if frame is None:
-                    # A caller asked for the transport: hand it over.
-                    self._release()
-                    continue
-                await self._on_frames(frame)
+                self._reader_busy = True
+                try:
+                    with trio.CancelScope() as scope:
+                        self._read_scope = scope
+                        try:
+                            frame = await transport.receive_frame()
+                        finally:
+                            self._read_scope = None
+                    if frame is None:
+                        # A caller asked for the transport: hand it over.
+                        self._release()
+                        continue
+                    await self._on_frames(frame)
+                finally:
+                    self._reader_busy = False
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._receive_failed(exc)
         finally:
