@@ -408,12 +408,12 @@ class Bus:
 
 
 def _handshake(
-    transport: BlockingTransport, guest: str, limits: Limits, timeout: float | None
+    transport: BlockingTransport, guest: str, limits: Limits, timeout: float | None, token: bytes
 ) -> Connection:
     conn = Connection(Role.CLIENT, limits=limits, features=BLOCKING_FEATURES, guest=guest)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        transport.send_frame(conn.hello())
+        transport.send_frame(conn.hello(token))
         frame = transport.receive_frame(deadline)
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
         raise ConnectionLostError(
@@ -440,6 +440,7 @@ def connect(
     timeout: float | None = 60.0,
     poll_us: float | None = None,
     include_config: bool = False,
+    token: bytes | str | None = None,
 ) -> Bus:
     """Connect to a backend as ``guest`` and return its :class:`Bus` (use ``with``).
 
@@ -447,8 +448,11 @@ def connect(
     ``tls://host:port`` (``options.ssl_context`` holds the CA and the client
     certificate). ``timeout`` bounds the handshake and each request (None:
     wait forever). ``poll_us`` (``shm:`` only) spins that many microseconds on
-    the ring before sleeping; it pays on dedicated cores only.
+    the ring before sleeping; it pays on dedicated cores only. ``token`` is the
+    guest's secret for ``tcp://`` backends that ask for one (as in
+    :func:`pcifront.connect`).
     """
+    secret = token.encode() if isinstance(token, str) else (token or b"")
     limits = limits or Limits()
     opts = options or TransportOptions()
     opts.max_frame_size = limits.max_message_size
@@ -456,7 +460,7 @@ def connect(
         opts.poll_us = poll_us
     transport = open_blocking_transport(address, opts)
     try:
-        conn = _handshake(transport, guest, limits, timeout)
+        conn = _handshake(transport, guest, limits, timeout, secret.strip())
         bus = Bus(transport, conn, timeout=timeout)
         bus.refresh(include_config=include_config)
     except BaseException:

@@ -18,6 +18,7 @@ from shared.transport._blocking import (
     open_blocking_transport,
 )
 from shared.transport._fdpass import MAX_FDS_PER_FRAME
+from shared.transport._identity import PeerIdentity
 from shared.transport._memory import MemoryListener, MemoryTransport, memory_transport_pair
 from shared.transport._registry import (
     ENTRY_POINT_GROUP,
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "FdPassingUnsupportedError",
     "MAX_FDS_PER_FRAME",
+    "PeerIdentity",
     "FrameListener",
     "FrameTooLargeError",
     "FrameTransport",

@@ -17,7 +17,7 @@ import trio
 import trustme
 
 import pcifront
-from pciback.testing import RunningBackend, running_backend
+from pciback.testing import TEST_TOKEN, RunningBackend, running_backend
 from pcifront import blocking
 from shared.errors import ErrorCode, LocalProtocolError
 from shared.transport import (
@@ -106,7 +106,9 @@ def client_options(rb: RunningBackend, kind: str) -> TransportOptions:
 def test_blocking_bus_reads_writes_resets_and_interrupts(kind: str, tmp_path: Path) -> None:
     with backend_in_thread(tmp_path, (kind,)) as rb:
         opts = client_options(rb, kind)
-        with blocking.connect(rb.address(kind), guest="guest0", options=opts) as bus:
+        with blocking.connect(
+            rb.address(kind), guest="guest0", options=opts, token=TEST_TOKEN
+        ) as bus:
             assert bus.guest == "guest0" and "interrupts" in bus.features
             (dev,) = bus.devices
             assert isinstance(dev, blocking.Device) and bus.device(dev.address) is dev
