@@ -62,6 +62,7 @@ from shared.protocol import (
     Reply,
     Request,
 )
+from shared.sync import CallTable, FastLock
 from shared.transport import FrameTransport
 
 if TYPE_CHECKING:
@@ -89,14 +90,6 @@ class SessionStatistics:
     #: Replies and events ready after the connection stopped carrying them (see the module).
     replies_dropped: int = 0
     events_dropped: int = 0
-
-
-class _Call:
-    __slots__ = ("done", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: DmaCallResult | None = None
 
 
 #: Most replies answered as one batch before they are sent (bounds reply latency).
@@ -134,10 +127,12 @@ class GuestSession:
         )
         self.stats = SessionStatistics()
         self._backend_stats = backend_stats
-        self._sending = False
-        self._send_waiters = trio.lowlevel.ParkingLot()
-        self._calls: dict[int, _Call] = {}
-        self._call_slot = trio.lowlevel.ParkingLot()
+        self._send_lock = FastLock()
+        # DMA calls awaiting the frontend's results; the Connection counts a call until
+        # its result comes (also after a time-out), so its limit decides when we are full.
+        self._calls: CallTable[DmaCallResult] = CallTable(
+            lambda: len(conn.outstanding_calls) >= conn.peer_limits.max_in_flight
+        )
         self._closed: str | None = None
         self._faults_in, self._faults_out = trio.open_memory_channel[DmaFaultEvent](FAULT_QUEUE)
         #: Hot-plug announcements to this guest and their acknowledgements.
@@ -157,24 +152,17 @@ class GuestSession:
         """Encode and send ``msg``; replies, events and calls are serialised here.
 
         Returns False when the connection no longer carries ``msg`` (it is
-        dropped and counted, see the module docstring). A flag and a parking
-        lot rather than a ``trio.Lock``: uncontended (the request hot path)
-        this costs two attribute writes and no checkpoint.
+        dropped and counted, see the module docstring). A
+        :class:`~shared.sync.FastLock`: uncontended (the request hot path) it
+        costs two attribute writes and no checkpoint.
         """
-        while self._sending:
-            await self._send_waiters.park()
-        self._sending = True
-        try:
+        async with self._send_lock:
             # Encoded under the lock: the state cannot change between the check and the send.
             frame = self._encode(msg)
             if frame is None:
                 return False
             await self.transport.send_frame(frame)
             return True
-        finally:
-            self._sending = False
-            if self._send_waiters:
-                self._send_waiters.unpark()
 
     def _encode(self, msg: Message) -> bytes | None:
         """The frame for ``msg``, or None (counted) if the connection cannot carry it now."""
@@ -290,18 +278,11 @@ class GuestSession:
             reply = replies.pop()
             await self.send(reply)
             return
-        while self._sending:
-            await self._send_waiters.park()
-        self._sending = True
-        try:
+        async with self._send_lock:
             frames = [frame for reply in replies if (frame := self._encode(reply)) is not None]
             replies.clear()
             if frames:
                 await self.transport.send_frames(frames)
-        finally:
-            self._sending = False
-            if self._send_waiters:
-                self._send_waiters.unpark()
 
     async def _answer_later(self, request: Request) -> None:
         reply = await self.dispatcher.dispatch(request)
@@ -363,9 +344,7 @@ class GuestSession:
                 self.stats.events_dropped,
                 reason,
             )
-        for call in self._calls.values():
-            call.done.set()  # result None: the waiting DMA fails at once
-        self._call_slot.unpark_all()
+        self._calls.fail_all(reason)  # result None: the waiting DMA fails at once
         # Closing the transport wakes any task blocked sending to a guest that stopped
         # reading, so in-flight DMA can finish and the windows can go.
         await self.transport.aclose()
@@ -404,18 +383,15 @@ class GuestSession:
         self, make: Callable[[int], Message], bus_address: int, length: int, timeout: float
     ) -> DmaCallResult:
         deadline = trio.current_time() + timeout
+        calls = self._calls
         with trio.move_on_at(deadline):
-            while len(self.conn.outstanding_calls) >= self.conn.peer_limits.max_in_flight:
-                if self._closed is not None:
-                    break
-                await self._call_slot.park()
+            await calls.wait_slot()
         if self._closed is not None:
             raise DmaFaultError(
                 f"DMA at {bus_address:#x} abandoned: the guest's connection ended ({self._closed})"
             )
         cid = self.conn.next_call_id()
-        call = _Call()
-        self._calls[cid] = call
+        call = calls.open(cid)
         self.stats.dma_calls += 1
         try:
             # The send itself is not under the time-out: cancelling a half-sent frame
@@ -433,9 +409,9 @@ class GuestSession:
                     "carries DMA calls"
                 )
             with trio.move_on_at(deadline) as scope:
-                await call.done.wait()
+                await calls.wait(call)
         finally:
-            del self._calls[cid]
+            calls.close(call)
         if scope.cancelled_caught:
             self.stats.dma_call_timeouts += 1
             raise DmaTimeoutError(
@@ -455,12 +431,7 @@ class GuestSession:
         return result
 
     def _resolve(self, result: DmaCallResult) -> None:
-        self._call_slot.unpark()
-        call = self._calls.get(result.call_id)
-        if call is None:
+        if self._calls.resolve(result.call_id, result) is None:
             # The call timed out before the answer came: the Connection accepted it as
             # outstanding, so it is legal, just too late to matter.
             self.stats.late_call_results += 1
-            return
-        call.result = result
-        call.done.set()
