@@ -36,6 +36,7 @@ from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
     HOTPLUG_FEATURE,
+    TERMINAL_STATES,
     BarReadRequest,
     BarWriteRequest,
     ConfigReadRequest,
@@ -536,7 +537,10 @@ class Bus:
             pass  # answering a DMA call found the connection gone; _send recorded why
 
     async def _route(self, frame: bytes) -> bool:
-        """Apply one frame. False when the backend said goodbye."""
+        """Apply one frame. False when the backend said goodbye (or we did)."""
+        if self._conn.state in TERMINAL_STATES:
+            # We said Goodbye while replies were on their way: nothing more is read.
+            return False
         msg = self._conn.receive(frame)
         stats = self.stats
         if isinstance(msg, Reply):
