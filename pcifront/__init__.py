@@ -33,9 +33,14 @@ from pcifront._interrupts import (
 from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
 from pcifront._pciids import PciIds
 from pcifront._resources import Resource, UnclaimedAddressError
+from shared.cli import package_version
 from shared.errors import ErrorCode
 
+#: The installed pcisplit version (from the package metadata).
+__version__ = package_version()
+
 __all__ = [
+    "__version__",
     "connect",
     "Bus",
     "Device",
