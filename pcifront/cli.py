@@ -71,6 +71,11 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ca", metavar="FILE", help="CA certificate (PEM) that signed the backend's certificate"
     )
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
+    )
 
 
 def _readable(option: str, path: str) -> str:
@@ -111,14 +116,25 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
     return options
 
 
+def _read_token(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UsageError(f"--token-file {path}: cannot read it ({reason(exc)})") from exc
+
+
 @asynccontextmanager
 async def open_bus(args: argparse.Namespace, **kwargs: Any) -> AsyncIterator[Bus]:
-    """Connect as the command line says (address, guest, TLS files, ``--timeout``)."""
+    """Connect as the command line says (address, guest, TLS files, token, ``--timeout``)."""
     async with connect(
         args.connect,
         guest=args.guest,
         options=_tls_options(args),
         timeout=args.timeout,
+        token=_read_token(args.token_file),
         **kwargs,
     ) as bus:
         yield bus

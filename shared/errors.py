@@ -50,6 +50,11 @@ class ErrorCode(enum.IntEnum):
     TIMED_OUT = 11
     INVALID_STATE = 12
     DMA_FAULT = 13
+    #: The connection could not prove it may act as the guest it named
+    #: (wrong UNIX uid/gid, certificate name or token).
+    NOT_AUTHORIZED = 14
+    #: The device was hot-unplugged from the guest's bus (a request on its old address).
+    DEVICE_REMOVED = 15
 
 
 class PcisplitError(Exception):
