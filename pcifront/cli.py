@@ -2,6 +2,7 @@
 
 pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
 pcifront --timeout 5 lspci --connect ADDR --guest NAME -xxx -s 00:00.0
+pcifront agent --connect ADDR --guest NAME [--json]
 
 Every subcommand is registered on :data:`CLI` (a :class:`shared.cli.Cli`), so it
 gets the common error path, ``-v``, ``--version`` and ``--timeout`` for free. A
@@ -20,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from pcifront._agent import AGENT_HELP, add_agent_options, agent_main
 from pcifront._client import Bus, connect
 from pcifront._lspci import DeviceFilter, render_lspci
 from pcifront._pciids import PciIds
@@ -200,6 +202,18 @@ _lspci_parser.add_argument(
     help="show only devices with these IDs",
 )
 _lspci_parser.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
+
+
+# ------------------------------------------------------------------------ agent
+
+
+async def _agent(args: argparse.Namespace) -> int:
+    return await agent_main(args, _tls_options(args), token=_read_token(args.token_file))
+
+
+_agent_parser = CLI.command("agent", _agent, AGENT_HELP)
+add_connection_options(_agent_parser)
+add_agent_options(_agent_parser)
 
 
 # ------------------------------------------------------------------------ entry
