@@ -153,7 +153,8 @@ def _dump_bytes(count: int) -> int:
     return 256 if count == 3 else 4096
 
 
-async def _lspci(args: argparse.Namespace) -> int:
+async def _lspci(args: argparse.Namespace) -> str:
+    """lspci's output for the command line ``args``."""
     # Validate the selectors and files before connecting, so a typo costs no round trip.
     DeviceFilter.parse(args.slot, args.ids)
     if args.ids_file is not None:
@@ -161,7 +162,7 @@ async def _lspci(args: argparse.Namespace) -> int:
     async with open_bus(args, include_config=True) as bus:
         devices = list(bus.devices)
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
-    text = render_lspci(
+    return render_lspci(
         devices,
         slot=args.slot,
         vendor_device=args.ids,
@@ -169,11 +170,14 @@ async def _lspci(args: argparse.Namespace) -> int:
         ids=ids,
         dump_bytes=_dump_bytes(args.hex),
     )
-    sys.stdout.write(text)
+
+
+async def _lspci_command(args: argparse.Namespace) -> int:
+    sys.stdout.write(await _lspci(args))
     return 0
 
 
-_lspci_parser = CLI.command("lspci", _lspci, "list the guest's virtual PCI bus like lspci")
+_lspci_parser = CLI.command("lspci", _lspci_command, "list the guest's virtual PCI bus like lspci")
 add_connection_options(_lspci_parser)
 _lspci_parser.add_argument(
     "-n",
