@@ -12,6 +12,7 @@
             print(change.kind, change.device)
 """
 
+from pcifront import blocking
 from pcifront._changes import ChangeKind, ChangesOverflowError, DeviceChange, DeviceChanges
 from pcifront._client import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
 from pcifront._dma import DmaBuffer, DmaError
@@ -48,6 +49,7 @@ __version__ = package_version()
 __all__ = [
     "__version__",
     "connect",
+    "blocking",
     "Bus",
     "Device",
     "BusStatistics",
