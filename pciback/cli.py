@@ -48,17 +48,7 @@ def config_from(args: argparse.Namespace) -> BackendConfig:
         problem = _address_problem(address)
         if problem:
             raise ConfigFileError(f"{config.source}: listen[{i}] {address!r}: {problem}")
-    _needs_tls(config, config.listen)
     return config
-
-
-def _needs_tls(config: BackendConfig, addresses: Sequence[str]) -> None:
-    tls = [a for a in addresses if a.startswith("tls:")]
-    if tls and config.tls is None:
-        raise ConfigFileError(
-            f"{config.source}: {tls[0]} needs a [tls] section (cert, key and the ca that "
-            "signs the guests' certificates); add one or listen on another scheme"
-        )
 
 
 def _address_problem(address: str) -> str | None:
@@ -78,7 +68,6 @@ async def _serve(args: argparse.Namespace) -> int:
         problem = _address_problem(address)
         if problem:
             raise UsageError(f"--listen {address}: {problem}")
-    _needs_tls(config, args.listen)
     backend = Backend(config, extra_listen=args.listen)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

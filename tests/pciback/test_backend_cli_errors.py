@@ -73,7 +73,7 @@ def test_tls_listener_without_a_tls_section(
     path = _config(tmp_path, 'listen = ["tls://127.0.0.1:0"]\n')
     code, line = _fails(capsys, "serve", "--config", path)
     assert code == USAGE
-    assert "tls://127.0.0.1:0 needs a [tls] section" in line
+    assert "tls://127.0.0.1:0 needs a [tls] table" in line
 
 
 def test_socket_path_already_served(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -99,7 +99,9 @@ def test_socket_directory_missing(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_tls_file_missing_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = _config(
-        tmp_path, 'listen = ["tls://127.0.0.1:0"]\n[tls]\ncert = "server.pem"\nkey = "server.key"\n'
+        tmp_path,
+        'listen = ["tls://127.0.0.1:0"]\n[tls]\ncert = "server.pem"\nkey = "server.key"\n'
+        'ca = "ca.pem"\n',
     )
     code, line = _fails(capsys, "serve", "--config", path)
     assert code == USAGE
@@ -110,8 +112,11 @@ def test_tls_key_that_does_not_load(capsys: pytest.CaptureFixture[str], tmp_path
     ca = trustme.CA()
     ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
     (tmp_path / "server.key").write_text("not a key\n")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     path = _config(
-        tmp_path, 'listen = ["tls://127.0.0.1:0"]\n[tls]\ncert = "server.pem"\nkey = "server.key"\n'
+        tmp_path,
+        'listen = ["tls://127.0.0.1:0"]\n[tls]\ncert = "server.pem"\nkey = "server.key"\n'
+        'ca = "ca.pem"\n',
     )
     code, line = _fails(capsys, "serve", "--config", path)
     assert code == USAGE
