@@ -8,6 +8,11 @@ pciback ctl list                    # the control socket: see pciback/ctl.py
 ``serve`` runs until SIGTERM or SIGINT (guests are told, devices reset, exit
 0); SIGHUP reloads ``--config`` (see :mod:`pciback.lifecycle`). Under systemd
 (``Type=notify``) it reports READY=1, RELOADING=1 and STOPPING=1.
+
+Every subcommand is registered on :data:`CLI` (a :class:`shared.cli.Cli`), so it
+gets the common error path (one line on stderr, exit 1 or 2), ``-v`` and
+``--version`` for free. A subcommand that needs the configuration adds
+``--config`` with :func:`add_config_option` and reads it with :func:`config_from`.
 """
 
 from __future__ import annotations
@@ -17,56 +22,69 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
 
-from pciback.config import BackendConfig, check_listen, default_config, load_config
-from pciback.ctl import add_ctl_parser, run_ctl
+from pciback.config import (
+    DEFAULT_CONFIG_TEXT,
+    BackendConfig,
+    check_listen,
+    default_config,
+    load_config,
+)
+from pciback.ctl import add_ctl_arguments, run_ctl
 from pciback.lifecycle import notify_reloading, reload, sd_notify, summary
 from pciback.registry import DeviceRegistry
 from pciback.service import Backend, server_ssl_context
-from shared.errors import ConfigFileError, PcisplitError
+from shared.cli import Cli
+from shared.errors import ConfigFileError, PcisplitError, UsageError
+from shared.transport import split_address
 
-__all__ = ["main", "build_parser", "JsonLogFormatter", "check_config"]
+__all__ = [
+    "CLI",
+    "main",
+    "build_parser",
+    "add_config_option",
+    "config_from",
+    "check_config",
+    "JsonLogFormatter",
+]
 
 log = logging.getLogger("pcisplit.backend")
 
+CLI = Cli("pciback", "pcisplit backend service")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pciback", description="pcisplit backend service")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve devices to guests")
-    serve.add_argument(
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` (default: the embedded edu-for-guest0 configuration)."""
+    parser.add_argument(
         "--config",
         metavar="FILE",
         help="TOML config (default: the embedded edu-for-guest0 configuration)",
     )
-    serve.add_argument(
-        "--listen",
-        action="append",
-        default=[],
-        metavar="ADDR",
-        help="extra address to listen on (repeatable), e.g. unix:/tmp/b.sock",
-    )
-    serve.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    serve.add_argument(
-        "-q", "--quiet", action="store_true", help="log errors only; print no startup lines"
-    )
-    serve.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="log lines on stderr as text (default) or one JSON object per line",
-    )
-    check = sub.add_parser(
-        "check", help="validate a config (files, devices, TLS) without starting anything"
-    )
-    check.add_argument("--config", metavar="FILE", required=True, help="the TOML config")
-    add_ctl_parser(sub)
-    sub.add_parser("show-default-config", help="print the embedded default configuration")
-    return parser
+
+
+def config_from(args: argparse.Namespace) -> BackendConfig:
+    """The configuration ``--config`` names, checked (listen addresses included)."""
+    config = load_config(args.config) if args.config else default_config()
+    for i, address in enumerate(config.listen):
+        problem = _address_problem(address)
+        if problem:
+            raise ConfigFileError(f"{config.source}: listen[{i}] {address!r}: {problem}")
+    return config
+
+
+def _address_problem(address: str) -> str | None:
+    try:
+        split_address(address)
+    except PcisplitError as exc:
+        return str(exc)
+    return None
+
+
+# ------------------------------------------------------------------------ serve
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -85,6 +103,7 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
+    """``--log-format`` and ``-q`` for the service (replaces the CLI's default handler)."""
     level = logging.ERROR if args.quiet else logging.WARNING - 10 * min(args.verbose, 2)
     handler = logging.StreamHandler()
     if args.log_format == "json":
@@ -96,19 +115,17 @@ def _setup_logging(args: argparse.Namespace) -> None:
     root.setLevel(level)
 
 
-def check_config(path: str | Path) -> BackendConfig:
-    """Everything ``serve`` would check before listening: keys, files, devices, TLS."""
-    config = load_config(path)
-    check_listen(config.listen, config.tls)
-    server_ssl_context(config)
-    DeviceRegistry(config)  # opens dumps and host devices, builds every policy
-    return config
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    config = load_config(args.config) if args.config else default_config()
+async def _serve(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    for address in args.listen:
+        problem = _address_problem(address)
+        if problem:
+            raise UsageError(f"--listen {address}: {problem}")
+    _setup_logging(args)
     backend = Backend(config, extra_listen=args.listen, control=config.control_path())
-    say = (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
+    say: Callable[[str], None] = (
+        (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
+    )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(backend.serve)
@@ -127,9 +144,10 @@ async def _serve(args: argparse.Namespace) -> None:
                 nursery.cancel_scope.cancel()
                 break
     say("pciback: stopped")
+    return 0
 
 
-async def _reload(backend: Backend, args: argparse.Namespace, say: object) -> None:
+async def _reload(backend: Backend, args: argparse.Namespace, say: Callable[[str], None]) -> None:
     if not args.config:
         log.warning("SIGHUP: nothing to reload (pciback serve was started without --config)")
         return
@@ -140,38 +158,87 @@ async def _reload(backend: Backend, args: argparse.Namespace, say: object) -> No
         log.error("SIGHUP: reload refused, the running configuration stays: %s", exc)
         print(f"pciback: reload refused: {exc}", file=sys.stderr, flush=True)
     else:
-        if callable(say):
-            say(f"pciback: reloaded {args.config}: {result.describe()}")
+        say(f"pciback: reloaded {args.config}: {result.describe()}")
     sd_notify("READY=1")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "show-default-config":
-        from pciback.config import DEFAULT_CONFIG_TEXT
+_serve_parser = CLI.command("serve", _serve, "serve devices to guests")
+add_config_option(_serve_parser)
+_serve_parser.add_argument(
+    "--listen",
+    action="append",
+    default=[],
+    metavar="ADDR",
+    help="extra address to listen on (repeatable), e.g. unix:/tmp/b.sock",
+)
+_serve_parser.add_argument(
+    "-q", "--quiet", action="store_true", help="log errors only; print no startup lines"
+)
+_serve_parser.add_argument(
+    "--log-format",
+    choices=("text", "json"),
+    default="text",
+    help="log lines on stderr as text (default) or one JSON object per line",
+)
 
-        sys.stdout.write(DEFAULT_CONFIG_TEXT)
-        return 0
-    if args.command == "ctl":
-        return run_ctl(args)
-    if args.command == "check":
-        try:
-            config = check_config(args.config)
-        except PcisplitError as exc:
-            print(f"pciback: {' '.join(str(exc).split())}", file=sys.stderr)
-            return 2
-        print(
-            f"pciback: {args.config} is valid: {len(config.guests)} guest(s), "
-            f"{len(config.devices)} device(s), listening on {', '.join(config.listen) or 'nothing'}"
-        )
-        return 0
-    _setup_logging(args)
+
+# ------------------------------------------------------------------------ check
+
+
+def check_config(path: str | Path) -> BackendConfig:
+    """Everything ``serve`` checks before it listens: keys, files, devices, TLS."""
+    args = argparse.Namespace(config=str(path))
+    config = config_from(args)
+    check_listen(config.listen, config.tls)
+    server_ssl_context(config)
+    DeviceRegistry(config)  # opens dumps and host devices, builds every policy
+    return config
+
+
+def _check(args: argparse.Namespace) -> int:
     try:
-        trio.run(_serve, args)
+        config = check_config(args.config)
     except PcisplitError as exc:
-        print(f"pciback: {exc}", file=sys.stderr)
-        return 2
+        # One line naming the key, whatever the underlying error printed.
+        raise ConfigFileError(" ".join(str(exc).split())) from exc
+    listen = ", ".join(config.listen) or "nothing"
+    print(
+        f"pciback: {args.config} is valid: {len(config.guests)} guest(s), "
+        f"{len(config.devices)} device(s), listening on {listen}"
+    )
     return 0
+
+
+_check_parser = CLI.command(
+    "check", _check, "validate a config (files, devices, TLS) without starting anything"
+)
+_check_parser.add_argument("--config", metavar="FILE", required=True, help="the TOML config")
+
+add_ctl_arguments(
+    CLI.command("ctl", run_ctl, "inspect and change a running backend (control socket)")
+)
+
+
+def _show_default_config(args: argparse.Namespace) -> int:
+    sys.stdout.write(DEFAULT_CONFIG_TEXT)
+    return 0
+
+
+CLI.command(
+    "show-default-config", _show_default_config, "print the embedded default configuration"
+)
+
+
+# ------------------------------------------------------------------------ entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole argument parser (for --help and tests)."""
+    return CLI.parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return CLI.main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,7 @@ from typing import Any
 from pciback.config import load_config
 from shared.errors import PcisplitError
 
-__all__ = ["add_ctl_parser", "run_ctl", "request", "ControlUnreachableError"]
+__all__ = ["add_ctl_arguments", "run_ctl", "request", "ControlUnreachableError"]
 
 #: How long ctl waits for an answer: hot-plug waits up to [hotplug] ack_timeout.
 ANSWER_TIMEOUT = 120.0
@@ -28,9 +28,8 @@ class ControlUnreachableError(PcisplitError):
     """The control socket cannot be reached (no backend there, or no permission)."""
 
 
-def add_ctl_parser(sub: Any) -> None:
-    """Add ``ctl`` and its commands to ``pciback``'s subparsers."""
-    ctl = sub.add_parser("ctl", help="inspect and change a running backend (control socket)")
+def add_ctl_arguments(ctl: argparse.ArgumentParser) -> None:
+    """Add the options and commands of ``pciback ctl`` to its parser."""
     ctl.add_argument(
         "--control",
         metavar="PATH",
@@ -93,16 +92,16 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
 
 
 def run_ctl(args: argparse.Namespace) -> int:
-    """Run one ``pciback ctl`` command; returns the exit status."""
+    """Run one ``pciback ctl`` command; returns the exit status.
+
+    An unreachable socket raises :class:`ControlUnreachableError` (the CLI's
+    error path prints it, exit 1); a refusal prints its reason and returns 1.
+    """
     message: dict[str, Any] = {"command": args.ctl_command}
     for key in ("device", "guest"):
         if getattr(args, key, None) is not None:
             message[key] = getattr(args, key)
-    try:
-        answer = request(_control_path(args), message)
-    except PcisplitError as exc:
-        print(f"pciback ctl: {exc}", file=sys.stderr)
-        return 1
+    answer = request(_control_path(args), message)
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
     elif answer.get("ok"):
