@@ -23,7 +23,7 @@ sysdeps:
 $(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,mount]'
 	touch $(STAMP)
 
 demo: install

@@ -217,6 +217,7 @@ class Bus:
         self._max_in_flight = conn.peer_limits.max_in_flight
         self._slot_free = trio.lowlevel.ParkingLot()
         self._lost: str | None = None
+        self._lost_event = trio.Event()
         self._events_send, self.events = trio.open_memory_channel[Event](256)
         self._faults_send, self.dma_faults = trio.open_memory_channel[DmaFaultEvent](
             DMA_FAULT_BUFFER
@@ -346,6 +347,11 @@ class Bus:
         device, bar = await route(self, port, size, io=True)
         await device.bar_write(bar.index, port - bar.start, size, value)
 
+    async def wait_closed(self) -> str:
+        """Wait until the connection ends (backend gone, Goodbye, or closed); returns why."""
+        await self._lost_event.wait()
+        return self._lost or "connection closed"
+
     async def ping(self) -> None:
         """One protocol round trip that touches no device."""
         await self._call(PingRequest)
@@ -426,6 +432,7 @@ class Bus:
     def _fail_all(self, reason: str) -> None:
         if self._lost is None:
             self._lost = reason
+        self._lost_event.set()
         for pending in self._pending.values():
             pending.event.set()
         self._slot_free.unpark_all()

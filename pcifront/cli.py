@@ -1,7 +1,9 @@
 """``pcifront``: the guest agent's command line.
 
 pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
-pcifront lspci --connect ADDR --guest NAME -xxx -s 00:00.0
+pcifront lspci --connect ADDR --guest NAME -vvv -s 00:00.0
+pcifront setpci --connect ADDR --guest NAME -s 00:00.0 COMMAND=0x0006:0x0006
+pcifront mount DIR --connect ADDR --guest NAME
 """
 
 from __future__ import annotations
@@ -15,24 +17,52 @@ import trio
 
 from pcifront._client import connect
 from pcifront._lspci import DeviceFilter, render_lspci
+from pcifront._mount_cli import add_mount_parser, run_mount
 from pcifront._pciids import PciIds
+from pcifront._pciutils import find_tool, json_listing, require_tool, run_lspci
+from pcifront._setpci import add_setpci_parser, run_setpci
+from pcifront._sysfs import DeviceView
 from shared.errors import PcisplitError
 from shared.transport import TransportOptions
 
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pcifront", description="pcisplit guest agent")
-    sub = parser.add_subparsers(dest="command", required=True)
-    lspci = sub.add_parser("lspci", help="list the guest's virtual PCI bus like lspci")
-    lspci.add_argument(
+def _connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--connect",
         required=True,
         metavar="ADDR",
         help="backend address, e.g. unix:./pciback.sock or tls://host:7071",
     )
-    lspci.add_argument("--guest", default="guest0", help="guest name to act as (default guest0)")
+    parser.add_argument("--guest", default="guest0", help="guest name to act as (default guest0)")
+    parser.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
+    parser.add_argument("--key", help="TLS client key (PEM)")
+    parser.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+
+
+def _lspci_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lspci = sub.add_parser(
+        "lspci",
+        help="list the guest's virtual PCI bus like lspci",
+        description="lspci for the guest's bus. Decoding goes through the system's pciutils "
+        "(fed a sysfs-shaped tree of the guest's view); without pciutils only -n/-nn, -x "
+        "and -s/-d work.",
+    )
+    _connection_options(lspci)
+    lspci.add_argument("-v", action="count", default=0, dest="verbose",
+                       help="be verbose (-vv, -vvv: even more)")
+    lspci.add_argument("-k", action="store_true", dest="kernel",
+                       help="show kernel drivers handling each device")
+    lspci.add_argument("-t", action="store_true", dest="tree", help="show a bus tree")
+    lspci.add_argument("-D", action="store_true", dest="domains",
+                       help="always show domain numbers")
+    lspci.add_argument("-m", action="count", default=0, dest="machine",
+                       help="machine-readable output (-mm: the newer format)")
+    lspci.add_argument("-b", action="store_true", dest="bus_centric",
+                       help="bus-centric view (addresses as the bus sees them)")
+    lspci.add_argument("-P", action="count", default=0, dest="path",
+                       help="show bridge paths (-PP: with bus numbers)")
     lspci.add_argument(
         "-n",
         action="count",
@@ -60,9 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="show only devices with these IDs",
     )
     lspci.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
-    lspci.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
-    lspci.add_argument("--key", help="TLS client key (PEM)")
-    lspci.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+    lspci.add_argument("--json", action="store_true", help="JSON for scripts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcifront", description="pcisplit guest agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _lspci_parser(sub)
+    add_setpci_parser(sub, _connection_options)
+    add_mount_parser(sub, _connection_options)
     return parser
 
 
@@ -84,16 +120,60 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
     return options
 
 
-async def _lspci(args: argparse.Namespace) -> str:
-    # Validate the selectors before connecting, so a typo costs no round trip.
-    DeviceFilter.parse(args.slot, args.ids)
+def _lspci_arguments(args: argparse.Namespace) -> list[str]:
+    """The real lspci's arguments for what the user asked (sysfs options come first)."""
+    argv = []
+    for flag, count in (
+        ("v", args.verbose), ("m", args.machine), ("P", args.path),
+        ("n", args.numeric), ("x", args.hex),
+    ):
+        if count:
+            argv.append("-" + flag * count)
+    for flag, on in (("k", args.kernel), ("t", args.tree), ("D", args.domains),
+                     ("b", args.bus_centric)):
+        if on:
+            argv.append("-" + flag)
+    for flag, value in (("-s", args.slot), ("-d", args.ids), ("-i", args.ids_file)):
+        if value is not None:
+            argv += [flag, value]
+    return argv
+
+
+def _needs_pciutils(args: argparse.Namespace) -> bool:
+    return bool(
+        args.verbose or args.kernel or args.tree or args.domains or args.machine
+        or args.bus_centric or args.path
+    )
+
+
+async def _guest_views(args: argparse.Namespace) -> list[DeviceView]:
     async with connect(
         args.connect, guest=args.guest, options=_tls_options(args), include_config=True
     ) as bus:
-        devices = list(bus.devices)
+        views = []
+        for dev in bus.devices:
+            assert dev.config is not None
+            views.append(DeviceView(dev.pci_address, dev.config, dev.bar_sizes))
+        return views
+
+
+async def _lspci(args: argparse.Namespace) -> str:
+    # Validate the selectors before connecting, so a typo costs no round trip.
+    DeviceFilter.parse(args.slot, args.ids)
+    have_pciutils = find_tool("lspci") is not None
+    if not have_pciutils and _needs_pciutils(args) and not args.json:
+        require_tool("lspci", "pcifront lspci " + " ".join(_lspci_arguments(args)))
+    views = await _guest_views(args)
+    if args.json:
+        ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
+        return json_listing(views, slot=args.slot, vendor_device=args.ids, ids=ids)
+    if have_pciutils:
+        out, err = await trio.to_thread.run_sync(run_lspci, views, _lspci_arguments(args))
+        sys.stderr.write(err)
+        return out
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
     return render_lspci(
-        devices,
+        views,
         slot=args.slot,
         vendor_device=args.ids,
         numeric=min(args.numeric, 2),
@@ -102,10 +182,17 @@ async def _lspci(args: argparse.Namespace) -> str:
     )
 
 
+_COMMANDS = {"lspci": _lspci}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        text = trio.run(_lspci, args)
+        if args.command == "mount":
+            return run_mount(args, _tls_options(args))
+        if args.command == "setpci":
+            return run_setpci(args, _tls_options(args))
+        text = trio.run(_COMMANDS[args.command], args)
     except PcisplitError as exc:
         print(f"pcifront: {exc}", file=sys.stderr)
         return 1
