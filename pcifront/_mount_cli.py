@@ -17,9 +17,8 @@ from pathlib import Path
 
 import trio
 
-from pcifront._client import connect
 from pcifront._mount import check_mountpoint, mounted
-from shared.transport import TransportOptions
+from pcifront._setpci import OpenBus
 
 __all__ = ["add_mount_parser", "run_mount"]
 
@@ -39,12 +38,12 @@ def add_mount_parser(
     connection_options(parser)
 
 
-async def _serve(args: argparse.Namespace, options: TransportOptions) -> str:
+async def _serve(args: argparse.Namespace, open_bus: OpenBus) -> str:
     path = Path(args.mountpoint).resolve()
     check_mountpoint(path)  # before connecting: a bad directory costs no round trip
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with (
-            connect(args.connect, guest=args.guest, options=options, include_config=True) as bus,
+            open_bus(args, include_config=True) as bus,
             mounted(bus, path),
         ):
             print(
@@ -71,8 +70,8 @@ async def _serve(args: argparse.Namespace, options: TransportOptions) -> str:
     return reason
 
 
-def run_mount(args: argparse.Namespace, options: TransportOptions) -> int:
+def run_mount(args: argparse.Namespace, open_bus: OpenBus) -> int:
     """The ``mount`` subcommand: 0 after a signal, 1 when the backend went away."""
-    reason = trio.run(_serve, args, options)
+    reason = trio.run(_serve, args, open_bus)
     print(f"pcifront: {reason}", file=sys.stderr, flush=True)
     return 1 if "backend went away" in reason else 0

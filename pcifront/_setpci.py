@@ -25,17 +25,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Final
 
 import trio
 
-from pcifront._client import Device, connect
+from pcifront._client import Bus, Device
 from pcifront._errors import AccessDeniedError
 from pcifront._lspci import DeviceFilter
 from shared.errors import PcisplitError
 from shared.pci import walk_capabilities
-from shared.transport import TransportOptions
+
+#: Opens the connection the command line describes: ``open_bus(args, include_config=True)``.
+OpenBus = Callable[..., AbstractAsyncContextManager[Bus]]
 
 __all__ = ["SetpciError", "SetpciOp", "parse_op", "REGISTERS", "add_setpci_parser", "run_setpci"]
 
@@ -257,12 +260,10 @@ def add_setpci_parser(
                         help="register to read, or to write with =")
 
 
-async def _setpci(args: argparse.Namespace, options: TransportOptions) -> None:
+async def _setpci(args: argparse.Namespace, open_bus: OpenBus) -> None:
     ops = [parse_op(text) for text in args.ops]
     selection = DeviceFilter.parse(args.slot, args.ids)
-    async with connect(
-        args.connect, guest=args.guest, options=options, include_config=True
-    ) as bus:
+    async with open_bus(args, include_config=True) as bus:
         devices = sorted(
             (dev for dev in bus.devices if selection.matches(dev)), key=lambda d: d.pci_address
         )
@@ -276,7 +277,7 @@ async def _setpci(args: argparse.Namespace, options: TransportOptions) -> None:
         )
 
 
-def run_setpci(args: argparse.Namespace, options: TransportOptions) -> int:
+def run_setpci(args: argparse.Namespace, open_bus: OpenBus) -> int:
     """The ``setpci`` subcommand; errors propagate as :class:`PcisplitError`."""
-    trio.run(_setpci, args, options)
+    trio.run(_setpci, args, open_bus)
     return 0

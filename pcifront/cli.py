@@ -12,10 +12,12 @@ import argparse
 import ssl
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import trio
 
-from pcifront._client import connect
+from pcifront._client import Bus, connect
 from pcifront._lspci import DeviceFilter, render_lspci
 from pcifront._mount_cli import add_mount_parser, run_mount
 from pcifront._pciids import PciIds
@@ -39,6 +41,11 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
     parser.add_argument("--key", help="TLS client key (PEM)")
     parser.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
+    )
 
 
 def _lspci_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -120,6 +127,27 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
     return options
 
 
+def _read_token(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise PcisplitError(f"--token-file: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def open_bus(args: argparse.Namespace, **kwargs: Any) -> AbstractAsyncContextManager[Bus]:
+    """Connect as the command line says (address, guest, TLS files, token)."""
+    return connect(
+        args.connect,
+        guest=args.guest,
+        options=_tls_options(args),
+        token=_read_token(args.token_file),
+        **kwargs,
+    )
+
+
 def _lspci_arguments(args: argparse.Namespace) -> list[str]:
     """The real lspci's arguments for what the user asked (sysfs options come first)."""
     argv = []
@@ -147,9 +175,7 @@ def _needs_pciutils(args: argparse.Namespace) -> bool:
 
 
 async def _guest_views(args: argparse.Namespace) -> list[DeviceView]:
-    async with connect(
-        args.connect, guest=args.guest, options=_tls_options(args), include_config=True
-    ) as bus:
+    async with open_bus(args, include_config=True) as bus:
         views = []
         for dev in bus.devices:
             assert dev.config is not None
@@ -189,9 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "mount":
-            return run_mount(args, _tls_options(args))
+            return run_mount(args, open_bus)
         if args.command == "setpci":
-            return run_setpci(args, _tls_options(args))
+            return run_setpci(args, open_bus)
         text = trio.run(_COMMANDS[args.command], args)
     except PcisplitError as exc:
         print(f"pcifront: {exc}", file=sys.stderr)
