@@ -4,6 +4,7 @@ pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
 pcifront lspci --connect ADDR --guest NAME -vvv -s 00:00.0
 pcifront setpci --connect ADDR --guest NAME -s 00:00.0 COMMAND=0x0006:0x0006
 pcifront mount DIR --connect ADDR --guest NAME
+pcifront agent --connect ADDR --guest NAME [--json]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import trio
 
+from pcifront._agent import add_agent_parser, agent_main
 from pcifront._client import Bus, connect
 from pcifront._lspci import DeviceFilter, render_lspci
 from pcifront._mount_cli import add_mount_parser, run_mount
@@ -38,14 +40,7 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
         help="backend address, e.g. unix:./pciback.sock or tls://host:7071",
     )
     parser.add_argument("--guest", default="guest0", help="guest name to act as (default guest0)")
-    parser.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
-    parser.add_argument("--key", help="TLS client key (PEM)")
-    parser.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
-    parser.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
-    )
+    _add_connection_arguments(parser)
 
 
 def _lspci_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -106,7 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     _lspci_parser(sub)
     add_setpci_parser(sub, _connection_options)
     add_mount_parser(sub, _connection_options)
+    add_agent_parser(sub)
+    _add_connection_arguments(sub.choices["agent"])
     return parser
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a guest proves itself: TLS client certificates and tokens."""
+    parser.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
+    parser.add_argument("--key", help="TLS client key (PEM)")
+    parser.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
+    )
 
 
 def _dump_bytes(count: int) -> int:
@@ -213,6 +222,13 @@ _COMMANDS = {"lspci": _lspci}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "agent":
+        try:
+            token = _read_token(args.token_file)
+        except PcisplitError as exc:
+            print(f"pcifront: {exc}", file=sys.stderr)
+            return 1
+        return agent_main(args, _tls_options(args), token=token)
     try:
         if args.command == "mount":
             return run_mount(args, open_bus)
