@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -20,22 +19,19 @@ import trio
 from pcifront._mount import check_mountpoint, mounted
 from pcifront._setpci import OpenBus
 
-__all__ = ["add_mount_parser", "run_mount"]
+__all__ = ["add_mount_options", "mount_main"]
 
 
-def add_mount_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    connection_options: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    parser = sub.add_parser(
-        "mount",
-        help="mount the guest's bus as a sysfs-shaped tree (for lspci/setpci -A linux-sysfs)",
-        description="Mount the guest's virtual bus at DIR, shaped like /sys/bus/pci, until "
-        "SIGINT/SIGTERM or the backend goes away. Then: lspci -A linux-sysfs -O "
-        "sysfs.path=DIR -vvv",
-    )
+def add_mount_options(parser: argparse.ArgumentParser) -> None:
+    """The mount point (the connection options are the caller's)."""
     parser.add_argument("mountpoint", metavar="DIR", help="an empty directory to mount on")
-    connection_options(parser)
+
+
+async def mount_main(args: argparse.Namespace, open_bus: OpenBus) -> int:
+    """The ``mount`` subcommand: 0 after SIGINT/SIGTERM, 1 when the backend went away."""
+    reason = await _serve(args, open_bus)
+    print(f"pcifront: {reason}", file=sys.stderr, flush=True)
+    return 1 if "backend went away" in reason else 0
 
 
 async def _serve(args: argparse.Namespace, open_bus: OpenBus) -> str:
@@ -68,10 +64,3 @@ async def _serve(args: argparse.Namespace, open_bus: OpenBus) -> str:
                 nursery.start_soon(on_signal)
                 nursery.start_soon(on_backend_gone)
     return reason
-
-
-def run_mount(args: argparse.Namespace, open_bus: OpenBus) -> int:
-    """The ``mount`` subcommand: 0 after a signal, 1 when the backend went away."""
-    reason = trio.run(_serve, args, open_bus)
-    print(f"pcifront: {reason}", file=sys.stderr, flush=True)
-    return 1 if "backend went away" in reason else 0

@@ -29,18 +29,24 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Final
 
-import trio
-
 from pcifront._client import Bus, Device
 from pcifront._errors import AccessDeniedError
 from pcifront._lspci import DeviceFilter
-from shared.errors import PcisplitError
+from shared.errors import PcisplitError, UsageError
 from shared.pci import walk_capabilities
 
 #: Opens the connection the command line describes: ``open_bus(args, include_config=True)``.
 OpenBus = Callable[..., AbstractAsyncContextManager[Bus]]
 
-__all__ = ["SetpciError", "SetpciOp", "parse_op", "REGISTERS", "add_setpci_parser", "run_setpci"]
+__all__ = [
+    "SetpciError",
+    "SetpciSyntaxError",
+    "SetpciOp",
+    "parse_op",
+    "REGISTERS",
+    "add_setpci_options",
+    "setpci_main",
+]
 
 _CONFIG_SIZE: Final = 4096
 _WIDTHS: Final = {"b": 1, "w": 2, "l": 4}
@@ -97,8 +103,12 @@ EXT_CAPABILITIES: Final[dict[str, int]] = {
 }
 
 
-class SetpciError(PcisplitError, ValueError):
-    """An operation is malformed, or a write was refused; the message says which and why."""
+class SetpciError(PcisplitError):
+    """A write was refused, a capability is missing, or no device matched; says which and why."""
+
+
+class SetpciSyntaxError(SetpciError, UsageError):
+    """An operation is malformed (bad usage: exit status 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +133,7 @@ def _hex(text: str, what: str, op: str) -> int:
             raise ValueError
         return int(body, 16)
     except ValueError:
-        raise SetpciError(f"{op!r}: {what} {text!r} is not a hex number") from None
+        raise SetpciSyntaxError(f"{op!r}: {what} {text!r} is not a hex number") from None
 
 
 def parse_op(text: str) -> SetpciOp:
@@ -135,7 +145,7 @@ def parse_op(text: str) -> SetpciOp:
         width = _WIDTHS[suffix.lower()]
         left = name
     elif dot:
-        raise SetpciError(f"{text!r}: width {suffix!r} is invalid; use .B, .W or .L")
+        raise SetpciSyntaxError(f"{text!r}: width {suffix!r} is invalid; use .B, .W or .L")
     register, plus, extra = left.partition("+")
     offset_add = _hex(extra, "offset", text) if plus else 0
     capability = None
@@ -150,7 +160,9 @@ def parse_op(text: str) -> SetpciOp:
             cap_id = table[cap_name]
         instance = int(instance_text, 10) if at and instance_text.isdigit() else 0
         if at and not instance_text.isdigit():
-            raise SetpciError(f"{text!r}: capability instance {instance_text!r} is not a number")
+            raise SetpciSyntaxError(
+                f"{text!r}: capability instance {instance_text!r} is not a number"
+            )
         capability = (cap_name.startswith("E"), cap_id, instance)
         base = 0
     elif upper in REGISTERS:
@@ -159,19 +171,19 @@ def parse_op(text: str) -> SetpciOp:
     else:
         base = _hex(register, "register", text)
     if width is None:
-        raise SetpciError(f"{text!r}: missing width; add .B, .W or .L")
+        raise SetpciSyntaxError(f"{text!r}: missing width; add .B, .W or .L")
     offset = base + offset_add
     values: list[tuple[int, int]] = []
     if equals:
         if not right:
-            raise SetpciError(f"{text!r}: no value after '='")
+            raise SetpciSyntaxError(f"{text!r}: no value after '='")
         full = (1 << (8 * width)) - 1
         for item in right.split(","):
             value_text, colon, mask_text = item.partition(":")
             value = _hex(value_text, "value", text)
             mask = _hex(mask_text, "mask", text) if colon else full
             if value > full or mask > full:
-                raise SetpciError(f"{text!r}: value {item!r} does not fit {width} byte(s)")
+                raise SetpciSyntaxError(f"{text!r}: value {item!r} does not fit {width} byte(s)")
             values.append((value, mask))
     if capability is None:
         _check_range(text, offset, width, max(len(values), 1))
@@ -180,9 +192,9 @@ def parse_op(text: str) -> SetpciOp:
 
 def _check_range(text: str, offset: int, width: int, count: int) -> None:
     if offset % width:
-        raise SetpciError(f"{text!r}: register {offset:#x} is not aligned to {width} bytes")
+        raise SetpciSyntaxError(f"{text!r}: register {offset:#x} is not aligned to {width} bytes")
     if offset + width * count > _CONFIG_SIZE:
-        raise SetpciError(f"{text!r}: register {offset:#x} is out of range (0..0xfff)")
+        raise SetpciSyntaxError(f"{text!r}: register {offset:#x} is out of range (0..0xfff)")
 
 
 async def _resolve(device: Device, op: SetpciOp, image: bytes) -> int:
@@ -236,22 +248,13 @@ async def execute(
                     ) from exc
 
 
-def add_setpci_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    connection_options: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    parser = sub.add_parser(
-        "setpci",
-        help="read and write the guest's config space with setpci's syntax",
-        description="setpci for the guest's bus; every write goes through the backend's policy.",
-    )
-    connection_options(parser)
+def add_setpci_options(parser: argparse.ArgumentParser) -> None:
+    """setpci's own options and the operations (the connection options are the caller's)."""
+    # setpci's -v (say what is done) is the command line's common -v.
     parser.add_argument("-s", dest="slot", metavar="[[[[DOMAIN]:]BUS]:][DEV][.[FUNC]]",
                         help="act on matching devices only")
     parser.add_argument("-d", dest="ids", metavar="[VENDOR]:[DEVICE][:CLASS]",
                         help="act on devices with these IDs only")
-    parser.add_argument("-v", action="store_true", dest="verbose",
-                        help="say what is read and written")
     parser.add_argument("-D", action="store_true", dest="demo",
                         help="demo mode: parse and read, write nothing")
     parser.add_argument("-f", action="store_true", dest="force",
@@ -260,7 +263,8 @@ def add_setpci_parser(
                         help="register to read, or to write with =")
 
 
-async def _setpci(args: argparse.Namespace, open_bus: OpenBus) -> None:
+async def setpci_main(args: argparse.Namespace, open_bus: OpenBus) -> int:
+    """The ``setpci`` subcommand; a failure raises a :class:`PcisplitError` (one line)."""
     ops = [parse_op(text) for text in args.ops]
     selection = DeviceFilter.parse(args.slot, args.ids)
     async with open_bus(args, include_config=True) as bus:
@@ -273,11 +277,6 @@ async def _setpci(args: argparse.Namespace, open_bus: OpenBus) -> None:
                 "pcifront lspci (or pass -f)"
             )
         await execute(
-            devices, ops, verbose=args.verbose, demo=args.demo, write=sys.stdout.write
+            devices, ops, verbose=bool(args.verbose), demo=args.demo, write=sys.stdout.write
         )
-
-
-def run_setpci(args: argparse.Namespace, open_bus: OpenBus) -> int:
-    """The ``setpci`` subcommand; errors propagate as :class:`PcisplitError`."""
-    trio.run(_setpci, args, open_bus)
     return 0

@@ -21,7 +21,7 @@ from _fuse_support import EDU, config, force_unmount, mounted_guest, needs_fuse
 import pcifront
 from pciback.testing import running_backend
 from pcifront import _mount
-from pcifront._setpci import SetpciError, _setpci, parse_op
+from pcifront._setpci import SetpciError, SetpciSyntaxError, parse_op, setpci_main
 from pcifront.cli import build_parser, main, open_bus
 
 pytestmark = needs_fuse
@@ -171,7 +171,7 @@ async def test_pcifront_setpci(tmp_path: Path, capsys: pytest.CaptureFixture[str
         address = rb.address("memory")
 
         async def setpci(*ops: str) -> str:
-            await _setpci(_setpci_args(address, "-s", "00:00.0", *ops), open_bus)
+            await setpci_main(_setpci_args(address, "-s", "00:00.0", *ops), open_bus)
             return capsys.readouterr().out
 
         assert await setpci("COMMAND=0x4:0x4") == ""
@@ -185,7 +185,7 @@ async def test_pcifront_setpci(tmp_path: Path, capsys: pytest.CaptureFixture[str
         with pytest.raises(SetpciError, match="capability 0x10 not found"):
             await setpci("CAP_EXP+2.w")
         with pytest.raises(SetpciError, match="no device"):
-            await _setpci(_setpci_args(address, "-s", "00:05.0", "COMMAND"), open_bus)
+            await setpci_main(_setpci_args(address, "-s", "00:05.0", "COMMAND"), open_bus)
 
 
 def test_setpci_denied_write_exits_non_zero_with_the_reason(
@@ -244,5 +244,5 @@ def test_setpci_capability_syntax() -> None:
      ("BOGUS", "not a hex number"), ("4.w=zz", "not a hex number")],
 )
 def test_setpci_syntax_errors(text: str, reason: str) -> None:
-    with pytest.raises(SetpciError, match=reason):
+    with pytest.raises(SetpciSyntaxError, match=reason):
         parse_op(text)
