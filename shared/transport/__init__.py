@@ -10,6 +10,7 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
+from shared.transport._budget import BudgetStatistics, ReceiveBudget, ReceiveLimits
 from shared.transport._fdpass import MAX_FDS_PER_FRAME
 from shared.transport._memory import MemoryListener, MemoryTransport, memory_transport_pair
 from shared.transport._registry import (
@@ -34,6 +35,9 @@ __all__ = [
     "TransportAddressError",
     "TransportConnectError",
     "TransportOptions",
+    "ReceiveBudget",
+    "ReceiveLimits",
+    "BudgetStatistics",
     "MemoryListener",
     "MemoryTransport",
     "memory_transport_pair",
