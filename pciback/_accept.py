@@ -6,8 +6,12 @@ something is closed; retrying at once would spin at 100% CPU and log
 megabytes a second (issue 8, stall 8). The loop instead sleeps
 :data:`ACCEPT_BACKOFF` seconds between attempts, warns once when such an
 episode starts and once when it ends (with how many attempts failed), and
-counts both in :class:`AcceptStatistics`. Other per-peer failures (an aborted
-connect) are counted and logged at most once a second.
+counts both in :class:`AcceptStatistics`. An episode ends only after
+:data:`EPISODE_QUIET` seconds without such a failure: while the process hovers
+at its limit (one fd freed, one taken) accepts alternate between success and
+failure, and that is one episode, not one log line per connection. Other
+per-peer failures (an aborted connect) are counted and logged at most once a
+second.
 
 Nothing here waits on a peer: the loop only accepts and hands the transport
 to ``handle`` (which starts a task), so TLS handshakes, Hellos and limits all
@@ -31,6 +35,8 @@ log = logging.getLogger("pcisplit.backend")
 
 #: Seconds between accept attempts while the process is out of fds (trio uses 0.1 s too).
 ACCEPT_BACKOFF = 0.1
+#: Seconds without a capacity failure before an episode counts as over.
+EPISODE_QUIET = 1.0
 #: accept() errors that mean "out of resources here", not "that peer failed".
 CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
@@ -61,6 +67,7 @@ async def accept_loop(
 ) -> None:
     """Accept from ``listener`` forever, giving each transport to ``handle``."""
     failing_since: int | None = None  # capacity_failures when the episode began
+    last_failure = 0.0
     last_peer_warning: float | None = None
     while True:
         try:
@@ -68,6 +75,7 @@ async def accept_loop(
         except (trio.BrokenResourceError, OSError) as exc:
             code = _capacity_errno(exc)
             if code is not None:
+                last_failure = trio.current_time()
                 if failing_since is None:
                     failing_since = stats.capacity_failures
                     stats.capacity_episodes += 1
@@ -87,7 +95,7 @@ async def accept_loop(
                 log.warning("%s: a connection failed while accepting it: %s", listener.address, exc)
             await trio.lowlevel.checkpoint()
             continue
-        if failing_since is not None:
+        if failing_since is not None and trio.current_time() - last_failure >= EPISODE_QUIET:
             log.warning(
                 "%s: accepting connections again after %d failed attempts",
                 listener.address, stats.capacity_failures - failing_since,
