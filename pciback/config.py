@@ -43,7 +43,7 @@ from typing import Any
 
 from pciback.limits import LIMIT_KEYS, ResourceLimits
 from pciback.policy import PolicyConfig, QuirkConfig
-from shared.errors import ConfigFileError, LocalProtocolError
+from shared.errors import ConfigFileError, LocalProtocolError, did_you_mean
 from shared.pci import PciAddress
 from shared.protocol import Limits
 
@@ -108,6 +108,9 @@ class BackendConfig:
     shm_ring_size: int = 256 * 1024
     #: ``[limits]`` beyond the protocol's two: what any guest can make the backend hold.
     resources: ResourceLimits = field(default_factory=ResourceLimits)
+    #: ``[hotplug]``: how long a hot-plug operation waits for the guest's
+    #: acknowledgement; after it a removal is forced (and logged).
+    hotplug_ack_timeout: float = 5.0
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -129,7 +132,7 @@ def _known_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigFileError(
-            f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}"
+            f"{where}: unknown key {unknown[0]!r}; {did_you_mean(unknown[0], allowed)}"
         )
 
 
@@ -226,7 +229,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         raw,
         {
             "listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma",
-            "transport",
+            "transport", "hotplug",
         },
         source,
     )
@@ -297,6 +300,9 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
                         "transport.shm_ring_size", "a size in bytes")
     if ring_size < 4096 or ring_size & (ring_size - 1):
         raise ConfigFileError("transport.shm_ring_size: must be a power of two >= 4096")
+    hotplug = _expect(raw.get("hotplug", {}), dict, "hotplug", "a table")
+    _known_keys(hotplug, {"ack_timeout"}, "hotplug")
+    ack_timeout = _positive(hotplug, "ack_timeout", 5.0, "hotplug", "seconds")
     return BackendConfig(
         tuple(listen),
         guests,
@@ -311,6 +317,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         float(poll_us),
         ring_size,
         resources,
+        hotplug_ack_timeout=ack_timeout,
     )
 
 

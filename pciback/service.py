@@ -14,6 +14,7 @@ import trio
 from pciback._accept import AcceptStatistics, accept_loop
 from pciback.config import BackendConfig
 from pciback.dma import DmaHub
+from pciback.hotplug import Hotplug, HotplugResult
 from pciback.irq import InterruptLimits, IrqRouter
 from pciback.limits import ConnectionGate, GateTicket, source_of
 from pciback.registry import DeviceRegistry
@@ -21,6 +22,7 @@ from pciback.session import GuestSession
 from shared.errors import ErrorCode, LimitExceededError, PcisplitError, RemoteProtocolError
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
+    HOTPLUG_FEATURE,
     Connection,
     Hello,
     Role,
@@ -48,6 +50,7 @@ BACKEND_FEATURES = (
     "ping",
     "interrupts",
     "dma",
+    HOTPLUG_FEATURE,
 )
 
 
@@ -115,6 +118,10 @@ class Backend:
         )
         self.registry.release_hooks.append(self.irq.reset_device)
         self.sessions: list[GuestSession] = []
+        #: Live assign/unassign with acknowledgement (``assign``/``unassign`` below).
+        self.hotplug = Hotplug(
+            self.registry, self.sessions_of, ack_timeout=config.hotplug_ack_timeout
+        )
         self.addresses = list(dict.fromkeys([*config.listen, *extra_listen]))
         #: Seconds a connection gets to complete its handshake (``limits.handshake_timeout``).
         self.handshake_timeout = (
@@ -130,6 +137,24 @@ class Backend:
 
     def statistics(self) -> BackendStatistics:
         return self.stats
+
+    def sessions_of(self, guest: str) -> list[GuestSession]:
+        """The guest's connected sessions (a guest may hold several connections)."""
+        return [s for s in self.sessions if s.guest == guest]
+
+    async def assign(self, device_id: str, guest: str) -> HotplugResult:
+        """Hot-plug ``device_id`` into ``guest`` (see :class:`pciback.hotplug.Hotplug`)."""
+        return await self.hotplug.assign(device_id, guest)
+
+    async def unassign(
+        self, device_id: str, *, reason: str = "unassigned by the operator"
+    ) -> HotplugResult:
+        """Hot-unplug ``device_id`` from its guest; reset and free it once acknowledged.
+
+        Waits at most ``[hotplug] ack_timeout`` seconds for the guest's
+        acknowledgement, then forces the removal (and logs it).
+        """
+        return await self.hotplug.unassign(device_id, reason=reason)
 
     def _options(self, address: str) -> TransportOptions:
         resources = self.config.resources

@@ -703,7 +703,7 @@ class DeviceAddedEvent(Event):
 class DeviceRemovedEvent(Event):
     """Backend -> frontend: the device at ``device`` (packed) left the guest's bus.
 
-    From this event on the backend answers requests on it with ``NOT_FOUND``;
+    From this event on the backend answers requests on it with ``DEVICE_REMOVED``;
     ``message`` says why it went. The frontend fails its requests in flight
     on the device and answers with exactly one :class:`DeviceChangeAck`.
     """
