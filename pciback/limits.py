@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from shared.errors import ConfigFileError
+from shared.transport import PeerIdentity
 
 __all__ = [
     "ResourceLimits",
@@ -123,18 +124,17 @@ class LimitStatistics:
     connections: int = 0
 
 
-def source_of(identity: Mapping[str, Any]) -> str:
+def source_of(identity: PeerIdentity) -> str:
     """Who a not-yet-authenticated connection comes from, for the per-source limit.
 
-    TCP and TLS peers by address (not port), UNIX and shm peers by uid; anything
-    else counts as one unknown source.
+    UNIX and shm peers by uid (the kernel vouches for it), TCP and TLS peers by
+    address without the port; anything else counts as one unknown source.
     """
-    peer = identity.get("peer")
-    if isinstance(peer, tuple | list) and peer:
-        return f"ip:{peer[0]}"
-    uid = identity.get("uid")
-    if isinstance(uid, int):
-        return f"uid:{uid}"
+    if identity.uid is not None:
+        return f"uid:{identity.uid}"
+    if identity.address:
+        host, _, port = identity.address.rpartition(":")
+        return f"ip:{host}" if host and port.isdigit() else f"ip:{identity.address}"
     return "unknown"
 
 

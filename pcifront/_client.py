@@ -618,11 +618,11 @@ class Bus:
 
 
 async def _handshake(
-    transport: FrameTransport, guest: str, limits: Limits, timeout: float | None
+    transport: FrameTransport, guest: str, limits: Limits, timeout: float | None, token: bytes
 ) -> Connection:
     conn = Connection(Role.CLIENT, limits=limits, features=FRONTEND_FEATURES, guest=guest)
     try:
-        await transport.send_frame(conn.hello())
+        await transport.send_frame(conn.hello(token))
         with trio.fail_after(timeout if timeout is not None else float("inf")):
             frame = await transport.receive_frame()
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
@@ -653,6 +653,7 @@ async def connect(
     limits: Limits | None = None,
     timeout: float | None = 60.0,
     include_config: bool = False,
+    token: bytes | str | None = None,
     reconnect: bool | ReconnectPolicy = False,
 ) -> AsyncIterator[Bus]:
     """Connect to a backend, act as ``guest``, and yield its :class:`Bus`.
@@ -661,11 +662,15 @@ async def connect(
     ``tcp://host:port``, ``tls://host:port``, ``vsock://cid:port``, ``memory:name``).
     ``timeout`` bounds the handshake and each request (None: wait forever).
     ``include_config`` fetches every device's config image in the first snapshot.
+    ``token`` is the guest's secret (the contents of its ``token_file``) for
+    ``tcp://`` and ``vsock://`` backends; other transports prove the guest's
+    identity themselves and need none.
     ``reconnect=True`` (or a :class:`~pcifront.ReconnectPolicy`) keeps the bus
     alive across lost connections: the first connection and every reconnect
     retry with exponential back-off, reads are retried, and a write whose
     outcome is unknown raises :class:`~pcifront.OutcomeUnknownError`.
     """
+    secret = token.encode() if isinstance(token, str) else (token or b"")
     limits = limits or Limits()
     opts = options or TransportOptions()
     opts.max_frame_size = limits.max_message_size
@@ -673,7 +678,7 @@ async def connect(
     async def dial() -> tuple[FrameTransport, Connection]:
         transport = await open_transport(address, opts)
         try:
-            return transport, await _handshake(transport, guest, limits, timeout)
+            return transport, await _handshake(transport, guest, limits, timeout, secret.strip())
         except BaseException:
             with trio.CancelScope(shield=True):
                 await transport.aclose()

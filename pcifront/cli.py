@@ -2,6 +2,7 @@
 
 pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
 pcifront lspci --connect ADDR --guest NAME -xxx -s 00:00.0
+pcifront agent --connect ADDR --guest NAME [--json]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import trio
 
+from pcifront._agent import add_agent_parser, agent_main
 from pcifront._client import connect
 from pcifront._lspci import DeviceFilter, render_lspci
 from pcifront._pciids import PciIds
@@ -60,10 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="show only devices with these IDs",
     )
     lspci.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
-    lspci.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
-    lspci.add_argument("--key", help="TLS client key (PEM)")
-    lspci.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+    _add_connection_arguments(lspci)
+    add_agent_parser(sub)
+    _add_connection_arguments(sub.choices["agent"])
     return parser
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a guest proves itself: TLS client certificates and tokens."""
+    parser.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
+    parser.add_argument("--key", help="TLS client key (PEM)")
+    parser.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
+    )
 
 
 def _dump_bytes(count: int) -> int:
@@ -84,11 +98,26 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
     return options
 
 
+def _read_token(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise PcisplitError(f"--token-file: cannot read {path}: {exc.strerror or exc}") from exc
+
+
 async def _lspci(args: argparse.Namespace) -> str:
     # Validate the selectors before connecting, so a typo costs no round trip.
     DeviceFilter.parse(args.slot, args.ids)
+    token = _read_token(args.token_file)
     async with connect(
-        args.connect, guest=args.guest, options=_tls_options(args), include_config=True
+        args.connect,
+        guest=args.guest,
+        options=_tls_options(args),
+        include_config=True,
+        token=token,
     ) as bus:
         devices = list(bus.devices)
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
@@ -104,6 +133,13 @@ async def _lspci(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "agent":
+        try:
+            token = _read_token(args.token_file)
+        except PcisplitError as exc:
+            print(f"pcifront: {exc}", file=sys.stderr)
+            return 1
+        return agent_main(args, _tls_options(args), token=token)
     try:
         text = trio.run(_lspci, args)
     except PcisplitError as exc:

@@ -49,7 +49,9 @@ class ErrorCode(enum.IntEnum):
     TIMED_OUT = 11
     INVALID_STATE = 12
     DMA_FAULT = 13
-    # 14 is NOT_AUTHORIZED (guest identity, issue 9 part 1), which lands separately.
+    #: The connection could not prove it may act as the guest it named
+    #: (wrong UNIX uid/gid, certificate name or token).
+    NOT_AUTHORIZED = 14
     #: The device was hot-unplugged from the guest's bus (a request on its old address).
     DEVICE_REMOVED = 15
 

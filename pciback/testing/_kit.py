@@ -14,6 +14,7 @@ from pciback.config import BackendConfig, load_config, parse_config
 from pciback.service import Backend
 
 __all__ = [
+    "TEST_TOKEN",
     "RunningBackend",
     "running_backend",
     "listen_address",
@@ -22,6 +23,10 @@ __all__ = [
 ]
 
 _counter = itertools.count()
+
+#: The token every guest of a test config gets when it listens on tcp
+#: (pass it as ``pcifront.connect(..., token=TEST_TOKEN)``).
+TEST_TOKEN = b"pcisplit-test-token-not-a-secret"
 
 
 def listen_address(kind: str, tmp: Path) -> str:
@@ -65,7 +70,8 @@ def make_test_config(
     paths in TOML text (``dump = "nic.txt"``) resolve against ``base`` (default:
     ``tmp``, else the current directory); in a file, against the file's directory;
     a relative file path itself resolves against ``base`` too.
-    For ``tcp`` every guest is allowed plain TCP unless ``allow_plain_tcp`` is False.
+    For ``tcp`` every guest is allowed plain TCP unless ``allow_plain_tcp`` is False,
+    and a guest without a token gets :data:`TEST_TOKEN`.
     """
     base = base if base is not None else tmp
     if isinstance(config, Path):
@@ -73,7 +79,10 @@ def make_test_config(
     elif isinstance(config, str):
         config = parse_config(config, source="<test config>", base=base)
     if allow_plain_tcp and "tcp" in transports:
-        guests = {name: replace(g, allow_plain_tcp=True) for name, g in config.guests.items()}
+        guests = {
+            name: replace(g, allow_plain_tcp=True, token=g.token or TEST_TOKEN)
+            for name, g in config.guests.items()
+        }
         config = replace(config, guests=guests)
     if tmp is None and any(k in ("unix", "shm") for k in transports):
         raise ValueError("unix and shm test addresses need tmp= (a temporary directory)")

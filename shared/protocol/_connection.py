@@ -723,9 +723,13 @@ class Connection:
 
     # ------------------------------------------------------------------ conveniences
 
-    def hello(self) -> bytes:
-        """CLIENT: send the Hello (our version, features, limits and guest)."""
-        return self.send(self._handshake.make_hello(self._limits))
+    def hello(self, token: bytes = b"") -> bytes:
+        """CLIENT: send the Hello (our version, features, limits, guest and token).
+
+        ``token`` is the guest's secret for ``tcp://`` and ``vsock://``
+        backends that ask for one (``token_file`` in the backend config).
+        """
+        return self.send(self._handshake.make_hello(self._limits, token))
 
     def check_version(self) -> str | None:
         """SERVER, after the Hello: None if the versions are compatible, else why not.

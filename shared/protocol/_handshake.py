@@ -82,14 +82,14 @@ class Handshake:
 
     # ------------------------------------------------------------------ building messages
 
-    def make_hello(self, limits: Limits) -> Hello:
-        """CLIENT: our Hello: our version, features, limits and guest."""
+    def make_hello(self, limits: Limits, token: bytes = b"") -> Hello:
+        """CLIENT: our Hello: our version, features, limits, guest and token."""
         if self.guest is None:
             raise LocalProtocolError(
                 "a frontend Connection needs guest=... to say which guest it acts as"
             )
         major, minor = self.local_version
-        return Hello(major, minor, self.offered, limits, self.guest)
+        return Hello(major, minor, self.offered, limits, self.guest, token)
 
     def version_problem(self) -> str | None:
         """SERVER, after the Hello: None if the versions are compatible, else why not."""
