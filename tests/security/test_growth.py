@@ -19,7 +19,7 @@ from _limits_support import TWO_GUESTS, raw_guest, worst_latency
 
 import pcifront
 from pciback.service import Backend
-from pciback.testing import running_backend
+from pciback.testing import TEST_TOKEN, running_backend
 from shared.protocol import encode_frame
 from shared.transport import FrameTransport
 from shared.transport._shm import ShmTransport
@@ -70,7 +70,7 @@ async def test_fds_on_a_half_sent_frame_are_capped(kind: str, tmp_path: Path) ->
     config = limits(max_fds_per_connection=16)
     async with (
         running_backend(config, transports=(kind,), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address(kind), guest="victim") as victim,
+        pcifront.connect(rb.address(kind), guest="victim", token=TEST_TOKEN) as victim,
     ):
         before = open_fds()
         pipes = [os.pipe() for _ in range(10)]
@@ -96,7 +96,7 @@ async def test_shm_fd_announcements_are_capped(tmp_path: Path) -> None:
     config = limits(max_fds_per_connection=16)
     async with (
         running_backend(config, transports=("shm",), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address("shm"), guest="victim") as victim,
+        pcifront.connect(rb.address("shm"), guest="victim", token=TEST_TOKEN) as victim,
         raw_guest(rb.address("shm"), "mallory") as mallory,
     ):
         transport = mallory.transport
@@ -126,7 +126,7 @@ async def test_partial_frame_idle_time_out(kind: str, tmp_path: Path) -> None:
     config = limits(partial_frame_timeout=0.2)
     async with (
         running_backend(config, transports=(kind,), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address(kind), guest="victim") as victim,
+        pcifront.connect(rb.address(kind), guest="victim", token=TEST_TOKEN) as victim,
         raw_guest(rb.address(kind), "mallory") as mallory,
     ):
         stream = mallory.transport.stream  # type: ignore[attr-defined]
@@ -144,7 +144,7 @@ async def test_partial_frames_share_a_bounded_total(tmp_path: Path) -> None:
     )
     async with (
         running_backend(config, transports=("unix",), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address("unix"), guest="victim") as victim,
+        pcifront.connect(rb.address("unix"), guest="victim", token=TEST_TOKEN) as victim,
     ):
         budget = rb.backend.receive_budget
         hogs: list[trio.SocketStream] = []

@@ -14,7 +14,7 @@ from _limits_support import TWO_GUESTS, raw_guest, worst_latency
 import pcifront
 from pciback.config import parse_config
 from pciback.limits import ResourceLimits
-from pciback.testing import running_backend
+from pciback.testing import TEST_TOKEN, running_backend
 from shared.errors import ConfigFileError, ErrorCode
 from shared.protocol import DmaMapRequest, ErrorReply, ValueReply
 from shared.transport import TransportOptions, open_listener
@@ -79,19 +79,19 @@ async def test_connections_per_guest_are_capped(tmp_path: Path) -> None:
     config = limits(max_connections_per_guest=2)
     async with (
         running_backend(config, transports=("unix",), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address("unix"), guest="victim") as victim,
-        pcifront.connect(rb.address("unix"), guest="mallory"),
-        pcifront.connect(rb.address("unix"), guest="mallory"),
+        pcifront.connect(rb.address("unix"), guest="victim", token=TEST_TOKEN) as victim,
+        pcifront.connect(rb.address("unix"), guest="mallory", token=TEST_TOKEN),
+        pcifront.connect(rb.address("unix"), guest="mallory", token=TEST_TOKEN),
     ):
         with pytest.raises(pcifront.HandshakeError) as info:
-            async with pcifront.connect(rb.address("unix"), guest="mallory"):
+            async with pcifront.connect(rb.address("unix"), guest="mallory", token=TEST_TOKEN):
                 pass
         assert info.value.code is ErrorCode.BUSY
         assert "max_connections_per_guest" in str(info.value)
         assert rb.backend.stats.limits_exceeded["max_connections_per_guest"] == 1
         assert await worst_latency(victim) < LATENCY_BOUND
         # The refused connection gave its place back: the victim may still open a second.
-        async with pcifront.connect(rb.address("unix"), guest="victim"):
+        async with pcifront.connect(rb.address("unix"), guest="victim", token=TEST_TOKEN):
             pass
 
 
@@ -99,7 +99,7 @@ async def test_connections_in_total_are_capped(tmp_path: Path) -> None:
     config = limits(max_connections=3, max_connections_per_guest=3)
     async with (
         running_backend(config, transports=("tcp",), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address("tcp"), guest="victim") as victim,
+        pcifront.connect(rb.address("tcp"), guest="victim", token=TEST_TOKEN) as victim,
     ):
         host, port = rb.address("tcp").removeprefix("tcp://").rsplit(":", 1)
         idle = [await trio.open_tcp_stream(host, int(port)) for _ in range(3)]
@@ -129,7 +129,7 @@ async def test_unauthenticated_connections_per_source_are_capped(tmp_path: Path)
             for stream in silent:
                 await trio.aclose_forcefully(stream)
         # Once they are gone the same source may connect again.
-        async with pcifront.connect(rb.address("unix"), guest="victim") as bus:
+        async with pcifront.connect(rb.address("unix"), guest="victim", token=TEST_TOKEN) as bus:
             assert await worst_latency(bus) < LATENCY_BOUND
 
 

@@ -27,7 +27,7 @@ from _limits_support import EDU, IRQ_RAISE, TWO_GUESTS, bar_write, raw_guest, wo
 
 import pcifront
 from pciback._accept import ACCEPT_BACKOFF, AcceptStatistics, accept_loop
-from pciback.testing import running_backend
+from pciback.testing import TEST_TOKEN, running_backend
 from shared.evtchn import GUARD_SECONDS
 from shared.evtchn._guard import ffi, lib
 from shared.protocol import (
@@ -105,7 +105,7 @@ async def test_interrupt_eventfd_made_blocking_and_full_stalls_nobody(
 ) -> None:
     async with (
         running_backend(TWO_GUESTS, transports=(kind,), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address(kind), guest="victim") as victim,
+        pcifront.connect(rb.address(kind), guest="victim", token=TEST_TOKEN) as victim,
         raw_guest(rb.address(kind), "mallory") as mallory,
     ):
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -133,7 +133,7 @@ async def test_interrupt_eventfd_made_blocking_and_full_stalls_nobody(
 async def test_shm_doorbell_made_blocking_and_full_stalls_nobody(tmp_path: Path) -> None:
     async with (
         running_backend(TWO_GUESTS, transports=("shm",), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address("shm"), guest="victim") as victim,
+        pcifront.connect(rb.address("shm"), guest="victim", token=TEST_TOKEN) as victim,
         await open_transport(rb.address("shm"), TransportOptions()) as transport,
     ):
         # Mallory handshakes by hand, so nothing on her side ever reads her doorbell.
@@ -192,7 +192,7 @@ async def test_a_silent_tcp_client_on_the_tls_port_blocks_no_one(tmp_path: Path)
             # Before the fix the accept loop sat in this client's handshake: no one got in.
             with trio.fail_after(LATENCY_BOUND * 5):
                 async with pcifront.connect(
-                    rb.address("tls"), guest="victim", options=options
+                    rb.address("tls"), guest="victim", token=TEST_TOKEN, options=options
                 ) as bus:
                     await worst_latency(bus)
 
@@ -306,7 +306,7 @@ async def test_out_of_fds_the_backend_neither_spins_nor_floods_the_log(tmp_path:
             await trio.aclose_forcefully(stream)
         # Descriptors are free again: guests get in.
         with trio.fail_after(30):
-            async with pcifront.connect(f"unix:{sock}", guest="victim") as bus:
+            async with pcifront.connect(f"unix:{sock}", guest="victim", token=TEST_TOKEN) as bus:
                 assert await worst_latency(bus) < LATENCY_BOUND
     finally:
         proc.kill()
