@@ -10,6 +10,13 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
+from shared.transport._blocking import (
+    BLOCKING_SCHEMES,
+    BlockingShmTransport,
+    BlockingStreamTransport,
+    BlockingTransport,
+    open_blocking_transport,
+)
 from shared.transport._budget import BudgetStatistics, ReceiveBudget, ReceiveLimits
 from shared.transport._fdpass import MAX_FDS_PER_FRAME
 from shared.transport._identity import PeerIdentity
@@ -27,6 +34,11 @@ from shared.transport._registry import (
 from shared.transport._stream import StreamFrameTransport, UnixFrameTransport
 
 __all__ = [
+    "BLOCKING_SCHEMES",
+    "BlockingShmTransport",
+    "BlockingStreamTransport",
+    "BlockingTransport",
+    "open_blocking_transport",
     "DEFAULT_MAX_FRAME",
     "FdPassingUnsupportedError",
     "MAX_FDS_PER_FRAME",
