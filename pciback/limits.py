@@ -53,7 +53,7 @@ class ResourceLimits:
     max_connections_per_guest: int = 8
     #: Connections at once that have not completed the handshake, per source
     #: (a TCP/TLS peer address, or a UNIX peer uid).
-    max_unauthenticated_per_source: int = 8
+    max_unauthenticated_per_source: int = 64
     #: Seconds a connection may take to complete its handshake (TLS included).
     handshake_timeout: float = 10.0
     #: Largest frame accepted before the handshake (a Hello is a few hundred bytes).
