@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
+from shared.errors import reason
 from shared.transport import FrameListener, FrameTransport
 
 __all__ = ["AcceptStatistics", "accept_loop", "ACCEPT_BACKOFF", "CAPACITY_ERRNOS"]
@@ -92,7 +93,11 @@ async def accept_loop(
             now = trio.current_time()
             if last_peer_warning is None or now - last_peer_warning >= 1.0:
                 last_peer_warning = now
-                log.warning("%s: a connection failed while accepting it: %s", listener.address, exc)
+                log.warning(
+                    "%s: a connection failed while accepting it: %s",
+                    listener.address,
+                    reason(exc.__cause__ or exc),
+                )
             await trio.lowlevel.checkpoint()
             continue
         if failing_since is not None and trio.current_time() - last_failure >= EPISODE_QUIET:
