@@ -65,9 +65,18 @@ async def accept_loop(
     listener: FrameListener,
     handle: Callable[[FrameTransport], None],
     stats: AcceptStatistics,
+    *,
+    on_bug: Callable[[], None] | None = None,
 ) -> None:
-    """Accept from ``listener`` forever, giving each transport to ``handle``."""
+    """Accept from ``listener`` forever, giving each transport to ``handle``.
+
+    An unexpected exception from the listener (a plugin bug) loses that
+    connection, not the service: it is counted (``on_bug``), logged with its
+    traceback once per run of such failures, and the loop pauses
+    :data:`ACCEPT_BACKOFF` so a listener that always fails cannot spin.
+    """
     failing_since: int | None = None  # capacity_failures when the episode began
+    buggy = False
     last_failure = 0.0
     last_peer_warning: float | None = None
     while True:
@@ -100,6 +109,18 @@ async def accept_loop(
                 )
             await trio.lowlevel.checkpoint()
             continue
+        except Exception:
+            if on_bug is not None:
+                on_bug()
+            if not buggy:
+                log.exception(
+                    "%s: the listener failed to accept a connection; still listening",
+                    listener.address,
+                )
+            buggy = True
+            await trio.sleep(ACCEPT_BACKOFF)
+            continue
+        buggy = False
         if failing_since is not None and trio.current_time() - last_failure >= EPISODE_QUIET:
             log.warning(
                 "%s: accepting connections again after %d failed attempts",

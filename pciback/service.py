@@ -1,4 +1,19 @@
-"""The backend service: listeners, one trio task tree per connection, clean shutdown."""
+"""The backend service: listeners, one trio task tree per connection, clean shutdown.
+
+Containment
+-----------
+Every accepted connection runs in its own task tree under
+:meth:`Backend._serve_connection`, which is a net: the ways a connection
+normally ends (the guest leaves, breaks the protocol, is too slow) are logged
+as such, and **any other exception** from anything the connection runs - the
+handshake, the session and its tasks, the transport (a plugin's ``describe``
+or ``aclose``) - ends that connection only. It is logged once, with its
+traceback, at error level, counted in
+:attr:`BackendStatistics.connections_crashed`, and the service goes on
+serving everyone else. The net is not the fix: each such failure is a bug to
+fix where it happens (issue 8 lists the ones found); the net keeps one bug
+from becoming a denial of service for every guest.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +81,8 @@ BACKEND_FEATURES = (
 
 @dataclass
 class BackendStatistics:
+    """Counters of one backend (``Backend.statistics()``)."""
+
     connections_accepted: int = 0
     connections_active: int = 0
     handshakes_rejected: int = 0
@@ -76,6 +93,14 @@ class BackendStatistics:
     #: ``[limits]`` key -> times a peer went over that limit (see pciback.limits).
     limits_exceeded: Counter[str] = field(default_factory=Counter)
     accept: AcceptStatistics = field(default_factory=AcceptStatistics)
+    #: Connections ended by an unexpected exception (a backend or plugin bug), contained:
+    #: logged with its traceback, and the service went on.
+    connections_crashed: int = 0
+    #: Unexpected exceptions from a listener's accept() (the listener keeps listening).
+    accept_failures: int = 0
+    #: Replies and events ready after their connection stopped carrying them (dropped).
+    replies_dropped: int = 0
+    events_dropped: int = 0
 
 
 def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
@@ -268,25 +293,26 @@ class Backend:
             self.stats.connections_accepted += 1
             nursery.start_soon(self._serve_connection, transport, listener.address)
 
-        await accept_loop(listener, handle, self.stats.accept)
+        def on_bug() -> None:
+            self.stats.accept_failures += 1
+
+        await accept_loop(listener, handle, self.stats.accept, on_bug=on_bug)
 
     async def _serve_connection(self, transport: FrameTransport, address: str) -> None:
-        # Everything that can wait on the peer happens here, in its own task.
-        ticket = self.gate.admit(source_of(transport.peer_identity()))
-        if ticket is None:
-            await trio.aclose_forcefully(transport)
-            return
-        try:
-            await self._serve_admitted(transport, address, ticket)
-        finally:
-            self.gate.release(ticket)
+        """One connection's task tree, and the net under it (see the module docstring).
 
-    async def _serve_admitted(
-        self, transport: FrameTransport, address: str, ticket: GateTicket
-    ) -> None:
+        Everything that can wait on the peer happens here, in its own task: the
+        limits' gate, the TLS handshake, the Hello.
+        """
         self.stats.connections_active += 1
-        peer = f"{transport.describe()}"
+        peer = f"connection {self.stats.connections_accepted} on {address}"
+        ticket: GateTicket | None = None
         try:
+            peer = transport.describe()  # a plugin's describe() may fail: inside the net
+            ticket = self.gate.admit(source_of(transport.peer_identity()))
+            if ticket is None:
+                await trio.aclose_forcefully(transport)
+                return
             await self._run_connection(transport, address, ticket)
         except (trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as exc:
             cause = exc.__cause__
@@ -310,10 +336,27 @@ class Backend:
                 "handshake_timeout", "%s: no handshake within %.1f s; disconnected",
                 peer, self.handshake_timeout,
             )
+        except Exception:  # noqa: BLE001 - the net: _contain logs and counts it
+            self._contain(peer, "the connection")
         finally:
             self.stats.connections_active -= 1
+            if ticket is not None:
+                self.gate.release(ticket)
             with trio.CancelScope(shield=True):
-                await transport.aclose()
+                try:
+                    await transport.aclose()
+                except Exception:  # noqa: BLE001 - _contain logs and counts it
+                    self._contain(peer, "closing the transport")
+
+    def _contain(self, peer: str, what: str) -> None:
+        """Log (once, with the traceback, at error level) and count a contained failure."""
+        self.stats.connections_crashed += 1
+        log.exception(
+            "%s: %s failed unexpectedly (a bug); this connection is closed and the backend "
+            "goes on serving the others",
+            peer,
+            what,
+        )
 
     async def _handshake(
         self, transport: FrameTransport, address: str, ticket: GateTicket
@@ -321,7 +364,10 @@ class Backend:
         conn = Connection(Role.SERVER, limits=self.config.limits, features=BACKEND_FEATURES)
         frame = await transport.receive_frame()
         hello = conn.receive(frame)
-        assert isinstance(hello, Hello)
+        if not isinstance(hello, Hello):
+            # The table lets a Goodbye come first: the peer left before its handshake.
+            log.info("%s: left before the handshake (%s)", transport.describe(), hello)
+            return None
         refusal = self._refusal(hello, transport, address)
         if refusal is None:
             crowded = self.gate.authenticate(ticket, hello.guest)
@@ -345,10 +391,8 @@ class Backend:
             await transport.send_frame(conn.reject(code, problem))
             return None
         await transport.send_frame(conn.accept())
-        transport.set_max_frame_size(self.config.limits.max_message_size)
-        await transport.start_session(
-            is_server=True, max_frame_size=self.config.limits.max_message_size
-        )
+        transport.set_max_frame_size(conn.frame_size)
+        await transport.start_session(is_server=True, max_frame_size=conn.frame_size)
         return conn
 
     def _refusal(
