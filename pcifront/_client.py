@@ -403,14 +403,14 @@ class Bus:
     async def _await_reply(self, call: Call[Reply]) -> None:
         """Wait for ``call``'s reply, reading the transport ourselves when we can.
 
-        A reader task that hands each reply to the waiting caller costs the caller
-        an extra pass through the scheduler per request. So a caller reads the
-        transport itself whenever nobody else is reading (and routes whatever else
-        arrives: other callers' replies, events, DMA calls); when it has its reply it
-        passes the transport to the next caller that wants it, else back to the
-        reader task, which keeps events flowing while no request is outstanding.
-        With many in flight, callers that find the transport taken wait to be
-        handed their reply (or the transport).
+        A reader task that hands each reply to the waiting caller puts an extra
+        pass through the scheduler on the critical path of every request. So a
+        caller reads the transport itself whenever nobody else is reading (and
+        routes whatever else arrives: other callers' replies, events, DMA calls);
+        when it has its reply it passes the transport to the next caller that
+        wants it, else back to the reader task, which keeps events flowing while no
+        request is outstanding. A caller that finds the transport being read waits
+        to be handed its reply (or the transport); it never interrupts a reader.
         """
         calls = self._calls
         try:
@@ -426,8 +426,6 @@ class Bus:
                     self._owner = call
                     await self._read_until(call)
                     continue
-                if owner is _READER and self._read_scope is not None:
-                    self._read_scope.cancel()  # the reader steps aside and hands over
                 self._want.append(call)
                 try:
                     await calls.wait(call)
@@ -518,14 +516,18 @@ class Bus:
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def _on_frames(self, frame: bytes) -> None:
-        """Route ``frame`` and every frame already buffered after it (no pass each)."""
+    async def _on_frames(self, frame: bytes) -> int:
+        """Route ``frame`` and every frame already buffered after it (no pass each).
+
+        Returns how many replies were handed to their callers.
+        """
         transport = self._transport
+        before = self.stats.replies_received
         try:
             next_frame: bytes | None = frame
             while next_frame is not None:
                 if not await self._route(next_frame):
-                    return
+                    break
                 next_frame = transport.receive_frame_nowait()
         except trio.WouldBlock:
             self._fail_all("events arrived faster than the guest consumed them (256 buffered)")
@@ -534,6 +536,7 @@ class Bus:
             log.error("backend protocol violation: %s", exc)
         except ConnectionLostError:
             pass  # answering a DMA call found the connection gone; _send recorded why
+        return self.stats.replies_received - before
 
     async def _route(self, frame: bytes) -> bool:
         """Apply one frame. False when the backend said goodbye."""
@@ -583,22 +586,15 @@ class Bus:
                 if self._pass_to_wanter():
                     continue
                 self._owner = _READER
-                frame: bytes | None = None
                 self._reader_busy = True
                 try:
-                    with trio.CancelScope() as scope:
-                        self._read_scope = scope
-                        try:
-                            frame = await transport.receive_frame()
-                        finally:
-                            self._read_scope = None
-                    if frame is None:
-                        # A caller asked for the transport: hand it over.
-                        self._release()
-                        continue
-                    await self._on_frames(frame)
+                    delivered = await self._on_frames(await transport.receive_frame())
                 finally:
                     self._reader_busy = False
+                if delivered:
+                    # The callers just handed their replies run in this pass; one that
+                    # sends again finds the transport free and reads for itself.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._receive_failed(exc)
         finally:
