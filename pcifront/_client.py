@@ -199,6 +199,10 @@ class Bus:
         self._read_scope: trio.CancelScope | None = None
         # True while the reader task is reading or routing (not merely woken up).
         self._reader_busy = False
+        # True from waking the reader task until it runs (then it is runnable).
+        self._reader_woken = False
+        #: Set by connect() when the transport polls (shm: with poll_us > 0).
+        self._polling = False
         self._want: deque[Call[Reply]] = deque()
         self._reader_idle = trio.lowlevel.ParkingLot()
         self._events_send, self.events = trio.open_memory_channel[Event](256)
@@ -451,11 +455,16 @@ class Bus:
         """The current reader stops: the next waiting caller reads, else the reader task."""
         if not self._pass_to_wanter():
             self._owner = _READER
-            self._reader_idle.unpark()
+            if self._reader_idle.unpark():
+                self._reader_woken = True
 
     async def _read_until(self, call: Call[Reply]) -> None:
         """As the transport's reader: route frames until ``call`` has its reply."""
         transport = self._transport
+        if self._polling and self._reader_woken:
+            # A polling transport never spins while another task is runnable; let the
+            # reader task we woke run (and park again) first, so that the spin can.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         while call.result is None and self._calls.failed is None:
             frame: bytes | None = None
             with trio.CancelScope() as scope:
@@ -579,6 +588,7 @@ class Bus:
         transport = self._transport
         try:
             while self._calls.failed is None:
+                self._reader_woken = False
                 owner = self._owner
                 if owner is not None and owner is not _READER:
                     await self._reader_idle.park()
@@ -726,6 +736,7 @@ async def connect(
     else:
         transport, conn, _ = await dial_with_backoff(dial, policy)
     bus = Bus(transport, conn, timeout=timeout)
+    bus._polling = bool(opts.poll_us)
     if policy is not None:
         bus._reconnect = Reconnector(bus, dial, policy)
 
