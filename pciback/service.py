@@ -1,7 +1,23 @@
-"""The backend service: listeners, one trio task tree per connection, clean shutdown."""
+"""The backend service: listeners, one trio task tree per connection, clean shutdown.
+
+Containment
+-----------
+Every accepted connection runs in its own task tree under
+:meth:`Backend._serve_connection`, which is a net: the ways a connection
+normally ends (the guest leaves, breaks the protocol, is too slow) are logged
+as such, and **any other exception** from anything the connection runs - the
+handshake, the session and its tasks, the transport (a plugin's ``describe``
+or ``aclose``) - ends that connection only. It is logged once, with its
+traceback, at error level, counted in
+:attr:`BackendStatistics.connections_crashed`, and the service goes on
+serving everyone else. The net is not the fix: each such failure is a bug to
+fix where it happens (issue 8 lists the ones found); the net keeps one bug
+from becoming a denial of service for every guest.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import ssl
@@ -17,7 +33,7 @@ from pciback.identity import authorize
 from pciback.irq import InterruptLimits, IrqRouter
 from pciback.registry import DeviceRegistry
 from pciback.session import GuestSession
-from shared.errors import ConfigFileError, ErrorCode, PcisplitError, RemoteProtocolError
+from shared.errors import ConfigFileError, ErrorCode, PcisplitError, RemoteProtocolError, reason
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
     HOTPLUG_FEATURE,
@@ -28,6 +44,7 @@ from shared.protocol import (
 from shared.transport import (
     FrameListener,
     FrameTransport,
+    TransportConnectError,
     TransportOptions,
     get_scheme,
     open_listener,
@@ -35,6 +52,9 @@ from shared.transport import (
 )
 
 __all__ = ["Backend", "BackendStatistics"]
+
+#: Seconds an accept loop pauses after its listener failed unexpectedly.
+ACCEPT_RETRY_DELAY = 0.1
 
 log = logging.getLogger("pcisplit.backend")
 
@@ -53,6 +73,8 @@ BACKEND_FEATURES = (
 
 @dataclass
 class BackendStatistics:
+    """Counters of one backend (``Backend.statistics()``)."""
+
     connections_accepted: int = 0
     connections_active: int = 0
     handshakes_rejected: int = 0
@@ -60,6 +82,14 @@ class BackendStatistics:
     protocol_errors: int = 0
     disconnects_for_misbehaviour: int = 0
     per_guest_requests: dict[str, int] = field(default_factory=dict)
+    #: Connections ended by an unexpected exception (a backend or plugin bug), contained:
+    #: logged with its traceback, and the service went on.
+    connections_crashed: int = 0
+    #: Unexpected exceptions from a listener's accept() (the listener keeps listening).
+    accept_failures: int = 0
+    #: Replies and events ready after their connection stopped carrying them (dropped).
+    replies_dropped: int = 0
+    events_dropped: int = 0
 
 
 def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
@@ -71,17 +101,38 @@ def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
     if config.tls is None or config.tls.ca is None:
         return None
     tls = config.tls
+    for key, path in (("cert", tls.cert), ("key", tls.key), ("ca", tls.ca)):
+        if not path.is_file():
+            raise ConfigFileError(f"{config.source}: tls.{key}: {path}: no such file")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(f"tls.cert: cannot load {tls.cert} with {tls.key}: {exc}") from exc
+        raise ConfigFileError(
+            f"{config.source}: tls.cert {tls.cert} / tls.key {tls.key}: cannot load them "
+            f"({reason(exc)}); both must be PEM files and the key must match the certificate"
+        ) from exc
     try:
         ctx.load_verify_locations(str(tls.ca))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(f"tls.ca: cannot load {tls.ca}: {exc}") from exc
+        raise ConfigFileError(
+            f"{config.source}: tls.ca {tls.ca}: not a PEM CA certificate ({reason(exc)})"
+        ) from exc
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _listen_hint(exc: OSError) -> str:
+    """What to do when ``address`` cannot be bound."""
+    if exc.errno == errno.EADDRINUSE:
+        return "something already listens there (another pciback?); stop it or pick another address"
+    if exc.errno == errno.ENOENT:
+        return "its directory does not exist; create it or pick another path"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; run as a user allowed to listen there or pick another address"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "this machine has no such address; use one of its own or 0.0.0.0"
+    return "check the address"
 
 
 class Backend:
@@ -163,7 +214,15 @@ class Backend:
             )
         try:
             for address in self.addresses:
-                listener = await open_listener(address, self._options(address))
+                try:
+                    listener = await open_listener(address, self._options(address))
+                except (OSError, TransportConnectError) as exc:
+                    cause = exc if isinstance(exc, OSError) else exc.__cause__
+                    if not isinstance(cause, OSError):
+                        raise  # already says what to do
+                    raise TransportConnectError(
+                        f"cannot listen on {address}: {reason(cause)}; {_listen_hint(cause)}"
+                    ) from exc
                 self.listeners.append(listener)
                 self._set_socket_mode(listener.address)
                 log.info("listening on %s", listener.address)
@@ -197,20 +256,41 @@ class Backend:
             ) from exc
 
     async def _accept_loop(self, listener: FrameListener, nursery: trio.Nursery) -> None:
+        failing = False
         while True:
             try:
                 transport = await listener.accept()
             except (trio.BrokenResourceError, OSError) as exc:
                 # A failed TLS handshake or an aborted connect affects that peer only.
-                log.warning("%s: connection failed before the handshake: %s", listener.address, exc)
+                log.warning(
+                    "%s: connection failed before the handshake: %s",
+                    listener.address,
+                    reason(exc.__cause__ or exc),
+                )
                 continue
+            except Exception:
+                # A listener bug (e.g. a plugin failing to describe its peer) loses that
+                # connection, not the service. Logged once per run of failures; the pause
+                # keeps a listener that always fails from spinning.
+                self.stats.accept_failures += 1
+                if not failing:
+                    log.exception(
+                        "%s: the listener failed to accept a connection; still listening",
+                        listener.address,
+                    )
+                failing = True
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            failing = False
             self.stats.connections_accepted += 1
             nursery.start_soon(self._serve_connection, transport, listener.address)
 
     async def _serve_connection(self, transport: FrameTransport, address: str) -> None:
+        """One connection's task tree, and the net under it (see the module docstring)."""
         self.stats.connections_active += 1
-        peer = f"{transport.describe()}"
+        peer = f"connection {self.stats.connections_accepted} on {address}"
         try:
+            peer = transport.describe()  # a plugin's describe() may fail: inside the net
             await self._run_connection(transport, address)
         except (trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as exc:
             if isinstance(exc, EventfdStalledError) or isinstance(
@@ -229,17 +309,35 @@ class Backend:
             log.warning(
                 "%s: no handshake within %.1f s; disconnected", peer, self.handshake_timeout
             )
+        except Exception:  # noqa: BLE001 - the net: _contain logs and counts it
+            self._contain(peer, "the connection")
         finally:
             self.stats.connections_active -= 1
             with trio.CancelScope(shield=True):
-                await transport.aclose()
+                try:
+                    await transport.aclose()
+                except Exception:  # noqa: BLE001 - _contain logs and counts it
+                    self._contain(peer, "closing the transport")
+
+    def _contain(self, peer: str, what: str) -> None:
+        """Log (once, with the traceback, at error level) and count a contained failure."""
+        self.stats.connections_crashed += 1
+        log.exception(
+            "%s: %s failed unexpectedly (a bug); this connection is closed and the backend "
+            "goes on serving the others",
+            peer,
+            what,
+        )
 
     async def _handshake(self, transport: FrameTransport, address: str) -> Connection | None:
         conn = Connection(Role.SERVER, limits=self.config.limits, features=BACKEND_FEATURES)
         with trio.fail_after(self.handshake_timeout):
             frame = await transport.receive_frame()
         hello = conn.receive(frame)
-        assert isinstance(hello, Hello)
+        if not isinstance(hello, Hello):
+            # The table lets a Goodbye come first: the peer left before its handshake.
+            log.info("%s: left before the handshake (%s)", transport.describe(), hello)
+            return None
         refusal = self._refusal(hello, transport, address)
         problem: str | None
         if refusal is None:
@@ -259,10 +357,8 @@ class Backend:
             await transport.send_frame(conn.reject(code, problem))
             return None
         await transport.send_frame(conn.accept())
-        transport.set_max_frame_size(self.config.limits.max_message_size)
-        await transport.start_session(
-            is_server=True, max_frame_size=self.config.limits.max_message_size
-        )
+        transport.set_max_frame_size(conn.frame_size)
+        await transport.start_session(is_server=True, max_frame_size=conn.frame_size)
         return conn
 
     def _refusal(

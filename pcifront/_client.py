@@ -36,6 +36,7 @@ from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
     HOTPLUG_FEATURE,
+    TERMINAL_STATES,
     BarReadRequest,
     BarWriteRequest,
     ConfigReadRequest,
@@ -64,7 +65,12 @@ from shared.protocol import (
     ValueReply,
 )
 from shared.sync import Call, CallTable, FastLock
-from shared.transport import FrameTransport, TransportOptions, open_transport
+from shared.transport import (
+    FrameTransport,
+    TransportConnectError,
+    TransportOptions,
+    open_transport,
+)
 
 __all__ = ["connect", "Bus", "Device", "BusStatistics", "FRONTEND_FEATURES"]
 
@@ -548,7 +554,10 @@ class Bus:
         return self.stats.replies_received - before
 
     async def _route(self, frame: bytes) -> bool:
-        """Apply one frame. False when the backend said goodbye."""
+        """Apply one frame. False when the backend said goodbye (or we did)."""
+        if self._conn.state in TERMINAL_STATES:
+            # We said Goodbye while replies were on their way: nothing more is read.
+            return False
         msg = self._conn.receive(frame)
         stats = self.stats
         if isinstance(msg, Reply):
@@ -657,7 +666,13 @@ class Bus:
 
 
 async def _handshake(
-    transport: FrameTransport, guest: str, limits: Limits, timeout: float | None, token: bytes
+    transport: FrameTransport,
+    guest: str,
+    limits: Limits,
+    timeout: float | None,
+    token: bytes,
+    *,
+    tls: bool,
 ) -> Connection:
     conn = Connection(Role.CLIENT, limits=limits, features=FRONTEND_FEATURES, guest=guest)
     try:
@@ -667,9 +682,14 @@ async def _handshake(
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
         cause = exc.__cause__ or exc.__context__
         detail = f" ({cause})" if cause is not None else ""
+        hint = (
+            "; over tls:// this usually means it refused our client certificate (pass "
+            "--cert/--key naming the guest)"
+            if tls
+            else "; is the address a pcisplit backend?"
+        )
         raise ConnectionLostError(
-            f"the backend closed the connection during the handshake{detail}; over tls:// this "
-            "usually means it refused our client certificate (pass --cert/--key naming the guest)"
+            f"the backend closed the connection during the handshake{detail}{hint}"
         ) from exc
     except trio.TooSlowError as exc:
         raise ConnectionLostError(
@@ -678,7 +698,7 @@ async def _handshake(
     reply = conn.receive(frame)
     if isinstance(reply, HandshakeRejected):
         raise HandshakeError(reply.code, reply.message)
-    transport.set_max_frame_size(min(limits.max_message_size, conn.peer_limits.max_message_size))
+    transport.set_max_frame_size(conn.frame_size)
     await transport.start_session(is_server=False, max_frame_size=transport.max_frame_size)
     return conn
 
@@ -722,9 +742,19 @@ async def connect(
         opts.poll_us = poll_us
 
     async def dial() -> tuple[FrameTransport, Connection]:
-        transport = await open_transport(address, opts)
         try:
-            return transport, await _handshake(transport, guest, limits, timeout, secret.strip())
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                transport = await open_transport(address, opts)
+        except trio.TooSlowError:
+            raise TransportConnectError(
+                f"cannot connect to {address}: no answer within {timeout} s; is the address "
+                "right and the backend running?"
+            ) from None
+        try:
+            conn = await _handshake(
+                transport, guest, limits, timeout, secret.strip(), tls=address.startswith("tls:")
+            )
+            return transport, conn
         except BaseException:
             with trio.CancelScope(shield=True):
                 await transport.aclose()
