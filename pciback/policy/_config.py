@@ -34,6 +34,7 @@ from ._capregs import (
     CAPABILITY_NAMES,
     CAPABILITY_RULE_SUFFIXES,
     GENERIC_SUFFIXES,
+    std_cap_name,
 )
 from ._header import HEADER_NAMES
 
@@ -241,6 +242,21 @@ class PolicyConfig:
                 f"{where}.deny[{lists['deny'].index(name)}]: {name!r} is also in allow; "
                 "a register is either allowed or denied"
             )
+        raw_hide = data.get("hide_capabilities", [])
+        if isinstance(raw_hide, list):
+            # A standard capability id (0x05, 0x11...) names that capability kind.
+            ids = {
+                i: std_cap_name(v)
+                for i, v in enumerate(raw_hide)
+                if isinstance(v, int) and not isinstance(v, bool)
+            }
+            bad = [i for i, v in enumerate(raw_hide) if i in ids and not 0 < v < 0x100]
+            if bad:
+                raise ConfigFileError(
+                    f"{where}.hide_capabilities[{bad[0]}]: {raw_hide[bad[0]]!r} is not a "
+                    "standard capability id (1-0xff); name extended capabilities ('aer', ...)"
+                )
+            data = {**data, "hide_capabilities": [ids.get(i, v) for i, v in enumerate(raw_hide)]}
         hide = _string_list(data, "hide_capabilities", where)
         for i, name in enumerate(hide):
             if _canonical(name) not in CAPABILITY_NAMES or name.startswith("null"):

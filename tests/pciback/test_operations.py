@@ -342,3 +342,18 @@ async def test_writable_host_device_gets_its_saved_config_back(tmp_path: Path) -
             stop.cancel()  # the backend stops while the guest is still connected
             await stopped.wait()
             assert config_file.read_bytes() == original
+
+
+@pytest.mark.parametrize("hide", ["'msi'", "0x05"])
+async def test_hidden_capability_really_disappears(tmp_path: Path, hide: str) -> None:
+    text = "[[guest]]\nname='g'\n[[device]]\nid='e'\nmodel='edu'\nguest='g'\n"
+    async with serving(text + f"hide_capabilities=[{hide}]\n", tmp_path, control=False) as (
+        _backend,
+        address,
+    ):
+        async with pcifront.connect(address, guest="g") as front:
+            dev = front.devices[0]
+            assert await dev.config_read(0x34, 1) == 0  # no capability list at all
+            assert not await dev.config_read(0x06, 2) & 0x10  # Status.CAP_LIST clear
+    with pytest.raises(ConfigFileError, match=r"hide_capabilities\[0\]: 4096 is not"):
+        parse_config(text + "hide_capabilities=[0x1000]\n")
