@@ -18,7 +18,7 @@ ever blocks the task on a consumer, so replies keep flowing. With
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
@@ -129,14 +129,17 @@ class Device:
         """True once the device has left the bus; its requests then raise DeviceRemovedError."""
         return self._removed is not None
 
-    async def _request(self, make: Callable[[int], Request], *, idempotent: bool) -> Reply:
+    def _request(
+        self, make: Callable[[int], Request], *, idempotent: bool
+    ) -> Coroutine[object, None, Reply]:
         # One check per request: a removed Device never reaches whatever took its address.
+        # Not itself a coroutine: the hot path pays no extra frame for it.
         if self._removed is not None:
             raise removed_error(self)
         bus = self._bus
         if bus._reconnect is None:
-            return await bus._call(make)
-        return await bus._reconnect.call(make, idempotent=idempotent, device=self)
+            return bus._call(make)
+        return bus._reconnect.call(make, idempotent=idempotent, device=self)
 
     @property
     def address(self) -> str:

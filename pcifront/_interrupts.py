@@ -342,8 +342,10 @@ async def open_interrupts(device: Device, mode: str, vectors: int) -> AsyncItera
         for port in ports:
             port.close()
         # Disable even when the block was cancelled or failed; shielded, with a bound.
+        # A hot-unplugged device has nothing left to disable (the backend released it).
         with trio.CancelScope(shield=True), trio.move_on_after(bus._disable_timeout):
             try:
-                await bus._call(lambda rid: InterruptDisableRequest(rid, packed, code))
+                if not device.removed:
+                    await bus._call(lambda rid: InterruptDisableRequest(rid, packed, code))
             except PcisplitError as exc:
                 log.warning("%s: disabling %s interrupts failed: %s", device.address, mode, exc)
