@@ -41,8 +41,9 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# `make bench QUICK=1` runs a short version (fewer iterations; same figures).
 bench: install
-	$(VENV)/bin/python -m benchmarks
+	$(VENV)/bin/python -m benchmarks $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -12,6 +12,7 @@
             print(change.kind, change.device)
 """
 
+from pcifront import blocking
 from pcifront._changes import ChangeKind, ChangesOverflowError, DeviceChange, DeviceChanges
 from pcifront._client import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
 from pcifront._dma import DmaBuffer, DmaError
@@ -43,6 +44,7 @@ from shared.errors import ErrorCode
 
 __all__ = [
     "connect",
+    "blocking",
     "Bus",
     "Device",
     "BusStatistics",
