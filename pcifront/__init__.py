@@ -40,9 +40,14 @@ from pcifront._lspci import LspciOptionError, filter_devices, format_listing, re
 from pcifront._pciids import PciIds
 from pcifront._reconnect import LinkEvent, ReconnectPolicy
 from pcifront._resources import Resource, UnclaimedAddressError
+from shared.cli import package_version
 from shared.errors import ErrorCode
 
+#: The installed pcisplit version (from the package metadata).
+__version__ = package_version()
+
 __all__ = [
+    "__version__",
     "connect",
     "blocking",
     "Bus",

@@ -33,22 +33,17 @@ from pcifront._changes import DeviceChange
 from pcifront._client import Device, connect
 from pcifront._errors import ConnectionLostError
 from pcifront._reconnect import LinkEvent, ReconnectPolicy
-from shared.errors import PcisplitError
+from shared.errors import UsageError
 from shared.transport import TransportOptions
 
-__all__ = ["add_agent_parser", "run_agent", "AgentOutput"]
+__all__ = ["AGENT_HELP", "add_agent_options", "agent_main", "run_agent", "AgentOutput"]
 
 
-def add_agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """The ``agent`` subcommand's arguments (TLS and token options are added by the caller)."""
-    agent = sub.add_parser(
-        "agent",
-        help="run the guest agent: report device changes, reconnect when the backend restarts",
-    )
-    agent.add_argument(
-        "--connect", required=True, metavar="ADDR", help="backend address, e.g. unix:./pciback.sock"
-    )
-    agent.add_argument("--guest", default="guest0", help="guest name to act as (default guest0)")
+AGENT_HELP = "run the guest agent: report device changes, reconnect when the backend restarts"
+
+
+def add_agent_options(agent: argparse.ArgumentParser) -> None:
+    """The ``agent`` subcommand's own options (the connection options are added by the caller)."""
     agent.add_argument("--json", action="store_true", help="one JSON object per line")
     agent.add_argument(
         "--retry-initial",
@@ -127,6 +122,7 @@ async def run_agent(
     token: bytes | None = None,
     initial_delay: float = 0.1,
     max_delay: float = 10.0,
+    timeout: float | None = None,
 ) -> int:
     """Run the agent until SIGINT/SIGTERM (0) or until the backend refuses the guest (1)."""
     policy = ReconnectPolicy(
@@ -144,7 +140,7 @@ async def run_agent(
 
             nursery.start_soon(stop_on_signal)
             async with connect(
-                address, guest, options=options, reconnect=policy, timeout=None, token=token
+                address, guest, options=options, reconnect=policy, timeout=timeout, token=token
             ) as bus:
                 changes = bus.changes()  # before anything can change
                 output.connected(address, guest)
@@ -160,31 +156,27 @@ async def run_agent(
     return status
 
 
-def agent_main(
+async def agent_main(
     args: argparse.Namespace, options: TransportOptions, *, token: bytes | None = None
 ) -> int:
-    """``pcifront agent`` (called by :func:`pcifront.cli.main`)."""
+    """``pcifront agent`` (run by :mod:`pcifront.cli`, whose error path reports failures)."""
     if not 0 < args.retry_initial <= 3600 or not 0 < args.retry_max <= 3600:
-        print("pcifront agent: --retry-initial and --retry-max must be 0 < s <= 3600",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--retry-initial and --retry-max must be 0 < s <= 3600")
     output = AgentOutput(sys.stdout, json_lines=args.json)
     # Reports go to stdout; diagnostics (lost connections, failed attempts) to stderr.
     logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="pcifront agent: %(message)s"
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        stream=sys.stderr,
+        format="pcifront agent: %(message)s",
+        force=True,
     )
-    try:
-        return trio.run(
-            lambda: run_agent(
-                args.connect,
-                args.guest,
-                output,
-                options=options,
-                token=token,
-                initial_delay=args.retry_initial,
-                max_delay=args.retry_max,
-            )
-        )
-    except PcisplitError as exc:
-        print(f"pcifront agent: {exc}", file=sys.stderr)
-        return 1
+    return await run_agent(
+        args.connect,
+        args.guest,
+        output,
+        options=options,
+        token=token,
+        initial_delay=args.retry_initial,
+        max_delay=args.retry_max,
+        timeout=args.timeout,
+    )

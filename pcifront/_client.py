@@ -64,7 +64,12 @@ from shared.protocol import (
     ValueReply,
 )
 from shared.sync import Call, CallTable, FastLock
-from shared.transport import FrameTransport, TransportOptions, open_transport
+from shared.transport import (
+    FrameTransport,
+    TransportConnectError,
+    TransportOptions,
+    open_transport,
+)
 
 __all__ = ["connect", "Bus", "Device", "BusStatistics", "FRONTEND_FEATURES"]
 
@@ -654,7 +659,13 @@ class Bus:
 
 
 async def _handshake(
-    transport: FrameTransport, guest: str, limits: Limits, timeout: float | None, token: bytes
+    transport: FrameTransport,
+    guest: str,
+    limits: Limits,
+    timeout: float | None,
+    token: bytes,
+    *,
+    tls: bool,
 ) -> Connection:
     conn = Connection(Role.CLIENT, limits=limits, features=FRONTEND_FEATURES, guest=guest)
     try:
@@ -664,9 +675,14 @@ async def _handshake(
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
         cause = exc.__cause__ or exc.__context__
         detail = f" ({cause})" if cause is not None else ""
+        hint = (
+            "; over tls:// this usually means it refused our client certificate (pass "
+            "--cert/--key naming the guest)"
+            if tls
+            else "; is the address a pcisplit backend?"
+        )
         raise ConnectionLostError(
-            f"the backend closed the connection during the handshake{detail}; over tls:// this "
-            "usually means it refused our client certificate (pass --cert/--key naming the guest)"
+            f"the backend closed the connection during the handshake{detail}{hint}"
         ) from exc
     except trio.TooSlowError as exc:
         raise ConnectionLostError(
@@ -719,9 +735,19 @@ async def connect(
         opts.poll_us = poll_us
 
     async def dial() -> tuple[FrameTransport, Connection]:
-        transport = await open_transport(address, opts)
         try:
-            return transport, await _handshake(transport, guest, limits, timeout, secret.strip())
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                transport = await open_transport(address, opts)
+        except trio.TooSlowError:
+            raise TransportConnectError(
+                f"cannot connect to {address}: no answer within {timeout} s; is the address "
+                "right and the backend running?"
+            ) from None
+        try:
+            conn = await _handshake(
+                transport, guest, limits, timeout, secret.strip(), tls=address.startswith("tls:")
+            )
+            return transport, conn
         except BaseException:
             with trio.CancelScope(shield=True):
                 await transport.aclose()
