@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
@@ -32,7 +32,7 @@ from pcifront._interrupts import Interrupts, open_interrupts
 from pcifront._link import BusLink, BusStatistics, InterruptSink
 from pcifront._reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
 from pcifront._resources import DecodedResources, Resource, decode_device, route
-from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
+from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
     HOTPLUG_FEATURE,
@@ -107,14 +107,17 @@ class Device(DeviceView):
         """True once the device has left the bus; its requests then raise DeviceRemovedError."""
         return self._removed is not None
 
-    async def _request(self, make: Callable[[int], Request], *, idempotent: bool) -> Reply:
+    def _request(
+        self, make: Callable[[int], Request], *, idempotent: bool
+    ) -> Coroutine[object, None, Reply]:
         # One check per request: a removed Device never reaches whatever took its address.
+        # Not itself a coroutine: the hot path pays no extra frame for it.
         if self._removed is not None:
             raise removed_error(self)
         bus = self._bus
         if bus._reconnect is None:
-            return await bus._call(make)
-        return await bus._reconnect.call(make, idempotent=idempotent, device=self)
+            return bus._call(make)
+        return bus._reconnect.call(make, idempotent=idempotent, device=self)
 
     @property
     def bar_sizes(self) -> tuple[int, ...]:
@@ -396,7 +399,13 @@ class Bus:
             raise ConnectionLostError(calls.failed, request_sent=False)
         conn = self._conn
         rid = conn.next_request_id()
-        frame = conn.send(make(rid))
+        try:
+            request = make(rid)
+        except LocalProtocolError as exc:
+            # A bad argument (offset 0x1000, size 3, ...): the message cannot even be
+            # built, so nothing is sent. The protocol's own checks are the one rule.
+            raise error_for_code(exc.code, str(exc)) from exc
+        frame = conn.send(request)
         call = calls.open(rid, trio.current_time())
         stats = self.stats
         stats.requests_sent += 1
