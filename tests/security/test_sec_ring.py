@@ -94,7 +94,11 @@ async def test_hostile_producer_indices_and_lengths(backend, shm, attack):
     await _corrupt_c2s(backend, shm, attack)
 
 
-@pytest.mark.parametrize("value", [lambda c: c + 8192 * 1024, lambda c: c - 8, lambda c: c + 3])
+@pytest.mark.parametrize(
+    "value",
+    [lambda c: c + 8192 * 1024, lambda c: c - 8, lambda c: c + 3],
+    ids=["cons-far-ahead", "cons-backwards", "cons-misaligned"],
+)
 async def test_hostile_consumer_index_on_the_reply_ring(backend, shm, value):
     async with sentinel(backend, "shm"):
         async with peer(shm, handshake=True) as p:
@@ -107,7 +111,9 @@ async def test_hostile_consumer_index_on_the_reply_ring(backend, shm, value):
                 await p.send(pack(CFG_READ, i, EDU1, 0, 4))
                 if p.send_refused:
                     break
-            with trio.move_on_after(10):
+            # The backend may disconnect guest1 or just stop sending to it; either way only
+            # guest1 is affected (the sentinel checks guest0 throughout).
+            with trio.move_on_after(2):
                 await p.until_closed()
 
 
