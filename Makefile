@@ -20,7 +20,8 @@ sysdeps:
 	  else echo "warning: missing system packages:$$missing (install them as root; lspci tests will skip)" >&2; fi; \
 	fi
 
-$(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h
+$(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h \
+          shared/evtchn/_build.py shared/evtchn/guard.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'
@@ -47,3 +48,4 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name '__pycache__' -prune -exec rm -rf {} +
 	find shared/ring -name '_ring_cffi*' -delete
+	find shared/evtchn -name '_guard_cffi*' -delete

@@ -1,5 +1,10 @@
-"""Build hook: compiles the shared-ring C layout through cffi (API mode) at install time."""
+"""Build hook: compiles the C parts (shared ring, guarded eventfd I/O) through cffi at install."""
 
 from setuptools import setup
 
-setup(cffi_modules=["shared/ring/_build.py:ffibuilder"])
+setup(
+    cffi_modules=[
+        "shared/ring/_build.py:ffibuilder",
+        "shared/evtchn/_build.py:ffibuilder",
+    ]
+)

@@ -96,6 +96,7 @@ def device_info(dev: ServedDevice, include_config: bool) -> DeviceInfo:
         subsystem_vendor_id=word(image[0x2C:0x2E], "little"),
         subsystem_id=word(image[0x2E:0x30], "little"),
         config=image if include_config else None,
+        bar_sizes=dev.access.bar_sizes(),
     )
 
 

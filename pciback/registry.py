@@ -23,6 +23,7 @@ from pciback.devices import (
     InterruptSink,
     SnapshotDevice,
 )
+from pciback.firmware import GuestFirmware
 from pciback.policy import AuditLog
 from pciback.runtime import DeviceDmaPort, DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError
@@ -130,6 +131,10 @@ class DeviceRegistry:
             provider, physical = build_provider(cfg)
             self._devices[cfg.id] = ServedDevice(cfg, provider, physical)
         self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}
+        #: Each guest's firmware: its address windows and what it assigned.
+        self.firmware: dict[str, GuestFirmware] = {
+            name: GuestFirmware(name) for name in config.guests
+        }
         #: Called with a device after :meth:`unassign` (the IRQ router forgets its state).
         self.release_hooks: list[Callable[[ServedDevice], None]] = []
         for dev in self._devices.values():
@@ -160,6 +165,7 @@ class DeviceRegistry:
         dev.access = make_access(
             dev.provider, dev.config, guest=guest, quirks=self.config.quirks, audit=self.audit
         )
+        dev.access.apply_firmware(self.firmware[guest].setup(dev.id, dev.provider, address))
         dev.guest, dev.address = guest, address
         bus[address.pack()] = dev
         return address
@@ -200,6 +206,7 @@ class DeviceRegistry:
                 f"device {device_id} is not assigned to any guest", code=ErrorCode.INVALID_STATE
             )
         del self._buses[dev.guest][dev.address.pack()]
+        self.firmware[dev.guest].release(dev.id)
         dev.guest, dev.address = None, None
         if dev.runtime is not None:
             dev.runtime.cancel_background()

@@ -16,6 +16,7 @@ from pciback.irq import InterruptLimits, IrqRouter
 from pciback.registry import DeviceRegistry
 from pciback.session import GuestSession
 from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
+from shared.evtchn import EventfdStalledError
 from shared.protocol import (
     Connection,
     Hello,
@@ -159,7 +160,9 @@ class Backend:
         try:
             await self._run_connection(transport, address)
         except (trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as exc:
-            if isinstance(exc.__cause__, RemoteProtocolError):
+            if isinstance(exc, EventfdStalledError) or isinstance(
+                exc.__cause__, (RemoteProtocolError, EventfdStalledError)
+            ):
                 # The transport caught the peer lying about framing (e.g. a 1 GiB length).
                 self.stats.disconnects_for_misbehaviour += 1
                 log.warning("%s: disconnected: %s", peer, exc)

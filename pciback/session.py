@@ -31,6 +31,7 @@ from pciback.dispatch import Dispatcher
 from pciback.dma import DmaTimeoutError, GuestDma
 from pciback.irq import InterruptOutbox, IrqRouter
 from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
+from shared.evtchn import EventfdStalledError
 from shared.protocol import (
     Connection,
     DmaCallResult,
@@ -260,6 +261,14 @@ class GuestSession:
     async def _pump_interrupts(self) -> None:
         try:
             await self.outbox.run(self._send_event)
+        except EventfdStalledError as exc:
+            # The guest made one of its interrupt eventfds block: a logged disconnect.
+            # Closing the transport ends the receive loop, and with it the session.
+            self._backend_stats.disconnects_for_misbehaviour += 1
+            log.warning(
+                "%s: guest %s disconnected: %s", self.transport.describe(), self.guest, exc
+            )
+            await self.transport.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the receive loop sees the same failure and ends the session
 

@@ -32,6 +32,7 @@ from pcifront._interrupts import (
 )
 from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
 from pcifront._pciids import PciIds
+from pcifront._resources import Resource, UnclaimedAddressError
 from shared.errors import ErrorCode
 
 __all__ = [
@@ -59,6 +60,8 @@ __all__ = [
     "error_for_code",
     "LspciOptionError",
     "PciIds",
+    "Resource",
+    "UnclaimedAddressError",
     "filter_devices",
     "format_listing",
     "render_lspci",

@@ -25,6 +25,7 @@ import trio
 from pcifront._dma import DmaBuffer, DmaSpace, map_buffer
 from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
 from pcifront._interrupts import InterruptModeError, Interrupts, open_interrupts
+from pcifront._resources import DecodedResources, Resource, decode_device, route
 from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
@@ -61,6 +62,8 @@ log = logging.getLogger("pcisplit.frontend")
 FRONTEND_FEATURES = (
     "bus-snapshot", "config-access", "bar-access", "reset", "ping", "interrupts", "dma",
 )
+#: Writes below this offset may change what a device decodes (BARs, ROM, Command).
+_HEADER_SIZE = 0x48
 #: DMA fault events buffered on ``Bus.dma_faults`` before new ones are only counted.
 DMA_FAULT_BUFFER = 64
 
@@ -99,6 +102,8 @@ class Device:
         self._packed = info.address
         self.pci_address = PciAddress.unpack(info.address)
         self.info = info
+        # What the BARs decode now; dropped by any write to the header (BARs, Command).
+        self._decoded: DecodedResources | None = None
 
     @property
     def address(self) -> str:
@@ -127,6 +132,23 @@ class Device:
         """The config image from the last snapshot taken with ``include_config``."""
         return self.info.config
 
+    @property
+    def bar_sizes(self) -> tuple[int, ...]:
+        """Sizes of BARs 0-5 and the expansion ROM (index 6); 0 where not implemented.
+
+        All zeros when the backend did not report sizes.
+        """
+        return self.info.bar_sizes or (0,) * 7
+
+    async def resources(self) -> list[Resource]:
+        """The BARs and ROM with the addresses the guest sees now (sysfs ``resource``)."""
+        return list(await self._decoded_resources())
+
+    async def _decoded_resources(self) -> DecodedResources:
+        if self._decoded is None:
+            self._decoded = await decode_device(self)
+        return self._decoded
+
     async def config_read(self, offset: int, size: int) -> int:
         """Read 1, 2 or 4 bytes of config space."""
         reply = await self._bus._call(
@@ -137,6 +159,8 @@ class Device:
 
     async def config_write(self, offset: int, size: int, value: int) -> None:
         """Write 1, 2 or 4 bytes of config space (the backend's policy may refuse)."""
+        if offset < _HEADER_SIZE:
+            self._decoded = None
         await self._bus._call(
             lambda rid: ConfigWriteRequest(rid, self._packed, offset, size, value)
         )
@@ -156,7 +180,8 @@ class Device:
         )
 
     async def reset(self) -> None:
-        """Reset the device to its power-on state."""
+        """Reset the device to its power-on state (with the addresses firmware assigned)."""
+        self._decoded = None
         await self._bus._call(lambda rid: ResetRequest(rid, self._packed))
 
     def interrupts(
@@ -294,6 +319,32 @@ class Bus:
         assert isinstance(reply, SnapshotReply)
         self.devices = [Device(self, info) for info in reply.devices]
         return self.devices
+
+    async def mmio_read(self, address: int, size: int) -> int:
+        """Read 1, 2, 4 or 8 bytes at a guest-physical memory address.
+
+        Routed, as a root complex would, to the BAR that decodes it now (the
+        address firmware assigned, or whatever the guest programmed since),
+        provided the device has memory decode on. Raises
+        :class:`~pcifront.UnclaimedAddressError` when nothing decodes it.
+        """
+        device, bar = await route(self, address, size, io=False)
+        return await device.bar_read(bar.index, address - bar.start, size)
+
+    async def mmio_write(self, address: int, size: int, value: int) -> None:
+        """Write 1, 2, 4 or 8 bytes at a guest-physical memory address (see :meth:`mmio_read`)."""
+        device, bar = await route(self, address, size, io=False)
+        await device.bar_write(bar.index, address - bar.start, size, value)
+
+    async def io_read(self, port: int, size: int) -> int:
+        """Read 1, 2 or 4 bytes at an I/O port, routed to the I/O BAR that decodes it."""
+        device, bar = await route(self, port, size, io=True)
+        return await device.bar_read(bar.index, port - bar.start, size)
+
+    async def io_write(self, port: int, size: int, value: int) -> None:
+        """Write 1, 2 or 4 bytes at an I/O port, routed to the I/O BAR that decodes it."""
+        device, bar = await route(self, port, size, io=True)
+        await device.bar_write(bar.index, port - bar.start, size, value)
 
     async def ping(self) -> None:
         """One protocol round trip that touches no device."""

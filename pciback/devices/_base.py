@@ -204,6 +204,15 @@ class DeviceProvider(abc.ABC):
         """Expansion ROM size in bytes, 0 when there is none."""
         return 0
 
+    def firmware_addresses(self) -> dict[int, int]:
+        """Addresses firmware must keep: resource index (0-5, 6 for the ROM) -> address.
+
+        Empty by default: firmware places every BAR in the guest's windows.
+        A snapshot keeps the addresses its dump programmed where no size was
+        given for them.
+        """
+        return {}
+
     @abc.abstractmethod
     def bar_read(self, bar: int, offset: int, size: int) -> int:
         """Read 1/2/4/8 bytes at ``offset`` inside BAR ``bar``."""

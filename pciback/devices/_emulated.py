@@ -90,9 +90,10 @@ class EmulatedDevice(DeviceProvider):
                 raise DeviceSetupError(f"{name} {value!r} is out of range 0..{top:#x}")
         if config_size not in (256, 4096):
             raise DeviceSetupError(f"config_size {config_size} must be 256 (PCI) or 4096 (PCIe)")
-        if header_type & 0x7F not in (0, 1):
+        if header_type & 0x7F not in (0, 1, 2):
             raise DeviceSetupError(
-                f"header type {header_type:#x} is not supported; use 0 (endpoint) or 1 (bridge)"
+                f"header type {header_type:#x} is not supported; use 0 (endpoint), 1 (PCI "
+                "bridge) or 2 (CardBus bridge)"
             )
         self._regs = RegisterFile(config_size)
         self._header_type = header_type
@@ -146,7 +147,7 @@ class EmulatedDevice(DeviceProvider):
             spec = BarSpec(index, size, kind, prefetchable)
         except ValueError as exc:
             raise DeviceSetupError(str(exc)) from exc
-        limit = 6 if self._header_type & 0x7F == 0 else 2
+        limit = {0: 6, 1: 2, 2: 1}[self._header_type & 0x7F]
         used = {index, index + 1} if kind is BarKind.MEM64 else {index}
         if max(used) >= limit:
             raise DeviceSetupError(f"BAR{index} does not fit a header of type {self._header_type}")
@@ -177,6 +178,8 @@ class EmulatedDevice(DeviceProvider):
 
     def add_rom(self, size: int) -> None:
         """Declare an expansion ROM of ``size`` bytes (sizing and the enable bit work)."""
+        if self._header_type & 0x7F == 2:
+            raise DeviceSetupError("a CardBus bridge (header type 2) has no expansion ROM BAR")
         mask = rom_mask(size)
         offset = self._rom_offset()
         self._regs.init_int(offset, 4, self._regs.read(offset, 4) & mask)
@@ -461,10 +464,10 @@ class EmulatedDevice(DeviceProvider):
         if self._bars or self._last_cap is not None or self._last_ext_cap is not None:
             raise DeviceSetupError("load a config image before declaring BARs or capabilities")
         header_type = image[Reg.HEADER_TYPE]
-        if header_type & 0x7F not in (0, 1):
+        if header_type & 0x7F not in (0, 1, 2):
             raise DeviceSetupError(
-                f"header type {header_type:#x} is not supported; only 0 (endpoint) and "
-                "1 (PCI bridge) are"
+                f"header type {header_type:#x} is not supported; only 0 (endpoint), "
+                "1 (PCI bridge) and 2 (CardBus bridge) are"
             )
         self._regs = RegisterFile(len(image))
         self._regs.init(0, image)

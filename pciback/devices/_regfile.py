@@ -185,6 +185,9 @@ def apply_header_masks(regs: RegisterFile, header_type: int) -> None:
     regs.set_w1cmask_int(Reg.STATUS, 2, STATUS_RW1C)
     regs.set_wmask_int(Reg.CACHE_LINE_SIZE, 1, 0xFF)
     regs.set_wmask_int(Reg.INTERRUPT_LINE, 1, 0xFF)
+    if header_type & 0x7F == 2:
+        _apply_cardbus_masks(regs)
+        return
     if header_type & 0x7F != 1:
         return
     # Primary, secondary and subordinate bus numbers and the secondary latency timer.
@@ -198,3 +201,18 @@ def apply_header_masks(regs: RegisterFile, header_type: int) -> None:
     regs.set_wmask(0x28, b"\xff" * 12)
     # Bridge control: parity, SERR, ISA, VGA, VGA16, master abort, bus reset, fast b2b, timers.
     regs.set_wmask_int(0x3E, 2, 0x0FFF)
+
+
+def _apply_cardbus_masks(regs: RegisterFile) -> None:
+    """A CardBus bridge's header (type 2): bus numbers, windows and controls are writable."""
+    regs.set_w1cmask_int(0x16, 2, STATUS_RW1C)
+    # PCI, CardBus and subordinate bus numbers, CardBus latency timer.
+    regs.set_wmask(0x18, b"\xff\xff\xff\xff")
+    # Memory windows 0 and 1: 4 KiB granular base/limit.
+    regs.set_wmask(0x1C, b"\x00\xf0\xff\xff" * 4)
+    # I/O windows 0 and 1: dword-granular, bits 1:0 say the width (read-only).
+    regs.set_wmask(0x2C, b"\xfc\xff\xff\xff" * 4)
+    # Bridge control (parity, SERR, ISA, VGA, master abort, reset, IRQ routing, prefetch).
+    regs.set_wmask_int(0x3E, 2, 0x07FF)
+    # The 16-bit PC Card legacy-mode base address.
+    regs.set_wmask(0x44, b"\xff\xff\xff\xff")

@@ -26,6 +26,13 @@ memory BARs, 256 bytes for I/O BARs and 64 KiB for the ROM; an unassigned base
 reads 0 cannot be told from an unimplemented one, so it is implemented only
 when ``bar_sizes`` names it; a ROM register that reads 0 likewise.
 
+At assignment, firmware (``pciback.firmware``) places the BARs sized by
+``bar_sizes`` in the guest's windows and keeps the dump's programmed address
+for the others (:meth:`SnapshotDevice.firmware_addresses`).
+
+A CardBus bridge (header type 2, also from a 128-byte ``lspci -x`` dump) has
+one BAR and no expansion ROM; its header runs to 0x48.
+
 BAR contents are zero-filled memory allocated page by page on first write (a
 256 MiB GPU BAR costs nothing until written), unless a model is attached with
 :meth:`SnapshotDevice.set_bar_region`.
@@ -60,6 +67,7 @@ _MEM_UNASSIGNED = 4096
 _IO_DEFAULT_CAP = 256
 _ROM_DEFAULT_CAP = 64 << 10
 _HEADER_END = 0x40
+_CARDBUS_HEADER_END = 0x48
 
 
 def default_bar_size(base: int, *, io: bool = False, rom: bool = False) -> int:
@@ -104,6 +112,7 @@ class SnapshotDevice(EmulatedDevice):
         #: The dump's header line (``00:1b.0 Audio device: ...``), if known.
         self.description = description
         self._open_device_specific_space(raw)
+        self._fixed: dict[int, int] = {}
         self._declare_bars(raw, dict(bar_sizes or {}))
 
     @classmethod
@@ -134,18 +143,31 @@ class SnapshotDevice(EmulatedDevice):
             )
         entry = entries[index]
         return cls(
-            entry.data,
+            # A CardBus bridge's 128-byte ``lspci -x`` dump is padded to a 256-byte space.
+            bytes(entry.config_space()) if len(entry.data) == 128 else entry.data,
             bar_sizes=bar_sizes,
             address=entry.address,
             description=entry.header,
         )
 
+    def firmware_addresses(self) -> dict[int, int]:
+        """The dump's own addresses of the BARs (and ROM) ``bar_sizes`` did not size.
+
+        Their size is only derived from the address's alignment, so the
+        address is the one thing known for sure: firmware keeps it. BARs with
+        a size from ``bar_sizes`` are placed in the guest's windows instead.
+        """
+        return dict(self._fixed)
+
     # -- building --------------------------------------------------------------------------
 
     def _open_device_specific_space(self, raw: bytes) -> None:
-        if len(raw) <= _HEADER_END:
+        # A CardBus bridge's header runs on to 0x48 (subsystem IDs, legacy-mode base).
+        header_end = _CARDBUS_HEADER_END if raw[Reg.HEADER_TYPE] & 0x7F == 2 else _HEADER_END
+        if len(raw) <= header_end:
             return
         mask = bytearray(b"\xff" * (len(raw) - _HEADER_END))
+        mask[: header_end - _HEADER_END] = bytes(header_end - _HEADER_END)
         walk = walk_capabilities(raw)
         for cap in walk:
             length = 4 if cap.extended else 2
@@ -178,12 +200,23 @@ class SnapshotDevice(EmulatedDevice):
                     # register as the dump has it, read-only, with no BAR behind it.
                     continue
                 size = default_bar_size(bar.base, io=bar.is_io)
+                if bar.base:
+                    # No size given: the dump's programmed address stays (firmware keeps it).
+                    self._fixed[bar.index] = bar.base
             self._check_alignment(f"BAR{bar.index}", bar.base, size)
             self.add_bar(bar.index, size, _kind(bar), bar.prefetchable)
+        if raw[Reg.HEADER_TYPE] & 0x7F == 2:
+            if ROM_BAR_INDEX in sizes:
+                raise DeviceSetupError(
+                    "bar_sizes names the expansion ROM (6), but a CardBus bridge has none"
+                )
+            return
         rom = decode_expansion_rom(raw)
         rom_size = sizes.get(ROM_BAR_INDEX)
         if rom_size is None and rom.raw != 0:
             rom_size = default_bar_size(rom.base, rom=True)
+            if rom.base:
+                self._fixed[ROM_BAR_INDEX] = rom.base
         if rom_size is not None:
             self._check_alignment("the expansion ROM", rom.base, rom_size)
             self.add_rom(rom_size)

@@ -8,6 +8,15 @@ becomes a bounded event rate with growing counts instead of a flood
 (the kernel counter coalesces); the rest go out as in-band
 :class:`~shared.protocol.InterruptEvent` messages through the session's one
 send path.
+
+The eventfds are the guest's: it shares their open file description and can
+clear ``O_NONBLOCK`` on them. Their writes go through the guarded C path of
+:class:`~shared.evtchn.EventfdPort`, so a full counter is a delivery that
+coalesced (counted in ``counter_full``) and a write the guest made block is cut
+short after :data:`~shared.evtchn.GUARD_SECONDS` and raises
+:class:`~shared.evtchn.EventfdStalledError`. The outbox then closes that port,
+counts it (``stalled``) and makes :meth:`InterruptOutbox.run` raise the error,
+so the session disconnects the guest: an honest guest never does this.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from shared.evtchn import Port
+from shared.evtchn import EventfdStalledError, Port
 from shared.protocol import InterruptEvent
 
 __all__ = ["InterruptLimits", "TokenBucket", "InterruptOutbox", "OutboxStatistics"]
@@ -89,6 +98,8 @@ class OutboxStatistics:
     eventfd_signals: int = 0
     throttled: int = 0  # times the drain waited for a token
     dropped: int = 0  # pending deliveries dropped because the binding went away
+    counter_full: int = 0  # eventfd writes skipped: the guest's counter was full (coalesced)
+    stalled: int = 0  # eventfd writes the guest made block (cut short; the port is closed)
 
 
 class InterruptOutbox:
@@ -104,6 +115,7 @@ class InterruptOutbox:
         self._pending: dict[tuple[int, int], int] = {}
         self._ports: dict[tuple[int, int], Port] = {}
         self._wakeup = trio.Event()
+        self._stalled: EventfdStalledError | None = None
         self.stats = OutboxStatistics()
 
     def statistics(self) -> OutboxStatistics:
@@ -137,13 +149,29 @@ class InterruptOutbox:
             return
         port = self._ports.get(key)
         if port is not None and not pending and self._bucket.take():
-            # Fast path: an eventfd write is one non-blocking syscall, so deliver it
+            # Fast path: an eventfd write is one guarded syscall, so deliver it
             # at once rather than paying a task switch (the interrupt round-trip budget).
-            port.notify()
-            stats.eventfd_signals += 1
+            self._signal(key, port)
             return
         pending[key] = 1
         self._wakeup.set()
+
+    def _signal(self, key: tuple[int, int], port: Port) -> None:
+        """Write the guest's eventfd; never raises (a stall is recorded for :meth:`run`)."""
+        try:
+            sent = port.notify()
+        except EventfdStalledError as exc:
+            self.stats.stalled += 1
+            self._ports.pop(key, None)
+            port.close()
+            if self._stalled is None:
+                self._stalled = exc
+            self._wakeup.set()
+            return
+        if sent:
+            self.stats.eventfd_signals += 1
+        else:
+            self.stats.counter_full += 1
 
     @property
     def backlog(self) -> int:
@@ -151,10 +179,16 @@ class InterruptOutbox:
         return len(self._pending)
 
     async def run(self, send_event: Callable[[InterruptEvent], Awaitable[None]]) -> None:
-        """Drain the queue forever, one token per delivery, oldest first."""
+        """Drain the queue forever, one token per delivery, oldest first.
+
+        Raises :class:`~shared.evtchn.EventfdStalledError` once a guest eventfd
+        stalled a write (see the module docstring); the caller drops the guest.
+        """
         pending = self._pending
         while True:
             while not pending:
+                if self._stalled is not None:
+                    raise self._stalled
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
             if not self._bucket.take():
@@ -165,8 +199,7 @@ class InterruptOutbox:
             count = pending.pop(key)
             port = self._ports.get(key)
             if port is not None:
-                port.notify()
-                self.stats.eventfd_signals += 1
+                self._signal(key, port)
             else:
                 self.stats.events_sent += 1
                 await send_event(InterruptEvent(key[0], key[1], min(count, _U32)))

@@ -33,6 +33,7 @@ from shared.pci import (
 from ._audit import AuditLog
 from ._compile import CompiledPolicy, compile_policy
 from ._config import PolicyConfig, QuirkConfig
+from ._rules import Register
 
 __all__ = ["PolicedDevice", "MsiState", "MsixState"]
 
@@ -162,6 +163,53 @@ class PolicedDevice:
         for write in plan.device_writes:
             self._provider.config_write(write.offset, write.size, write.value)
         plan.apply_virtual(self._virtual)
+
+    def program_firmware(
+        self,
+        addresses: dict[int, int],
+        *,
+        interrupt_line: int | None = None,
+    ) -> None:
+        """Set what firmware sets before the guest runs (not a guest access: no policy check).
+
+        ``addresses`` maps a BAR index (0-5) or 6 (the expansion ROM, left
+        disabled as firmware leaves it) to its guest-physical address. The
+        address bits go into the guest's virtual BAR registers; the flag bits
+        stay. ``interrupt_line`` sets the virtual Interrupt Line. The decode
+        bits of Command are the device's own, so the caller sets them on the
+        provider.
+        """
+        for index, address in addresses.items():
+            register = self._register("rom" if index == 6 else f"bar{index}")
+            if register is None:
+                continue
+            mask = 0
+            for rule in register.rules:
+                if rule.name.endswith(".address"):
+                    mask |= rule.mask
+            self._set_virtual(register.offset, mask, address & 0xFFFF_FFFF)
+            if index < 6 and (address >> 32 or self._is_mem64(index)):
+                upper = self._register(f"bar{index + 1}")
+                if upper is not None and upper.rules[0].name == f"bar{index + 1}.address":
+                    self._set_virtual(upper.offset, upper.rules[0].mask, address >> 32)
+        if interrupt_line is not None:
+            self._set_virtual(0x3C, 0xFF, interrupt_line, size=1)
+
+    def _register(self, name: str) -> Register | None:
+        for register in self._compiled.registers:
+            if register.name == name:
+                return register
+        return None
+
+    def _is_mem64(self, index: int) -> bool:
+        return any(
+            spec.index == index and spec.kind is BarKind.MEM64 for spec in self._provider.bars()
+        )
+
+    def _set_virtual(self, offset: int, mask: int, value: int, size: int = 4) -> None:
+        old = self._virtual_int(offset, size)
+        new = (old & ~mask) | (value & mask)
+        self._virtual[offset : offset + size] = new.to_bytes(size, "little")
 
     def guest_config_image(self) -> bytes:
         """The whole config space exactly as the guest reads it (for snapshots and lspci)."""

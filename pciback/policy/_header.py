@@ -1,5 +1,10 @@
 """The configuration header's registers (types 0, 1 and 2), as policy rules.
 
+A CardBus bridge (type 2) has one BAR (its socket registers), its capability
+pointer at 0x14 and no expansion ROM; its bus numbers, memory and I/O windows,
+bridge control and legacy-mode base are read-only to a guest, like a type 1
+bridge's windows.
+
 This table is the single place that says what a guest may do to each header
 register; ``docs/policy.md`` shows it as a table. The choices, and why:
 
@@ -280,7 +285,39 @@ def header_registers(header_type: int, bars: list[BarSpec], rom_size: int) -> li
         ]
     elif layout == 2:
         regs += _bar_registers(specs, 1)
-        regs += [_cap_pointer(0x14), *_interrupt_registers()]
+        regs += [
+            _cap_pointer(0x14),
+            register(
+                "secondary_status",
+                0x16,
+                2,
+                ro_optional("secondary_status.errors", _STATUS_RW1C, Access.RW1C),
+                follows("secondary_status.other", 0xFFFF & ~_STATUS_RW1C),
+                doc="secondary status",
+            ),
+            register("primary_bus", 0x18, 1, doc="PCI bus number"),
+            register("secondary_bus", 0x19, 1, doc="CardBus bus number"),
+            register("subordinate_bus", 0x1A, 1, doc="subordinate bus number"),
+            register("cardbus_latency_timer", 0x1B, 1, ro_optional("cardbus_latency_timer", 0xFF)),
+            register("memory_base0", 0x1C, 4, doc="CardBus memory window 0 base"),
+            register("memory_limit0", 0x20, 4, doc="CardBus memory window 0 limit"),
+            register("memory_base1", 0x24, 4, doc="CardBus memory window 1 base"),
+            register("memory_limit1", 0x28, 4, doc="CardBus memory window 1 limit"),
+            register("io_base0", 0x2C, 4, doc="CardBus I/O window 0 base"),
+            register("io_limit0", 0x30, 4, doc="CardBus I/O window 0 limit"),
+            register("io_base1", 0x34, 4, doc="CardBus I/O window 1 base"),
+            register("io_limit1", 0x38, 4, doc="CardBus I/O window 1 limit"),
+            *_interrupt_registers(),
+            register(
+                "bridge_control",
+                0x3E,
+                2,
+                ro("bridge_control", 0xFFFF, "bridge control (CardBus reset!)"),
+            ),
+            register("subsystem_vendor_id", 0x40, 2),
+            register("subsystem_id", 0x42, 2),
+            register("legacy_mode_base", 0x44, 4, doc="16-bit PC Card legacy-mode base"),
+        ]
     else:
         regs += _bar_registers(specs, 6)
         regs += [

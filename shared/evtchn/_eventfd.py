@@ -8,6 +8,12 @@ SCM_RIGHTS or inheritance); one notifies, the other waits.
 Like trio's ``_unix_pipes.FdStream``, OS errors become trio errors: EBADF
 means the fd was closed under us (:class:`trio.ClosedResourceError`), any
 other failure is a :class:`trio.BrokenResourceError` naming the errno.
+
+The peer shares the fd's open file description and so its ``O_NONBLOCK``
+flag: every read and write goes through :mod:`shared.evtchn._guard`, which
+cannot block for more than a couple of milliseconds whatever the peer does,
+and raises :class:`~shared.evtchn.EventfdStalledError` (a
+``BrokenResourceError``) when the peer tried.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 
 import trio
 
+from shared.evtchn._guard import guarded_read, guarded_write
 from shared.evtchn._port import Port
 
 __all__ = ["EventfdPort"]
@@ -61,18 +68,13 @@ class EventfdPort(Port):
 
     def _send(self) -> bool:
         try:
-            os.eventfd_write(self._fd, 1)
-        except BlockingIOError:
-            return False
+            return guarded_write(self._fd, 1)
         except OSError as exc:
             raise _translate(exc, "notify") from exc
-        return True
 
     def _collect(self) -> int:
         try:
-            return os.eventfd_read(self._fd)
-        except BlockingIOError:
-            return 0
+            return guarded_read(self._fd)
         except OSError as exc:
             raise _translate(exc, "read") from exc
 

@@ -77,14 +77,19 @@ class Port(abc.ABC):
         """Release what the implementation holds (fds, waiters). Called once."""
 
     # ------------------------------------------------------------- public API
-    def notify(self) -> None:
-        """Signal the peer. Never blocks; repeated signals may coalesce."""
+    def notify(self) -> bool:
+        """Signal the peer. Never blocks; repeated signals may coalesce.
+
+        Returns True when a signal went out, False when it merged into one
+        already pending (for an eventfd: the peer's counter was full).
+        """
         if self._closed:
             raise trio.ClosedResourceError("this event-channel port was closed")
         if self._send():
             self._sent += 1
-        else:
-            self._coalesced += 1
+            return True
+        self._coalesced += 1
+        return False
 
     def _absorb(self, arrived: int) -> None:
         if arrived:

@@ -5,6 +5,18 @@ plain bytes and integers.
 """
 
 from shared.pci._address import PciAddress
+from shared.pci._assign import (
+    DEFAULT_WINDOWS,
+    GUEST_ISA_IRQS,
+    ROM_RESOURCE,
+    AssignmentError,
+    GuestWindows,
+    ResourceAssignment,
+    ResourceRequest,
+    Window,
+    WindowAllocator,
+    virtual_irq,
+)
 from shared.pci._bars import (
     BAR_IO_ADDRESS_MASK,
     BAR_MEM_ADDRESS_MASK,
@@ -160,6 +172,17 @@ __all__ = [
     "BAR_IO_ADDRESS_MASK",
     "BAR_MEM_ADDRESS_MASK",
     "ROM_ADDRESS_MASK",
+    # firmware-like resource assignment
+    "Window",
+    "GuestWindows",
+    "DEFAULT_WINDOWS",
+    "ResourceRequest",
+    "ResourceAssignment",
+    "WindowAllocator",
+    "AssignmentError",
+    "virtual_irq",
+    "GUEST_ISA_IRQS",
+    "ROM_RESOURCE",
     # dumps
     "DumpEntry",
     "parse_dump",

@@ -3,7 +3,7 @@
 Wire form of a message: a msgpack array ``[TAG, field1, field2, ...]`` with the
 fields in dataclass declaration order. Nested values are arrays too:
 :class:`Limits` is ``[max_message_size, max_in_flight]``, :class:`DeviceInfo`
-is its eight integers then ``config`` (bin or nil), an :class:`ErrorCode` is
+is its eight integers, ``config`` (bin or nil) and ``bar_sizes``, an :class:`ErrorCode` is
 its integer, tuples are arrays, ``bytes`` are msgpack *bin*, ``str`` is UTF-8.
 No maps and no ext types are ever used.
 
@@ -188,6 +188,15 @@ def _want_names(value: Any) -> Any:
     return value
 
 
+def _want_ints(value: Any) -> Any:
+    if type(value) is not tuple:
+        raise _BadField(f"expected an array of integers, got {_type_name(value)}")
+    for item in value:
+        if type(item) is not int:
+            raise _BadField(f"expected an array of integers, found a {_type_name(item)}")
+    return value
+
+
 def _want_code(value: Any) -> Any:
     if type(value) is not int:
         raise _BadField(f"expected an error code (integer), got {_type_name(value)}")
@@ -293,6 +302,7 @@ def _field_codec(
         bytes: _want_bytes,
         bytes | None: _want_opt_bytes,
         tuple[str, ...]: _want_names,
+        tuple[int, ...]: _want_ints,
         ErrorCode: _want_code,
     }
     if hint in simple:

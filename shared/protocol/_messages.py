@@ -588,7 +588,13 @@ class DmaCallResult(Message):
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
-    """One device of a bus snapshot. ``class_code`` is 24-bit: class, subclass, prog-if."""
+    """One device of a bus snapshot. ``class_code`` is 24-bit: class, subclass, prog-if.
+
+    ``bar_sizes`` holds the size in bytes of BARs 0-5 and the expansion ROM
+    (index 6), 0 where none is implemented, or is empty when the backend did
+    not say. A guest whose policy refuses BAR writes cannot size BARs itself,
+    so the sizes travel here (for sysfs ``resource`` and ``lspci -v``).
+    """
 
     address: int  # packed PciAddress
     vendor_id: int
@@ -599,6 +605,7 @@ class DeviceInfo:
     subsystem_vendor_id: int
     subsystem_id: int
     config: bytes | None = None
+    bar_sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _int(self, "address", self.address, U32)
@@ -613,6 +620,13 @@ class DeviceInfo:
             not isinstance(self.config, bytes) or len(self.config) not in (64, 256, 4096)
         ):
             raise LocalProtocolError("DeviceInfo.config must be None or 64, 256 or 4096 bytes")
+        if not isinstance(self.bar_sizes, tuple) or len(self.bar_sizes) not in (0, 7):
+            raise LocalProtocolError("DeviceInfo.bar_sizes must be a tuple of 0 or 7 sizes")
+        for size in self.bar_sizes:
+            if type(size) is not int or not 0 <= size <= U64 or size & (size - 1):
+                raise LocalProtocolError(
+                    f"DeviceInfo.bar_sizes: {size!r} is not 0 or a power of two below 2**64"
+                )
 
 
 @dataclass(frozen=True, slots=True)

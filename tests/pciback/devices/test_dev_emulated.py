@@ -511,7 +511,7 @@ def test_reset_state_hook_and_config_written_hook() -> None:
         {"class_code": 0x1000000},
         {"interrupt_pin": 5},
         {"config_size": 64},
-        {"header_type": 2},
+        {"header_type": 3},
     ],
 )
 def test_invalid_identity_rejected(kwargs: dict[str, int]) -> None:

@@ -76,7 +76,11 @@ def test_nested_values_are_arrays_codes_are_ints_bytes_are_bin() -> None:
     assert msgpack.unpackb(encode(err)) == [0x43, 9, 7, "later"]
     dev = DeviceInfo(1, 2, 3, 4, 5, 6, 7, 8, bytes(64))
     wire = msgpack.unpackb(encode(SnapshotReply(1, (dev,))), raw=False)
-    assert wire == [0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, bytes(64)]]]
+    assert wire == [0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, bytes(64), []]]]
+    sized = DeviceInfo(1, 2, 3, 4, 5, 6, 7, 8, None, (4096, 0, 0, 0, 0, 16, 2048))
+    assert msgpack.unpackb(encode(SnapshotReply(1, (sized,))))[2][0][-1] == [
+        4096, 0, 0, 0, 0, 16, 2048
+    ]
     # bytes travel as msgpack bin (0xc4 = bin 8), never as str
     assert b"\xc4\x40" + bytes(64) in encode(SnapshotReply(1, (dev,)))
 
@@ -162,11 +166,14 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("offset out of range", raw(0x12, 7, 1, 0x1000, 4), "offset"),
     ("bad access size", raw(0x12, 7, 1, 0, 3), "size must be one of"),
     ("value wider than size", raw(0x13, 7, 1, 0, 1, 0x100), "value must be"),
-    ("str where bytes", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, "x" * 64]]), "bytes"),
+    ("str where bytes", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, "x" * 64, []]]), "bytes"),
     ("bytes where str", raw(0x04, 0, b"bye"), "expected a string, got bytes"),
-    ("config of bad length", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, b"x"]]), "config"),
-    ("device info short", raw(0x40, 1, [[1, 2, 3]]), "DeviceInfo as an array of 9"),
+    ("config of bad length", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, b"x", []]]), "config"),
+    ("device info short", raw(0x40, 1, [[1, 2, 3]]), "DeviceInfo as an array of 10"),
     ("devices not an array", raw(0x40, 1, 5), "array of DeviceInfo"),
+    ("bar sizes not ints", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, None, ["x"]]]), "integers"),
+    ("bar size not a power of 2", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, None, [3] * 7]]), "power"),
+    ("bar sizes of bad length", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, None, [16]]]), "0 or 7"),
     ("bool where bool wanted is fine but int is not", raw(0x11, 1, 1), "expected a boolean"),
     ("unknown error code", raw(0x43, 1, 999, "x"), "unknown error code 999"),
     ("error code OK in ErrorReply", raw(0x43, 1, 0, "x"), "must not be OK"),
@@ -180,7 +187,7 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("huge bin header", b"\x93\x04\x00\xc6\xff\xff\xff\xff", "undecodable"),
     ("huge array header", b"\xdd\xff\xff\xff\xff", "undecodable"),
     ("long text", raw(0x04, 0, "x" * 5000), "exceeds max_str_len"),
-    ("long config image", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, b"x" * 5000]]), "config"),
+    ("long config image", raw(0x40, 1, [[1, 2, 3, 4, 5, 6, 7, 8, b"x" * 5000, []]]), "config"),
     ("long bin", raw(0x63, 1, 0, b"x" * (MAX_DMA_CHUNK + 1)), "exceeds max_bin_len"),
     ("huge bin header in a DMA call", b"\x94\x63\x01\x00\xc6\xff\xff\xff\xff", "undecodable"),
     ("bin header past the end", b"\x94\x63\x01\x00\xc6\x00\x10\x00\x00" + b"x" * 10, "truncated"),

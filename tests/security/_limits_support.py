@@ -1,0 +1,66 @@
+"""Helpers for the stall and growth tests: configs, a hand-driven guest, latency probes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pcifront
+
+# The hand-driven protocol guest lives with the backend's interrupt and DMA tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pciback"))
+
+from _irqdma_support import (
+    EDU,
+    IRQ_RAISE,
+    RawGuest,
+    raw_guest,
+)
+
+from shared.protocol import BarWriteRequest
+
+__all__ = [
+    "EDU",
+    "IRQ_RAISE",
+    "RawGuest",
+    "bar_write",
+    "raw_guest",
+    "TWO_GUESTS",
+    "worst_latency",
+]
+
+#: An honest guest ("victim") and a hostile one ("mallory"), one edu device each.
+TWO_GUESTS = """
+[[guest]]
+name = "victim"
+[[guest]]
+name = "mallory"
+[[device]]
+id = "edu-v"
+model = "edu"
+guest = "victim"
+[[device]]
+id = "edu-m"
+model = "edu"
+guest = "mallory"
+"""
+
+
+async def bar_write(g: RawGuest, offset: int, value: int) -> None:
+    """Write the hostile guest's edu BAR 0 (``IRQ_RAISE`` raises an interrupt)."""
+    await g.ok(lambda rid: BarWriteRequest(rid, EDU, 0, offset, 4, value))
+
+
+async def worst_latency(bus: pcifront.Bus, rounds: int = 20) -> float:
+    """The slowest of ``rounds`` config reads by an honest guest, in wall-clock seconds.
+
+    Wall clock on purpose: a stalled event loop stops trio's clock too.
+    """
+    (dev,) = bus.devices
+    worst = 0.0
+    for _ in range(rounds):
+        start = time.monotonic()
+        assert await dev.config_read(0, 4) == 0x11E81234
+        worst = max(worst, time.monotonic() - start)
+    return worst
