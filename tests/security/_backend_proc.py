@@ -53,7 +53,12 @@ def snapshot(backend: Backend) -> dict[str, Any]:
     bindings = {}
     for dev in backend.registry:
         state = irq.device(dev)
-        bindings[dev.id] = {"guest": state.bound_guest, "owner": dev.guest}
+        bindings[dev.id] = {
+            "guest": state.bound_guest,
+            "owner": dev.guest,
+            # The device's own Command register, under the policy (XSA-120 checks).
+            "device_command": dev.provider.config_read(0x04, 2),
+        }
     dma = {}
     for guest in backend.config.guests:
         space = backend.dma.get(guest)

@@ -128,6 +128,16 @@ class Peer:
                 if getattr(msg, "request_id", None) == request_id or isinstance(msg, Goodbye):
                     return msg
 
+    async def replies(self, count: int, timeout: float = 10.0) -> list[Message]:
+        """The next ``count`` replies (events and calls in between are skipped)."""
+        got: list[Message] = []
+        with trio.fail_after(timeout):
+            while len(got) < count:
+                msg = await self.receive(timeout)
+                if msg.TAG < 0x60:
+                    got.append(msg)
+        return got
+
     async def until_closed(self, timeout: float = 10.0) -> list[Message]:
         """Read until the backend closes the connection; returns what came before.
 

@@ -32,13 +32,6 @@ EDU = 0x11E8
 IRQ_RAISE = 0x60
 COMMAND, MEMORY_AND_MASTER = 0x04, 0x6
 
-STALL6 = (
-    "issue 8 stall 6 (b-limits): an interrupt eventfd whose O_NONBLOCK the guest cleared, "
-    "with a full counter, blocks the backend's event loop in write(); remove this mark when "
-    "the fix lands"
-)
-
-
 @pytest.mark.parametrize("mode", [IRQ_MODE_MSI, IRQ_MODE_INTX], ids=["msi", "intx"])
 async def test_interrupt_flood_never_read(backend, kind, mode):
     """3,000 raises pipelined without reading a single event: bounded by coalescing."""
@@ -81,8 +74,8 @@ def fd_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.mark.xfail(strict=True, reason=STALL6)
 async def test_blocking_interrupt_eventfd_with_a_full_counter(backend, fd_kind):
+    """Issue 8 stall 6: the guest clears O_NONBLOCK on its interrupt eventfd and fills it."""
     async with sentinel(backend, fd_kind):
         async with peer(backend.address(fd_kind), handshake=True) as p:
             edu = (await find_devices(p))[EDU]
