@@ -71,15 +71,21 @@ class DmaResult:
     us_per_copy: float
 
 
+#: The guest's token for tcp:// (the backend reads it from guest0.token).
+BENCH_TOKEN = "pcisplit-benchmark-token-not-secret"
+
 def _start_backend(tmp: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     listen = [f"unix:{tmp / 'unix.sock'}", f"shm:{tmp / 'shm.sock'}", "tcp://127.0.0.1:0"]
     config = tmp / "bench-irq.toml"
+    token = tmp / "guest0.token"
+    token.write_text(BENCH_TOKEN)
+    token.chmod(0o600)
     config.write_text(
         f"listen = {json.dumps(listen)}\n"
         f"[limits]\nmax_message_size = {MAX_MESSAGE}\n"
         # Coalescing stays on; the rate limit is raised so the burst measures the path.
         "[interrupts]\nmax_events_per_second = 1000000.0\nburst = 4096\n"
-        "[[guest]]\nname = 'guest0'\nallow_plain_tcp = true\n"
+        "[[guest]]\nname = 'guest0'\nallow_plain_tcp = true\ntoken_file = 'guest0.token'\n"
         "[[device]]\nid = 'bench0'\nmodel = 'bench-irq'\nguest = 'guest0'\n"
     )
     proc = subprocess.Popen(
@@ -164,7 +170,7 @@ async def _dma(bus: pcifront.Bus, dev: pcifront.Device, kind: str, quick: bool) 
 async def _measure(address: str, kind: str, quick: bool, parts: set[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"round_trips": [], "bursts": [], "dma": []}
     limits = Limits(max_message_size=MAX_MESSAGE)
-    async with pcifront.connect(address, guest="guest0", limits=limits) as bus:
+    async with pcifront.connect(address, guest="guest0", token=BENCH_TOKEN, limits=limits) as bus:
         dev = bus.devices[0]
         await dev.config_write(0x04, 2, 0x6)  # memory decode + bus master
         count = 500 if quick else 5000

@@ -46,6 +46,9 @@ class Result:
     qd32_ops_per_s: float
 
 
+#: The guest's token for tcp:// (the backend reads it from guest0.token).
+BENCH_TOKEN = "pcisplit-benchmark-token-not-secret"
+
 def _write_tls(tmp: Path) -> ssl.SSLContext:
     import trustme
 
@@ -70,12 +73,15 @@ def _start_backend(
         else:
             listen.append(f"{kind}://127.0.0.1:0")
     config = tmp / f"bench{tag}.toml"
+    token = tmp / "guest0.token"
+    token.write_text(BENCH_TOKEN)
+    token.chmod(0o600)
     config.write_text(
         f"listen = {json.dumps(listen)}\n"
         "[tls]\ncert = 'server.pem'\nkey = 'server.key'\nca = 'ca.pem'\n"
         "[limits]\nmax_in_flight = 256\n"
         f"[transport]\nshm_poll_us = {poll_us}\n"
-        "[[guest]]\nname = 'guest0'\nallow_plain_tcp = true\n"
+        "[[guest]]\nname = 'guest0'\nallow_plain_tcp = true\ntoken_file = 'guest0.token'\n"
         "[[device]]\nid = 'edu0'\nmodel = 'edu'\nguest = 'guest0'\n"
     )
     exe = Path(sys.executable).parent / "pciback"
@@ -96,7 +102,7 @@ def _start_backend(
 
 
 async def _measure(address: str, options: TransportOptions, qd1: int, qd32_total: int) -> Result:
-    async with pcifront.connect(address, guest="guest0", options=options) as bus:
+    async with pcifront.connect(address, guest="guest0", token=BENCH_TOKEN, options=options) as bus:
         dev = bus.devices[0]
         for _ in range(200):  # warm-up
             await dev.config_read(0, 4)

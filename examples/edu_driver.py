@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import trio
 
@@ -74,8 +75,8 @@ async def dma(
     await wait_irq(edu, irqs, IRQ_DMA)
 
 
-async def drive(address: str, guest: str, n: int) -> int:
-    async with pcifront.connect(address, guest=guest) as bus:
+async def drive(address: str, guest: str, n: int, token: bytes | None = None) -> int:
+    async with pcifront.connect(address, guest=guest, token=token) as bus:
         edu = next(
             (d for d in bus.devices if (d.vendor_id, d.device_id) == (EDU_VENDOR, EDU_DEVICE)),
             None,
@@ -143,8 +144,10 @@ def main() -> int:
     parser.add_argument("--connect", default="unix:./pciback.sock")
     parser.add_argument("--guest", default="guest0")
     parser.add_argument("-n", type=int, default=10)
+    parser.add_argument("--token-file", help="the guest's token (tcp:// and vsock:// only)")
     args = parser.parse_args()
-    result = trio.run(drive, args.connect, args.guest, args.n)
+    token = Path(args.token_file).read_bytes() if args.token_file else None
+    result = trio.run(drive, args.connect, args.guest, args.n, token)
     if args.n == 10 and result != 3628800:
         print(f"expected 3628800, got {result}", file=sys.stderr)
         return 1

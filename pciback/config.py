@@ -34,14 +34,19 @@ Schema (later issues extend it)::
 
 from __future__ import annotations
 
+import fnmatch
+import grp
+import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pciback.identity import GUEST_KEYS, GuestConfig, parse_guest, tls_listeners
 from pciback.policy import PolicyConfig, QuirkConfig
-from shared.errors import ConfigFileError, LocalProtocolError
+from shared.errors import ConfigFileError, LocalProtocolError, did_you_mean
 from shared.pci import PciAddress
 from shared.protocol import Limits
 
@@ -50,6 +55,9 @@ __all__ = [
     "GuestConfig",
     "DeviceConfig",
     "TlsConfig",
+    "HidePattern",
+    "check_listen",
+    "default_control_path",
     "load_config",
     "parse_config",
     "default_config",
@@ -57,12 +65,6 @@ __all__ = [
 ]
 
 DEVICE_KINDS = ("emulated", "snapshot", "host")
-
-
-@dataclass(frozen=True)
-class GuestConfig:
-    name: str
-    allow_plain_tcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,32 @@ class TlsConfig:
     ca: Path | None
 
 
+_HIDE_PATTERN = re.compile(
+    r"([0-9a-fA-F]{4}|\*):([0-9a-fA-F]{2}|\*):([0-9a-fA-F]{2}|\*)\.([0-7]|\*)"
+)
+
+
+@dataclass(frozen=True)
+class HidePattern:
+    """One ``hide`` entry: ``DDDD:BB:DD.F`` where any part may be ``*``."""
+
+    text: str
+    where: str
+
+    @classmethod
+    def parse(cls, text: Any, where: str) -> HidePattern:
+        _expect(text, str, where, 'a host address or glob such as "0000:03:*.*"')
+        if _HIDE_PATTERN.fullmatch(text) is None:
+            raise ConfigFileError(
+                f"{where}: {text!r} is not a host address pattern; use DDDD:BB:DD.F where any "
+                'part may be *, e.g. "0000:02:01.0" or "0000:03:*.*"'
+            )
+        return cls(text.lower(), where)
+
+    def matches(self, address: PciAddress) -> bool:
+        return fnmatch.fnmatchcase(str(address).lower(), self.text)
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     listen: tuple[str, ...]
@@ -107,6 +135,28 @@ class BackendConfig:
     #: ``[transport]``: shm adaptive-polling budget in microseconds (0: off) and ring size.
     shm_poll_us: float = 0.0
     shm_ring_size: int = 256 * 1024
+    #: ``[hotplug]``: how long a hot-plug operation waits for the guest's
+    #: acknowledgement; after it a removal is forced (and logged).
+    hotplug_ack_timeout: float = 5.0
+    #: ``hide``: host addresses never offered to any guest (globs allowed).
+    hide: tuple[HidePattern, ...] = ()
+    #: ``control``: the admin socket (None: beside the first unix: listener).
+    control: Path | None = None
+    #: ``listen_mode`` / ``listen_group``: mode and group of unix:/shm: socket files.
+    listen_mode: int = 0o600
+    listen_group: int | None = None
+    #: The directory relative paths were resolved against.
+    base: Path = field(default_factory=Path.cwd)
+
+    def is_hidden(self, address: PciAddress | None) -> HidePattern | None:
+        """The first ``hide`` pattern matching host ``address``, or None."""
+        if address is None:
+            return None
+        return next((p for p in self.hide if p.matches(address)), None)
+
+    def control_path(self) -> Path:
+        """Where the admin socket lives (``control``, or its default)."""
+        return self.control if self.control is not None else default_control_path(self.listen)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
@@ -128,7 +178,7 @@ def _known_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise ConfigFileError(
-            f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}"
+            f"{where}: unknown key {unknown[0]!r}; {did_you_mean(unknown[0], allowed)}"
         )
 
 
@@ -225,7 +275,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         raw,
         {
             "listen", "guest", "device", "limits", "tls", "quirk", "audit", "interrupts", "dma",
-            "transport",
+            "transport", "hide", "control", "listen_mode", "listen_group", "hotplug",
         },
         source,
     )
@@ -236,24 +286,18 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     for i, graw in enumerate(_expect(raw.get("guest", []), list, "guest", "[[guest]] tables")):
         where = f"guest[{i}]"
         _expect(graw, dict, where, "a table")
-        _known_keys(graw, {"name", "allow_plain_tcp"}, where)
+        _known_keys(graw, set(GUEST_KEYS), where)
         if "name" not in graw:
             raise ConfigFileError(f"{where}: missing key 'name'")
         name = _name(graw["name"], f"{where}.name")
         if name in guests:
             raise ConfigFileError(f"{where}.name: guest {name!r} is declared twice")
-        plain = _expect(
-            graw.get("allow_plain_tcp", False), bool, f"{where}.allow_plain_tcp", "true or false"
-        )
-        guests[name] = GuestConfig(name, plain)
-    devices: list[DeviceConfig] = []
-    seen: set[str] = set()
-    for i, draw in enumerate(_expect(raw.get("device", []), list, "device", "[[device]] tables")):
-        dev = _device(draw, f"device[{i}]", base, guests)
-        if dev.id in seen:
-            raise ConfigFileError(f"device[{i}].id: device id {dev.id!r} is used twice")
-        seen.add(dev.id)
-        devices.append(dev)
+        guests[name] = parse_guest(graw, where, base)
+    hide = tuple(
+        HidePattern.parse(text, f"hide[{i}]")
+        for i, text in enumerate(_expect(raw.get("hide", []), list, "hide", "a list of patterns"))
+    )
+    devices = _devices(raw, base, guests, hide)
     limits = Limits()
     if "limits" in raw:
         lraw = _expect(raw["limits"], dict, "limits", "a table")
@@ -274,6 +318,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
             _path(traw["key"], "tls.key", base),
             _path(traw["ca"], "tls.ca", base) if "ca" in traw else None,
         )
+    check_listen(listen, tls)
     quirks = tuple(
         QuirkConfig.from_mapping(_expect(q, dict, f"quirk[{i}]", "a table"), where=f"quirk[{i}]")
         for i, q in enumerate(_expect(raw.get("quirk", []), list, "quirk", "[[quirk]] tables"))
@@ -295,6 +340,13 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
                         "transport.shm_ring_size", "a size in bytes")
     if ring_size < 4096 or ring_size & (ring_size - 1):
         raise ConfigFileError("transport.shm_ring_size: must be a power of two >= 4096")
+    hotplug = _expect(raw.get("hotplug", {}), dict, "hotplug", "a table")
+    _known_keys(hotplug, {"ack_timeout"}, "hotplug")
+    ack_timeout = _positive(hotplug, "ack_timeout", 5.0, "hotplug", "seconds")
+    mode_text = _expect(raw.get("listen_mode", "0600"), str, "listen_mode", 'an octal mode "0660"')
+    if re.fullmatch(r"0?[0-7]{3}", mode_text) is None:
+        raise ConfigFileError(f'listen_mode: {mode_text!r} is not an octal mode such as "0660"')
+    control = _path(raw["control"], "control", base) if "control" in raw else None
     return BackendConfig(
         tuple(listen),
         guests,
@@ -310,7 +362,79 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         dma_timeout,
         float(poll_us),
         ring_size,
+        hotplug_ack_timeout=ack_timeout,
+        hide=hide,
+        control=control,
+        listen_mode=int(mode_text, 8),
+        listen_group=_group(raw.get("listen_group")),
+        base=base,
     )
+
+
+def _devices(
+    raw: dict[str, Any], base: Path, guests: dict[str, GuestConfig], hide: tuple[HidePattern, ...]
+) -> tuple[DeviceConfig, ...]:
+    """The ``[[device]]`` tables: unique ids, one owner per host address, hidden ones unowned."""
+    devices: list[DeviceConfig] = []
+    ids: set[str] = set()
+    hosts: dict[PciAddress, str] = {}
+    for i, draw in enumerate(_expect(raw.get("device", []), list, "device", "[[device]] tables")):
+        dev = _device(draw, f"device[{i}]", base, guests)
+        if dev.id in ids:
+            raise ConfigFileError(f"device[{i}].id: device id {dev.id!r} is used twice")
+        ids.add(dev.id)
+        if dev.address is not None:
+            if dev.address in hosts:
+                raise ConfigFileError(
+                    f"device[{i}].address: host device {dev.address} is already served as "
+                    f"{hosts[dev.address]}; a device belongs to at most one guest, list it once"
+                )
+            hosts[dev.address] = f"{dev.where} ({dev.id})"
+            pattern = next((p for p in hide if p.matches(dev.address)), None)
+            if pattern is not None and dev.guest is not None:
+                raise ConfigFileError(
+                    f"device[{i}].guest: host device {dev.address} is hidden by {pattern.where} "
+                    f"({pattern.text!r}) and cannot be assigned; drop the guest key or the pattern"
+                )
+        devices.append(dev)
+    return tuple(devices)
+
+
+def _group(value: Any) -> int | None:
+    """``listen_group``: a group name or number, resolved now so a typo fails at start."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFFFFFF:
+        return value
+    _expect(value, str, "listen_group", "a group name or number")
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ConfigFileError(f"listen_group: no group named {value!r} on this host") from None
+
+
+def check_listen(addresses: Sequence[str], tls: TlsConfig | None) -> None:
+    """Refuse listen addresses the rest of the config cannot serve safely.
+
+    A ``tls://`` listener without ``[tls] ca`` would accept any client at all,
+    so it is an error (named by the address).
+    """
+    for address in tls_listeners(addresses):
+        if tls is None:
+            raise ConfigFileError(f"listen: {address} needs a [tls] table with cert, key and ca")
+        if tls.ca is None:
+            raise ConfigFileError(
+                f"tls.ca: the tls:// listener {address} needs ca = \"PEM file\" (the CA that "
+                "signs guest certificates); without it any client could connect"
+            )
+
+
+def default_control_path(listen: Sequence[str]) -> Path:
+    """``pciback.ctl`` beside the first ``unix:`` socket, or in the working directory."""
+    for address in listen:
+        if address.startswith("unix:"):
+            return Path(address[len("unix:") :]).parent / "pciback.ctl"
+    return Path("pciback.ctl")
 
 
 def _positive(table: dict[str, Any], key: str, default: float, where: str, what: str) -> float:

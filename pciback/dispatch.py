@@ -14,7 +14,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pciback.registry import DeviceRegistry, ServedDevice
+from pciback.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
 from shared.errors import ErrorCode, PcisplitError
 from shared.evtchn import EventfdPort, Port
 from shared.protocol import (
@@ -343,6 +343,13 @@ class Dispatcher:
         dev = self._device(packed)
         if dev.lock.locked():
             await dev.lock.acquire()
+            if dev.guest != self.guest or dev.address is None or dev.address.pack() != packed:
+                # Hot-unplugged while we waited: the guest must not touch it any more.
+                dev.lock.release()
+                raise DeviceRemovedError(
+                    f"the device at {dev.leaving_address or packed} was hot-unplugged from "
+                    f"guest {self.guest!r}'s bus while this request waited for it"
+                )
         else:
             dev.lock.acquire_nowait()
         return dev

@@ -26,10 +26,17 @@ from pciback.devices import (
 from pciback.firmware import GuestFirmware
 from pciback.policy import AuditLog
 from pciback.runtime import DeviceDmaPort, DeviceRuntime
-from shared.errors import ConfigFileError, ErrorCode, PcisplitError
+from shared.errors import ConfigFileError, ErrorCode, PcisplitError, did_you_mean
 from shared.pci import PciAddress
 
-__all__ = ["MODELS", "register_model", "ServedDevice", "DeviceRegistry", "NotAssignedError"]
+__all__ = [
+    "MODELS",
+    "register_model",
+    "ServedDevice",
+    "DeviceRegistry",
+    "NotAssignedError",
+    "DeviceRemovedError",
+]
 
 MODEL_ENTRY_POINT_GROUP = "pcisplit.models"
 
@@ -53,7 +60,9 @@ def _model(name: str, where: str) -> Callable[[], DeviceProvider]:
             MODELS.setdefault(ep.name, ep.load())
     if name not in MODELS:
         raise ConfigFileError(
-            f"{where}.model: unknown device model {name!r}; known: {', '.join(sorted(MODELS))}"
+            f"{where}.model: unknown device model {name!r}; {did_you_mean(name, MODELS)} "
+            f"(models are added with pciback.register_model or the {MODEL_ENTRY_POINT_GROUP!r} "
+            "entry point; see docs/devices.md)"
         )
     return MODELS[name]
 
@@ -62,6 +71,12 @@ class NotAssignedError(PcisplitError):
     """The guest named a device that is not on its virtual bus."""
 
     code = ErrorCode.NOT_FOUND
+
+
+class DeviceRemovedError(NotAssignedError):
+    """The guest named an address whose device was hot-unplugged from its bus."""
+
+    code = ErrorCode.DEVICE_REMOVED
 
 
 @dataclass(eq=False)
@@ -77,6 +92,10 @@ class ServedDevice:
     address: PciAddress | None = None  # on the guest's virtual bus
     lock: trio.Lock = field(default_factory=trio.Lock)
     runtime: DeviceRuntime | None = None
+    #: The guest it is being removed from: off that guest's bus, not yet reset and
+    #: free (between :meth:`DeviceRegistry.detach` and :meth:`DeviceRegistry.release`).
+    leaving: str | None = None
+    leaving_address: PciAddress | None = None
 
     @property
     def id(self) -> str:
@@ -131,6 +150,11 @@ class DeviceRegistry:
             provider, physical = build_provider(cfg)
             self._devices[cfg.id] = ServedDevice(cfg, provider, physical)
         self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}
+        # Per guest: addresses whose device was removed and not since reused
+        # (answered DEVICE_REMOVED, not NOT_FOUND), and addresses still held by
+        # a device that is leaving (never reused before it is released).
+        self._gone: dict[str, set[int]] = {name: set() for name in config.guests}
+        self._held: dict[str, set[int]] = {name: set() for name in config.guests}
         #: Each guest's firmware: its address windows and what it assigned.
         self.firmware: dict[str, GuestFirmware] = {
             name: GuestFirmware(name) for name in config.guests
@@ -160,17 +184,26 @@ class DeviceRegistry:
                 f"device {device_id} is already assigned to guest {dev.guest!r}",
                 code=ErrorCode.BUSY,
             )
+        if dev.leaving is not None:
+            raise PcisplitError(
+                f"device {device_id} is still being removed from guest {dev.leaving!r} "
+                "(waiting for its acknowledgement or the time-out); try again once it is released",
+                code=ErrorCode.BUSY,
+            )
         bus = self._buses[guest]
-        address = self._place(bus, dev)
+        address = self._place(bus, dev, self._held[guest])
         dev.access = make_access(
             dev.provider, dev.config, guest=guest, quirks=self.config.quirks, audit=self.audit
         )
         dev.access.apply_firmware(self.firmware[guest].setup(dev.id, dev.provider, address))
         dev.guest, dev.address = guest, address
         bus[address.pack()] = dev
+        self._gone[guest].discard(address.pack())
         return address
 
-    def _place(self, bus: dict[int, ServedDevice], dev: ServedDevice) -> PciAddress:
+    def _place(
+        self, bus: dict[int, ServedDevice], dev: ServedDevice, held: set[int]
+    ) -> PciAddress:
         function = dev.config.function
         if dev.physical is not None and function is None:
             function = dev.physical.function
@@ -183,10 +216,10 @@ class DeviceRegistry:
                     == (dev.physical.domain, dev.physical.bus, dev.physical.device)
                 ):
                     candidate = PciAddress(0, other.address.bus, other.address.device, function)
-                    if candidate.pack() not in bus:
+                    if candidate.pack() not in bus and candidate.pack() not in held:
                         return candidate
         function = function or 0
-        used_slots = {(a.bus, a.device) for a in (PciAddress.unpack(k) for k in bus)}
+        used_slots = {(a.bus, a.device) for a in (PciAddress.unpack(k) for k in (*bus, *held))}
         for n in range(256 * 32):
             slot = (n // 32, n % 32)
             if slot not in used_slots:
@@ -196,23 +229,66 @@ class DeviceRegistry:
     def unassign(self, device_id: str) -> None:
         """Take a device off its guest's bus and reset it before anyone else may get it.
 
-        The IRQ router and the DMA path check the owner on every delivery and
-        every transfer, so from here the old guest never sees the device again
-        (XSA-237/302); ``release_hooks`` drop the per-device state as well.
+        :meth:`detach` then :meth:`release`, with nothing in between; hot-plug
+        (``pciback.hotplug``) waits for the guest's acknowledgement between the two.
+        """
+        self.detach(device_id)
+        self.release(device_id)
+
+    def detach(self, device_id: str) -> tuple[str, PciAddress]:
+        """The first half of a removal: the guest loses the device now.
+
+        The device leaves the guest's bus (its requests on that address are
+        answered ``DEVICE_REMOVED``) and its background work stops. The IRQ
+        router and the DMA path check the owner on every delivery and every
+        transfer, so from here the old guest never sees the device again
+        (XSA-237/302). The device is *leaving*: nobody can be assigned it, and
+        its virtual address is not reused, until :meth:`release`.
+        Returns the guest and the virtual address it had.
         """
         dev = self.get(device_id)
         if dev.guest is None or dev.address is None:
-            raise PcisplitError(
-                f"device {device_id} is not assigned to any guest", code=ErrorCode.INVALID_STATE
+            state = (
+                f"already being removed from guest {dev.leaving!r}"
+                if dev.leaving is not None
+                else "not assigned to any guest"
             )
-        del self._buses[dev.guest][dev.address.pack()]
-        self.firmware[dev.guest].release(dev.id)
+            raise PcisplitError(f"device {device_id} is {state}", code=ErrorCode.INVALID_STATE)
+        guest, address = dev.guest, dev.address
+        del self._buses[guest][address.pack()]
+        self._gone[guest].add(address.pack())
+        self._held[guest].add(address.pack())
         dev.guest, dev.address = None, None
+        dev.leaving, dev.leaving_address = guest, address
+        if dev.runtime is not None:
+            dev.runtime.cancel_background()
+        return guest, address
+
+    def release(self, device_id: str) -> None:
+        """The second half of a removal: reset the device and make it free.
+
+        The reset happens here, on every path that ends an assignment, before
+        the device can be assigned again. ``release_hooks`` then drop
+        per-device state (the IRQ router's). The virtual address the device
+        had becomes reusable.
+        """
+        dev = self.get(device_id)
+        if dev.guest is not None:
+            raise PcisplitError(
+                f"device {device_id} is still assigned to guest {dev.guest!r}; detach it first",
+                code=ErrorCode.INVALID_STATE,
+            )
         if dev.runtime is not None:
             dev.runtime.cancel_background()
         dev.provider.reset()
         for hook in self.release_hooks:
             hook(dev)
+        if dev.leaving is not None:
+            # Its guest-physical windows, like its virtual address, are held until now.
+            self.firmware[dev.leaving].release(dev.id)
+            if dev.leaving_address is not None:
+                self._held[dev.leaving].discard(dev.leaving_address.pack())
+        dev.leaving, dev.leaving_address = None, None
 
     def devices_of(self, guest: str) -> list[ServedDevice]:
         """The guest's devices in virtual-address order."""
@@ -227,6 +303,11 @@ class DeviceRegistry:
                 shown = str(PciAddress.unpack(packed_address))
             except ValueError:
                 shown = f"{packed_address:#x}"
+            if packed_address in self._gone.get(guest, ()):
+                raise DeviceRemovedError(
+                    f"the device at {shown} was hot-unplugged from guest {guest!r}'s bus; "
+                    "forget it (the guest agent removes it from bus.devices)"
+                )
             raise NotAssignedError(
                 f"no device at {shown} on guest {guest!r}'s bus; take a bus snapshot to list them"
             )

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
-from pciback.config import BackendConfig
+from pciback.config import BackendConfig, check_listen
 from pciback.dma import DmaHub
+from pciback.hotplug import Hotplug, HotplugResult
+from pciback.identity import authorize
 from pciback.irq import InterruptLimits, IrqRouter
 from pciback.registry import DeviceRegistry
 from pciback.session import GuestSession
-from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
+from shared.errors import ConfigFileError, ErrorCode, PcisplitError, RemoteProtocolError
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
+    HOTPLUG_FEATURE,
     Connection,
     Hello,
     Role,
@@ -44,6 +47,7 @@ BACKEND_FEATURES = (
     "ping",
     "interrupts",
     "dma",
+    HOTPLUG_FEATURE,
 )
 
 
@@ -59,14 +63,24 @@ class BackendStatistics:
 
 
 def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
-    """TLS server context: guests must present a certificate signed by ``tls.ca``."""
-    if config.tls is None:
+    """TLS server context: guests must present a certificate signed by ``tls.ca``.
+
+    Without ``tls.ca`` there is no context at all, so no ``tls://`` listener
+    can exist that accepts any client (:func:`check_listen` says so first).
+    """
+    if config.tls is None or config.tls.ca is None:
         return None
+    tls = config.tls
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(config.tls.cert), str(config.tls.key))
-    if config.tls.ca is not None:
-        ctx.load_verify_locations(str(config.tls.ca))
-        ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigFileError(f"tls.cert: cannot load {tls.cert} with {tls.key}: {exc}") from exc
+    try:
+        ctx.load_verify_locations(str(tls.ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigFileError(f"tls.ca: cannot load {tls.ca}: {exc}") from exc
+    ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
@@ -100,7 +114,12 @@ class Backend:
         self.dma = DmaHub(call_timeout=config.dma_call_timeout)
         self.registry.release_hooks.append(self.irq.reset_device)
         self.sessions: list[GuestSession] = []
+        #: Live assign/unassign with acknowledgement (``assign``/``unassign`` below).
+        self.hotplug = Hotplug(
+            self.registry, self.sessions_of, ack_timeout=config.hotplug_ack_timeout
+        )
         self.addresses = list(dict.fromkeys([*config.listen, *extra_listen]))
+        check_listen(self.addresses, config.tls)
         self.handshake_timeout = handshake_timeout
         self.stats = BackendStatistics()
         self.listeners: list[FrameListener] = []
@@ -108,6 +127,24 @@ class Backend:
 
     def statistics(self) -> BackendStatistics:
         return self.stats
+
+    def sessions_of(self, guest: str) -> list[GuestSession]:
+        """The guest's connected sessions (a guest may hold several connections)."""
+        return [s for s in self.sessions if s.guest == guest]
+
+    async def assign(self, device_id: str, guest: str) -> HotplugResult:
+        """Hot-plug ``device_id`` into ``guest`` (see :class:`pciback.hotplug.Hotplug`)."""
+        return await self.hotplug.assign(device_id, guest)
+
+    async def unassign(
+        self, device_id: str, *, reason: str = "unassigned by the operator"
+    ) -> HotplugResult:
+        """Hot-unplug ``device_id`` from its guest; reset and free it once acknowledged.
+
+        Waits at most ``[hotplug] ack_timeout`` seconds for the guest's
+        acknowledgement, then forces the removal (and logs it).
+        """
+        return await self.hotplug.unassign(device_id, reason=reason)
 
     def _options(self, address: str) -> TransportOptions:
         return TransportOptions(
@@ -128,6 +165,7 @@ class Backend:
             for address in self.addresses:
                 listener = await open_listener(address, self._options(address))
                 self.listeners.append(listener)
+                self._set_socket_mode(listener.address)
                 log.info("listening on %s", listener.address)
             async with trio.open_nursery() as nursery:
                 for dev in self.registry:
@@ -142,6 +180,21 @@ class Backend:
             with trio.CancelScope(shield=True):
                 for listener in self.listeners:
                     await listener.aclose()
+
+    def _set_socket_mode(self, address: str) -> None:
+        """Apply ``listen_mode``/``listen_group`` to a unix:/shm: socket file."""
+        scheme, rest = split_address(address)
+        if scheme.name not in ("unix", "shm"):
+            return
+        try:
+            os.chmod(rest, self.config.listen_mode)
+            if self.config.listen_group is not None:
+                os.chown(rest, -1, self.config.listen_group)
+        except OSError as exc:
+            raise ConfigFileError(
+                f"listen_mode/listen_group: cannot set mode {self.config.listen_mode:04o} "
+                f"group {self.config.listen_group} on {address}: {exc.strerror or exc}"
+            ) from exc
 
     async def _accept_loop(self, listener: FrameListener, nursery: trio.Nursery) -> None:
         while True:
@@ -196,7 +249,13 @@ class Backend:
             code, problem = refusal
         if problem is not None:
             self.stats.handshakes_rejected += 1
-            log.warning("%s: handshake refused: %s", transport.describe(), problem)
+            log.warning(
+                "%s: handshake refused (%s) for guest %r: %s",
+                transport.peer_identity().describe(),
+                code.name,
+                hello.guest,
+                problem,
+            )
             await transport.send_frame(conn.reject(code, problem))
             return None
         await transport.send_frame(conn.accept())
@@ -221,15 +280,8 @@ class Backend:
                 f"guest {hello.guest!r} may not connect over {scheme.name}:// without TLS; "
                 "use tls:// or set allow_plain_tcp = true for this guest in the backend config"
             )
-        identity: dict[str, Any] = transport.peer_identity()
-        names = identity.get("tls_names")
-        if names is not None and hello.guest not in names:
-            return ErrorCode.ACCESS_DENIED, (
-                f"the TLS client certificate names {', '.join(map(repr, names)) or 'nobody'}, "
-                f"but the frontend asked to act as guest {hello.guest!r}; issue the guest a "
-                "certificate whose CN or DNS subjectAltName is its guest name"
-            )
-        return None
+        refusal = authorize(guest, transport.peer_identity(), scheme=scheme.name, token=hello.token)
+        return None if refusal is None else (refusal.code, refusal.message)
 
     async def _run_connection(self, transport: FrameTransport, address: str) -> None:
         conn = await self._handshake(transport, address)

@@ -29,11 +29,13 @@ import trio
 from pciback.devices import DmaFaultError
 from pciback.dispatch import Dispatcher
 from pciback.dma import DmaTimeoutError, GuestDma
+from pciback.hotplug import SessionChanges
 from pciback.irq import InterruptOutbox, IrqRouter
 from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
     Connection,
+    DeviceChangeAck,
     DmaCallResult,
     DmaFaultEvent,
     DmaMapRequest,
@@ -116,6 +118,8 @@ class GuestSession:
         self._call_slot = trio.lowlevel.ParkingLot()
         self._closed: str | None = None
         self._faults_in, self._faults_out = trio.open_memory_channel[DmaFaultEvent](FAULT_QUEUE)
+        #: Hot-plug announcements to this guest and their acknowledgements.
+        self.changes = SessionChanges(conn, self.send)
         dma.add_session(self)
 
     def statistics(self) -> SessionStatistics:
@@ -158,6 +162,7 @@ class GuestSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump_interrupts, name=f"{self.guest}:irq-outbox")
                 nursery.start_soon(self._pump_faults, name=f"{self.guest}:dma-faults")
+                nursery.start_soon(self._pump_changes, name=f"{self.guest}:hotplug")
                 try:
                     await self._receive_loop(nursery)
                 except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery
@@ -210,6 +215,8 @@ class GuestSession:
                             replies.append(await dispatcher.dispatch(msg))
                     elif isinstance(msg, DmaCallResult):
                         self._resolve(msg)
+                    elif isinstance(msg, DeviceChangeAck):
+                        self.changes.acknowledged(msg)
                     elif isinstance(msg, Goodbye):
                         await self._flush(replies)
                         log.info(
@@ -284,8 +291,15 @@ class GuestSession:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
+    async def _pump_changes(self) -> None:
+        try:
+            await self.changes.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the receive loop sees the same failure and ends the session
+
     async def _close(self, reason: str) -> None:
         self._closed = reason
+        self.changes.close()
         for call in self._calls.values():
             call.done.set()  # result None: the waiting DMA fails at once
         self._call_slot.unpark_all()

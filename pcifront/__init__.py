@@ -8,8 +8,11 @@
             await irqs.eoi(irq)
         async with await bus.dma_map(4096) as buf:
             buf.write(0, b"data for the device")
+        async for change in bus.changes():  # hot-plug: ChangeKind.ADDED / REMOVED
+            print(change.kind, change.device)
 """
 
+from pcifront._changes import ChangeKind, ChangesOverflowError, DeviceChange, DeviceChanges
 from pcifront._client import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
 from pcifront._dma import DmaBuffer, DmaError
 from pcifront._errors import (
@@ -17,10 +20,12 @@ from pcifront._errors import (
     BackendBusyError,
     ConnectionLostError,
     DeviceNotFoundError,
+    DeviceRemovedError,
     HandshakeError,
     InvalidAccessError,
     NotImplementedOpError,
     OperationFailedError,
+    OutcomeUnknownError,
     RequestError,
     error_for_code,
 )
@@ -32,6 +37,7 @@ from pcifront._interrupts import (
 )
 from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
 from pcifront._pciids import PciIds
+from pcifront._reconnect import LinkEvent, ReconnectPolicy
 from pcifront._resources import Resource, UnclaimedAddressError
 from shared.errors import ErrorCode
 
@@ -41,6 +47,12 @@ __all__ = [
     "Device",
     "BusStatistics",
     "FRONTEND_FEATURES",
+    "ChangeKind",
+    "DeviceChange",
+    "DeviceChanges",
+    "ChangesOverflowError",
+    "ReconnectPolicy",
+    "LinkEvent",
     "Interrupt",
     "Interrupts",
     "InterruptStatistics",
@@ -53,10 +65,12 @@ __all__ = [
     "BackendBusyError",
     "ConnectionLostError",
     "DeviceNotFoundError",
+    "DeviceRemovedError",
     "HandshakeError",
     "InvalidAccessError",
     "NotImplementedOpError",
     "OperationFailedError",
+    "OutcomeUnknownError",
     "error_for_code",
     "LspciOptionError",
     "PciIds",

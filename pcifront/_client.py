@@ -8,9 +8,11 @@ requests that were waiting, never as a bare exception group.
 
 The same task routes what the backend sends on its own: interrupt events go
 to the device's active ``interrupts()`` block (:mod:`pcifront._interrupts`),
-DMA calls are answered inline from the guest's buffers (:mod:`pcifront._dma`)
-and DMA faults land on :attr:`Bus.dma_faults`. None of that ever blocks the
-task on a consumer, so replies keep flowing.
+DMA calls are answered inline from the guest's buffers (:mod:`pcifront._dma`),
+DMA faults land on :attr:`Bus.dma_faults`, and hot-plug events update
+``bus.devices`` and are acknowledged (:mod:`pcifront._changes`). None of that
+ever blocks the task on a consumer, so replies keep flowing. With
+``reconnect=True`` the bus survives its connection (:mod:`pcifront._reconnect`).
 """
 
 from __future__ import annotations
@@ -22,19 +24,25 @@ from dataclasses import dataclass
 
 import trio
 
+from pcifront._changes import ChangeTracker, DeviceChanges, removed_error
 from pcifront._dma import DmaBuffer, DmaSpace, map_buffer
 from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
 from pcifront._interrupts import InterruptModeError, Interrupts, open_interrupts
+from pcifront._reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
 from pcifront._resources import DecodedResources, Resource, decode_device, route
 from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
+    HOTPLUG_FEATURE,
     BarReadRequest,
     BarWriteRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
     Connection,
+    DeviceAddedEvent,
+    DeviceChangeAck,
     DeviceInfo,
+    DeviceRemovedEvent,
     DmaFaultEvent,
     DmaReadCall,
     DmaWriteCall,
@@ -61,6 +69,7 @@ log = logging.getLogger("pcisplit.frontend")
 
 FRONTEND_FEATURES = (
     "bus-snapshot", "config-access", "bar-access", "reset", "ping", "interrupts", "dma",
+    HOTPLUG_FEATURE,
 )
 #: Writes below this offset may change what a device decodes (BARs, ROM, Command).
 _HEADER_SIZE = 0x48
@@ -92,6 +101,9 @@ class BusStatistics:
     dma_calls_faulted: int = 0
     dma_faults: int = 0
     dma_faults_unread: int = 0
+    #: Hot-plug events received (each acknowledged), and successful reconnects.
+    hotplug_events: int = 0
+    reconnects: int = 0
 
 
 class Device:
@@ -104,6 +116,27 @@ class Device:
         self.info = info
         # What the BARs decode now; dropped by any write to the header (BARs, Command).
         self._decoded: DecodedResources | None = None
+        #: Why the device left the bus (hot-unplug, or gone after a reconnect); None while present.
+        self._removed: str | None = None
+
+    def _update(self, info: DeviceInfo) -> None:
+        """A new snapshot of the same device (after a refresh or a reconnect)."""
+        self.info = info
+        self._decoded = None
+
+    @property
+    def removed(self) -> bool:
+        """True once the device has left the bus; its requests then raise DeviceRemovedError."""
+        return self._removed is not None
+
+    async def _request(self, make: Callable[[int], Request], *, idempotent: bool) -> Reply:
+        # One check per request: a removed Device never reaches whatever took its address.
+        if self._removed is not None:
+            raise removed_error(self)
+        bus = self._bus
+        if bus._reconnect is None:
+            return await bus._call(make)
+        return await bus._reconnect.call(make, idempotent=idempotent, device=self)
 
     @property
     def address(self) -> str:
@@ -151,8 +184,8 @@ class Device:
 
     async def config_read(self, offset: int, size: int) -> int:
         """Read 1, 2 or 4 bytes of config space."""
-        reply = await self._bus._call(
-            lambda rid: ConfigReadRequest(rid, self._packed, offset, size)
+        reply = await self._request(
+            lambda rid: ConfigReadRequest(rid, self._packed, offset, size), idempotent=True
         )
         assert isinstance(reply, ValueReply)
         return reply.value
@@ -161,28 +194,30 @@ class Device:
         """Write 1, 2 or 4 bytes of config space (the backend's policy may refuse)."""
         if offset < _HEADER_SIZE:
             self._decoded = None
-        await self._bus._call(
-            lambda rid: ConfigWriteRequest(rid, self._packed, offset, size, value)
+        await self._request(
+            lambda rid: ConfigWriteRequest(rid, self._packed, offset, size, value),
+            idempotent=False,
         )
 
     async def bar_read(self, bar: int, offset: int, size: int) -> int:
         """Read 1, 2, 4 or 8 bytes from BAR ``bar``."""
-        reply = await self._bus._call(
-            lambda rid: BarReadRequest(rid, self._packed, bar, offset, size)
+        reply = await self._request(
+            lambda rid: BarReadRequest(rid, self._packed, bar, offset, size), idempotent=True
         )
         assert isinstance(reply, ValueReply)
         return reply.value
 
     async def bar_write(self, bar: int, offset: int, size: int, value: int) -> None:
         """Write 1, 2, 4 or 8 bytes to BAR ``bar``."""
-        await self._bus._call(
-            lambda rid: BarWriteRequest(rid, self._packed, bar, offset, size, value)
+        await self._request(
+            lambda rid: BarWriteRequest(rid, self._packed, bar, offset, size, value),
+            idempotent=False,
         )
 
     async def reset(self) -> None:
         """Reset the device to its power-on state (with the addresses firmware assigned)."""
         self._decoded = None
-        await self._bus._call(lambda rid: ResetRequest(rid, self._packed))
+        await self._request(lambda rid: ResetRequest(rid, self._packed), idempotent=False)
 
     def interrupts(
         self, mode: str = "msi", vectors: int = 1
@@ -228,6 +263,9 @@ class Bus:
         self._dma = DmaSpace()
         #: Bound on the shielded InterruptDisableRequest when an interrupts() block ends.
         self._disable_timeout = 10.0 if timeout is None else timeout
+        self._changes = ChangeTracker(self, lambda info: Device(self, info))
+        #: Set by ``connect(..., reconnect=True)``.
+        self._reconnect: Reconnector | None = None
 
     @property
     def guest(self) -> str:
@@ -247,7 +285,29 @@ class Bus:
         stats = self.stats
         stats.dma_calls_answered = self._dma.calls_answered
         stats.dma_calls_faulted = self._dma.calls_faulted
+        if self._reconnect is not None:
+            stats.reconnects = self._reconnect.reconnects
         return stats
+
+    # -- device changes (hot-plug, re-enumeration) ---------------------------------------
+
+    def changes(self) -> DeviceChanges:
+        """``async for change in bus.changes()``: each device added or removed from now on.
+
+        Each :class:`~pcifront.DeviceChange` says ``kind`` (``ChangeKind.ADDED``
+        or ``REMOVED``), the :class:`Device` and, for a removal, why.
+        ``bus.devices`` is already updated when a change is yielded.
+        """
+        return self._changes.subscribe()
+
+    async def wait_changed(self) -> None:
+        """Wait until ``bus.devices`` changes (a device was added or removed)."""
+        await self._changes.wait_changed()
+
+    @property
+    def connected(self) -> bool:
+        """False while the connection is lost (a ``reconnect=True`` bus is reconnecting)."""
+        return self._lost is None
 
     async def dma_map(self, size: int, *, writable: bool = True) -> DmaBuffer:
         """Map ``size`` bytes of guest memory for device DMA; returns the :class:`DmaBuffer`.
@@ -314,11 +374,27 @@ class Bus:
         raise error_for_code(ErrorCode.NOT_FOUND, f"no device at {wanted} on this bus")
 
     async def refresh(self, *, include_config: bool = False) -> list[Device]:
-        """Take a bus snapshot and rebuild :attr:`devices`."""
-        reply = await self._call(lambda rid: SnapshotRequest(rid, include_config))
-        assert isinstance(reply, SnapshotReply)
-        self.devices = [Device(self, info) for info in reply.devices]
+        """Take a bus snapshot and bring :attr:`devices` up to date.
+
+        Devices that did not change keep their :class:`Device` objects; any
+        difference is reported through :meth:`changes` and :meth:`wait_changed`.
+        """
+        await self._enumerate(include_config, reason="", raw=False)
         return self.devices
+
+    async def _enumerate(self, include_config: bool, *, reason: str, raw: bool) -> None:
+        """Snapshot and rebase. ``raw``: on this connection only (the reconnector's own use)."""
+        make = lambda rid: SnapshotRequest(rid, include_config)  # noqa: E731
+        self._changes.begin_refresh()
+        try:
+            if raw or self._reconnect is None:
+                reply = await self._call(make)
+            else:
+                reply = await self._reconnect.call(make, idempotent=True, device=None)
+            assert isinstance(reply, SnapshotReply)
+            self._changes.rebase(reply.devices, reason=reason)
+        finally:
+            self._changes.end_refresh()
 
     async def mmio_read(self, address: int, size: int) -> int:
         """Read 1, 2, 4 or 8 bytes at a guest-physical memory address.
@@ -348,19 +424,22 @@ class Bus:
 
     async def ping(self) -> None:
         """One protocol round trip that touches no device."""
-        await self._call(PingRequest)
+        if self._reconnect is None:
+            await self._call(PingRequest)
+        else:
+            await self._reconnect.call(PingRequest, idempotent=True, device=None)
 
     async def _call(
         self, make: Callable[[int], Request], *, fds: list[int] | None = None
     ) -> Reply:
         if self._lost is not None:
-            raise ConnectionLostError(self._lost)
+            raise ConnectionLostError(self._lost, request_sent=False)
         # Stay under the backend's in-flight limit. Parking only when full keeps the
         # common path free of scheduler round trips (a Semaphore would yield every time).
         while len(self._pending) >= self._max_in_flight:
             await self._slot_free.park()
             if self._lost is not None:
-                raise ConnectionLostError(self._lost)
+                raise ConnectionLostError(self._lost, request_sent=False)
         rid = self._conn.next_request_id()
         frame = self._conn.send(make(rid))
         pending = _Pending(trio.current_time())
@@ -378,7 +457,7 @@ class Bus:
             self._slot_free.unpark()
         reply = pending.reply
         if reply is None:
-            raise ConnectionLostError(self._lost or "connection closed")
+            raise ConnectionLostError(self._lost or "connection closed", request_sent=True)
         if isinstance(reply, ErrorReply):
             stats.errors_received += 1
             raise error_for_code(reply.code, reply.message)
@@ -419,7 +498,7 @@ class Bus:
                 await self._transport.send_frame(frame)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._fail_all(f"connection to the backend lost while sending: {exc}")
-            raise ConnectionLostError(self._lost or str(exc)) from exc
+            raise ConnectionLostError(self._lost or str(exc), request_sent=True) from exc
         finally:
             lock.release()
 
@@ -466,6 +545,11 @@ class Bus:
                         await self._send(conn.send(self._dma.answer(msg)))
                     elif isinstance(msg, DmaFaultEvent):
                         self._on_fault(msg)
+                    elif isinstance(msg, (DeviceAddedEvent, DeviceRemovedEvent)):
+                        # Applied at once (never blocks), then acknowledged in order.
+                        stats.hotplug_events += 1
+                        self._changes.apply_event(msg)
+                        await self._send(conn.send(DeviceChangeAck(msg.change_id)))
                     else:
                         self._events_send.send_nowait(msg)
                 elif isinstance(msg, Goodbye):
@@ -485,10 +569,42 @@ class Bus:
         except ConnectionLostError:
             pass  # answering a DMA call found the connection gone; _send recorded why
         finally:
-            self._faults_send.close()
+            if self._reconnect is None:
+                self._faults_send.close()  # with reconnect: at aclose()
+
+    # -- reconnecting (pcifront._reconnect drives these) ---------------------------------
+
+    async def _detach_connection(self) -> None:
+        """The connection is gone: close it, end what lived in its backend session."""
+        with trio.CancelScope(shield=True):
+            await self._transport.aclose()
+        for irqs in list(self._active_irqs.values()):
+            irqs._close()
+        self._active_irqs.clear()
+        self._dma.release_all()
+        # Requests woken by _fail_all leave the id table as they run; the next
+        # connection numbers its requests from 1 again, so wait for them to go.
+        for _ in range(1000):
+            if not self._pending:
+                break
+            await trio.lowlevel.checkpoint()
+        else:
+            log.warning(
+                "%d requests did not leave after the connection was lost", len(self._pending)
+            )
+
+    def _attach_connection(self, transport: FrameTransport, conn: Connection) -> None:
+        self._transport = transport
+        self._conn = conn
+        self._max_in_flight = conn.peer_limits.max_in_flight
+        self._stray_logged.clear()
+        self._lost = None
 
     async def aclose(self) -> None:
         """Say goodbye and close the transport. Idempotent."""
+        self._changes.end("the guest closed the bus", lost=False)
+        if self._reconnect is not None:
+            self._reconnect.closing = True
         if self._lost is None:
             with trio.move_on_after(1):
                 try:
@@ -498,14 +614,15 @@ class Bus:
         self._fail_all("the connection was closed by the guest")
         await self._transport.aclose()
         self._dma.release_all()
+        self._faults_send.close()
 
 
 async def _handshake(
-    transport: FrameTransport, guest: str, limits: Limits, timeout: float | None
+    transport: FrameTransport, guest: str, limits: Limits, timeout: float | None, token: bytes
 ) -> Connection:
     conn = Connection(Role.CLIENT, limits=limits, features=FRONTEND_FEATURES, guest=guest)
     try:
-        await transport.send_frame(conn.hello())
+        await transport.send_frame(conn.hello(token))
         with trio.fail_after(timeout if timeout is not None else float("inf")):
             frame = await transport.receive_frame()
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
@@ -536,6 +653,8 @@ async def connect(
     limits: Limits | None = None,
     timeout: float | None = 60.0,
     include_config: bool = False,
+    token: bytes | str | None = None,
+    reconnect: bool | ReconnectPolicy = False,
 ) -> AsyncIterator[Bus]:
     """Connect to a backend, act as ``guest``, and yield its :class:`Bus`.
 
@@ -543,22 +662,69 @@ async def connect(
     ``tcp://host:port``, ``tls://host:port``, ``vsock://cid:port``, ``memory:name``).
     ``timeout`` bounds the handshake and each request (None: wait forever).
     ``include_config`` fetches every device's config image in the first snapshot.
+    ``token`` is the guest's secret (the contents of its ``token_file``) for
+    ``tcp://`` and ``vsock://`` backends; other transports prove the guest's
+    identity themselves and need none.
+    ``reconnect=True`` (or a :class:`~pcifront.ReconnectPolicy`) keeps the bus
+    alive across lost connections: the first connection and every reconnect
+    retry with exponential back-off, reads are retried, and a write whose
+    outcome is unknown raises :class:`~pcifront.OutcomeUnknownError`.
     """
+    secret = token.encode() if isinstance(token, str) else (token or b"")
     limits = limits or Limits()
     opts = options or TransportOptions()
     opts.max_frame_size = limits.max_message_size
-    transport = await open_transport(address, opts)
-    try:
-        conn = await _handshake(transport, guest, limits, timeout)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await transport.aclose()
-        raise
+
+    async def dial() -> tuple[FrameTransport, Connection]:
+        transport = await open_transport(address, opts)
+        try:
+            return transport, await _handshake(transport, guest, limits, timeout, secret.strip())
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+            raise
+
+    policy = ReconnectPolicy() if reconnect is True else reconnect or None
+    if policy is None:
+        transport, conn = await dial()
+    else:
+        transport, conn, _ = await dial_with_backoff(dial, policy)
     bus = Bus(transport, conn, timeout=timeout)
+    if policy is not None:
+        bus._reconnect = Reconnector(bus, dial, policy)
+
+    async def serve(reenumerate: bool) -> None:
+        # One connection's tasks; returns when that connection is gone.
+        async with trio.open_nursery() as tasks:
+
+            async def receive() -> None:
+                await bus._receive_loop()
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(receive)
+            tasks.start_soon(bus._watchdog)
+            if reenumerate and bus._reconnect is not None:
+                try:
+                    await bus._enumerate(
+                        include_config, reason="re-enumerated after reconnecting", raw=True
+                    )
+                except ConnectionLostError:
+                    return  # lost again at once: the receive loop ends and we retry
+                except PcisplitError as exc:
+                    log.warning("re-enumerating after the reconnect failed: %s", exc)
+                bus._reconnect.mark_up()
+
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(bus._receive_loop)
-            nursery.start_soon(bus._watchdog)
+            if bus._reconnect is None:
+
+                async def serve_once() -> None:
+                    await serve(False)
+                    bus._changes.end(bus._lost or "the connection ended", lost=True)
+
+                nursery.start_soon(serve_once)
+            else:
+                nursery.start_soon(bus._reconnect.run, serve)
             try:
                 await bus.refresh(include_config=include_config)
                 yield bus

@@ -7,6 +7,7 @@ from shared.errors import ErrorCode, PcisplitError, RequestError
 __all__ = [
     "RequestError",
     "DeviceNotFoundError",
+    "DeviceRemovedError",
     "InvalidAccessError",
     "AccessDeniedError",
     "NotImplementedOpError",
@@ -14,12 +15,24 @@ __all__ = [
     "BackendBusyError",
     "HandshakeError",
     "ConnectionLostError",
+    "OutcomeUnknownError",
     "error_for_code",
 ]
 
 
 class DeviceNotFoundError(RequestError):
     """The device is not on this guest's bus (``NOT_FOUND``)."""
+
+
+class DeviceRemovedError(DeviceNotFoundError):
+    """The device was hot-unplugged from this guest's bus (``DEVICE_REMOVED``).
+
+    Raised by requests that were in flight on the device when it was
+    removed, and by any later request through its :class:`~pcifront.Device`
+    object (which never turns into another device that takes its address).
+    A :class:`DeviceNotFoundError`, so code that handles a missing device
+    handles this too.
+    """
 
 
 class InvalidAccessError(RequestError):
@@ -50,11 +63,34 @@ class HandshakeError(PcisplitError):
 
 
 class ConnectionLostError(PcisplitError):
-    """The connection to the backend ended while requests were outstanding or being made."""
+    """The connection to the backend ended while requests were outstanding or being made.
+
+    ``request_sent`` is False when the request never left this process (it
+    is then safe to make it again), True when it went out and its reply
+    never came, and None when no particular request is concerned.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool | None = None) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
+
+
+class OutcomeUnknownError(ConnectionLostError):
+    """A write went out and the connection was lost before its reply.
+
+    The backend may or may not have carried it out. With
+    ``connect(..., reconnect=True)`` reads are retried on the new connection,
+    but a write is never replayed (a replay could apply it twice): read the
+    device back, then decide whether to write again.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, request_sent=True)
 
 
 _BY_CODE: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.NOT_FOUND: DeviceNotFoundError,
+    ErrorCode.DEVICE_REMOVED: DeviceRemovedError,
     ErrorCode.INVALID_OFFSET: InvalidAccessError,
     ErrorCode.INVALID_SIZE: InvalidAccessError,
     ErrorCode.ACCESS_DENIED: AccessDeniedError,

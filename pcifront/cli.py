@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     lspci.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
     lspci.add_argument("--key", help="TLS client key (PEM)")
     lspci.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
+    lspci.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
+    )
     return parser
 
 
@@ -84,11 +89,26 @@ def _tls_options(args: argparse.Namespace) -> TransportOptions:
     return options
 
 
+def _read_token(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise PcisplitError(f"--token-file: cannot read {path}: {exc.strerror or exc}") from exc
+
+
 async def _lspci(args: argparse.Namespace) -> str:
     # Validate the selectors before connecting, so a typo costs no round trip.
     DeviceFilter.parse(args.slot, args.ids)
+    token = _read_token(args.token_file)
     async with connect(
-        args.connect, guest=args.guest, options=_tls_options(args), include_config=True
+        args.connect,
+        guest=args.guest,
+        options=_tls_options(args),
+        include_config=True,
+        token=token,
     ) as bus:
         devices = list(bus.devices)
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None

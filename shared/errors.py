@@ -10,7 +10,9 @@ Transport failures are not here: they reuse trio's ``ClosedResourceError``,
 
 from __future__ import annotations
 
+import difflib
 import enum
+from collections.abc import Iterable
 
 __all__ = [
     "ErrorCode",
@@ -25,6 +27,7 @@ __all__ = [
     "RemoteProtocolError",
     "RequestError",
     "ConfigFileError",
+    "did_you_mean",
 ]
 
 
@@ -45,6 +48,11 @@ class ErrorCode(enum.IntEnum):
     TIMED_OUT = 11
     INVALID_STATE = 12
     DMA_FAULT = 13
+    #: The connection could not prove it may act as the guest it named
+    #: (wrong UNIX uid/gid, certificate name or token).
+    NOT_AUTHORIZED = 14
+    #: The device was hot-unplugged from the guest's bus (a request on its old address).
+    DEVICE_REMOVED = 15
 
 
 class PcisplitError(Exception):
@@ -111,3 +119,26 @@ class RequestError(PcisplitError):
 
 class ConfigFileError(PcisplitError, ValueError):
     """The backend configuration is invalid. The message names the key."""
+
+
+#: A list of known names this short is shown whole when nothing is close.
+SHORT_LIST = 10
+
+
+def did_you_mean(name: str, known: Iterable[str], *, listing: str = "") -> str:
+    """The hint for an unknown ``name``: its closest matches, never a long list.
+
+    ``"did you mean 'command.bus_master'?"`` when something is close; otherwise the
+    known names if there are at most :data:`SHORT_LIST`, else ``listing`` (where the
+    user can look them up) or a count. Every "unknown name" error uses this.
+    """
+    names = sorted(set(known))
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    if not close and len(name) >= 3:  # "dev" -> "pcie.devctl": a prefix or a part of it
+        lowered = name.lower()
+        close = [n for n in names if lowered in n.lower()][:3]
+    if close:
+        return f"did you mean {' or '.join(repr(c) for c in close)}?"
+    if len(names) <= SHORT_LIST:
+        return f"known: {', '.join(names)}" if names else "none are known"
+    return listing or f"none of the {len(names)} known names is close"

@@ -22,14 +22,13 @@ when the device is bound; see :class:`~pciback.policy.PolicedDevice`.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from shared.errors import ConfigFileError
+from shared.errors import ConfigFileError, did_you_mean
 
 from ._capregs import (
     CAPABILITY_NAMES,
@@ -78,9 +77,7 @@ def _canonical(name: str) -> str:
 
 
 def _suggest(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-    return f"{hint}known: {', '.join(known)}"
+    return did_you_mean(name, known, listing="the names are in docs/policy.md")
 
 
 def _string_list(data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -105,7 +102,7 @@ def _int(data: Mapping[str, Any], key: str, where: str, lo: int, hi: int) -> int
 def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
     for key in data:
         if key not in allowed:
-            raise ConfigFileError(f"{where}.{key}: unknown key; known keys: {', '.join(allowed)}")
+            raise ConfigFileError(f"{where}.{key}: unknown key; {did_you_mean(key, allowed)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,11 +205,11 @@ class PolicyConfig:
     quirks: tuple[QuirkConfig, ...] = ()
     where: str = "device"
     #: Keys of a device table this class reads; the loader validates the others.
-    KEYS: ClassVar[tuple[str, ...]] = ("policy", "allow", "deny", "hide", "quirks")
+    KEYS: ClassVar[tuple[str, ...]] = ("policy", "allow", "deny", "hide_capabilities", "quirks")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, where: str) -> PolicyConfig:
-        """Read ``policy``/``allow``/``deny``/``hide``/``quirks`` from a device table.
+        """Read ``policy``/``allow``/``deny``/``hide_capabilities``/``quirks`` from a device table.
 
         Other keys (``kind``, ``dump``, ...) are left to the caller. Raises
         :class:`ConfigFileError` naming the offending key, e.g.
@@ -225,8 +222,8 @@ class PolicyConfig:
             preset = Preset(raw_preset)
         except ValueError:
             raise ConfigFileError(
-                f"{where}.policy: unknown preset {raw_preset!r}; known: "
-                + ", ".join(p.value for p in Preset)
+                f"{where}.policy: unknown preset {raw_preset!r}; "
+                + did_you_mean(str(raw_preset), [p.value for p in Preset])
             ) from None
         known = known_register_names()
         lists: dict[str, tuple[str, ...]] = {}
@@ -244,11 +241,11 @@ class PolicyConfig:
                 f"{where}.deny[{lists['deny'].index(name)}]: {name!r} is also in allow; "
                 "a register is either allowed or denied"
             )
-        hide = _string_list(data, "hide", where)
+        hide = _string_list(data, "hide_capabilities", where)
         for i, name in enumerate(hide):
             if _canonical(name) not in CAPABILITY_NAMES or name.startswith("null"):
                 raise ConfigFileError(
-                    f"{where}.hide[{i}]: unknown capability {name!r}; "
+                    f"{where}.hide_capabilities[{i}]: unknown capability {name!r}; "
                     + _suggest(name, [c for c in CAPABILITY_NAMES if c != "null"])
                 )
         raw_quirks = data.get("quirks", [])

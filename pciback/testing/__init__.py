@@ -8,6 +8,6 @@ async helpers directly::
             ...
 """
 
-from pciback.testing._kit import RunningBackend, listen_address, running_backend
+from pciback.testing._kit import TEST_TOKEN, RunningBackend, listen_address, running_backend
 
-__all__ = ["RunningBackend", "running_backend", "listen_address"]
+__all__ = ["TEST_TOKEN", "RunningBackend", "running_backend", "listen_address"]

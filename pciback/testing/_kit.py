@@ -10,10 +10,11 @@ from pathlib import Path
 
 import trio
 
-from pciback.config import BackendConfig, parse_config
+from pciback.config import BackendConfig, load_config, parse_config
 from pciback.service import Backend
 
 __all__ = [
+    "TEST_TOKEN",
     "RunningBackend",
     "running_backend",
     "listen_address",
@@ -22,6 +23,10 @@ __all__ = [
 ]
 
 _counter = itertools.count()
+
+#: The token every guest of a test config gets when it listens on tcp
+#: (pass it as ``pcifront.connect(..., token=TEST_TOKEN)``).
+TEST_TOKEN = b"pcisplit-test-token-not-a-secret"
 
 
 def listen_address(kind: str, tmp: Path) -> str:
@@ -52,20 +57,32 @@ class RunningBackend:
 
 
 def make_test_config(
-    config: BackendConfig | str,
+    config: BackendConfig | str | Path,
     *,
     transports: Sequence[str],
     tmp: Path | None,
     allow_plain_tcp: bool = True,
+    base: Path | None = None,
 ) -> BackendConfig:
     """``config`` with fresh listen addresses for ``transports`` (its own list is ignored).
 
-    For ``tcp`` every guest is allowed plain TCP unless ``allow_plain_tcp`` is False.
+    ``config`` is a parsed config, TOML text, or the path of a TOML file. Relative
+    paths in TOML text (``dump = "nic.txt"``) resolve against ``base`` (default:
+    ``tmp``, else the current directory); in a file, against the file's directory;
+    a relative file path itself resolves against ``base`` too.
+    For ``tcp`` every guest is allowed plain TCP unless ``allow_plain_tcp`` is False,
+    and a guest without a token gets :data:`TEST_TOKEN`.
     """
-    if isinstance(config, str):
-        config = parse_config(config, source="<test config>", base=tmp)
+    base = base if base is not None else tmp
+    if isinstance(config, Path):
+        config = load_config(config if base is None else base / config)
+    elif isinstance(config, str):
+        config = parse_config(config, source="<test config>", base=base)
     if allow_plain_tcp and "tcp" in transports:
-        guests = {name: replace(g, allow_plain_tcp=True) for name, g in config.guests.items()}
+        guests = {
+            name: replace(g, allow_plain_tcp=True, token=g.token or TEST_TOKEN)
+            for name, g in config.guests.items()
+        }
         config = replace(config, guests=guests)
     if tmp is None and any(k in ("unix", "shm") for k in transports):
         raise ValueError("unix and shm test addresses need tmp= (a temporary directory)")
@@ -82,15 +99,16 @@ async def start_backend(nursery: trio.Nursery, config: BackendConfig) -> Running
 
 @asynccontextmanager
 async def running_backend(
-    config: BackendConfig | str,
+    config: BackendConfig | str | Path,
     *,
     transports: Sequence[str] = ("memory",),
     tmp: Path | None = None,
     allow_plain_tcp: bool = True,
+    base: Path | None = None,
 ) -> AsyncIterator[RunningBackend]:
-    """Run a backend for ``config`` (a BackendConfig or TOML text) until the block ends."""
+    """Run a backend for ``config`` until the block ends (see :func:`make_test_config`)."""
     config = make_test_config(
-        config, transports=transports, tmp=tmp, allow_plain_tcp=allow_plain_tcp
+        config, transports=transports, tmp=tmp, allow_plain_tcp=allow_plain_tcp, base=base
     )
     async with trio.open_nursery() as nursery:
         running = await start_backend(nursery, config)

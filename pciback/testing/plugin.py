@@ -1,11 +1,20 @@
 """pytest plugin ``pcisplit`` (entry point ``pytest11``): fixtures for integration tests.
 
-Fixtures (they need pytest-trio):
+Install it with ``pip install 'pcisplit[testing]'`` (which brings pytest and
+pytest-trio). An ``async def`` test that uses one of these fixtures runs under trio
+without any configuration: the plugin marks it ``@pytest.mark.trio`` (projects
+with ``trio_mode = true`` get the same).
+
+Fixtures:
 
 ``pcisplit_start_backend``
-    A factory: ``rb = await pcisplit_start_backend(config_toml, transports=("unix", "tcp"))``
+    A factory: ``rb = await pcisplit_start_backend(config, transports=("unix", "tcp"))``
     starts a backend for the rest of the test and returns a :class:`RunningBackend`
-    (``rb.address("unix")`` is where it listens).
+    (``rb.address("unix")`` is where it listens). ``config`` is TOML text, a
+    ``pathlib.Path`` to a TOML file, or a parsed ``BackendConfig``. Relative paths
+    in TOML text (``dump = "nic.txt"``) resolve against the test file's directory;
+    relative paths in a file, against that file's directory; a relative
+    ``Path`` itself, against the test file's directory.
 ``pcisplit_backend``
     The embedded default backend (one edu device for guest0), listening on an
     in-memory and a UNIX-socket address.
@@ -15,6 +24,7 @@ Fixtures (they need pytest-trio):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -27,14 +37,32 @@ from pcifront import Bus, connect
 
 StartBackend = Callable[..., Awaitable[RunningBackend]]
 
+#: The fixtures that need the test to run under trio.
+TRIO_FIXTURES = frozenset({"pcisplit_start_backend", "pcisplit_backend", "pcisplit_bus"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``async def`` tests that use our fixtures as trio tests (pytest-trio runs them)."""
+    for item in items:
+        if not isinstance(item, pytest.Function) or item.get_closest_marker("trio"):
+            continue
+        if TRIO_FIXTURES.intersection(item.fixturenames) and inspect.iscoroutinefunction(
+            item.obj
+        ):
+            item.add_marker(pytest.mark.trio)
+
 
 @pytest.fixture
-def pcisplit_start_backend(nursery: trio.Nursery, tmp_path: Path) -> StartBackend:
+def pcisplit_start_backend(
+    nursery: trio.Nursery, tmp_path: Path, request: pytest.FixtureRequest
+) -> StartBackend:
+    test_dir = Path(request.path).parent
+
     async def start(
-        config: BackendConfig | str = DEFAULT_CONFIG_TEXT,
+        config: BackendConfig | str | Path = DEFAULT_CONFIG_TEXT,
         transports: Sequence[str] = ("memory",),
     ) -> RunningBackend:
-        cfg = make_test_config(config, transports=transports, tmp=tmp_path)
+        cfg = make_test_config(config, transports=transports, tmp=tmp_path, base=test_dir)
         return await start_backend(nursery, cfg)
 
     return start

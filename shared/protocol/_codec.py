@@ -244,7 +244,7 @@ def _struct_tuple_to_wire(spec: _Spec) -> Callable[[Any], Any]:
 class _Spec:
     """The wire layout of one dataclass, computed once."""
 
-    __slots__ = ("checks", "cls", "names", "plain_types", "to_wire")
+    __slots__ = ("checks", "cls", "min_arity", "names", "plain_types", "to_wire")
 
     cls: type
     names: tuple[str, ...]
@@ -253,6 +253,9 @@ class _Spec:
     #: then one type comparison per field with no calls (the hot path).
     plain_types: tuple[type, ...] | None
     to_wire: Callable[[Any], tuple[Any, ...]]
+    #: Fields a peer must send: trailing fields marked ``metadata={"wire_optional": True}``
+    #: (added in a later minor version) may be missing and take their defaults.
+    min_arity: int
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
@@ -267,6 +270,10 @@ class _Spec:
             encoders.append(encoder)
         self.names = tuple(names)
         self.checks = tuple(checks)
+        optional = [f.metadata.get("wire_optional", False) for f in dataclasses.fields(cls)]
+        self.min_arity = len(names)
+        while self.min_arity and optional[self.min_arity - 1]:
+            self.min_arity -= 1
         plain: dict[Callable[[Any], Any], type] = {_want_int: int, _want_bool: bool, _want_str: str}
         self.plain_types = (
             tuple(plain[c] for c in checks) if all(c in plain for c in checks) else None
@@ -283,7 +290,8 @@ class _Spec:
             else:
                 return values
         out = []
-        for name, check, value in zip(self.names, self.checks, values, strict=True):
+        count = len(values)
+        for name, check, value in zip(self.names[:count], self.checks[:count], values, strict=True):
             try:
                 out.append(check(value))
             except _BadField as exc:
@@ -433,9 +441,10 @@ def decode(data: bytes, *, max_size: int) -> Message:
         raise UnknownMessageError(text, tag=tag, request_id=request_id)
     spec = _SPECS.get(cls) or _spec(cls)
     arity = len(spec.names)
-    if len(obj) - 1 != arity:
+    if not spec.min_arity <= len(obj) - 1 <= arity:
+        takes = f"{spec.min_arity}-{arity}" if spec.min_arity < arity else str(arity)
         raise MalformedMessageError(
-            f"{cls.__name__} (tag {tag:#04x}) takes {arity} fields, got {len(obj) - 1}",
+            f"{cls.__name__} (tag {tag:#04x}) takes {takes} fields, got {len(obj) - 1}",
             tag=tag,
             request_id=request_id,
         )

@@ -2,9 +2,20 @@
 
 A :class:`Connection` never touches a socket or a clock. The caller moves the
 bytes :meth:`Connection.send` returns to its transport, and hands every frame
-it receives to :meth:`Connection.receive`. The connection checks each step
-against the tables in ``_state``, enforces both sides' limits, and keeps the
-exactly-one-reply-per-request bookkeeping.
+it receives to :meth:`Connection.receive`. The connection enforces both sides'
+limits and keeps the exactly-one-reply-per-request bookkeeping; the handshake
+(versions, features, guest) lives apart in ``_handshake``.
+
+The rules in one place
+----------------------
+Sending and receiving go through the same two steps, :meth:`Connection._check`
+then :meth:`Connection._commit`. ``_check`` looks the message up in the state
+table (``_state.TRANSITIONS``) and applies the rule for its kind (one table,
+:data:`_CHECKS`); each rule is written once and holds in both directions.
+Who broke a rule decides the error: when *we* were about to send it, it is a
+:class:`LocalProtocolError` and nothing changes; when the *peer* sent it, it
+is a :class:`RemoteProtocolError` and the connection moves to ``ERROR``.
+``_commit`` then records what the message did (one table, :data:`_COMMITS`).
 
 Which errors end a connection
 -----------------------------
@@ -44,18 +55,27 @@ precise code such as ``INVALID_SIZE``), an unknown operation
 (``NOT_IMPLEMENTED``), and a request over our in-flight limit (``BUSY``,
 :class:`PeerOverLimitError`). For those, :meth:`Connection.error_reply_for`
 returns the :class:`ErrorReply` to send.
+
+After the end
+-------------
+Once the connection is ``CLOSED`` or ``ERROR`` the table allows nothing but a
+courtesy Goodbye. A backend that still holds replies (computed before the
+guest's Goodbye or fatal frame arrived) or events asks :meth:`Connection.can_send`
+and drops them, counting them, rather than calling :meth:`Connection.send`,
+which would rightly raise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol._codec import MalformedMessageError, decode, encode
+from shared.protocol._handshake import Handshake, clip_text, version_mismatch_message
 from shared.protocol._messages import (
     HOTPLUG_FEATURE,
     MAX_DMA_CHUNK,
-    MAX_TEXT_LEN,
     PROTOCOL_VERSION,
     U16,
     U32,
@@ -81,6 +101,7 @@ from shared.protocol._state import (
     TRANSITIONS,
     ConnectionState,
     Direction,
+    MessageKind,
     Role,
     message_kind,
 )
@@ -108,6 +129,7 @@ _OPEN = ConnectionState.OPEN
 _ERROR = ConnectionState.ERROR
 _SEND = Direction.SEND
 _RECV = Direction.RECEIVE
+_K = MessageKind
 
 
 class PeerOverLimitError(RemoteProtocolError):
@@ -139,32 +161,9 @@ class MessageTooLargeError(LocalProtocolError):
     """The encoded message is larger than the peer's ``max_message_size``.
 
     Nothing was sent and the connection is unchanged; for a reply, answer the
-    request with an :class:`ErrorReply` instead (the id is still outstanding).
+    request with an :class:`ErrorReply` instead (the id is still outstanding;
+    :meth:`Connection.send_reply` does that for you).
     """
-
-
-def version_mismatch_message(frontend: tuple[int, int], backend: tuple[int, int]) -> str:
-    """The text both sides show when the major versions differ. Names both versions."""
-    (fmaj, fmin), (bmaj, bmin) = frontend, backend
-    if fmaj > bmaj:
-        advice = (
-            f"upgrade the backend (pciback) to a release that speaks {fmaj}.x, "
-            f"or use a frontend that speaks {bmaj}.x"
-        )
-    else:
-        advice = (
-            f"upgrade the frontend (pcifront) to a release that speaks {bmaj}.x, "
-            f"or use a backend that speaks {fmaj}.x"
-        )
-    return (
-        f"protocol version mismatch: frontend speaks {fmaj}.{fmin}, backend speaks "
-        f"{bmaj}.{bmin}; no common major version: {advice}"
-    )
-
-
-def _clip(text: str) -> str:
-    # Wire texts are bounded; a long diagnostic is cut rather than refused.
-    return text if len(text) <= MAX_TEXT_LEN else text[: MAX_TEXT_LEN - 3] + "..."
 
 
 class Connection:
@@ -181,22 +180,16 @@ class Connection:
     __slots__ = (
         "_calls",
         "_changes",
-        "_features",
+        "_handshake",
         "_limits",
-        "_local_version",
         "_next_call_id",
         "_next_change_id",
         "_next_id",
-        "_offered",
         "_peer_limits",
         "_pending",
         "_role",
         "_state",
-        "_version",
-        "guest",
         "peer_goodbye",
-        "peer_hello",
-        "rejection",
     )
 
     def __init__(
@@ -224,11 +217,10 @@ class Connection:
         self._role = role
         self._state = INITIAL_STATE[role]
         self._limits = limits
-        self._offered: tuple[str, ...] = offered
-        self._local_version: tuple[int, int] = (version[0], version[1])
         self._peer_limits = PRE_HANDSHAKE_LIMITS
-        self._version: tuple[int, int] | None = None
-        self._features: tuple[str, ...] = ()
+        self._handshake = Handshake(
+            local_version=(version[0], version[1]), offered=offered, guest=guest
+        )
         self._pending: set[int] = set()
         self._next_id = 1
         # Backend calls. SERVER: ids awaiting a result; CLIENT: ids owed a
@@ -240,12 +232,6 @@ class Connection:
         # CLIENT: change ids it owes an acknowledgement.
         self._changes: set[int] = set()
         self._next_change_id = 1
-        #: The guest this connection acts for: requested (client) / claimed (server).
-        self.guest: str | None = guest
-        #: SERVER: the Hello the frontend sent.
-        self.peer_hello: Hello | None = None
-        #: CLIENT: the rejection the backend sent, if it refused the handshake.
-        self.rejection: HandshakeRejected | None = None
         #: The Goodbye the peer sent, if it closed the connection.
         self.peer_goodbye: Goodbye | None = None
 
@@ -272,19 +258,34 @@ class Connection:
         return self._peer_limits
 
     @property
+    def guest(self) -> str | None:
+        """The guest this connection acts for: requested (client) / claimed (server)."""
+        return self._handshake.guest
+
+    @property
+    def peer_hello(self) -> Hello | None:
+        """SERVER: the Hello the frontend sent (None on a CLIENT)."""
+        return self._handshake.hello if self._role is Role.SERVER else None
+
+    @property
+    def rejection(self) -> HandshakeRejected | None:
+        """CLIENT: the rejection the backend sent, if it refused the handshake."""
+        return self._handshake.rejection
+
+    @property
     def local_version(self) -> tuple[int, int]:
         """The protocol version this side speaks."""
-        return self._local_version
+        return self._handshake.local_version
 
     @property
     def version(self) -> tuple[int, int] | None:
         """The negotiated version once OPEN, else None."""
-        return self._version
+        return self._handshake.version
 
     @property
     def features(self) -> tuple[str, ...]:
         """The negotiated features (both sides support them); empty before OPEN."""
-        return self._features
+        return self._handshake.features
 
     @property
     def outstanding(self) -> frozenset[int]:
@@ -374,13 +375,24 @@ class Connection:
         self._next_change_id = (cid + 1) & U32
         return cid
 
+    def can_send(self, msg: Message | type[Message]) -> bool:
+        """Whether the state table lets this side send ``msg`` (a message or its class) now.
+
+        Only the state is consulted: :meth:`send` may still refuse a message
+        for what it says (an id that is not outstanding, a size over the
+        peer's limit). A backend asks this before sending a reply or event it
+        prepared earlier, because the guest may have said Goodbye, or broken
+        the protocol, in the meantime.
+        """
+        return (self._role, self._state, _SEND, message_kind(msg)) in TRANSITIONS
+
     def __repr__(self) -> str:
         return (
             f"<Connection {self._role.name} {self._state.name} guest={self.guest!r} "
             f"in_flight={len(self._pending)} calls={len(self._calls)}>"
         )
 
-    # ------------------------------------------------------------------ sending
+    # ------------------------------------------------------------------ the one path
 
     def send(self, msg: Message) -> bytes:
         """Check that ``msg`` may be sent now, and return its encoded payload.
@@ -395,42 +407,12 @@ class Connection:
         Backend calls: a SERVER sending DmaReadCall/DmaWriteCall registers its
         ``call_id`` as outstanding (a duplicate outstanding id is refused;
         more calls than the frontend's ``max_in_flight`` is
-        :class:`TooManyInFlightError`; a read longer than
-        :attr:`max_dma_chunk` is refused). A CLIENT may send a DmaCallResult
-        only for an owed call id, once, with exactly the read length of data
-        on success (none for a write) and no data on failure.
+        :class:`TooManyInFlightError`; a read whose result would not fit the
+        backend's frames is refused). A CLIENT may send a DmaCallResult only
+        for an owed call id, once, with exactly the read length of data on
+        success (none for a write) and no data on failure.
         """
-        kind = message_kind(msg)
-        target = TRANSITIONS.get((self._role, self._state, _SEND, kind))
-        if target is None:
-            raise LocalProtocolError(
-                f"a {self._role.side} cannot send {type(msg).__name__} while the connection "
-                f"is {self._state.name}"
-            )
-        # Validate everything before changing anything: a refused send leaves
-        # the connection exactly as it was.
-        if isinstance(msg, Request):
-            self._check_request_send(msg)
-        elif isinstance(msg, Reply):
-            if msg.request_id not in self._pending:
-                raise LocalProtocolError(
-                    f"no request {msg.request_id} is outstanding: every request gets exactly "
-                    "one reply, and only requests the frontend sent can be answered"
-                )
-        elif isinstance(msg, Hello):
-            if self.guest is not None and msg.guest != self.guest:
-                raise LocalProtocolError(
-                    f"Hello names guest {msg.guest!r} but this connection is for {self.guest!r}"
-                )
-        elif isinstance(msg, Welcome):
-            self._check_welcome_send(msg)
-        elif isinstance(msg, DmaReadCall | DmaWriteCall):
-            self._check_call_send(msg)
-        elif isinstance(msg, DmaCallResult):
-            self._check_call_result(msg, self._calls.get(msg.call_id), LocalProtocolError)
-        elif isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent | DeviceChangeAck):
-            self._check_change(msg, LocalProtocolError)
-
+        kind, target = self._check(_SEND, msg)
         data = encode(msg)
         limit = self._peer_limits.max_message_size
         if len(data) > limit:
@@ -438,250 +420,8 @@ class Connection:
                 f"{type(msg).__name__} encodes to {len(data)} bytes; the "
                 f"{self._role.peer_side} accepts at most {limit}"
             )
-
-        if isinstance(msg, Request):
-            self._pending.add(msg.request_id)
-        elif isinstance(msg, Reply):
-            self._pending.discard(msg.request_id)
-        elif isinstance(msg, Hello):
-            # What we announce is what we enforce and what we negotiate from.
-            self._limits = msg.limits
-            self._offered = msg.features
-            self._local_version = (msg.version_major, msg.version_minor)
-            self.guest = msg.guest
-        elif isinstance(msg, Welcome):
-            self._limits = msg.limits
-            self._version = (msg.version_major, msg.version_minor)
-            self._features = msg.features
-        elif isinstance(msg, DmaReadCall):
-            self._calls[msg.call_id] = msg.length
-        elif isinstance(msg, DmaWriteCall):
-            self._calls[msg.call_id] = 0
-        elif isinstance(msg, DmaCallResult):
-            del self._calls[msg.call_id]
-        elif isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent):
-            self._changes.add(msg.change_id)
-        elif isinstance(msg, DeviceChangeAck):
-            self._changes.discard(msg.change_id)
-        self._state = target
+        self._commit(_SEND, kind, msg, target)
         return data
-
-    def _check_call_send(self, msg: DmaReadCall | DmaWriteCall) -> None:
-        if msg.call_id in self._calls:
-            raise LocalProtocolError(
-                f"call id {msg.call_id} is still outstanding; use next_call_id()"
-            )
-        cap = self._peer_limits.max_in_flight
-        if len(self._calls) >= cap:
-            raise TooManyInFlightError(
-                f"{len(self._calls)} DMA calls await results and the frontend accepts at most "
-                f"{cap}; wait for a DmaCallResult before calling again"
-            )
-        if isinstance(msg, DmaReadCall) and msg.length > self.max_dma_chunk:
-            raise LocalProtocolError(
-                f"DmaReadCall of {msg.length} bytes: the result would not fit in one frame on "
-                f"this connection; split the read into chunks of at most max_dma_chunk "
-                f"({self.max_dma_chunk}) bytes"
-            )
-
-    def _check_call_result(
-        self,
-        msg: DmaCallResult,
-        expected: int | None,
-        error: type[LocalProtocolError] | type[RemoteProtocolError],
-    ) -> None:
-        """The rules a DmaCallResult obeys, checked by the sender and the receiver alike.
-
-        ``expected`` is the OK data length of the call it answers (None when
-        no such call is outstanding/owed). ``error`` is the class to raise:
-        Local on send (our bug), Remote on receive (the frontend's).
-        """
-        if expected is None:
-            if self._role is Role.CLIENT:
-                text = (
-                    f"no DMA call {msg.call_id} is owed: a DmaCallResult answers a "
-                    "DmaReadCall/DmaWriteCall received from the backend, exactly once"
-                )
-            else:
-                text = (
-                    f"the frontend answered DMA call {msg.call_id}, which is not outstanding "
-                    "(never made, or already answered)"
-                )
-            raise error(text)
-        if msg.code is ErrorCode.OK:
-            if len(msg.data) != expected:
-                raise error(
-                    f"DmaCallResult for call {msg.call_id} carries {len(msg.data)} bytes, but "
-                    f"a successful result must carry exactly {expected} (the read length; "
-                    "0 for a write)"
-                )
-        elif msg.data:
-            raise error(
-                f"DmaCallResult for call {msg.call_id} failed with {msg.code.name} but "
-                f"carries {len(msg.data)} bytes; a failed result carries no data"
-            )
-
-    def _check_change(
-        self,
-        msg: DeviceAddedEvent | DeviceRemovedEvent | DeviceChangeAck,
-        error: type[LocalProtocolError] | type[RemoteProtocolError],
-    ) -> None:
-        """The hot-plug rules, checked by the sender and the receiver alike.
-
-        ``error`` is Local on send (our bug) and Remote on receive (the
-        peer's). The state tables already ensure that only the backend sends
-        events and only the frontend acknowledges.
-        """
-        cid = msg.change_id
-        if isinstance(msg, DeviceChangeAck):
-            if cid not in self._changes:
-                if self._role is Role.CLIENT:
-                    raise error(
-                        f"no hot-plug change {cid} is owed: a DeviceChangeAck acknowledges a "
-                        "DeviceAddedEvent/DeviceRemovedEvent received from the backend, once"
-                    )
-                raise error(
-                    f"the frontend acknowledged hot-plug change {cid}, which is not "
-                    "outstanding (never announced, or already acknowledged)"
-                )
-            return
-        if HOTPLUG_FEATURE not in self._features:
-            raise error(
-                f"{type(msg).__name__} needs the {HOTPLUG_FEATURE!r} feature, which was not "
-                "negotiated on this connection; a backend announces hot-plug only to "
-                "frontends that offered it"
-            )
-        if cid in self._changes:
-            raise error(
-                f"hot-plug change id {cid} is still awaiting its acknowledgement; "
-                "an acknowledgement could not say which change it answers"
-            )
-        cap = (self._peer_limits if self._role is Role.SERVER else self._limits).max_in_flight
-        if len(self._changes) >= cap:
-            if error is LocalProtocolError:
-                raise TooManyInFlightError(
-                    f"{len(self._changes)} hot-plug changes await acknowledgement and the "
-                    f"frontend accepts at most {cap}; wait for a DeviceChangeAck first"
-                )
-            raise error(
-                f"the backend has more than {cap} hot-plug changes awaiting acknowledgement, "
-                "the max_in_flight this frontend announced"
-            )
-
-    def _check_request_send(self, msg: Request) -> None:
-        if msg.request_id in self._pending:
-            raise LocalProtocolError(
-                f"request id {msg.request_id} is still outstanding; use next_request_id()"
-            )
-        if len(self._pending) >= self._peer_limits.max_in_flight:
-            raise TooManyInFlightError(
-                f"{len(self._pending)} requests are in flight and the backend accepts at most "
-                f"{self._peer_limits.max_in_flight}; wait for a reply before sending more"
-            )
-
-    def _check_welcome_send(self, msg: Welcome) -> None:
-        hello = self.peer_hello
-        assert hello is not None  # HELLO_RECEIVED implies a Hello
-        problem = self.check_version()
-        if problem is not None:
-            raise LocalProtocolError(f"cannot accept this frontend: {problem}")
-        best_minor = min(self._local_version[1], hello.version_minor)
-        if msg.version_major != hello.version_major or msg.version_minor > best_minor:
-            raise LocalProtocolError(
-                f"Welcome offers version {msg.version_major}.{msg.version_minor}, but the "
-                f"negotiated version is at most {hello.version_major}.{best_minor}"
-            )
-        extra = set(msg.features) - set(hello.features)
-        if extra:
-            raise LocalProtocolError(
-                f"Welcome grants features the frontend did not offer: {sorted(extra)}"
-            )
-        if msg.guest != hello.guest:
-            raise LocalProtocolError(
-                f"Welcome names guest {msg.guest!r} but the frontend asked for {hello.guest!r}"
-            )
-
-    # ------------------------------------------------------------------ handshake helpers
-
-    def hello(self) -> bytes:
-        """CLIENT: send the Hello (our version, features, limits and guest)."""
-        if self.guest is None:
-            raise LocalProtocolError(
-                "a frontend Connection needs guest=... to say which guest it acts as"
-            )
-        major, minor = self._local_version
-        return self.send(Hello(major, minor, self._offered, self._limits, self.guest))
-
-    def check_version(self) -> str | None:
-        """SERVER, after the Hello: None if the versions are compatible, else why not.
-
-        The text names both versions (see :func:`version_mismatch_message`);
-        send it with ``reject(ErrorCode.VERSION_MISMATCH, text)``.
-        """
-        hello = self.peer_hello
-        if hello is None:
-            raise LocalProtocolError("check_version() needs the frontend's Hello first")
-        if hello.version_major == self._local_version[0]:
-            return None
-        return version_mismatch_message(
-            (hello.version_major, hello.version_minor), self._local_version
-        )
-
-    def accept(
-        self, *, features: Iterable[str] | None = None, limits: Limits | None = None
-    ) -> bytes:
-        """SERVER: answer the Hello with a Welcome, and become OPEN.
-
-        The version is the same major with the lower of both minors; the
-        features are those both sides support, in the frontend's order.
-        ``features``/``limits`` override the constructor's. Raises
-        :class:`LocalProtocolError` if the major versions differ: check
-        :meth:`check_version` first and :meth:`reject` instead.
-        """
-        hello = self.peer_hello
-        if hello is None or self._state is not ConnectionState.HELLO_RECEIVED:
-            raise LocalProtocolError(
-                f"accept() is for a backend that has received a Hello; state is {self._state.name}"
-            )
-        ours = set(self._offered if features is None else features)
-        granted = tuple(f for f in hello.features if f in ours)
-        minor = min(self._local_version[1], hello.version_minor)
-        welcome = Welcome(
-            hello.version_major,
-            minor,
-            granted,
-            self._limits if limits is None else limits,
-            hello.guest,
-        )
-        return self.send(welcome)
-
-    def reject(self, code: ErrorCode, message: str) -> bytes:
-        """SERVER: refuse the Hello with ``code`` and a human-readable ``message``."""
-        major, minor = self._local_version
-        return self.send(HandshakeRejected(code, _clip(message), major, minor))
-
-    def close(self, code: ErrorCode = ErrorCode.OK, message: str = "") -> bytes:
-        """Say Goodbye (with why, if not a normal close); the connection is then CLOSED."""
-        return self.send(Goodbye(code, _clip(message)))
-
-    def error_reply_for(self, err: RemoteProtocolError) -> ErrorReply | None:
-        """SERVER: the ErrorReply answering the request ``err`` is about, if answerable.
-
-        Returns None when the error was fatal (the state is ERROR, or no
-        request id could be read); the caller then closes the connection.
-        """
-        request_id = getattr(err, "request_id", None)
-        if (
-            self._role is not Role.SERVER
-            or self._state is not _OPEN
-            or not isinstance(request_id, int)
-            or request_id not in self._pending
-        ):
-            return None
-        code = err.code if err.code is not ErrorCode.OK else ErrorCode.PROTOCOL_ERROR
-        return ErrorReply(request_id, code, _clip(str(err)))
-
-    # ------------------------------------------------------------------ receiving
 
     def receive(self, frame: bytes) -> Message:
         """Decode one received frame (payload, no length prefix) and apply it.
@@ -710,121 +450,385 @@ class Connection:
             else:
                 self._state = _ERROR
             raise
-
-        kind = message_kind(msg)
-        target = TRANSITIONS.get((self._role, self._state, _RECV, kind))
-        if target is None:
-            previous, self._state = self._state, _ERROR
-            raise RemoteProtocolError(
-                f"the {self._role.peer_side} sent {type(msg).__name__}, which is not allowed "
-                f"while this {self._role.side} connection is {previous.name}"
-            )
-        if isinstance(msg, Request):
-            self._on_request(msg)
-        elif isinstance(msg, Reply):
-            if msg.request_id not in self._pending:
-                self._state = _ERROR
-                raise RemoteProtocolError(
-                    f"the backend replied to request {msg.request_id}, which is not "
-                    "outstanding (never sent, or already answered)"
-                )
-            self._pending.discard(msg.request_id)
-        elif isinstance(msg, Hello):
-            self.peer_hello = msg
-            self.guest = msg.guest
-            self._peer_limits = msg.limits
-        elif isinstance(msg, Welcome):
-            self._on_welcome(msg)
-        elif isinstance(msg, HandshakeRejected):
-            self.rejection = msg
-        elif isinstance(msg, Goodbye):
-            self.peer_goodbye = msg
-        elif isinstance(msg, DmaReadCall | DmaWriteCall):
-            self._on_call(msg)
-        elif isinstance(msg, DmaCallResult):
-            try:
-                self._check_call_result(msg, self._calls.get(msg.call_id), RemoteProtocolError)
-            except RemoteProtocolError:
-                # The frontend lied about a call: the backend cannot trust
-                # anything it says about guest memory any more.
-                self._state = _ERROR
-                raise
-            del self._calls[msg.call_id]
-        elif isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent | DeviceChangeAck):
-            try:
-                self._check_change(msg, RemoteProtocolError)
-            except RemoteProtocolError:
-                self._state = _ERROR
-                raise
-            if isinstance(msg, DeviceChangeAck):
-                self._changes.discard(msg.change_id)
-            else:
-                self._changes.add(msg.change_id)
-        self._state = target
+        kind, target = self._check(_RECV, msg)
+        self._commit(_RECV, kind, msg, target)
         return msg
 
-    def _on_call(self, msg: DmaReadCall | DmaWriteCall) -> None:
-        problem: str | None = None
-        if msg.call_id in self._calls:
-            problem = (
-                f"the backend reused DMA call id {msg.call_id} while it is still owed a "
-                "result; a result could not say which call it answers"
-            )
-        elif len(self._calls) >= self._limits.max_in_flight:
-            problem = (
-                f"the backend has more than {self._limits.max_in_flight} DMA calls awaiting "
-                "results, the max_in_flight this frontend announced"
-            )
-        elif isinstance(msg, DmaReadCall):
-            room = min(MAX_DMA_CHUNK, self._peer_limits.max_message_size - DMA_CALL_OVERHEAD)
-            if msg.length > room:
-                problem = (
-                    f"the backend asked to read {msg.length} bytes in one DmaReadCall, but a "
-                    f"result it accepts holds at most {room}"
+    def _check(self, direction: Direction, msg: Message) -> tuple[MessageKind, ConnectionState]:
+        """The state table, then the rule for ``msg``'s kind. Changes nothing unless broken."""
+        kind = message_kind(msg)
+        target = TRANSITIONS.get((self._role, self._state, direction, kind))
+        if target is None:
+            if direction is _SEND:
+                text = (
+                    f"a {self._role.side} cannot send {type(msg).__name__} while the "
+                    f"connection is {self._state.name}"
                 )
-        if problem is not None:
-            self._state = _ERROR
-            raise RemoteProtocolError(problem)
-        self._calls[msg.call_id] = msg.length if isinstance(msg, DmaReadCall) else 0
+            else:
+                text = (
+                    f"the {self._role.peer_side} sent {type(msg).__name__}, which is not "
+                    f"allowed while this {self._role.side} connection is {self._state.name}"
+                )
+            self._broken(direction, text)
+        check = _CHECKS.get(kind)
+        if check is not None:
+            check(self, direction, msg)
+        return kind, target
 
-    def _on_request(self, msg: Request) -> None:
+    def _commit(
+        self, direction: Direction, kind: MessageKind, msg: Message, target: ConnectionState
+    ) -> None:
+        """Record what a message that passed :meth:`_check` did, and move to ``target``."""
+        self._state = target
+        commit = _COMMITS.get(kind)
+        if commit is not None:
+            commit(self, direction, msg)
+
+    def _broken(
+        self,
+        direction: Direction,
+        text: str,
+        local_error: type[LocalProtocolError] = LocalProtocolError,
+    ) -> NoReturn:
+        """A rule is broken: ours to fix when sending, the peer's (fatal) when receiving."""
+        if direction is _SEND:
+            raise local_error(text)
+        self._state = _ERROR
+        raise RemoteProtocolError(text)
+
+    def _side_limits(self) -> tuple[Limits, Limits]:
+        """(frontend's limits, backend's limits), whichever end we are."""
+        if self._role is Role.CLIENT:
+            return self._limits, self._peer_limits
+        return self._peer_limits, self._limits
+
+    # ------------------------------------------------------------------ the rules, by kind
+
+    def _check_request(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Request)
         rid = msg.request_id
         if rid in self._pending:
-            self._state = _ERROR
-            raise RemoteProtocolError(
+            if direction is _SEND:
+                self._broken(
+                    direction, f"request id {rid} is still outstanding; use next_request_id()"
+                )
+            self._broken(
+                direction,
                 f"the frontend reused request id {rid} while it is still outstanding; "
-                "a reply could not say which request it answers"
+                "a reply could not say which request it answers",
             )
-        self._pending.add(rid)
-        if len(self._pending) > self._limits.max_in_flight:
-            raise PeerOverLimitError(
-                f"too many requests in flight: the backend accepts {self._limits.max_in_flight} "
-                "at once; wait for replies before sending more",
-                request_id=rid,
+        cap = self._side_limits()[1].max_in_flight
+        if direction is _SEND and len(self._pending) >= cap:
+            # Received over the limit is answerable (BUSY): see _commit_request.
+            raise TooManyInFlightError(
+                f"{len(self._pending)} requests are in flight and the backend accepts at most "
+                f"{cap}; wait for a reply before sending more"
             )
 
-    def _on_welcome(self, msg: Welcome) -> None:
-        local_major, local_minor = self._local_version
-        problem: str | None = None
-        if msg.version_major != local_major:
-            problem = version_mismatch_message(
-                self._local_version, (msg.version_major, msg.version_minor)
+    def _commit_request(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Request)
+        self._pending.add(msg.request_id)
+        cap = self._limits.max_in_flight
+        if direction is _RECV and len(self._pending) > cap:
+            raise PeerOverLimitError(
+                f"too many requests in flight: the backend accepts {cap} at once; wait for "
+                "replies before sending more",
+                request_id=msg.request_id,
             )
-        elif msg.version_minor > local_minor:
-            problem = (
-                f"the backend welcomed us with version {msg.version_major}.{msg.version_minor}, "
-                f"newer than the {local_major}.{local_minor} this frontend offered"
+
+    def _check_reply(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Reply)
+        rid = msg.request_id
+        if rid not in self._pending:
+            if direction is _SEND:
+                self._broken(
+                    direction,
+                    f"no request {rid} is outstanding: every request gets exactly one reply, "
+                    "and only requests the frontend sent can be answered",
+                )
+            self._broken(
+                direction,
+                f"the backend replied to request {rid}, which is not outstanding (never sent, "
+                "or already answered)",
             )
-        elif not set(msg.features) <= set(self._offered):
-            problem = (
-                "the backend granted features this frontend did not offer: "
-                f"{sorted(set(msg.features) - set(self._offered))}"
-            )
-        elif msg.guest != self.guest:
-            problem = f"the backend welcomed guest {msg.guest!r}; we asked for {self.guest!r}"
+
+    def _commit_reply(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Reply)
+        self._pending.discard(msg.request_id)
+
+    def _check_hello(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Hello)
+        problem = self._handshake.hello_problem(msg)
         if problem is not None:
-            self._state = _ERROR
-            raise RemoteProtocolError(problem)
-        self._version = (msg.version_major, msg.version_minor)
-        self._features = msg.features
-        self._peer_limits = msg.limits
+            self._broken(direction, problem)
+
+    def _commit_hello(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Hello)
+        self._handshake.on_hello(msg, sent=direction is _SEND)
+        self._record_limits(direction, msg.limits)
+
+    def _check_welcome(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Welcome)
+        problem = self._handshake.welcome_problem(self._role, msg)
+        if problem is not None:
+            self._broken(direction, problem)
+
+    def _commit_welcome(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Welcome)
+        self._handshake.on_welcome(msg)
+        self._record_limits(direction, msg.limits)
+
+    def _record_limits(self, direction: Direction, limits: Limits) -> None:
+        # What we announce is what we enforce; what the peer announces, we respect.
+        if direction is _SEND:
+            self._limits = limits
+        else:
+            self._peer_limits = limits
+
+    def _commit_rejection(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, HandshakeRejected)
+        self._handshake.on_rejection(msg)
+
+    def _commit_goodbye(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, Goodbye)
+        if direction is _RECV:
+            self.peer_goodbye = msg
+
+    def _check_event(self, direction: Direction, msg: Message) -> None:
+        if isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent):
+            self._check_change(direction, msg)
+            return
+        if not isinstance(msg, DmaReadCall | DmaWriteCall):
+            return
+        cid = msg.call_id
+        if cid in self._calls:
+            if direction is _SEND:
+                self._broken(direction, f"call id {cid} is still outstanding; use next_call_id()")
+            self._broken(
+                direction,
+                f"the backend reused DMA call id {cid} while it is still owed a result; a "
+                "result could not say which call it answers",
+            )
+        frontend, backend = self._side_limits()
+        cap = frontend.max_in_flight
+        if len(self._calls) >= cap:
+            self._broken(
+                direction,
+                f"{len(self._calls)} DMA calls await results and the frontend accepts at most "
+                f"{cap} (its max_in_flight); wait for a DmaCallResult before calling again",
+                TooManyInFlightError,
+            )
+        if isinstance(msg, DmaReadCall):
+            room = min(MAX_DMA_CHUNK, backend.max_message_size - DMA_CALL_OVERHEAD)
+            if msg.length > room:
+                self._broken(
+                    direction,
+                    f"DmaReadCall of {msg.length} bytes: its result would not fit in one frame "
+                    f"the backend accepts, which holds at most {room} bytes of data; split the "
+                    "read into chunks of at most max_dma_chunk bytes",
+                )
+
+    def _commit_event(self, direction: Direction, msg: Message) -> None:
+        if isinstance(msg, DeviceAddedEvent | DeviceRemovedEvent):
+            self._changes.add(msg.change_id)
+        elif isinstance(msg, DmaReadCall):
+            self._calls[msg.call_id] = msg.length
+        elif isinstance(msg, DmaWriteCall):
+            self._calls[msg.call_id] = 0
+
+    def _check_call_result(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, DmaCallResult)
+        cid = msg.call_id
+        expected = self._calls.get(cid)
+        if expected is None:
+            if direction is _SEND:
+                self._broken(
+                    direction,
+                    f"no DMA call {cid} is owed: a DmaCallResult answers a DmaReadCall/"
+                    "DmaWriteCall received from the backend, exactly once",
+                )
+            # The frontend lied about a call: the backend cannot trust anything it
+            # says about guest memory any more (fatal).
+            self._broken(
+                direction,
+                f"the frontend answered DMA call {cid}, which is not outstanding (never made, "
+                "or already answered)",
+            )
+        if msg.code is ErrorCode.OK:
+            if len(msg.data) != expected:
+                self._broken(
+                    direction,
+                    f"DmaCallResult for call {cid} carries {len(msg.data)} bytes, but a "
+                    f"successful result must carry exactly {expected} (the read length; 0 for "
+                    "a write)",
+                )
+        elif msg.data:
+            self._broken(
+                direction,
+                f"DmaCallResult for call {cid} failed with {msg.code.name} but carries "
+                f"{len(msg.data)} bytes; a failed result carries no data",
+            )
+
+    def _commit_call_result(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, DmaCallResult)
+        del self._calls[msg.call_id]
+
+    def _check_change(
+        self, direction: Direction, msg: DeviceAddedEvent | DeviceRemovedEvent
+    ) -> None:
+        """A hot-plug event: the feature, a fresh change id, and the frontend's in-flight cap."""
+        cid = msg.change_id
+        if HOTPLUG_FEATURE not in self.features:
+            self._broken(
+                direction,
+                f"{type(msg).__name__} needs the {HOTPLUG_FEATURE!r} feature, which was not "
+                "negotiated on this connection; a backend announces hot-plug only to "
+                "frontends that offered it",
+            )
+        if cid in self._changes:
+            self._broken(
+                direction,
+                f"hot-plug change id {cid} is still awaiting its acknowledgement; "
+                "an acknowledgement could not say which change it answers",
+            )
+        cap = self._side_limits()[0].max_in_flight
+        if len(self._changes) >= cap:
+            self._broken(
+                direction,
+                f"{len(self._changes)} hot-plug changes await acknowledgement and the "
+                f"frontend accepts at most {cap} (its max_in_flight); wait for a "
+                "DeviceChangeAck first",
+                TooManyInFlightError,
+            )
+
+    def _check_change_ack(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, DeviceChangeAck)
+        cid = msg.change_id
+        if cid not in self._changes:
+            if direction is _SEND:
+                self._broken(
+                    direction,
+                    f"no hot-plug change {cid} is owed: a DeviceChangeAck acknowledges a "
+                    "DeviceAddedEvent/DeviceRemovedEvent received from the backend, once",
+                )
+            self._broken(
+                direction,
+                f"the frontend acknowledged hot-plug change {cid}, which is not "
+                "outstanding (never announced, or already acknowledged)",
+            )
+
+    def _commit_change_ack(self, direction: Direction, msg: Message) -> None:
+        assert isinstance(msg, DeviceChangeAck)
+        self._changes.discard(msg.change_id)
+
+    # ------------------------------------------------------------------ conveniences
+
+    def hello(self, token: bytes = b"") -> bytes:
+        """CLIENT: send the Hello (our version, features, limits, guest and token).
+
+        ``token`` is the guest's secret for ``tcp://`` and ``vsock://``
+        backends that ask for one (``token_file`` in the backend config).
+        """
+        return self.send(self._handshake.make_hello(self._limits, token))
+
+    def check_version(self) -> str | None:
+        """SERVER, after the Hello: None if the versions are compatible, else why not.
+
+        The text names both versions (see :func:`version_mismatch_message`);
+        send it with ``reject(ErrorCode.VERSION_MISMATCH, text)``.
+        """
+        return self._handshake.version_problem()
+
+    def accept(
+        self, *, features: Iterable[str] | None = None, limits: Limits | None = None
+    ) -> bytes:
+        """SERVER: answer the Hello with a Welcome, and become OPEN.
+
+        The version is the same major with the lower of both minors; the
+        features are those both sides support, in the frontend's order.
+        ``features``/``limits`` override the constructor's. Raises
+        :class:`LocalProtocolError` if the major versions differ: check
+        :meth:`check_version` first and :meth:`reject` instead.
+        """
+        if self._state is not ConnectionState.HELLO_RECEIVED:
+            raise LocalProtocolError(
+                f"accept() is for a backend that has received a Hello; state is {self._state.name}"
+            )
+        welcome = self._handshake.make_welcome(features, self._limits if limits is None else limits)
+        return self.send(welcome)
+
+    def reject(self, code: ErrorCode, message: str) -> bytes:
+        """SERVER: refuse the Hello with ``code`` and a human-readable ``message``."""
+        return self.send(self._handshake.make_rejection(code, message))
+
+    def close(self, code: ErrorCode = ErrorCode.OK, message: str = "") -> bytes:
+        """Say Goodbye (with why, if not a normal close); the connection is then CLOSED."""
+        return self.send(Goodbye(code, clip_text(message)))
+
+    def send_reply(self, reply: Reply) -> bytes:
+        """SERVER: :meth:`send` a reply; one too large for the peer becomes an ErrorReply.
+
+        A guest's limits never make the backend fail: when ``reply`` encodes
+        to more than the frontend's ``max_message_size``, the request is
+        answered instead with an ``OPERATION_FAILED`` :class:`ErrorReply`
+        that says how large the reply was and what the limit is (its text cut
+        to fit even the smallest allowed limit). Other refusals still raise.
+        """
+        try:
+            return self.send(reply)
+        except MessageTooLargeError as exc:
+            text = (
+                f"the {type(reply).__name__} for request {reply.request_id} does not fit: {exc}; "
+                "announce a larger max_message_size in the Hello, or ask for less (e.g. a "
+                "snapshot without config space)"
+            )
+        limit = self._peer_limits.max_message_size
+        room = limit - len(encode(ErrorReply(reply.request_id, ErrorCode.OPERATION_FAILED, "")))
+        # msgpack spends at most 3 bytes on a str header; the texts are ASCII.
+        return self.send(
+            ErrorReply(reply.request_id, ErrorCode.OPERATION_FAILED, clip_text(text, room - 3))
+        )
+
+    def error_reply_for(self, err: RemoteProtocolError) -> ErrorReply | None:
+        """SERVER: the ErrorReply answering the request ``err`` is about, if answerable.
+
+        Returns None when the error was fatal (the state is ERROR, or no
+        request id could be read); the caller then closes the connection.
+        """
+        request_id = getattr(err, "request_id", None)
+        if (
+            self._role is not Role.SERVER
+            or self._state is not _OPEN
+            or not isinstance(request_id, int)
+            or request_id not in self._pending
+        ):
+            return None
+        code = err.code if err.code is not ErrorCode.OK else ErrorCode.PROTOCOL_ERROR
+        return ErrorReply(request_id, code, clip_text(str(err)))
+
+
+_Rule = Callable[[Connection, Direction, Message], None]
+
+#: What each kind of message must obey, in either direction (absent: the table alone).
+_CHECKS: dict[MessageKind, _Rule] = {
+    _K.REQUEST: Connection._check_request,
+    _K.REPLY: Connection._check_reply,
+    _K.HELLO: Connection._check_hello,
+    _K.WELCOME: Connection._check_welcome,
+    _K.EVENT: Connection._check_event,
+    _K.CALL_RESULT: Connection._check_call_result,
+    _K.CHANGE_ACK: Connection._check_change_ack,
+}
+
+#: What each kind of message changes once it passed (absent: only the state).
+_COMMITS: dict[MessageKind, _Rule] = {
+    _K.REQUEST: Connection._commit_request,
+    _K.REPLY: Connection._commit_reply,
+    _K.HELLO: Connection._commit_hello,
+    _K.WELCOME: Connection._commit_welcome,
+    _K.HANDSHAKE_REJECTED: Connection._commit_rejection,
+    _K.GOODBYE: Connection._commit_goodbye,
+    _K.EVENT: Connection._commit_event,
+    _K.CALL_RESULT: Connection._commit_call_result,
+    _K.CHANGE_ACK: Connection._commit_change_ack,
+}

@@ -87,6 +87,8 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 MAX_NAME_LEN = 64
 MAX_TEXT_LEN = 1024
 MAX_FEATURES = 64
+#: Longest guest token a Hello may carry (a token file holds one secret line).
+MAX_TOKEN_LEN = 256
 MAX_DEVICES = 256
 MAX_BAR_INDEX = 5
 
@@ -213,9 +215,24 @@ class _Greeting(Message):
 
 @dataclass(frozen=True, slots=True)
 class Hello(_Greeting):
-    """Frontend -> backend, first message. Names the guest it asks to act as."""
+    """Frontend -> backend, first message. Names the guest it asks to act as.
+
+    ``token`` is the guest's secret for transports that cannot vouch for the
+    peer themselves (``tcp://``, ``vsock://``); empty when none is needed.
+    It is never shown in a repr, so it cannot end up in a log.
+    """
 
     TAG: ClassVar[int] = 0x01
+    # Added after 1.0 as an optional trailing field: a 1.0 Hello without it still decodes.
+    token: bytes = field(default=b"", repr=False, metadata={"wire_optional": True})
+
+    def __post_init__(self) -> None:
+        _Greeting.__post_init__(self)
+        if not isinstance(self.token, bytes) or len(self.token) > MAX_TOKEN_LEN:
+            raise LocalProtocolError(
+                f"Hello.token must be at most {MAX_TOKEN_LEN} bytes, got "
+                f"{len(self.token) if isinstance(self.token, bytes) else type(self.token).__name__}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -703,7 +720,7 @@ class DeviceAddedEvent(Event):
 class DeviceRemovedEvent(Event):
     """Backend -> frontend: the device at ``device`` (packed) left the guest's bus.
 
-    From this event on the backend answers requests on it with ``NOT_FOUND``;
+    From this event on the backend answers requests on it with ``DEVICE_REMOVED``;
     ``message`` says why it went. The frontend fails its requests in flight
     on the device and answers with exactly one :class:`DeviceChangeAck`.
     """

@@ -11,6 +11,7 @@ from shared.transport._base import (
     TransportOptions,
 )
 from shared.transport._fdpass import MAX_FDS_PER_FRAME
+from shared.transport._identity import PeerIdentity
 from shared.transport._memory import MemoryListener, MemoryTransport, memory_transport_pair
 from shared.transport._registry import (
     ENTRY_POINT_GROUP,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "FdPassingUnsupportedError",
     "MAX_FDS_PER_FRAME",
+    "PeerIdentity",
     "FrameListener",
     "FrameTooLargeError",
     "FrameTransport",

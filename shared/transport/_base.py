@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import PcisplitError
+from shared.transport._identity import PeerIdentity
 
 __all__ = [
     "FrameTransport",
@@ -151,9 +152,12 @@ class FrameTransport(abc.ABC):
         """
         return []
 
-    def peer_identity(self) -> dict[str, Any]:
-        """What the transport knows of the peer (UNIX credentials, TLS certificate...)."""
-        return {}
+    def peer_identity(self) -> PeerIdentity:
+        """What the transport can vouch for about the peer (UNIX credentials, certificate names).
+
+        The default knows nothing but the endpoint's name.
+        """
+        return PeerIdentity(self.describe())
 
     def describe(self) -> str:
         """A short human-readable name of this endpoint for logs."""

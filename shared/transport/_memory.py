@@ -14,6 +14,7 @@ from shared.transport._base import (
     TransportAddressError,
     TransportConnectError,
 )
+from shared.transport._identity import PeerIdentity, own_process_identity
 
 __all__ = ["MemoryTransport", "memory_transport_pair", "MemoryListener"]
 
@@ -83,6 +84,10 @@ class MemoryTransport(FrameTransport):
 
     def describe(self) -> str:
         return self._name
+
+    def peer_identity(self) -> PeerIdentity:
+        # Both ends live in this process: the peer has exactly our credentials.
+        return own_process_identity(self._name)
 
 
 def memory_transport_pair(

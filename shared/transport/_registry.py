@@ -12,6 +12,7 @@ import importlib.metadata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from shared.errors import did_you_mean
 from shared.transport._base import (
     FrameListener,
     FrameTransport,
@@ -120,7 +121,7 @@ def get_scheme(name: str) -> TransportScheme:
         scheme = _SCHEMES.get(name)
     if scheme is None:
         raise TransportAddressError(
-            f"unknown transport scheme {name!r}; known: {', '.join(sorted(_SCHEMES))} "
+            f"unknown transport scheme {name!r}; {did_you_mean(name, _SCHEMES)} "
             f"(plugins register more through the {ENTRY_POINT_GROUP!r} entry-point group)"
         )
     return scheme

@@ -38,9 +38,7 @@ import fcntl
 import mmap
 import os
 import socket
-import struct
 from collections.abc import Sequence
-from typing import Any
 
 import trio
 
@@ -70,6 +68,7 @@ from shared.transport._fdpass import (
     rights_message,
     send_with_fds,
 )
+from shared.transport._identity import PeerIdentity, peercred_identity
 from shared.transport._shm_setup import (
     _ACK,
     _FDS_ACK,
@@ -154,15 +153,8 @@ class ShmTransport(FrameTransport):
     def describe(self) -> str:
         return self._name
 
-    def peer_identity(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"transport": self._name}
-        try:
-            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        except OSError as exc:
-            info["peercred_error"] = str(exc)
-        else:
-            info["pid"], info["uid"], info["gid"] = struct.unpack("3i", creds)
-        return info
+    def peer_identity(self) -> PeerIdentity:
+        return peercred_identity(self._sock, self._name)
 
     def statistics(self) -> ShmStatistics:
         """Frames and doorbells so far; ``doorbell_sleeps`` counts real sleeps."""

@@ -8,6 +8,7 @@ listen, which is all this module does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -24,6 +25,7 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
+from shared.transport._identity import PeerIdentity
 from shared.transport._stream import StreamFrameTransport, UnixFrameTransport
 
 __all__ = [
@@ -204,19 +206,19 @@ def _require_context(options: TransportOptions, scheme: str) -> ssl.SSLContext:
 
 
 class _TlsStreamTransport(StreamFrameTransport):
-    def peer_identity(self) -> dict[str, Any]:
-        info = super().peer_identity()
+    def peer_identity(self) -> PeerIdentity:
+        identity = super().peer_identity()
         stream = self.stream
         if isinstance(stream, trio.SSLStream):
+            # getpeercert() is empty unless the handshake verified the certificate
+            # against the configured CA, so these names are vouched for.
             cert = stream.getpeercert()
             if cert:
-                subject = {k: v for rdn in cert.get("subject", ()) for (k, v) in rdn}
-                names = [v for (k, v) in cert.get("subjectAltName", ()) if k == "DNS"]
-                if "commonName" in subject:
-                    names.insert(0, subject["commonName"])
-                info["tls_subject"] = subject
-                info["tls_names"] = names
-        return info
+                subject = cert.get("subject", ())
+                names = [v for rdn in subject for (k, v) in rdn if k == "commonName"]
+                names += [v for (k, v) in cert.get("subjectAltName", ()) if k == "DNS"]
+                identity = dataclasses.replace(identity, cert_names=tuple(names))
+        return identity
 
 
 class _TlsListener(StreamListener):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Sequence
-from typing import Any
 
 import trio
 
@@ -28,6 +27,7 @@ from shared.transport._fdpass import (
     rights_pieces,
     send_with_fds,
 )
+from shared.transport._identity import PeerIdentity, peercred_identity
 
 __all__ = ["StreamFrameTransport", "UnixFrameTransport"]
 
@@ -165,27 +165,19 @@ class StreamFrameTransport(FrameTransport):
             sock = getattr(inner, "socket", None)
         return sock
 
-    def peer_identity(self) -> dict[str, Any]:
+    def peer_identity(self) -> PeerIdentity:
         sock = self._socket()
-        info: dict[str, Any] = {"transport": self._name}
         if sock is not None and sock.family == socket.AF_UNIX:
+            return peercred_identity(sock, self._name)
+        address: str | None = None
+        if sock is not None:
             try:
-                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            except OSError as exc:
-                info["peercred_error"] = str(exc)
-            else:
-                pid, uid, gid = (
-                    int.from_bytes(creds[0:4], "little"),
-                    int.from_bytes(creds[4:8], "little"),
-                    int.from_bytes(creds[8:12], "little"),
-                )
-                info.update(pid=pid, uid=uid, gid=gid)
-        elif sock is not None:
-            try:
-                info["peer"] = sock.getpeername()
-            except OSError as exc:
-                info["peer_error"] = str(exc)
-        return info
+                peer = sock.getpeername()
+            except OSError:
+                peer = None
+            if isinstance(peer, tuple) and len(peer) >= 2:
+                address = f"{peer[0]}:{peer[1]}"
+        return PeerIdentity(self._name, address=address)
 
     def describe(self) -> str:
         return self._name

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from pciback.testing import TEST_TOKEN
 from shared.errors import ErrorCode
 from shared.protocol import (
     Connection,
@@ -131,7 +132,7 @@ async def raw_guest(address: str, guest: str) -> AsyncIterator[RawGuest]:
     transport = await open_transport(address, TransportOptions())
     async with transport:
         conn = Connection(Role.CLIENT, limits=Limits(max_message_size=1 << 21), guest=guest)
-        await transport.send_frame(conn.hello())
+        await transport.send_frame(conn.hello(TEST_TOKEN))
         welcome = conn.receive(await transport.receive_frame())
         assert isinstance(welcome, Welcome), welcome
         frame_size = min(conn.limits.max_message_size, conn.peer_limits.max_message_size)

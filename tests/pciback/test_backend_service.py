@@ -13,7 +13,7 @@ import trustme
 
 import pcifront
 from pciback.config import parse_config
-from pciback.testing import running_backend
+from pciback.testing import TEST_TOKEN, running_backend
 from shared.errors import ErrorCode, RemoteProtocolError
 from shared.protocol import (
     Connection,
@@ -63,7 +63,7 @@ async def test_edu_through_the_whole_stack(kind: str, tmp_path: Path) -> None:
             transports=(kind,),
             tmp=tmp_path,
         ) as rb,
-        pcifront.connect(rb.address(kind), guest="guest0") as bus,
+        pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus,
     ):
         (edu,) = bus.devices
         assert await edu.bar_read(0, 0x04, 4) == 0xFFFFFFFF  # ~0 at power-on
@@ -248,11 +248,11 @@ async def test_plain_tcp_needs_explicit_permission(tmp_path: Path) -> None:
         text, transports=("tcp",), tmp=tmp_path, allow_plain_tcp=False
     ) as rb:
         with pytest.raises(pcifront.HandshakeError) as info:
-            async with pcifront.connect(rb.address("tcp"), guest="guest0"):
+            async with pcifront.connect(rb.address("tcp"), guest="guest0", token=TEST_TOKEN):
                 pass
         assert info.value.code is ErrorCode.ACCESS_DENIED and "allow_plain_tcp" in str(info.value)
     async with running_backend(text, transports=("tcp",), tmp=tmp_path) as rb:
-        async with pcifront.connect(rb.address("tcp"), guest="guest0") as bus:
+        async with pcifront.connect(rb.address("tcp"), guest="guest0", token=TEST_TOKEN) as bus:
             assert bus.devices[0].vendor_id == 0x1234
 
 
@@ -284,7 +284,7 @@ async def test_tls_client_certificate_names_the_guest(tmp_path: Path) -> None:
                 rb.address("tls"), guest="guest1", options=TransportOptions(ssl_context=client_ctx)
             ):
                 pass
-        assert info.value.code is ErrorCode.ACCESS_DENIED and "guest0" in str(info.value)
+        assert info.value.code is ErrorCode.NOT_AUTHORIZED and "guest0" in str(info.value)
 
 
 async def test_backend_goodbye_reaches_waiting_requests_as_connection_lost(

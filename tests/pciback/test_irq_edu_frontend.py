@@ -12,7 +12,7 @@ import pytest
 import trio
 
 import pcifront
-from pciback.testing import running_backend
+from pciback.testing import TEST_TOKEN, running_backend
 
 CONFIG = """
 [[guest]]
@@ -32,7 +32,7 @@ FD_KINDS = ("unix", "shm")
 async def test_interrupt_driven_factorial(kind: str, mode: str, tmp_path: Path) -> None:
     async with (
         running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address(kind), guest="guest0") as bus,
+        pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus,
     ):
         (edu,) = bus.devices
         async with edu.interrupts(mode=mode, vectors=1) as irqs:
@@ -59,7 +59,7 @@ async def test_interrupt_driven_factorial(kind: str, mode: str, tmp_path: Path) 
 async def test_dma_round_trip(kind: str, tmp_path: Path) -> None:
     async with (
         running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address(kind), guest="guest0") as bus,
+        pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus,
     ):
         (edu,) = bus.devices
         payload = bytes(range(100))

@@ -199,7 +199,7 @@ async def test_device_that_left_the_guest_never_interrupts_it() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert alpha.interrupts == []
         reply = await alpha.request(lambda rid: InterruptEoiRequest(rid, EDU, 0))
-        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.NOT_FOUND
+        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.DEVICE_REMOVED
         assert rb.backend.irq.device(dev).bound_guest is None
 
 

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 import pcifront
-from pciback.testing import running_backend
+from pciback.testing import TEST_TOKEN, running_backend
 from shared.errors import ErrorCode
 from shared.protocol import (
     Connection,
@@ -71,7 +71,7 @@ async def edu_dma(
 @pytest.mark.parametrize("kind", ["unix", "memory", "tcp"])
 async def test_dma_round_trip_through_edu(kind: str, tmp_path: Path) -> None:
     async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
-        async with pcifront.connect(rb.address(kind), guest="guest0") as bus:
+        async with pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus:
             dev = bus.devices[0]
             async with dev.interrupts(mode="msi") as irqs, await bus.dma_map(8192) as buf:
                 assert buf.shared is (kind == "unix")
@@ -94,7 +94,7 @@ async def test_dma_outside_every_buffer_is_reported_on_dma_faults(
     kind: str, tmp_path: Path
 ) -> None:
     async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
-        async with pcifront.connect(rb.address(kind), guest="guest0") as bus:
+        async with pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus:
             dev = bus.devices[0]
             async with dev.interrupts(mode="msi") as irqs, await bus.dma_map(4096) as buf:
                 buf.write(0, b"\xaa" * 4096)
@@ -244,7 +244,7 @@ def load_edu_driver() -> Callable[[str, str, int], Awaitable[int]]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    drive: Callable[[str, str, int], Awaitable[int]] = module.drive
+    drive: Callable[[str, str, int, bytes], Awaitable[int]] = module.drive
     return drive
 
 
@@ -254,7 +254,7 @@ async def test_edu_driver_example(
 ) -> None:
     drive = load_edu_driver()
     async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
-        assert await drive(rb.address(kind), "guest0", 10) == 3628800
+        assert await drive(rb.address(kind), "guest0", 10, TEST_TOKEN) == 3628800
     out = capsys.readouterr().out
     assert "factorial(10) = 3628800 (interrupt-driven)" in out
     delivery = "inband" if kind == "tcp" else "eventfd"

@@ -47,6 +47,11 @@ def pack(*fields: Any) -> bytes:
     return bytes(msgpack.packb(list(fields), use_bin_type=True))
 
 
+def guest_token(guest: str) -> bytes:
+    """The token each guest of the suite's backend has (its ``token_file``; used over tcp)."""
+    return f"sec-suite-token-{guest}-0000".encode()
+
+
 def hello(
     guest: str = ATTACKER,
     *,
@@ -56,7 +61,8 @@ def hello(
     features: Sequence[str] = FEATURES,
 ) -> bytes:
     limits = [max_message_size, max_in_flight]
-    return pack(HELLO, version[0], version[1], list(features), limits, guest)
+    token = guest_token(guest) if isinstance(guest, str) else b""
+    return pack(HELLO, version[0], version[1], list(features), limits, guest, token)
 
 
 def goodbye(code: int = 0, message: str = "bye") -> bytes:

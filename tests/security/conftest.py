@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 import trio
+from _hostile import guest_token
 
 import pcifront
 from pcifront import ConnectionLostError, RequestError
@@ -63,10 +64,12 @@ listen = [{listen}]
 [[guest]]
 name = "guest0"
 allow_plain_tcp = true
+token_file = "guest0.token"
 
 [[guest]]
 name = "guest1"
 allow_plain_tcp = true
+token_file = "guest1.token"
 
 [[device]]
 id = "edu0"
@@ -99,6 +102,9 @@ class BackendProcess:
         self.workdir = workdir
         listen = [f"unix:{workdir / 'b.sock'}", f"shm:{workdir / 'b-shm.sock'}", "tcp://127.0.0.1:0"]
         config = workdir / "backend.toml"
+        for guest in ("guest0", "guest1"):
+            (workdir / f"{guest}.token").write_bytes(guest_token(guest))
+            (workdir / f"{guest}.token").chmod(0o600)
         config.write_text(CONFIG.format(listen=", ".join(json.dumps(a) for a in listen)))
         self.log_path = workdir / "backend.log"
         self._log = self.log_path.open("ab")
@@ -317,7 +323,9 @@ async def sentinel(
     ``rss_slack`` bytes.
     """
     assert backend.alive(), f"backend died before the attack:\n{backend.log_tail()}"
-    async with pcifront.connect(backend.address(kind), guest="guest0", timeout=latency) as bus:
+    async with pcifront.connect(
+        backend.address(kind), guest="guest0", timeout=latency, token=guest_token("guest0")
+    ) as bus:
         await probe(bus)
         watch = Watch(backend, bus, fds_before=backend.fds(), rss_before=backend.rss())
         stop = trio.Event()

@@ -71,7 +71,7 @@ def test_config_read_wire_form_is_a_flat_array() -> None:
 
 def test_nested_values_are_arrays_codes_are_ints_bytes_are_bin() -> None:
     hello = Hello(1, 2, ("a", "b"), Limits(4096, 8), "g")
-    assert msgpack.unpackb(encode(hello)) == [0x01, 1, 2, ["a", "b"], [4096, 8], "g"]
+    assert msgpack.unpackb(encode(hello)) == [0x01, 1, 2, ["a", "b"], [4096, 8], "g", b""]
     err = ErrorReply(9, ErrorCode.BUSY, "later")
     assert msgpack.unpackb(encode(err)) == [0x43, 9, 7, "later"]
     dev = DeviceInfo(1, 2, 3, 4, 5, 6, 7, 8, bytes(64))
@@ -177,11 +177,13 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("bool where bool wanted is fine but int is not", raw(0x11, 1, 1), "expected a boolean"),
     ("unknown error code", raw(0x43, 1, 999, "x"), "unknown error code 999"),
     ("error code OK in ErrorReply", raw(0x43, 1, 0, "x"), "must not be OK"),
-    ("limits not an array", raw(0x01, 1, 0, [], 65536, "g"), "Limits"),
-    ("limits out of range", raw(0x01, 1, 0, [], [1, 1], "g"), "max_message_size"),
-    ("features not strings", raw(0x01, 1, 0, [1], [65536, 8], "g"), "array of strings"),
-    ("bad guest name", raw(0x01, 1, 0, [], [65536, 8], "a b"), "guest"),
-    ("empty guest name", raw(0x01, 1, 0, [], [65536, 8], ""), "guest"),
+    ("limits not an array", raw(0x01, 1, 0, [], 65536, "g", b""), "Limits"),
+    ("limits out of range", raw(0x01, 1, 0, [], [1, 1], "g", b""), "max_message_size"),
+    ("features not strings", raw(0x01, 1, 0, [1], [65536, 8], "g", b""), "array of strings"),
+    ("bad guest name", raw(0x01, 1, 0, [], [65536, 8], "a b", b""), "guest"),
+    ("empty guest name", raw(0x01, 1, 0, [], [65536, 8], "", b""), "guest"),
+    ("token too long", raw(0x01, 1, 0, [], [65536, 8], "g", b"x" * 257), "token"),
+    ("token not bytes", raw(0x01, 1, 0, [], [65536, 8], "g", "secret"), "token"),
     ("invalid utf-8", b"\x93\x04\x00\xa2\xff\xfe", "UTF-8"),
     ("huge str header", b"\x93\x04\x00\xdb\xff\xff\xff\xff", "undecodable"),
     ("huge bin header", b"\x93\x04\x00\xc6\xff\xff\xff\xff", "undecodable"),
@@ -224,7 +226,7 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("call result too few fields", raw(0x80, 1, 0), "takes 3 fields, got 2"),
     ("call result over the chunk", raw(0x80, 1, 0, b"x" * (MAX_DMA_CHUNK + 1)), "max_bin_len"),
     ("unknown call result tag", raw(0x9F, 1, 0, b""), "unknown message type 0x9f"),
-    ("long array", raw(0x01, 1, 0, ["a"] * 300, [65536, 8], "g"), "exceeds max_array_len"),
+    ("long array", raw(0x01, 1, 0, ["a"] * 300, [65536, 8], "g", b""), "exceeds max_array_len"),
     ("nested depth bomb", NESTED_BOMB, "nested too deeply"),
     ("deep but legal depth", b"\x91" * 500 + b"\x00", "tag must be an integer"),
     ("deep value", raw(0x41, 1, [[[[[[[[1]]]]]]]]), "expected an integer, got tuple"),
@@ -378,3 +380,16 @@ def test_structured_garbage_decodes_or_raises_protocol_error(item: tuple[int, An
 @given(messages)
 def test_generated_messages_round_trip(msg: Message) -> None:
     assert decode(encode(msg), max_size=BIG) == msg
+
+
+def test_hello_token_is_an_optional_trailing_field() -> None:
+    # A 1.0 frontend's Hello has no token: it still decodes, with an empty one.
+    old = decode(raw(0x01, 1, 0, [], [65536, 8], "g"), max_size=BIG)
+    assert isinstance(old, Hello) and old.token == b""
+    new = decode(raw(0x01, 1, 0, [], [65536, 8], "g", b"secret"), max_size=BIG)
+    assert isinstance(new, Hello) and new.token == b"secret"
+    assert "secret" not in repr(new)
+    with pytest.raises(RemoteProtocolError, match=r"Hello \(tag 0x01\) takes 5-6 fields, got 7"):
+        decode(raw(0x01, 1, 0, [], [65536, 8], "g", b"", 1), max_size=BIG)
+    with pytest.raises(RemoteProtocolError, match="takes 5-6 fields, got 4"):
+        decode(raw(0x01, 1, 0, [], [65536, 8]), max_size=BIG)

@@ -137,7 +137,7 @@ def test_client_refuses_welcome_with_another_major_naming_both_versions() -> Non
     [
         (Welcome(1, 5, (), Limits(), "guest0"), "newer than"),
         (Welcome(1, 0, ("secret",), Limits(), "guest0"), "did not offer"),
-        (Welcome(1, 0, (), Limits(), "guest1"), "we asked for 'guest0'"),
+        (Welcome(1, 0, (), Limits(), "guest1"), "frontend asked for 'guest0'"),
     ],
 )
 def test_client_refuses_inconsistent_welcome(welcome: Welcome, needle: str) -> None:

@@ -86,7 +86,7 @@ async def test_handshake_runs_on_the_socket_then_frames_move_to_the_ring(tmp_pat
             nursery.start_soon(lambda: server.start_session(is_server=True, max_frame_size=4096))
             await client.start_session(is_server=False, max_frame_size=4096)
         assert (client.session_started, server.session_started) == (True, True)
-        assert server.peer_identity()["pid"] == os.getpid()
+        assert server.peer_identity().pid == os.getpid()
         for i in range(50):
             await client.send_frame(b"c%d" % i)
             await server.send_frame(b"s%d" % i)

@@ -1,0 +1,248 @@
+"""``connect(..., reconnect=True)``: a bus that outlives its connections.
+
+When the connection to the backend is lost (the backend restarted, was
+killed, the network broke), a :class:`Reconnector` reconnects with
+exponential back-off (:class:`ReconnectPolicy`), re-handshakes, and
+re-enumerates: the new bus snapshot is compared with ``bus.devices`` and the
+differences are reported as device changes (``bus.changes()``), while
+devices that are still there keep their :class:`~pcifront.Device` objects.
+
+What happens to requests across a reconnect:
+
+* a request that never left this process waits for the new connection and
+  is sent there (bounded by ``connect``'s ``timeout``);
+* a **read** (config and BAR reads, snapshots, pings) whose reply was lost
+  is sent again: reading twice has no effect a guest can see;
+* a **write** (config and BAR writes, resets, interrupt and DMA control)
+  whose reply was lost fails with :class:`~pcifront.OutcomeUnknownError`:
+  the backend may or may not have applied it, and replaying it blindly could
+  apply it twice. It is never reported as a success.
+
+State that lived in the old backend session does not survive: active
+``interrupts()`` blocks end (their ``receive()`` raises
+``trio.ClosedResourceError``) and DMA buffers are unmapped. Enter the block
+or map the buffer again after the reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from pcifront._errors import ConnectionLostError, HandshakeError, OutcomeUnknownError
+from shared.errors import ErrorCode, RemoteProtocolError
+from shared.protocol import Connection, Reply, Request
+from shared.transport import FrameTransport, TransportConnectError
+
+if TYPE_CHECKING:
+    from pcifront._client import Bus, Device
+
+__all__ = ["ReconnectPolicy", "Reconnector", "LinkEvent", "dial_with_backoff"]
+
+log = logging.getLogger("pcisplit.frontend")
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """The connection went ``"down"`` or came back ``"up"`` (``pcifront agent`` prints these).
+
+    ``attempt`` counts connection attempts since the link went down (0 for
+    ``"down"``); ``detail`` says why it went down, or where it came back.
+    """
+
+    state: str
+    detail: str
+    attempt: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"event": self.state, "detail": self.detail, "attempt": self.attempt}
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How ``connect(..., reconnect=...)`` retries after the connection is lost.
+
+    The first attempt is made at once, then after ``initial_delay`` seconds,
+    each delay ``factor`` times the last, at most ``max_delay``. A backend
+    that refuses the handshake (e.g. the guest is no longer configured) ends
+    the retries (requests then fail with :class:`~pcifront.ConnectionLostError`
+naming the refusal), except a ``BUSY`` refusal, which is retried. ``on_link`` is
+    called (from the reconnecting task; it must not block) with a
+    :class:`LinkEvent` each time the link goes down or comes back up.
+    """
+
+    initial_delay: float = 0.1
+    max_delay: float = 10.0
+    factor: float = 2.0
+    on_link: Callable[[LinkEvent], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 < self.initial_delay <= self.max_delay < math.inf) or not self.factor >= 1:
+            raise ValueError(
+                "ReconnectPolicy needs 0 < initial_delay <= max_delay < inf and factor >= 1, got "
+                f"initial_delay={self.initial_delay}, max_delay={self.max_delay}, "
+                f"factor={self.factor}"
+            )
+
+    def delays(self) -> list[float]:
+        """The first few delays (for documentation and tests)."""
+        out, delay = [0.0], self.initial_delay
+        while len(out) < 8:
+            out.append(delay)
+            delay = min(delay * self.factor, self.max_delay)
+        return out
+
+
+Dial = Callable[[], Awaitable[tuple[FrameTransport, Connection]]]
+
+
+class Reconnector:
+    """Keeps one :class:`~pcifront.Bus` connected; retries its requests by the rules above."""
+
+    def __init__(self, bus: Bus, dial: Dial, policy: ReconnectPolicy) -> None:
+        self._bus = bus
+        self._dial = dial
+        self.policy = policy
+        self._up = trio.Event()
+        self._up.set()  # connect() hands over a connected bus
+        self._final: BaseException | None = None
+        self.closing = False
+        #: Successful reconnects so far.
+        self.reconnects = 0
+
+    # ------------------------------------------------------------------ requests
+
+    async def call(
+        self, make: Callable[[int], Request], *, idempotent: bool, device: Device | None
+    ) -> Reply:
+        """``bus._call(make)``, carried across reconnects (see the module docstring)."""
+        bus = self._bus
+        timeout = bus._timeout
+        deadline = trio.current_time() + (math.inf if timeout is None else timeout)
+        while True:
+            await self._wait_up(deadline)
+            if device is not None and device._removed is not None:
+                from pcifront._changes import removed_error
+
+                raise removed_error(device)
+            try:
+                return await bus._call(make)
+            except ConnectionLostError as exc:
+                if self.closing or self._final is not None:
+                    raise
+                if exc.request_sent is False or idempotent:
+                    continue  # wait for the new connection and send it (again)
+                raise OutcomeUnknownError(
+                    f"the connection to the backend was lost before it answered this write "
+                    f"({exc}); it may or may not have been applied, and it is not replayed: "
+                    "read the device back, then decide whether to write again"
+                ) from exc
+
+    def _mark_down(self) -> None:
+        # A new event only if the current one is set: tasks may already wait on it.
+        if self._up.is_set():
+            self._up = trio.Event()
+
+    async def _wait_up(self, deadline: float) -> None:
+        if self._bus._lost is not None and self._final is None and not self.closing:
+            self._mark_down()  # lost, and run() has not noticed yet
+        while not self._up.is_set():
+            if self._final is not None or self.closing:
+                break
+            with trio.move_on_at(deadline):
+                await self._up.wait()
+            if not self._up.is_set() and trio.current_time() >= deadline:
+                raise ConnectionLostError(
+                    f"the backend has been unreachable for longer than the {self._bus._timeout} "
+                    "s timeout; still reconnecting (raise timeout= in connect() to wait longer)",
+                    request_sent=False,
+                )
+        if self._final is not None:
+            raise ConnectionLostError(str(self._final), request_sent=False)
+
+    # ------------------------------------------------------------------ the link
+
+    def _link(self, event: LinkEvent) -> None:
+        if self.policy.on_link is not None:
+            self.policy.on_link(event)
+
+    def mark_up(self) -> None:
+        """The new connection is attached and re-enumerated: let requests through."""
+        self._up.set()
+
+    async def run(self, serve: Callable[[bool], Awaitable[None]]) -> None:
+        """Serve the current connection; on loss, reconnect and serve again, until closed.
+
+        ``serve(reenumerate)`` runs the bus's per-connection tasks and returns
+        when the connection is gone; after a reconnect (``reenumerate`` True)
+        it re-enumerates the bus first and then calls :meth:`mark_up`.
+        """
+        bus = self._bus
+        reenumerate = False
+        while True:
+            await serve(reenumerate)
+            if self.closing:
+                return
+            reason = bus._lost or "the connection ended"
+            self._mark_down()
+            log.warning("connection to the backend lost (%s); reconnecting", reason)
+            self._link(LinkEvent("down", reason))
+            await bus._detach_connection()
+            try:
+                attempt = await self._reconnect()
+            except HandshakeError as exc:
+                # The backend is back but refuses this guest: retrying cannot help.
+                log.error("reconnecting failed for good: %s", exc)
+                self._final = exc
+                self._link(LinkEvent("failed", str(exc)))
+                bus._changes.end(str(exc), lost=True)
+                self._up.set()
+                return
+            self.reconnects += 1
+            self._link(LinkEvent("up", bus.transport.describe(), attempt))
+            reenumerate = True
+
+    async def _reconnect(self) -> int:
+        transport, conn, attempt = await dial_with_backoff(self._dial, self.policy)
+        self._bus._attach_connection(transport, conn)
+        return attempt
+
+
+async def dial_with_backoff(
+    dial: Dial, policy: ReconnectPolicy
+) -> tuple[FrameTransport, Connection, int]:
+    """Call ``dial()`` until it connects, sleeping ``policy``'s back-off between attempts.
+
+    Returns the transport, the connection and the number of attempts. A
+    refused handshake ends it (:class:`~pcifront.HandshakeError`), except a
+    ``BUSY`` refusal.
+    """
+    delay = 0.0
+    attempt = 0
+    while True:
+        if delay:
+            await trio.sleep(delay)
+        attempt += 1
+        try:
+            transport, conn = await dial()
+        except HandshakeError as exc:
+            if exc.code is not ErrorCode.BUSY:
+                raise
+            log.info("connection attempt %d: the backend is busy: %s", attempt, exc)
+        except (
+            ConnectionLostError,
+            TransportConnectError,
+            RemoteProtocolError,
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
+            log.info("connection attempt %d failed: %s", attempt, exc)
+        else:
+            return transport, conn, attempt
+        delay = policy.initial_delay if not delay else min(delay * policy.factor, policy.max_delay)

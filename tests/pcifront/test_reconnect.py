@@ -1,0 +1,248 @@
+"""``connect(..., reconnect=True)``: backend restarts, retried reads, writes never replayed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import trio
+import trio.testing
+
+import pcifront
+from pciback.config import BackendConfig, GuestConfig
+from pciback.service import Backend
+from pciback.testing._kit import make_test_config
+
+CONFIG = """
+[[guest]]
+name = "alpha"
+[[device]]
+id = "edu0"
+model = "edu"
+guest = "alpha"
+[[device]]
+id = "edu1"
+model = "edu"
+"""
+
+EDU_ID = 0x11E81234
+LIVENESS = 0x04  # edu BAR0 register: reads back the inverse of the last value written
+
+
+class Restartable:
+    """A backend on a fixed address that the test can kill and start again."""
+
+    def __init__(self, nursery: trio.Nursery, config: BackendConfig) -> None:
+        self.nursery = nursery
+        self.config = config
+        self.address = config.listen[0]
+        self.backend: Backend | None = None
+        self._scope: trio.CancelScope | None = None
+
+    async def start(self, config: BackendConfig | None = None) -> Backend:
+        backend = Backend(config or self.config)
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+            with scope:
+                await backend.serve(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.backend, self._scope = backend, scope
+        return backend
+
+    async def kill(self) -> None:
+        assert self._scope is not None
+        self._scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+
+
+def fast_policy(links: list[pcifront.LinkEvent]) -> pcifront.ReconnectPolicy:
+    return pcifront.ReconnectPolicy(initial_delay=0.05, max_delay=0.4, on_link=links.append)
+
+
+@pytest.fixture
+def config() -> BackendConfig:
+    return make_test_config(CONFIG, transports=("memory",), tmp=None)
+
+
+async def test_a_read_made_while_the_backend_is_down_waits_and_succeeds(
+    autojump_clock: trio.testing.MockClock, config: BackendConfig
+) -> None:
+    links: list[pcifront.LinkEvent] = []
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery, config)
+        await server.start()
+        async with pcifront.connect(
+            server.address, guest="alpha", reconnect=fast_policy(links)
+        ) as bus:
+            dev = bus.devices[0]
+            await server.kill()
+            assert not bus.connected
+            assert [e.state for e in links] == ["down"]
+            result: list[int] = []
+
+            async def read() -> None:
+                result.append(await dev.config_read(0, 4))
+
+            nursery.start_soon(read)
+            await trio.sleep(1.0)  # several back-off attempts find nobody
+            assert result == []
+            await server.start()
+            while not result:
+                await trio.sleep(0.05)
+            assert result == [EDU_ID]
+            assert [e.state for e in links] == ["down", "up"] and links[1].attempt > 1
+            assert bus.statistics().reconnects == 1
+            # Re-enumerated: the device is the same, so it keeps its Device object.
+            assert bus.devices == [dev] and not dev.removed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_whose_reply_was_lost_raises_outcome_unknown_and_is_not_replayed(
+    autojump_clock: trio.testing.MockClock, config: BackendConfig
+) -> None:
+    links: list[pcifront.LinkEvent] = []
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery, config)
+        backend = await server.start()
+        async with pcifront.connect(
+            server.address, guest="alpha", reconnect=fast_policy(links)
+        ) as bus:
+            dev = bus.devices[0]
+            lock = backend.registry.get("edu0").lock
+            outcome: list[BaseException] = []
+            read_back: list[int] = []
+
+            async def write() -> None:
+                try:
+                    await dev.bar_write(0, LIVENESS, 4, 0x5A5A5A5A)
+                except pcifront.ConnectionLostError as exc:
+                    outcome.append(exc)
+
+            async def read() -> None:
+                read_back.append(await dev.bar_read(0, LIVENESS, 4))
+
+            # The backend receives both and waits for the device; then it dies.
+            await lock.acquire()
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            await server.kill()
+            lock.release()
+            (error,) = outcome
+            assert isinstance(error, pcifront.OutcomeUnknownError)
+            assert error.request_sent is True
+            assert "not replayed" in str(error)
+            # The read is retried on the new backend. Had the write been replayed,
+            # the liveness register would read back ~0x5A5A5A5A.
+            backend2 = await server.start()
+            while not read_back:
+                await trio.sleep(0.05)
+            assert read_back == [0xFFFFFFFF]
+            assert backend2.registry.get("edu0").provider.bar_read(0, LIVENESS, 4) == 0xFFFFFFFF
+            # And a write made on the new connection goes through normally.
+            await dev.bar_write(0, LIVENESS, 4, 1)
+            assert await dev.bar_read(0, LIVENESS, 4) == 0xFFFFFFFE
+        nursery.cancel_scope.cancel()
+
+
+async def test_reenumeration_reports_the_devices_that_changed(
+    autojump_clock: trio.testing.MockClock, config: BackendConfig
+) -> None:
+    links: list[pcifront.LinkEvent] = []
+    both = replace(config, devices=tuple(replace(d, guest="alpha") for d in config.devices))
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery, config)
+        await server.start()
+        async with pcifront.connect(
+            server.address, guest="alpha", reconnect=fast_policy(links)
+        ) as bus:
+            first = bus.devices[0]
+            changes = bus.changes()
+            reason = "re-enumerated after reconnecting"
+            # Restarted with edu1 assigned as well: one device more.
+            await server.kill()
+            await server.start(both)
+            added = await changes.__anext__()
+            assert (added.kind, added.address, added.reason) == (
+                pcifront.ChangeKind.ADDED, "0000:00:01.0", reason
+            )
+            assert bus.devices == [first, added.device]
+            assert await added.device.config_read(0, 4) == EDU_ID
+            # Restarted with the original config again: that device is gone.
+            await server.kill()
+            await server.start()
+            removed = await changes.__anext__()
+            assert (removed.kind, removed.device, removed.reason) == (
+                pcifront.ChangeKind.REMOVED, added.device, reason
+            )
+            assert bus.devices == [first]
+            with pytest.raises(pcifront.DeviceRemovedError):
+                await added.device.config_read(0, 4)
+            assert [e.state for e in links] == ["down", "up", "down", "up"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_backend_that_refuses_the_guest_after_a_restart_ends_the_retries(
+    autojump_clock: trio.testing.MockClock, config: BackendConfig
+) -> None:
+    links: list[pcifront.LinkEvent] = []
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery, config)
+        await server.start()
+        async with pcifront.connect(
+            server.address, guest="alpha", reconnect=fast_policy(links)
+        ) as bus:
+            changes = bus.changes()
+            await server.kill()
+            other = replace(
+                config,
+                guests={"beta": GuestConfig("beta", False)},
+                devices=tuple(replace(d, guest=None) for d in config.devices),
+            )
+            await server.start(other)
+            with pytest.raises(pcifront.ConnectionLostError, match="UNKNOWN_GUEST"):
+                await changes.__anext__()
+            with pytest.raises(pcifront.ConnectionLostError, match="UNKNOWN_GUEST"):
+                await bus.devices[0].config_read(0, 4)
+            assert [e.state for e in links] == ["down", "failed"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_without_reconnect_a_lost_connection_ends_changes_and_wait_changed(
+    config: BackendConfig,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery, config)
+        await server.start()
+        async with pcifront.connect(server.address, guest="alpha") as bus:
+            changes = bus.changes()
+            await server.kill()
+            with pytest.raises(pcifront.ConnectionLostError):
+                await changes.__anext__()
+            with pytest.raises(pcifront.ConnectionLostError):
+                await bus.wait_changed()
+            with pytest.raises(pcifront.ConnectionLostError) as info:
+                await bus.devices[0].config_read(0, 4)
+            assert not isinstance(info.value, pcifront.OutcomeUnknownError)
+            assert info.value.request_sent is False
+        nursery.cancel_scope.cancel()
+
+
+async def test_changes_end_when_the_guest_closes_the_bus(config: BackendConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery, config)
+        await server.start()
+        async with pcifront.connect(server.address, guest="alpha", reconnect=True) as bus:
+            changes = bus.changes()
+        assert [c async for c in changes] == []
+        nursery.cancel_scope.cancel()
+
+
+def test_policy_delays_grow_exponentially_up_to_the_cap() -> None:
+    policy = pcifront.ReconnectPolicy(initial_delay=0.1, max_delay=1.0, factor=2.0)
+    assert policy.delays() == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="initial_delay"):
+        pcifront.ReconnectPolicy(initial_delay=0)
