@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared.pci import walk_capabilities  # noqa: E402
+from _common import instrumented
+
+with instrumented(__name__, ["shared.pci"]):
+    from shared.pci import walk_capabilities
 
 
 def test_one_input(data: bytes) -> None:

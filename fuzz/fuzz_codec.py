@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared.protocol import MalformedMessageError, decode, encode  # noqa: E402
+from _common import instrumented
+
+with instrumented(__name__, ["shared.protocol"]):
+    from shared.protocol import MalformedMessageError, decode, encode
 
 LIMIT = 65536
 

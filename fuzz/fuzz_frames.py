@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared.errors import RemoteProtocolError  # noqa: E402
-from shared.protocol import FrameDecoder, encode_frame  # noqa: E402
+from _common import instrumented
+
+with instrumented(__name__, ["shared.protocol"]):
+    from shared.errors import RemoteProtocolError
+    from shared.protocol import FrameDecoder, encode_frame
 
 LIMIT = 1024
 

@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pciback.devices import EduDevice, SnapshotDevice  # noqa: E402
-from pciback.policy import PolicedDevice, PolicyConfig, Preset  # noqa: E402
-from shared.errors import PcisplitError  # noqa: E402
+from _common import instrumented
+
+with instrumented(__name__, ["pciback.policy", "shared.pci"]):
+    from pciback.devices import EduDevice, SnapshotDevice
+    from pciback.policy import PolicedDevice, PolicyConfig, Preset
+    from shared.errors import PcisplitError
 
 DUMP = Path(__file__).resolve().parent.parent / "tests/data/pcidata/eth_intel_82576_sriov.txt"
 GUEST_COMMAND_BITS = 0x0007

@@ -12,15 +12,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shared.ring import (  # noqa: E402
-    RING_CTRL_SIZE,
-    RingConsumer,
-    RingCorruptError,
-    RingFullError,
-    RingProducer,
-    RingSpec,
-)
+from _common import instrumented
+
+with instrumented(__name__, ["shared.ring"]):
+    from shared.ring import (
+        RING_CTRL_SIZE,
+        RingConsumer,
+        RingCorruptError,
+        RingFullError,
+        RingProducer,
+        RingSpec,
+    )
 
 SIZE = 4096
 MAX_RECORD = 1024

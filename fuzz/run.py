@@ -73,15 +73,18 @@ def main() -> int:
     for name in args.targets or TARGETS:
         result = run_target(name, args.seconds, extra)
         results.append(result)
-        rate = (result["executions"] or 0) / max(float(result["seconds"]), 1e-9)  # type: ignore[arg-type]
+        seconds = float(str(result["seconds"]))
+        rate = int(str(result["executions"] or 0)) / max(seconds, 1e-9)
+        crashed = f"  CRASH -> fuzz/regressions/{name}/" if result["crashes"] else ""
         print(
-            f"{name:8} {result['executions']!s:>10} executions in {result['seconds']:>6} s "
-            f"({rate:,.0f}/s)  exit {result['exit_code']}"
-            + (f"  CRASH -> fuzz/regressions/{name}/{result['crashes']}" if result["crashes"] else ""),
+            f"{name:8} {result['executions']!s:>10} executions in {seconds:>6} s "
+            f"({rate:,.0f}/s)  exit {result['exit_code']}{crashed}",
             flush=True,
         )
     summary = {
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": (
+            f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        ),
         "results": results,
     }
     (WORK / "results.json").write_text(json.dumps(summary, indent=2))

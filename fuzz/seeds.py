@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPO, corpus_dir  # noqa: E402
+from _common import REPO, corpus_dir
 
-from shared.errors import DumpFormatError, ErrorCode  # noqa: E402
-from shared.pci import parse_dump  # noqa: E402
-from shared.protocol import (  # noqa: E402
+from shared.errors import DumpFormatError, ErrorCode
+from shared.pci import parse_dump
+from shared.protocol import (
     BarReadRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
@@ -33,7 +33,7 @@ from shared.protocol import (  # noqa: E402
     encode,
     encode_frame,
 )
-from shared.ring import RingProducer, RingSpec, initialise_ring  # noqa: E402
+from shared.ring import RingProducer, RingSpec, initialise_ring
 
 
 def _write(name: str, blobs: list[bytes]) -> None:

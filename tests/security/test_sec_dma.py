@@ -170,18 +170,23 @@ async def test_shared_windows_with_bad_memfds(backend, fd_kind):
 
 @pytest.mark.xfail(strict=True, reason=CRASH4)
 async def test_unmap_answered_after_the_connection_failed(backend):
-    # unix: only: there both frames arrive in one read, which makes the order deterministic.
+    # unix: only: there both frames arrive in one read. trio randomises the order of tasks
+    # woken together, so the race is tried several times (one crash is enough).
     async with sentinel(backend, "unix"):
-        async with peer(backend.address("unix"), handshake=True) as p:
-            rid = Rid()
-            edu = await _edu_ready(p, rid)
-            window = await _map(p, rid, 4096)
-            await _start_dma(p, rid, edu, window, 64)
-            call = await _next(p, DmaReadCall)  # in flight until we answer it
-            await p.send(pack(DMA_UNMAP, rid(), window))  # answered once that DMA is done
-            # The answer completes the DMA, and the fatal frame right behind it (same
-            # write) fails the connection before the unmap task gets to send its reply.
-            await p.send_many(
-                [pack(DMA_RESULT, call.call_id, 0, b"x" * call.length), pack(PING, -1)]
-            )
-            await p.until_closed()
+        for _ in range(CRASH4_ROUNDS):
+            async with peer(backend.address("unix"), handshake=True) as p:
+                rid = Rid()
+                edu = await _edu_ready(p, rid)
+                window = await _map(p, rid, 4096)
+                await _start_dma(p, rid, edu, window, 64)
+                call = await _next(p, DmaReadCall)  # in flight until we answer it
+                await p.send(pack(DMA_UNMAP, rid(), window))  # answered once that DMA is done
+                # The answer completes the DMA, and the fatal frame right behind it (same
+                # write) fails the connection before the unmap task gets to send its reply.
+                await p.send_many(
+                    [pack(DMA_RESULT, call.call_id, 0, b"x" * call.length), pack(PING, -1)]
+                )
+                await p.until_closed()
+
+
+CRASH4_ROUNDS = 8
