@@ -50,8 +50,9 @@ FUZZ_SECONDS ?= 60
 fuzz: install
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
 
+# `make bench QUICK=1` runs a short version (fewer iterations; same figures).
 bench: install
-	$(VENV)/bin/python -m benchmarks
+	$(VENV)/bin/python -m benchmarks $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .fuzz-work

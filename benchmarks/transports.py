@@ -1,22 +1,20 @@
 """Transport benchmarks: latency and throughput of config reads through the whole stack.
 
-Every number is measured in one run, against the floor measured in the same
-run: a raw trio eventfd ping-pong between two processes, with no protocol.
-The backend runs as a real ``pciback serve`` process; this process is the guest.
+Every number is divided by floors measured in the same run (``_floor``). The
+backend runs as a real ``pciback serve`` process; this process is the guest.
 
-Measures, per transport (unix, shm, tcp, tls):
+Measures, per transport (unix, shm, tcp, tls), with the trio client:
 - QD1 round trip p50/p99 of a 4-byte config read (frontend API -> backend -> edu model);
 - QD1 throughput (at most one request in flight, like Xen's single-slot pcifront);
-- QD32 pipelined throughput (32 requests in flight).
+- QD32 pipelined throughput (32 requests in flight);
+and with the blocking client (``pcifront.blocking``) QD1 on every transport;
+and over ``shm:`` both clients again with polling on both sides.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,13 +26,13 @@ from typing import Any
 import trio
 
 import pcifront
-from benchmarks._floor import eventfd_floor
-from benchmarks._report import percentile_us, print_ratios, write_results
+from benchmarks._report import Floors, measure_floors, percentile_us, write_results
+from pcifront import blocking
 from shared.transport import TransportOptions, available_schemes
 
 TRANSPORTS = ("unix", "shm", "tcp", "tls")
-#: Adaptive-polling budgets (µs, both sides) measured against polling off.
-POLL_VARIANTS_US = (20, 100)
+#: Polling budget (µs, both sides) of the "poll" variants, measured against polling off.
+POLL_US = 50.0
 
 
 @dataclass
@@ -134,58 +132,44 @@ async def _measure(address: str, options: TransportOptions, qd1: int, qd32_total
     )
 
 
-def _ratio_rows(floor_p50: float, by: dict[str, Result]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    shm, unix = by.get("shm"), by.get("unix")
-    if shm is not None:
-        rows.append(
-            dict(
-                measure="shm QD1 p50 / eventfd floor p50",
-                value=shm.qd1_p50_us / floor_p50,
-                target="<= 1.5",
-                met=shm.qd1_p50_us / floor_p50 <= 1.5,
-            )
-        )
-        ratio = shm.qd32_ops_per_s / shm.qd1_ops_per_s
-        rows.append(
-            dict(
-                measure="shm QD32 throughput / shm QD1 throughput",
-                value=ratio,
-                target=">= 4",
-                met=ratio >= 4,
-            )
-        )
-    if shm is not None and unix is not None:
-        ratio = unix.qd1_p50_us / shm.qd1_p50_us
-        rows.append(
-            dict(
-                measure="unix QD1 p50 / shm QD1 p50",
-                value=ratio,
-                target=">= 1.25",
-                met=ratio >= 1.25,
-            )
-        )
-    for name, res in sorted(by.items()):
-        rows.append(
-            dict(
-                measure=f"{name} QD1 p50 / eventfd floor p50",
-                value=res.qd1_p50_us / floor_p50,
-                target="(info)",
-                met=None,
-            )
-        )
-    return rows
+def _measure_blocking(address: str, options: TransportOptions, poll_us: float, qd1: int) -> Result:
+    """QD1 of the blocking client (no pipelining: it has one caller at a time)."""
+    with blocking.connect(
+        address, guest="guest0", options=options, poll_us=poll_us, token=BENCH_TOKEN
+    ) as bus:
+        dev = bus.devices[0]
+        for _ in range(200):  # warm-up
+            dev.config_read(0, 4)
+        samples = []
+        clock = time.perf_counter_ns
+        start_all = clock()
+        for _ in range(qd1):
+            start = clock()
+            dev.config_read(0, 4)
+            samples.append(clock() - start)
+        elapsed = (clock() - start_all) / 1e9
+    return Result(
+        transport=address.split(":", 1)[0],
+        qd1_p50_us=percentile_us(samples, 0.50),
+        qd1_p99_us=percentile_us(samples, 0.99),
+        qd1_ops_per_s=qd1 / elapsed,
+        qd32_ops_per_s=0.0,
+    )
 
 
-def main(*, quick: bool = False) -> int:
+def run(floors: Floors, *, quick: bool = False) -> dict[str, Any]:
+    """Every transport figure, as a dict (``results`` by variant name) for the summary."""
     qd1 = 1000 if quick else 5000
     qd32_total = 3200 if quick else 32000
-    floor = eventfd_floor(2000 if quick else 20000)
-    floor_p50, floor_p99 = percentile_us(floor, 0.5), percentile_us(floor, 0.99)
     schemes = set(available_schemes())
     wanted = [t for t in TRANSPORTS if t in schemes]
     missing = [t for t in TRANSPORTS if t not in schemes]
     results: dict[str, Result] = {}
+
+    def keep(name: str, res: Result) -> None:
+        res.transport = name
+        results[name] = res
+
     with tempfile.TemporaryDirectory(prefix="pcisplit-bench-") as tmpdir:
         tmp = Path(tmpdir)
         client_ctx = _write_tls(tmp)
@@ -193,54 +177,46 @@ def main(*, quick: bool = False) -> int:
         try:
             for kind in wanted:
                 opts = TransportOptions(ssl_context=client_ctx if kind == "tls" else None)
-                results[kind] = trio.run(_measure, addresses[kind], opts, qd1, qd32_total)
+                keep(kind, trio.run(_measure, addresses[kind], opts, qd1, qd32_total))
+            for kind in wanted:
+                opts = TransportOptions(ssl_context=client_ctx if kind == "tls" else None)
+                keep(f"{kind} blocking", _measure_blocking(addresses[kind], opts, 0.0, qd1))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
         if "shm" in wanted:
-            # Adaptive polling on both sides, measured against the same floor.
-            for poll in POLL_VARIANTS_US:
-                proc, addresses = _start_backend(tmp, ["shm"], poll_us=poll, tag=f"-poll{poll}")
-                try:
-                    opts = TransportOptions(poll_us=poll)
-                    res = trio.run(_measure, addresses["shm"], opts, qd1, qd32_total)
-                    res.transport = f"shm+poll{poll}"
-                    results[res.transport] = res
-                finally:
-                    proc.terminate()
-                    proc.wait(timeout=30)
-    print(
-        f"\npcisplit transport benchmark ({platform.node()}, {os.cpu_count()} CPUs, "
-        f"python {platform.python_version()})"
-    )
-    print(
-        f"floor: trio eventfd ping-pong between two processes: p50 {floor_p50:.1f} us, "
-        f"p99 {floor_p99:.1f} us\n"
-    )
-    print(
-        f"{'transport':<10}{'QD1 p50 us':>12}{'QD1 p99 us':>12}{'QD1 ops/s':>12}{'QD32 ops/s':>12}"
-    )
+            # Polling on both sides (the backend's [transport] shm_poll_us, the client's
+            # poll_us=), measured against the same floors.
+            proc, addresses = _start_backend(tmp, ["shm"], poll_us=POLL_US, tag="-poll")
+            try:
+                address = addresses["shm"]
+                opts = TransportOptions(poll_us=POLL_US)
+                keep("shm poll", trio.run(_measure, address, opts, qd1, qd32_total))
+                keep(
+                    "shm blocking poll",
+                    _measure_blocking(address, TransportOptions(), POLL_US, qd1),
+                )
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    print(f"\n{'transport (4-byte config reads)':<22}{'QD1 p50 us':>11}{'QD1 p99 us':>11}"
+          f"{'QD1 ops/s':>11}{'QD32 ops/s':>11}{'p50/trio floor':>15}")
     for res in results.values():
+        qd32 = f"{res.qd32_ops_per_s:>11.0f}" if res.qd32_ops_per_s else f"{'-':>11}"
         print(
-            f"{res.transport:<10}{res.qd1_p50_us:>12.1f}{res.qd1_p99_us:>12.1f}"
-            f"{res.qd1_ops_per_s:>12.0f}{res.qd32_ops_per_s:>12.0f}"
+            f"{res.transport:<22}{res.qd1_p50_us:>11.1f}{res.qd1_p99_us:>11.1f}"
+            f"{res.qd1_ops_per_s:>11.0f}{qd32}{res.qd1_p50_us / floors.trio_p50:>15.2f}"
         )
     if missing:
         print(f"(not measured, transport unavailable: {', '.join(missing)})")
-    rows = _ratio_rows(floor_p50, results)
-    print_ratios(rows)
-    write_results(
-        "transports",
-        {
-            "floor": {
-                "p50_us": floor_p50,
-                "p99_us": floor_p99,
-                "median_us": statistics.median(floor) / 1000,
-            },
-            "results": [asdict(r) for r in results.values()],
-            "ratios": rows,
-        },
-    )
+    print(f"(polling variants: {POLL_US:g} us budget on both sides)")
+    return {"poll_us": POLL_US, "results": {name: asdict(r) for name, r in results.items()}}
+
+
+def main(*, quick: bool = False) -> int:
+    floors = measure_floors(quick=quick)
+    out = run(floors, quick=quick)
+    write_results("transports", {"floors": asdict(floors), **out})
     return 0
 
 

@@ -467,9 +467,16 @@ def load_config(path: str | Path) -> BackendConfig:
     """Read and validate a config file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigFileError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start]:#04x}); "
+            "TOML files must be saved as UTF-8"
+        ) from exc
     return parse_config(text, source=str(path), base=path.parent.resolve())
 
 

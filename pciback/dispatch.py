@@ -336,22 +336,22 @@ class Dispatcher:
         """Take the device's lock.
 
         Accesses are synchronous, so while we hold the lock without awaiting, nothing
-        else can touch the device. When the lock is free we take it with
-        ``acquire_nowait`` and skip a scheduler round trip on this hot path; when a
-        background task (a model's slow operation) holds it, we wait our turn.
+        else can touch the device. The lock is a :class:`~shared.sync.FastLock`:
+        when it is free taking it costs no scheduler round trip on this hot path;
+        when a background task (a model's slow operation) holds it, we wait our turn.
         """
         dev = self._device(packed)
-        if dev.lock.locked():
-            await dev.lock.acquire()
-            if dev.guest != self.guest or dev.address is None or dev.address.pack() != packed:
-                # Hot-unplugged while we waited: the guest must not touch it any more.
-                dev.lock.release()
-                raise DeviceRemovedError(
-                    f"the device at {dev.leaving_address or packed} was hot-unplugged from "
-                    f"guest {self.guest!r}'s bus while this request waited for it"
-                )
-        else:
-            dev.lock.acquire_nowait()
+        waited = dev.lock.locked()
+        await dev.lock.acquire()
+        if waited and (
+            dev.guest != self.guest or dev.address is None or dev.address.pack() != packed
+        ):
+            # Hot-unplugged while we waited: the guest must not touch it any more.
+            dev.lock.release()
+            raise DeviceRemovedError(
+                f"the device at {dev.leaving_address or packed} was hot-unplugged from "
+                f"guest {self.guest!r}'s bus while this request waited for it"
+            )
         return dev
 
     @staticmethod

@@ -28,6 +28,7 @@ from pciback.policy import AuditLog
 from pciback.runtime import DeviceDmaPort, DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError, did_you_mean
 from shared.pci import PciAddress
+from shared.sync import FastLock
 
 __all__ = [
     "MODELS",
@@ -90,7 +91,7 @@ class ServedDevice:
     access: DeviceAccess = field(default=None)  # type: ignore[assignment]
     guest: str | None = None
     address: PciAddress | None = None  # on the guest's virtual bus
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    lock: FastLock = field(default_factory=FastLock)
     runtime: DeviceRuntime | None = None
     #: The guest it is being removed from: off that guest's bus, not yet reset and
     #: free (between :meth:`DeviceRegistry.detach` and :meth:`DeviceRegistry.release`).

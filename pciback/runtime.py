@@ -10,6 +10,7 @@ from typing import Protocol
 import trio
 
 from pciback.devices import DeviceContext, InterruptSink
+from shared.sync import FastLock
 
 __all__ = ["DeviceRuntime", "DeviceDmaPort"]
 
@@ -40,7 +41,7 @@ class DeviceRuntime(DeviceContext):
     def __init__(
         self,
         device_id: str,
-        lock: trio.Lock,
+        lock: FastLock,
         nursery: trio.Nursery,
         *,
         interrupts: InterruptSink | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import ssl
@@ -17,7 +18,7 @@ from pciback.identity import authorize
 from pciback.irq import InterruptLimits, IrqRouter
 from pciback.registry import DeviceRegistry
 from pciback.session import GuestSession
-from shared.errors import ConfigFileError, ErrorCode, PcisplitError, RemoteProtocolError
+from shared.errors import ConfigFileError, ErrorCode, PcisplitError, RemoteProtocolError, reason
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
     HOTPLUG_FEATURE,
@@ -28,6 +29,7 @@ from shared.protocol import (
 from shared.transport import (
     FrameListener,
     FrameTransport,
+    TransportConnectError,
     TransportOptions,
     get_scheme,
     open_listener,
@@ -71,17 +73,38 @@ def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
     if config.tls is None or config.tls.ca is None:
         return None
     tls = config.tls
+    for key, path in (("cert", tls.cert), ("key", tls.key), ("ca", tls.ca)):
+        if not path.is_file():
+            raise ConfigFileError(f"{config.source}: tls.{key}: {path}: no such file")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(f"tls.cert: cannot load {tls.cert} with {tls.key}: {exc}") from exc
+        raise ConfigFileError(
+            f"{config.source}: tls.cert {tls.cert} / tls.key {tls.key}: cannot load them "
+            f"({reason(exc)}); both must be PEM files and the key must match the certificate"
+        ) from exc
     try:
         ctx.load_verify_locations(str(tls.ca))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(f"tls.ca: cannot load {tls.ca}: {exc}") from exc
+        raise ConfigFileError(
+            f"{config.source}: tls.ca {tls.ca}: not a PEM CA certificate ({reason(exc)})"
+        ) from exc
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def _listen_hint(exc: OSError) -> str:
+    """What to do when ``address`` cannot be bound."""
+    if exc.errno == errno.EADDRINUSE:
+        return "something already listens there (another pciback?); stop it or pick another address"
+    if exc.errno == errno.ENOENT:
+        return "its directory does not exist; create it or pick another path"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; run as a user allowed to listen there or pick another address"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "this machine has no such address; use one of its own or 0.0.0.0"
+    return "check the address"
 
 
 class Backend:
@@ -163,7 +186,15 @@ class Backend:
             )
         try:
             for address in self.addresses:
-                listener = await open_listener(address, self._options(address))
+                try:
+                    listener = await open_listener(address, self._options(address))
+                except (OSError, TransportConnectError) as exc:
+                    cause = exc if isinstance(exc, OSError) else exc.__cause__
+                    if not isinstance(cause, OSError):
+                        raise  # already says what to do
+                    raise TransportConnectError(
+                        f"cannot listen on {address}: {reason(cause)}; {_listen_hint(cause)}"
+                    ) from exc
                 self.listeners.append(listener)
                 self._set_socket_mode(listener.address)
                 log.info("listening on %s", listener.address)
@@ -202,7 +233,11 @@ class Backend:
                 transport = await listener.accept()
             except (trio.BrokenResourceError, OSError) as exc:
                 # A failed TLS handshake or an aborted connect affects that peer only.
-                log.warning("%s: connection failed before the handshake: %s", listener.address, exc)
+                log.warning(
+                    "%s: connection failed before the handshake: %s",
+                    listener.address,
+                    reason(exc.__cause__ or exc),
+                )
                 continue
             self.stats.connections_accepted += 1
             nursery.start_soon(self._serve_connection, transport, listener.address)

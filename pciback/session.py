@@ -48,6 +48,7 @@ from shared.protocol import (
     Reply,
     Request,
 )
+from shared.sync import CallTable, FastLock
 from shared.transport import FrameTransport
 
 if TYPE_CHECKING:
@@ -77,14 +78,6 @@ class SessionStatistics:
     fds_received: int = 0
 
 
-class _Call:
-    __slots__ = ("done", "result")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: DmaCallResult | None = None
-
-
 #: Most replies answered as one batch before they are sent (bounds reply latency).
 REPLY_BATCH = 32
 
@@ -112,10 +105,12 @@ class GuestSession:
         self.dispatcher = Dispatcher(registry, self.guest, session=self)
         self.stats = SessionStatistics()
         self._backend_stats = backend_stats
-        self._sending = False
-        self._send_waiters = trio.lowlevel.ParkingLot()
-        self._calls: dict[int, _Call] = {}
-        self._call_slot = trio.lowlevel.ParkingLot()
+        self._send_lock = FastLock()
+        # DMA calls awaiting the frontend's results; the Connection counts a call until
+        # its result comes (also after a time-out), so its limit decides when we are full.
+        self._calls: CallTable[DmaCallResult] = CallTable(
+            lambda: len(conn.outstanding_calls) >= conn.peer_limits.max_in_flight
+        )
         self._closed: str | None = None
         self._faults_in, self._faults_out = trio.open_memory_channel[DmaFaultEvent](FAULT_QUEUE)
         #: Hot-plug announcements to this guest and their acknowledgements.
@@ -134,18 +129,11 @@ class GuestSession:
     async def send(self, msg: Message) -> None:
         """Encode and send ``msg``; replies, events and calls are serialised here.
 
-        A flag and a parking lot rather than a ``trio.Lock``: uncontended (the
-        request hot path) this costs two attribute writes and no checkpoint.
+        A :class:`~shared.sync.FastLock`: uncontended (the request hot path) it
+        costs two attribute writes and no checkpoint.
         """
-        while self._sending:
-            await self._send_waiters.park()
-        self._sending = True
-        try:
+        async with self._send_lock:
             await self.transport.send_frame(self.conn.send(msg))
-        finally:
-            self._sending = False
-            if self._send_waiters:
-                self._send_waiters.unpark()
 
     def take_fds(self) -> list[int]:
         """The fds that came with the frame just received (the caller owns them)."""
@@ -239,17 +227,10 @@ class GuestSession:
             reply = replies.pop()
             await self.send(reply)
             return
-        while self._sending:
-            await self._send_waiters.park()
-        self._sending = True
-        try:
+        async with self._send_lock:
             frames = [self.conn.send(reply) for reply in replies]
             replies.clear()
             await self.transport.send_frames(frames)
-        finally:
-            self._sending = False
-            if self._send_waiters:
-                self._send_waiters.unpark()
 
     async def _answer_later(self, request: Request) -> None:
         reply = await self.dispatcher.dispatch(request)
@@ -300,9 +281,7 @@ class GuestSession:
     async def _close(self, reason: str) -> None:
         self._closed = reason
         self.changes.close()
-        for call in self._calls.values():
-            call.done.set()  # result None: the waiting DMA fails at once
-        self._call_slot.unpark_all()
+        self._calls.fail_all(reason)  # result None: the waiting DMA fails at once
         # Closing the transport wakes any task blocked sending to a guest that stopped
         # reading, so in-flight DMA can finish and the windows can go.
         await self.transport.aclose()
@@ -341,18 +320,15 @@ class GuestSession:
         self, make: Callable[[int], Message], bus_address: int, length: int, timeout: float
     ) -> DmaCallResult:
         deadline = trio.current_time() + timeout
+        calls = self._calls
         with trio.move_on_at(deadline):
-            while len(self.conn.outstanding_calls) >= self.conn.peer_limits.max_in_flight:
-                if self._closed is not None:
-                    break
-                await self._call_slot.park()
+            await calls.wait_slot()
         if self._closed is not None:
             raise DmaFaultError(
                 f"DMA at {bus_address:#x} abandoned: the guest's connection ended ({self._closed})"
             )
         cid = self.conn.next_call_id()
-        call = _Call()
-        self._calls[cid] = call
+        call = calls.open(cid)
         self.stats.dma_calls += 1
         try:
             # The send itself is not under the time-out: cancelling a half-sent frame
@@ -365,9 +341,9 @@ class GuestSession:
                     f"DMA at {bus_address:#x} abandoned: cannot reach the guest: {exc}"
                 ) from exc
             with trio.move_on_at(deadline) as scope:
-                await call.done.wait()
+                await calls.wait(call)
         finally:
-            del self._calls[cid]
+            calls.close(call)
         if scope.cancelled_caught:
             self.stats.dma_call_timeouts += 1
             raise DmaTimeoutError(
@@ -387,12 +363,7 @@ class GuestSession:
         return result
 
     def _resolve(self, result: DmaCallResult) -> None:
-        self._call_slot.unpark()
-        call = self._calls.get(result.call_id)
-        if call is None:
+        if self._calls.resolve(result.call_id, result) is None:
             # The call timed out before the answer came: the Connection accepted it as
             # outstanding, so it is legal, just too late to matter.
             self.stats.late_call_results += 1
-            return
-        call.result = result
-        call.done.set()

@@ -12,6 +12,7 @@
             print(change.kind, change.device)
 """
 
+from pcifront import blocking
 from pcifront._changes import ChangeKind, ChangesOverflowError, DeviceChange, DeviceChanges
 from pcifront._client import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
 from pcifront._dma import DmaBuffer, DmaError
@@ -39,10 +40,16 @@ from pcifront._lspci import LspciOptionError, filter_devices, format_listing, re
 from pcifront._pciids import PciIds
 from pcifront._reconnect import LinkEvent, ReconnectPolicy
 from pcifront._resources import Resource, UnclaimedAddressError
+from shared.cli import package_version
 from shared.errors import ErrorCode
 
+#: The installed pcisplit version (from the package metadata).
+__version__ = package_version()
+
 __all__ = [
+    "__version__",
     "connect",
+    "blocking",
     "Bus",
     "Device",
     "BusStatistics",

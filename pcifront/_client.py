@@ -18,16 +18,18 @@ ever blocks the task on a consumer, so replies keep flowing. With
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 
 from pcifront._changes import ChangeTracker, DeviceChanges, removed_error
+from pcifront._device import DeviceView
 from pcifront._dma import DmaBuffer, DmaSpace, map_buffer
 from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
-from pcifront._interrupts import InterruptModeError, Interrupts, open_interrupts
+from pcifront._interrupts import Interrupts, open_interrupts
+from pcifront._link import BusLink, BusStatistics, InterruptSink
 from pcifront._reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
 from pcifront._resources import DecodedResources, Resource, decode_device, route
 from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
@@ -61,7 +63,13 @@ from shared.protocol import (
     SnapshotRequest,
     ValueReply,
 )
-from shared.transport import FrameTransport, TransportOptions, open_transport
+from shared.sync import Call, CallTable, FastLock
+from shared.transport import (
+    FrameTransport,
+    TransportConnectError,
+    TransportOptions,
+    open_transport,
+)
 
 __all__ = ["connect", "Bus", "Device", "BusStatistics", "FRONTEND_FEATURES"]
 
@@ -77,43 +85,12 @@ _HEADER_SIZE = 0x48
 DMA_FAULT_BUFFER = 64
 
 
-class _Pending:
-    __slots__ = ("event", "reply", "started")
-
-    def __init__(self, started: float) -> None:
-        self.event = trio.Event()
-        self.reply: Reply | None = None
-        self.started = started
-
-
-@dataclass
-class BusStatistics:
-    """Counters of one connection. ``stray_interrupts``: fired while no block was active."""
-
-    requests_sent: int = 0
-    replies_received: int = 0
-    errors_received: int = 0
-    events_received: int = 0
-    max_in_flight_seen: int = 0
-    interrupt_events: int = 0
-    stray_interrupts: int = 0
-    dma_calls_answered: int = 0
-    dma_calls_faulted: int = 0
-    dma_faults: int = 0
-    dma_faults_unread: int = 0
-    #: Hot-plug events received (each acknowledged), and successful reconnects.
-    hotplug_events: int = 0
-    reconnects: int = 0
-
-
-class Device:
+class Device(DeviceView):
     """One function on the guest's virtual bus."""
 
     def __init__(self, bus: Bus, info: DeviceInfo) -> None:
+        super().__init__(info)
         self._bus = bus
-        self._packed = info.address
-        self.pci_address = PciAddress.unpack(info.address)
-        self.info = info
         # What the BARs decode now; dropped by any write to the header (BARs, Command).
         self._decoded: DecodedResources | None = None
         #: Why the device left the bus (hot-unplug, or gone after a reconnect); None while present.
@@ -137,33 +114,6 @@ class Device:
         if bus._reconnect is None:
             return await bus._call(make)
         return await bus._reconnect.call(make, idempotent=idempotent, device=self)
-
-    @property
-    def address(self) -> str:
-        """``DDDD:BB:DD.F`` on the virtual bus, e.g. ``0000:00:00.0``."""
-        return str(self.pci_address)
-
-    @property
-    def vendor_id(self) -> int:
-        return self.info.vendor_id
-
-    @property
-    def device_id(self) -> int:
-        return self.info.device_id
-
-    @property
-    def class_code(self) -> int:
-        """24 bits: base class, subclass, programming interface."""
-        return self.info.class_code
-
-    @property
-    def revision(self) -> int:
-        return self.info.revision
-
-    @property
-    def config(self) -> bytes | None:
-        """The config image from the last snapshot taken with ``include_config``."""
-        return self.info.config
 
     @property
     def bar_sizes(self) -> tuple[int, ...]:
@@ -229,13 +179,11 @@ class Device:
         ``await irqs.receive()`` returns the next :class:`~pcifront.Interrupt`
         and ``await irqs.eoi(irq)`` ends it (INTx: unmasks the line).
         """
-        return open_interrupts(self, mode, vectors)
+        return open_interrupts(self._bus._link, self, self._packed, self.address, mode, vectors)
 
-    def __repr__(self) -> str:
-        return (
-            f"<Device {self.address} {self.vendor_id:04x}:{self.device_id:04x} "
-            f"class {self.class_code:06x}>"
-        )
+
+#: Owner of the right to read the transport when no caller holds it: the reader task.
+_READER = object()
 
 
 class Bus:
@@ -247,22 +195,31 @@ class Bus:
         self._transport = transport
         self._conn = conn
         self._timeout = timeout
-        self._pending: dict[int, _Pending] = {}
-        self._send_lock = trio.Lock()
         self._max_in_flight = conn.peer_limits.max_in_flight
-        self._slot_free = trio.lowlevel.ParkingLot()
-        self._lost: str | None = None
+        self._calls: CallTable[Reply] = CallTable(self._full)
+        self._send_lock = FastLock()
+        # Who reads the transport: the reader task (_READER), a caller (its Call) or
+        # nobody yet (None). See _await_reply for why callers read for themselves.
+        self._owner: object = None
+        self._read_scope: trio.CancelScope | None = None
+        # True while the reader task is reading or routing (not merely woken up).
+        self._reader_busy = False
+        self._want: deque[Call[Reply]] = deque()
+        self._reader_idle = trio.lowlevel.ParkingLot()
         self._events_send, self.events = trio.open_memory_channel[Event](256)
         self._faults_send, self.dma_faults = trio.open_memory_channel[DmaFaultEvent](
             DMA_FAULT_BUFFER
         )
         self.devices: list[Device] = []
         self.stats = BusStatistics()
-        self._active_irqs: dict[int, Interrupts] = {}
-        self._stray_logged: set[int] = set()
         self._dma = DmaSpace()
-        #: Bound on the shielded InterruptDisableRequest when an interrupts() block ends.
-        self._disable_timeout = 10.0 if timeout is None else timeout
+        self._link = BusLink(
+            self._call,
+            features=conn.features,
+            can_pass_fds=transport.can_pass_fds,
+            disable_timeout=10.0 if timeout is None else timeout,
+            stats=self.stats,
+        )
         self._changes = ChangeTracker(self, lambda info: Device(self, info))
         #: Set by ``connect(..., reconnect=True)``.
         self._reconnect: Reconnector | None = None
@@ -280,6 +237,15 @@ class Bus:
     def features(self) -> tuple[str, ...]:
         """The optional features both sides support (``"interrupts"``, ``"dma"``...)."""
         return self._conn.features
+
+    @property
+    def _lost(self) -> str | None:
+        return self._calls.failed
+
+    @property
+    def _active_irqs(self) -> dict[int, InterruptSink]:
+        """Active interrupts blocks by packed address (read-only view for pcifront._changes)."""
+        return self._link.active
 
     def statistics(self) -> BusStatistics:
         stats = self.stats
@@ -322,36 +288,7 @@ class Bus:
                 ErrorCode.NOT_IMPLEMENTED,
                 "the backend did not offer the 'dma' feature; upgrade pciback",
             )
-        return await map_buffer(self, size, writable=writable)
-
-    # -- interrupt routing (receive-loop side) ------------------------------------------
-
-    def _attach_interrupts(self, device: Device, irqs: Interrupts) -> None:
-        self._active_irqs[device._packed] = irqs
-
-    def _detach_interrupts(self, device: Device, irqs: Interrupts) -> None:
-        if self._active_irqs.get(device._packed) is irqs:
-            del self._active_irqs[device._packed]
-
-    def _check_no_interrupts(self, device: Device) -> None:
-        if device._packed in self._active_irqs:
-            raise InterruptModeError(
-                f"{device.address} already has an active interrupts() block; leave it first"
-            )
-
-    def _count_stray(self, device: Device, count: int) -> None:
-        self._count_stray_packed(device._packed, count)
-
-    def _count_stray_packed(self, packed: int, count: int) -> None:
-        self.stats.stray_interrupts += count
-        if packed not in self._stray_logged:
-            # Logged once per device: a storm must not become a log storm.
-            self._stray_logged.add(packed)
-            log.warning(
-                "interrupt for device %s while no interrupts() block is active; counted in "
-                "statistics().stray_interrupts, not queued",
-                PciAddress.unpack(packed) if packed <= 0xFFFFFFFF else packed,
-            )
+        return await map_buffer(self._link, self._dma, size, writable=writable)
 
     def _on_fault(self, event: DmaFaultEvent) -> None:
         self.stats.dma_faults += 1
@@ -429,39 +366,117 @@ class Bus:
         else:
             await self._reconnect.call(PingRequest, idempotent=True, device=None)
 
+    # -- requests -------------------------------------------------------------------------
+
+    def _full(self) -> bool:
+        # The Connection counts a request until its reply comes, also after its caller
+        # gave up, so the backend's in-flight limit is never exceeded.
+        return self._conn.requests_in_flight >= self._max_in_flight
+
     async def _call(
         self, make: Callable[[int], Request], *, fds: list[int] | None = None
     ) -> Reply:
-        if self._lost is not None:
-            raise ConnectionLostError(self._lost, request_sent=False)
-        # Stay under the backend's in-flight limit. Parking only when full keeps the
-        # common path free of scheduler round trips (a Semaphore would yield every time).
-        while len(self._pending) >= self._max_in_flight:
-            await self._slot_free.park()
-            if self._lost is not None:
-                raise ConnectionLostError(self._lost, request_sent=False)
-        rid = self._conn.next_request_id()
-        frame = self._conn.send(make(rid))
-        pending = _Pending(trio.current_time())
-        self._pending[rid] = pending
+        calls = self._calls
+        if calls.failed is not None:
+            raise ConnectionLostError(calls.failed, request_sent=False)
+        # Parking only when full keeps the common path free of scheduler passes.
+        await calls.wait_slot()
+        if calls.failed is not None:
+            raise ConnectionLostError(calls.failed, request_sent=False)
+        conn = self._conn
+        rid = conn.next_request_id()
+        frame = conn.send(make(rid))
+        call = calls.open(rid, trio.current_time())
         stats = self.stats
         stats.requests_sent += 1
-        if len(self._pending) > stats.max_in_flight_seen:
-            stats.max_in_flight_seen = len(self._pending)
+        if len(calls) > stats.max_in_flight_seen:
+            stats.max_in_flight_seen = len(calls)
         try:
             await self._send(frame, fds)
-            await pending.event.wait()
+            await self._await_reply(call)
         finally:
-            # On cancellation the reply may still come; the receive loop accounts for it.
-            del self._pending[rid]
-            self._slot_free.unpark()
-        reply = pending.reply
+            # On cancellation the reply may still come; the routing counts it as late.
+            calls.close(call)
+        reply = call.result
         if reply is None:
-            raise ConnectionLostError(self._lost or "connection closed", request_sent=True)
+            raise ConnectionLostError(calls.failed or "connection closed", request_sent=True)
         if isinstance(reply, ErrorReply):
             stats.errors_received += 1
             raise error_for_code(reply.code, reply.message)
         return reply
+
+    async def _await_reply(self, call: Call[Reply]) -> None:
+        """Wait for ``call``'s reply, reading the transport ourselves when we can.
+
+        A reader task that hands each reply to the waiting caller costs the caller
+        an extra pass through the scheduler per request. So a caller reads the
+        transport itself whenever nobody else is reading (and routes whatever else
+        arrives: other callers' replies, events, DMA calls); when it has its reply it
+        passes the transport to the next caller that wants it, else back to the
+        reader task, which keeps events flowing while no request is outstanding.
+        With many in flight, callers that find the transport taken wait to be
+        handed their reply (or the transport).
+        """
+        calls = self._calls
+        try:
+            while call.result is None and calls.failed is None:
+                owner = self._owner
+                if (
+                    owner is None
+                    or owner is call
+                    or (owner is _READER and not self._reader_busy)
+                ):
+                    # Free, handed to us, or the reader task was woken but has not
+                    # started reading yet: read for ourselves (it parks again).
+                    self._owner = call
+                    await self._read_until(call)
+                    continue
+                if owner is _READER and self._read_scope is not None:
+                    self._read_scope.cancel()  # the reader steps aside and hands over
+                self._want.append(call)
+                try:
+                    await calls.wait(call)
+                finally:
+                    if call in self._want:
+                        self._want.remove(call)
+        finally:
+            if self._owner is call:
+                self._release()
+
+    def _pass_to_wanter(self) -> bool:
+        """Hand the transport to the first caller still waiting to read it."""
+        want = self._want
+        while want:
+            call = want.popleft()
+            if call.waiting and call.result is None:
+                self._owner = call
+                self._calls.wake(call)
+                return True
+        return False
+
+    def _release(self) -> None:
+        """The current reader stops: the next waiting caller reads, else the reader task."""
+        if not self._pass_to_wanter():
+            self._owner = _READER
+            self._reader_idle.unpark()
+
+    async def _read_until(self, call: Call[Reply]) -> None:
+        """As the transport's reader: route frames until ``call`` has its reply."""
+        transport = self._transport
+        while call.result is None and self._calls.failed is None:
+            frame: bytes | None = None
+            with trio.CancelScope() as scope:
+                self._read_scope = scope
+                try:
+                    frame = await transport.receive_frame()
+                except (trio.EndOfChannel, trio.BrokenResourceError,
+                        trio.ClosedResourceError) as exc:
+                    self._receive_failed(exc)
+                    return
+                finally:
+                    self._read_scope = None
+            if frame is not None:
+                await self._on_frames(frame)
 
     async def _watchdog(self) -> None:
         """Fail requests that waited longer than the timeout.
@@ -475,22 +490,20 @@ class Bus:
         while True:
             await trio.sleep(max(timeout / 4, 0.01))
             deadline = trio.current_time() - timeout
-            for pending in list(self._pending.values()):
-                if pending.started < deadline and not pending.event.is_set():
-                    pending.reply = ErrorReply(
+            for call in self._calls:
+                if call.started < deadline and call.result is None:
+                    self._calls.complete(call, ErrorReply(
                         0,
                         ErrorCode.TIMED_OUT,
                         f"no reply from the backend within {timeout} s; it may be overloaded "
                         "or stuck (raise timeout= in connect() if this is expected)",
-                    )
-                    pending.event.set()
+                    ))
+                    if self._owner is call and self._read_scope is not None:
+                        self._read_scope.cancel()  # it was reading for itself: stop
 
     async def _send(self, frame: bytes, fds: list[int] | None = None) -> None:
         lock = self._send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()
+        await lock.acquire()
         try:
             if fds:
                 await self._transport.send_frame_with_fds(frame, fds)
@@ -503,64 +516,22 @@ class Bus:
             lock.release()
 
     def _fail_all(self, reason: str) -> None:
-        if self._lost is None:
-            self._lost = reason
-        for pending in self._pending.values():
-            pending.event.set()
-        self._slot_free.unpark_all()
+        self._calls.fail_all(reason)
+        if self._read_scope is not None and self._owner is not _READER:
+            self._read_scope.cancel()
+        self._reader_idle.unpark_all()
 
-    async def _receive_loop(self) -> None:
-        conn, transport = self._conn, self._transport
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _on_frames(self, frame: bytes) -> None:
+        """Route ``frame`` and every frame already buffered after it (no pass each)."""
+        transport = self._transport
         try:
-            frame: bytes | None = None
-            while True:
-                # Replies that already arrived are taken without a scheduler round trip
-                # each; only an empty buffer makes us wait.
-                if frame is None:
-                    frame = await transport.receive_frame()
-                msg = conn.receive(frame)
-                frame = transport.receive_frame_nowait()
-                if isinstance(msg, Reply):
-                    self.stats.replies_received += 1
-                    pending = self._pending.get(msg.request_id)
-                    if pending is None:
-                        log.debug(
-                            "reply to request %d arrived after it was cancelled", msg.request_id
-                        )
-                        continue
-                    pending.reply = msg
-                    pending.event.set()
-                elif isinstance(msg, Event):
-                    stats = self.stats
-                    stats.events_received += 1
-                    if isinstance(msg, InterruptEvent):
-                        stats.interrupt_events += 1
-                        irqs = self._active_irqs.get(msg.device)
-                        if irqs is None:
-                            self._count_stray_packed(msg.device, msg.count)
-                        else:
-                            irqs._post(msg.vector, msg.count)
-                    elif isinstance(msg, (DmaReadCall, DmaWriteCall)):
-                        # A memory copy: answered inline, in order, via the one send path.
-                        await self._send(conn.send(self._dma.answer(msg)))
-                    elif isinstance(msg, DmaFaultEvent):
-                        self._on_fault(msg)
-                    elif isinstance(msg, (DeviceAddedEvent, DeviceRemovedEvent)):
-                        # Applied at once (never blocks), then acknowledged in order.
-                        stats.hotplug_events += 1
-                        self._changes.apply_event(msg)
-                        await self._send(conn.send(DeviceChangeAck(msg.change_id)))
-                    else:
-                        self._events_send.send_nowait(msg)
-                elif isinstance(msg, Goodbye):
-                    self._fail_all(
-                        f"backend closed the connection ({msg.code.name}): {msg.message}"
-                    )
+            next_frame: bytes | None = frame
+            while next_frame is not None:
+                if not await self._route(next_frame):
                     return
-        except trio.EndOfChannel:
-            self._fail_all("the backend closed the connection")
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._fail_all(f"connection to the backend broke: {exc}")
+                next_frame = transport.receive_frame_nowait()
         except trio.WouldBlock:
             self._fail_all("events arrived faster than the guest consumed them (256 buffered)")
         except RemoteProtocolError as exc:
@@ -568,6 +539,73 @@ class Bus:
             log.error("backend protocol violation: %s", exc)
         except ConnectionLostError:
             pass  # answering a DMA call found the connection gone; _send recorded why
+
+    async def _route(self, frame: bytes) -> bool:
+        """Apply one frame. False when the backend said goodbye."""
+        msg = self._conn.receive(frame)
+        stats = self.stats
+        if isinstance(msg, Reply):
+            stats.replies_received += 1
+            if self._calls.resolve(msg.request_id, msg) is None:
+                stats.late_replies += 1
+                log.debug("reply to request %d arrived after it was cancelled", msg.request_id)
+        elif isinstance(msg, Event):
+            stats.events_received += 1
+            if isinstance(msg, InterruptEvent):
+                self._link.route_interrupt(msg.device, msg.vector, msg.count)
+            elif isinstance(msg, (DmaReadCall, DmaWriteCall)):
+                # A memory copy: answered inline, in order, via the one send path.
+                await self._send(self._conn.send(self._dma.answer(msg)))
+            elif isinstance(msg, DmaFaultEvent):
+                self._on_fault(msg)
+            elif isinstance(msg, (DeviceAddedEvent, DeviceRemovedEvent)):
+                # Applied at once (never blocks), then acknowledged in order.
+                stats.hotplug_events += 1
+                self._changes.apply_event(msg)
+                await self._send(self._conn.send(DeviceChangeAck(msg.change_id)))
+            else:
+                self._events_send.send_nowait(msg)
+        elif isinstance(msg, Goodbye):
+            self._fail_all(f"backend closed the connection ({msg.code.name}): {msg.message}")
+            return False
+        return True
+
+    def _receive_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, trio.EndOfChannel):
+            self._fail_all("the backend closed the connection")
+        else:
+            self._fail_all(f"connection to the backend broke: {exc}")
+
+    async def _receive_loop(self) -> None:
+        """The reader task: reads while no caller does (events flow between requests)."""
+        transport = self._transport
+        try:
+            while self._calls.failed is None:
+                owner = self._owner
+                if owner is not None and owner is not _READER:
+                    await self._reader_idle.park()
+                    continue
+                if self._pass_to_wanter():
+                    continue
+                self._owner = _READER
+                frame: bytes | None = None
+                self._reader_busy = True
+                try:
+                    with trio.CancelScope() as scope:
+                        self._read_scope = scope
+                        try:
+                            frame = await transport.receive_frame()
+                        finally:
+                            self._read_scope = None
+                    if frame is None:
+                        # A caller asked for the transport: hand it over.
+                        self._release()
+                        continue
+                    await self._on_frames(frame)
+                finally:
+                    self._reader_busy = False
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._receive_failed(exc)
         finally:
             if self._reconnect is None:
                 self._faults_send.close()  # with reconnect: at aclose()
@@ -578,27 +616,27 @@ class Bus:
         """The connection is gone: close it, end what lived in its backend session."""
         with trio.CancelScope(shield=True):
             await self._transport.aclose()
-        for irqs in list(self._active_irqs.values()):
-            irqs._close()
-        self._active_irqs.clear()
+        self._link.close_all_interrupts()
         self._dma.release_all()
-        # Requests woken by _fail_all leave the id table as they run; the next
+        # Requests woken by _fail_all leave the call table as they run; the next
         # connection numbers its requests from 1 again, so wait for them to go.
         for _ in range(1000):
-            if not self._pending:
+            if not len(self._calls):
                 break
             await trio.lowlevel.checkpoint()
         else:
             log.warning(
-                "%d requests did not leave after the connection was lost", len(self._pending)
+                "%d requests did not leave after the connection was lost", len(self._calls)
             )
 
     def _attach_connection(self, transport: FrameTransport, conn: Connection) -> None:
         self._transport = transport
         self._conn = conn
         self._max_in_flight = conn.peer_limits.max_in_flight
-        self._stray_logged.clear()
-        self._lost = None
+        self._calls = CallTable(self._full)  # a fresh table: not failed, no calls
+        self._owner, self._read_scope, self._reader_busy = None, None, False
+        self._want.clear()
+        self._link.rebind(features=conn.features, can_pass_fds=transport.can_pass_fds)
 
     async def aclose(self) -> None:
         """Say goodbye and close the transport. Idempotent."""
@@ -618,7 +656,13 @@ class Bus:
 
 
 async def _handshake(
-    transport: FrameTransport, guest: str, limits: Limits, timeout: float | None, token: bytes
+    transport: FrameTransport,
+    guest: str,
+    limits: Limits,
+    timeout: float | None,
+    token: bytes,
+    *,
+    tls: bool,
 ) -> Connection:
     conn = Connection(Role.CLIENT, limits=limits, features=FRONTEND_FEATURES, guest=guest)
     try:
@@ -628,9 +672,14 @@ async def _handshake(
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
         cause = exc.__cause__ or exc.__context__
         detail = f" ({cause})" if cause is not None else ""
+        hint = (
+            "; over tls:// this usually means it refused our client certificate (pass "
+            "--cert/--key naming the guest)"
+            if tls
+            else "; is the address a pcisplit backend?"
+        )
         raise ConnectionLostError(
-            f"the backend closed the connection during the handshake{detail}; over tls:// this "
-            "usually means it refused our client certificate (pass --cert/--key naming the guest)"
+            f"the backend closed the connection during the handshake{detail}{hint}"
         ) from exc
     except trio.TooSlowError as exc:
         raise ConnectionLostError(
@@ -653,6 +702,7 @@ async def connect(
     limits: Limits | None = None,
     timeout: float | None = 60.0,
     include_config: bool = False,
+    poll_us: float | None = None,
     token: bytes | str | None = None,
     reconnect: bool | ReconnectPolicy = False,
 ) -> AsyncIterator[Bus]:
@@ -662,6 +712,10 @@ async def connect(
     ``tcp://host:port``, ``tls://host:port``, ``vsock://cid:port``, ``memory:name``).
     ``timeout`` bounds the handshake and each request (None: wait forever).
     ``include_config`` fetches every device's config image in the first snapshot.
+    ``poll_us`` (``shm:``): after each message, spin on the ring for up to that
+    many microseconds before sleeping on the doorbell; the spin runs in C with the
+    GIL released, and never while another task of this process is runnable. It
+    pays only on dedicated cores (see docs/performance.md).
     ``token`` is the guest's secret (the contents of its ``token_file``) for
     ``tcp://`` and ``vsock://`` backends; other transports prove the guest's
     identity themselves and need none.
@@ -674,11 +728,23 @@ async def connect(
     limits = limits or Limits()
     opts = options or TransportOptions()
     opts.max_frame_size = limits.max_message_size
+    if poll_us is not None:
+        opts.poll_us = poll_us
 
     async def dial() -> tuple[FrameTransport, Connection]:
-        transport = await open_transport(address, opts)
         try:
-            return transport, await _handshake(transport, guest, limits, timeout, secret.strip())
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                transport = await open_transport(address, opts)
+        except trio.TooSlowError:
+            raise TransportConnectError(
+                f"cannot connect to {address}: no answer within {timeout} s; is the address "
+                "right and the backend running?"
+            ) from None
+        try:
+            conn = await _handshake(
+                transport, guest, limits, timeout, secret.strip(), tls=address.startswith("tls:")
+            )
+            return transport, conn
         except BaseException:
             with trio.CancelScope(shield=True):
                 await transport.aclose()

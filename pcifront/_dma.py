@@ -24,10 +24,10 @@ import fcntl
 import logging
 import mmap
 import os
-from typing import TYPE_CHECKING
 
 import trio
 
+from pcifront._link import BusLink
 from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import (
     MAX_DMA_WINDOW,
@@ -38,9 +38,6 @@ from shared.protocol import (
     DmaWriteCall,
     ValueReply,
 )
-
-if TYPE_CHECKING:
-    from pcifront._client import Bus
 
 __all__ = ["DmaBuffer", "DmaError", "DmaSpace", "map_buffer"]
 
@@ -64,10 +61,11 @@ class DmaBuffer:
     """
 
     def __init__(
-        self, bus: Bus, memory: mmap.mmap, bus_address: int, size: int, *,
-        writable: bool, shared: bool,
+        self, link: BusLink, space: DmaSpace, memory: mmap.mmap, bus_address: int, size: int,
+        *, writable: bool, shared: bool,
     ) -> None:
-        self._bus = bus
+        self._link = link
+        self._space = space
         self._memory = memory
         self._view: memoryview | None = memoryview(memory)[:size]
         #: The address the device uses for this buffer (chosen by the backend).
@@ -119,11 +117,11 @@ class DmaBuffer:
             return
         self._unmapping = True
         try:
-            await self._bus._call(lambda rid: DmaUnmapRequest(rid, self.bus_address))
+            await self._link.call(lambda rid: DmaUnmapRequest(rid, self.bus_address))
         finally:
             # Even if the reply never comes the guest stops serving the buffer: a late
             # device access then faults instead of touching released memory.
-            self._bus._dma.remove(self)
+            self._space.remove(self)
             self._release()
 
     def _release(self) -> None:
@@ -243,15 +241,15 @@ def _shared_memory(size: int) -> tuple[int, mmap.mmap]:
         raise
 
 
-async def map_buffer(bus: Bus, size: int, *, writable: bool) -> DmaBuffer:
+async def map_buffer(link: BusLink, space: DmaSpace, size: int, *, writable: bool) -> DmaBuffer:
     """Map ``size`` bytes for device DMA (see :meth:`pcifront.Bus.dma_map`)."""
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_DMA_WINDOW:
         raise DmaError(f"DMA buffer size must be 1..{MAX_DMA_WINDOW} bytes, not {size!r}")
-    shared = bus.transport.can_pass_fds
+    shared = link.can_pass_fds
     if shared:
         fd, memory = _shared_memory(size)
         try:
-            reply = await bus._call(
+            reply = await link.call(
                 lambda rid: DmaMapRequest(rid, size, writable, shared=True), fds=[fd]
             )
         except BaseException:
@@ -262,11 +260,11 @@ async def map_buffer(bus: Bus, size: int, *, writable: bool) -> DmaBuffer:
     else:
         memory = mmap.mmap(-1, size)
         try:
-            reply = await bus._call(lambda rid: DmaMapRequest(rid, size, writable))
+            reply = await link.call(lambda rid: DmaMapRequest(rid, size, writable))
         except BaseException:
             memory.close()
             raise
     assert isinstance(reply, ValueReply)
-    buf = DmaBuffer(bus, memory, reply.value, size, writable=writable, shared=shared)
-    bus._dma.add(buf)
+    buf = DmaBuffer(link, space, memory, reply.value, size, writable=writable, shared=shared)
+    space.add(buf)
     return buf

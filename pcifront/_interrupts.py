@@ -26,11 +26,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from pcifront._errors import NotImplementedOpError
+from pcifront._link import BusLink, InterruptRoutes
 from shared.errors import ErrorCode, PcisplitError
 from shared.evtchn import EventfdPort
 from shared.protocol import (
@@ -46,12 +46,13 @@ from shared.protocol import (
     ValueReply,
 )
 
-if TYPE_CHECKING:
-    from pcifront._client import Bus, Device
-
 __all__ = [
     "Interrupt",
     "Interrupts",
+    "VectorCounts",
+    "check_interrupt_args",
+    "check_mask_args",
+    "check_free",
     "InterruptStatistics",
     "InterruptModeError",
     "MODES",
@@ -95,42 +96,47 @@ class InterruptStatistics:
     pending_vectors: int
 
 
-class Interrupts:
-    """The interrupts of one device while its ``interrupts()`` block is active.
+class VectorCounts:
+    """Pending interrupt counts of one device's enabled vectors (trio and blocking API).
 
-    Get one from :meth:`pcifront.Device.interrupts`; do not build it yourself.
+    One slot per vector, so the buffer is bounded by the vector count: a storm
+    only makes the counts grow; nothing is dropped, nothing queues without bound.
     """
 
-    def __init__(self, device: Device, mode: str, vectors: int) -> None:
-        self._device = device
+    def __init__(
+        self, address: str, mode: str, vectors: int, on_stray: Callable[[int], None]
+    ) -> None:
+        self._address = address
         self.mode = mode
         self._mode_code = MODES[mode]
         #: Vectors the backend granted (may be fewer than asked for MSI).
         self.vectors = vectors
         #: ``"eventfd"`` or ``"inband"``: how interrupts travel.
         self.delivery = "inband"
+        self._on_stray = on_stray
         self._counts = [0] * vectors
         self._ready: deque[int] = deque()  # vectors with a non-zero count, in arrival order
-        self._lot = trio.lowlevel.ParkingLot()
-        self._closed = False
         self._fired = 0
         self._delivered = 0
         self._coalesced = 0
         self._eois = 0
+        self._closed = False
 
-    @property
-    def device(self) -> Device:
-        return self._device
+    def _close(self) -> None:
+        """The block ended (or its connection did): receiving raises from now on."""
+        self._closed = True
 
-    # ------------------------------------------------------------------ arrivals
+    def _wake(self) -> None:
+        """A vector became pending (the trio block wakes its receiver)."""
+
     def _post(self, vector: int, count: int) -> None:
         """Record that ``vector`` fired ``count`` times. Never blocks; counts add up."""
         if not 0 <= vector < self.vectors:
             log.warning(
                 "%s: interrupt on vector %d, outside the %d enabled; counted as stray",
-                self._device.address, vector, self.vectors,
+                self._address, vector, self.vectors,
             )
-            self._device._bus._count_stray(self._device, count)
+            self._on_stray(count)
             return
         self._fired += count
         if self._counts[vector]:
@@ -138,20 +144,69 @@ class Interrupts:
         else:
             self._coalesced += count - 1
             self._ready.append(vector)
-            self._lot.unpark()
+            self._wake()
         self._counts[vector] += count
+
+    def _take(self) -> Interrupt | None:
+        if not self._ready:
+            return None
+        vector = self._ready.popleft()
+        count, self._counts[vector] = self._counts[vector], 0
+        self._delivered += 1
+        return Interrupt(vector, count)
+
+    def pending(self, vector: int) -> int:
+        """How many times ``vector`` fired since it was last received (0: nothing pending)."""
+        return self._counts[vector]
+
+    def statistics(self) -> InterruptStatistics:
+        return InterruptStatistics(
+            fired=self._fired,
+            delivered=self._delivered,
+            coalesced=self._coalesced,
+            eois=self._eois,
+            pending_vectors=len(self._ready),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self._address} {self.mode} x{self.vectors} "
+            f"via {self.delivery}>"
+        )
+
+
+class Interrupts(VectorCounts):
+    """The interrupts of one device while its ``interrupts()`` block is active.
+
+    Get one from :meth:`pcifront.Device.interrupts`; do not build it yourself.
+    """
+
+    def __init__(
+        self, link: BusLink, device: object, packed: int, address: str, mode: str, vectors: int
+    ) -> None:
+        super().__init__(address, mode, vectors, lambda count: link.count_stray(packed, count))
+        self._link = link
+        self._device = device
+        self._packed = packed
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def device(self) -> object:
+        """The :class:`~pcifront.Device` whose interrupts these are."""
+        return self._device
+
+    def _wake(self) -> None:
+        self._lot.unpark()
 
     # ------------------------------------------------------------------ guest API
     def receive_nowait(self) -> Interrupt:
         """The next pending interrupt, or :class:`trio.WouldBlock` if none is pending."""
         if self._closed:
             raise trio.ClosedResourceError("this interrupts() block has ended")
-        if not self._ready:
+        irq = self._take()
+        if irq is None:
             raise trio.WouldBlock
-        vector = self._ready.popleft()
-        count, self._counts[vector] = self._counts[vector], 0
-        self._delivered += 1
-        return Interrupt(vector, count)
+        return irq
 
     async def receive(self) -> Interrupt:
         """Wait for the next interrupt: its vector and how many times it fired."""
@@ -183,8 +238,8 @@ class Interrupts:
         if self._mode_code != IRQ_MODE_INTX:
             await trio.lowlevel.checkpoint()
             return
-        dev = self._device
-        await dev._bus._call(lambda rid: InterruptEoiRequest(rid, dev._packed, vector))
+        packed = self._packed
+        await self._link.call(lambda rid: InterruptEoiRequest(rid, packed, vector))
         self._eois += 1
 
     async def serve(
@@ -226,41 +281,13 @@ class Interrupts:
         await self._mask(FUNCTION_MASK_VECTOR, False)
 
     async def _mask(self, vector: int, masked: bool) -> None:
-        if self._mode_code == IRQ_MODE_INTX:
-            raise InterruptModeError(
-                "INTx has no vector masks; use eoi() to unmask the line, or MSI/MSI-X"
-            )
-        if vector == FUNCTION_MASK_VECTOR and self._mode_code != IRQ_MODE_MSIX:
-            raise InterruptModeError("only MSI-X has a function mask")
-        if vector != FUNCTION_MASK_VECTOR and not 0 <= vector < self.vectors:
-            raise InterruptModeError(
-                f"vector {vector} is outside the {self.vectors} enabled vector(s)"
-            )
-        dev = self._device
-        await dev._bus._call(lambda rid: InterruptMaskRequest(rid, dev._packed, vector, masked))
-
-    def pending(self, vector: int) -> int:
-        """How many times ``vector`` fired since it was last received (0: nothing pending)."""
-        return self._counts[vector]
-
-    def statistics(self) -> InterruptStatistics:
-        return InterruptStatistics(
-            fired=self._fired,
-            delivered=self._delivered,
-            coalesced=self._coalesced,
-            eois=self._eois,
-            pending_vectors=len(self._ready),
-        )
+        check_mask_args(self._mode_code, vector, self.vectors)
+        packed = self._packed
+        await self._link.call(lambda rid: InterruptMaskRequest(rid, packed, vector, masked))
 
     def _close(self) -> None:
-        self._closed = True
+        super()._close()
         self._lot.unpark_all()
-
-    def __repr__(self) -> str:
-        return (
-            f"<Interrupts {self._device.address} {self.mode} x{self.vectors} "
-            f"via {self.delivery}>"
-        )
 
 
 async def _pump_eventfd(irqs: Interrupts, vector: int, port: EventfdPort) -> None:
@@ -276,9 +303,8 @@ async def _pump_eventfd(irqs: Interrupts, vector: int, port: EventfdPort) -> Non
         seen = received
 
 
-@asynccontextmanager
-async def open_interrupts(device: Device, mode: str, vectors: int) -> AsyncIterator[Interrupts]:
-    """Enable ``mode`` on ``device`` for the block; disable it on the way out, always."""
+def check_interrupt_args(mode: str, vectors: int, features: tuple[str, ...]) -> int:
+    """The wire code of ``mode``, after checking ``mode``/``vectors`` (trio and blocking API)."""
     if mode not in MODES:
         raise InterruptModeError(f"unknown interrupt mode {mode!r}; use 'intx', 'msi' or 'msix'")
     if isinstance(vectors, bool) or not isinstance(vectors, int):
@@ -289,27 +315,53 @@ async def open_interrupts(device: Device, mode: str, vectors: int) -> AsyncItera
         raise InterruptModeError("INTx has exactly one vector; pass vectors=1")
     if mode == "msi" and (vectors > 32 or vectors & (vectors - 1)):
         raise InterruptModeError(f"MSI grants a power of two up to 32 vectors, not {vectors}")
-    bus: Bus = device._bus
-    if "interrupts" not in bus.features:
+    if "interrupts" not in features:
         raise NotImplementedOpError(
             ErrorCode.NOT_IMPLEMENTED,
             "the backend did not offer the 'interrupts' feature; upgrade pciback",
         )
-    bus._check_no_interrupts(device)
-    code = MODES[mode]
-    packed = device._packed
-    use_eventfds = bus.transport.can_pass_fds
+    return MODES[mode]
+
+
+def check_mask_args(mode_code: int, vector: int, vectors: int) -> None:
+    """The rules of mask/unmask (trio and blocking API)."""
+    if mode_code == IRQ_MODE_INTX:
+        raise InterruptModeError(
+            "INTx has no vector masks; use eoi() to unmask the line, or MSI/MSI-X"
+        )
+    if vector == FUNCTION_MASK_VECTOR and mode_code != IRQ_MODE_MSIX:
+        raise InterruptModeError("only MSI-X has a function mask")
+    if vector != FUNCTION_MASK_VECTOR and not 0 <= vector < vectors:
+        raise InterruptModeError(f"vector {vector} is outside the {vectors} enabled vector(s)")
+
+
+def check_free(link: InterruptRoutes, packed: int, address: str) -> None:
+    """One interrupts() block per device at a time (trio and blocking API)."""
+    if link.has_interrupts(packed):
+        raise InterruptModeError(
+            f"{address} already has an active interrupts() block; leave it first"
+        )
+
+
+@asynccontextmanager
+async def open_interrupts(
+    link: BusLink, device: object, packed: int, address: str, mode: str, vectors: int
+) -> AsyncIterator[Interrupts]:
+    """Enable ``mode`` on a device for the block; disable it on the way out, always."""
+    code = check_interrupt_args(mode, vectors, link.features)
+    check_free(link, packed, address)
+    use_eventfds = link.can_pass_fds
     ports: list[EventfdPort] = []
     try:
         if use_eventfds:
             ports = [EventfdPort(os.eventfd(0, _EVENTFD_FLAGS)) for _ in range(vectors)]
             fds = [port.fileno() for port in ports]
-            reply = await bus._call(
+            reply = await link.call(
                 lambda rid: InterruptEnableRequest(rid, packed, code, vectors, eventfds=True),
                 fds=fds,
             )
         else:
-            reply = await bus._call(
+            reply = await link.call(
                 lambda rid: InterruptEnableRequest(rid, packed, code, vectors)
             )
     except BaseException:
@@ -318,9 +370,9 @@ async def open_interrupts(device: Device, mode: str, vectors: int) -> AsyncItera
         raise
     assert isinstance(reply, ValueReply)
     granted = reply.value
-    irqs = Interrupts(device, mode, max(1, min(granted, vectors)))
+    irqs = Interrupts(link, device, packed, address, mode, max(1, min(granted, vectors)))
     irqs.delivery = "eventfd" if use_eventfds else "inband"
-    bus._attach_interrupts(device, irqs)
+    link.attach_interrupts(packed, irqs)
     try:
         try:
             async with trio.open_nursery() as nursery:
@@ -337,13 +389,13 @@ async def open_interrupts(device: Device, mode: str, vectors: int) -> AsyncItera
                 raise group.exceptions[0] from None
             raise
     finally:
-        bus._detach_interrupts(device, irqs)
+        link.detach_interrupts(packed, irqs)
         irqs._close()
         for port in ports:
             port.close()
         # Disable even when the block was cancelled or failed; shielded, with a bound.
-        with trio.CancelScope(shield=True), trio.move_on_after(bus._disable_timeout):
+        with trio.CancelScope(shield=True), trio.move_on_after(link.disable_timeout):
             try:
-                await bus._call(lambda rid: InterruptDisableRequest(rid, packed, code))
+                await link.call(lambda rid: InterruptDisableRequest(rid, packed, code))
             except PcisplitError as exc:
-                log.warning("%s: disabling %s interrupts failed: %s", device.address, mode, exc)
+                log.warning("%s: disabling %s interrupts failed: %s", address, mode, exc)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
 
 from pcifront._pciids import PciIds
-from shared.errors import PciError
+from shared.errors import PciError, UsageError
 from shared.pci import PciAddress, format_hex_lines
 
 __all__ = [
@@ -79,7 +79,7 @@ class LspciDevice(Protocol):
 _D = TypeVar("_D", bound=LspciDevice)
 
 
-class LspciOptionError(PciError, ValueError):
+class LspciOptionError(PciError, UsageError):
     """An lspci option value is invalid (a bad ``-s``/``-d`` selector, ...).
 
     ``option`` is the switch (``"-s"``), ``reason`` lspci's own words for the

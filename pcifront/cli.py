@@ -1,7 +1,14 @@
 """``pcifront``: the guest agent's command line.
 
 pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
-pcifront lspci --connect ADDR --guest NAME -xxx -s 00:00.0
+pcifront --timeout 5 lspci --connect ADDR --guest NAME -xxx -s 00:00.0
+pcifront agent --connect ADDR --guest NAME [--json]
+
+Every subcommand is registered on :data:`CLI` (a :class:`shared.cli.Cli`), so it
+gets the common error path, ``-v``, ``--version`` and ``--timeout`` for free. A
+subcommand that talks to the backend adds the connection options with
+:func:`add_connection_options` and connects with :func:`open_bus`, which applies
+``--timeout`` and the TLS files, and turns their problems into one-line errors.
 """
 
 from __future__ import annotations
@@ -9,83 +16,105 @@ from __future__ import annotations
 import argparse
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
-import trio
-
-from pcifront._client import connect
+from pcifront._agent import AGENT_HELP, add_agent_options, agent_main
+from pcifront._client import Bus, connect
 from pcifront._lspci import DeviceFilter, render_lspci
 from pcifront._pciids import PciIds
-from shared.errors import PcisplitError
+from shared.cli import Cli
+from shared.errors import UsageError, reason
 from shared.transport import TransportOptions
 
-__all__ = ["main", "build_parser"]
+__all__ = ["CLI", "main", "build_parser", "add_connection_options", "open_bus", "DEFAULT_TIMEOUT"]
+
+#: Seconds ``--timeout`` allows by default for connecting, the handshake and each request.
+DEFAULT_TIMEOUT = 30.0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pcifront", description="pcisplit guest agent")
-    sub = parser.add_subparsers(dest="command", required=True)
-    lspci = sub.add_parser("lspci", help="list the guest's virtual PCI bus like lspci")
-    lspci.add_argument(
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+CLI = Cli("pcifront", "pcisplit guest agent")
+CLI.common_option(
+    "--timeout",
+    type=_seconds,
+    default=DEFAULT_TIMEOUT,
+    metavar="SECONDS",
+    help=f"give up on connecting, the handshake or any request after this long "
+    f"(default {DEFAULT_TIMEOUT:g})",
+)
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """``--connect``, ``--guest`` and the TLS files, for subcommands that use :func:`open_bus`."""
+    group = parser.add_argument_group("connection")
+    group.add_argument(
         "--connect",
         required=True,
         metavar="ADDR",
         help="backend address, e.g. unix:./pciback.sock or tls://host:7071",
     )
-    lspci.add_argument("--guest", default="guest0", help="guest name to act as (default guest0)")
-    lspci.add_argument(
-        "-n",
-        action="count",
-        default=0,
-        dest="numeric",
-        help="show numeric IDs (-nn: names and numbers)",
+    group.add_argument("--guest", default="guest0", help="guest name to act as (default guest0)")
+    group.add_argument(
+        "--cert", metavar="FILE", help="TLS client certificate (PEM) naming the guest"
     )
-    lspci.add_argument(
-        "-x",
-        action="count",
-        default=0,
-        dest="hex",
-        help="hex dump of config space (-x 64 B, -xxx 256 B, -xxxx 4096 B)",
+    group.add_argument("--key", metavar="FILE", help="TLS client key (PEM; default: in --cert)")
+    group.add_argument(
+        "--ca", metavar="FILE", help="CA certificate (PEM) that signed the backend's certificate"
     )
-    lspci.add_argument(
-        "-s",
-        dest="slot",
-        metavar="[[[[DOMAIN]:]BUS]:][DEV][.[FUNC]]",
-        help="show only matching devices",
-    )
-    lspci.add_argument(
-        "-d",
-        dest="ids",
-        metavar="[VENDOR]:[DEVICE][:CLASS]",
-        help="show only devices with these IDs",
-    )
-    lspci.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
-    lspci.add_argument("--cert", help="TLS client certificate (PEM) naming the guest")
-    lspci.add_argument("--key", help="TLS client key (PEM)")
-    lspci.add_argument("--ca", help="CA certificate (PEM) that signed the backend's certificate")
-    lspci.add_argument(
+    group.add_argument(
         "--token-file",
         metavar="FILE",
         help="the guest's token, for tcp:// and vsock:// (the backend's token_file for the guest)",
     )
-    return parser
 
 
-def _dump_bytes(count: int) -> int:
-    if count == 0:
-        return 0
-    if count <= 2:
-        return 64
-    return 256 if count == 3 else 4096
+def _readable(option: str, path: str) -> str:
+    if not Path(path).is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    return path
 
 
 def _tls_options(args: argparse.Namespace) -> TransportOptions:
     options = TransportOptions()
-    if args.connect.startswith("tls://"):
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.ca)
-        if args.cert:
-            ctx.load_cert_chain(args.cert, args.key)
-        options.ssl_context = ctx
+    if not args.connect.startswith("tls://"):
+        for option in ("cert", "key", "ca"):
+            if getattr(args, option):
+                raise UsageError(
+                    f"--{option} is only used with tls:// addresses, not {args.connect}"
+                )
+        return options
+    if args.key and not args.cert:
+        raise UsageError("--key needs --cert (the certificate the key belongs to)")
+    try:
+        ca = _readable("--ca", args.ca) if args.ca else None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    except ssl.SSLError as exc:
+        raise UsageError(f"--ca {args.ca}: not a PEM CA certificate ({reason(exc)})") from exc
+    if args.cert:
+        cert = _readable("--cert", args.cert)
+        key = _readable("--key", args.key) if args.key else None
+        try:
+            ctx.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise UsageError(
+                f"--cert {cert}" + (f" --key {key}" if key else "")
+                + f": cannot load the certificate and its key ({reason(exc)}); both must be "
+                "PEM, the key must match the certificate, and without --key the key must be "
+                "in the --cert file"
+            ) from exc
+    options.ssl_context = ctx
     return options
 
 
@@ -96,20 +125,41 @@ def _read_token(path: str | None) -> bytes | None:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise PcisplitError(f"--token-file: cannot read {path}: {exc.strerror or exc}") from exc
+        raise UsageError(f"--token-file {path}: cannot read it ({reason(exc)})") from exc
 
 
-async def _lspci(args: argparse.Namespace) -> str:
-    # Validate the selectors before connecting, so a typo costs no round trip.
-    DeviceFilter.parse(args.slot, args.ids)
-    token = _read_token(args.token_file)
+@asynccontextmanager
+async def open_bus(args: argparse.Namespace, **kwargs: Any) -> AsyncIterator[Bus]:
+    """Connect as the command line says (address, guest, TLS files, token, ``--timeout``)."""
     async with connect(
         args.connect,
         guest=args.guest,
         options=_tls_options(args),
-        include_config=True,
-        token=token,
+        timeout=args.timeout,
+        token=_read_token(args.token_file),
+        **kwargs,
     ) as bus:
+        yield bus
+
+
+# ------------------------------------------------------------------------ lspci
+
+
+def _dump_bytes(count: int) -> int:
+    if count == 0:
+        return 0
+    if count <= 2:
+        return 64
+    return 256 if count == 3 else 4096
+
+
+async def _lspci(args: argparse.Namespace) -> str:
+    """lspci's output for the command line ``args``."""
+    # Validate the selectors and files before connecting, so a typo costs no round trip.
+    DeviceFilter.parse(args.slot, args.ids)
+    if args.ids_file is not None:
+        _readable("-i", args.ids_file)
+    async with open_bus(args, include_config=True) as bus:
         devices = list(bus.devices)
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
     return render_lspci(
@@ -122,15 +172,64 @@ async def _lspci(args: argparse.Namespace) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        text = trio.run(_lspci, args)
-    except PcisplitError as exc:
-        print(f"pcifront: {exc}", file=sys.stderr)
-        return 1
-    sys.stdout.write(text)
+async def _lspci_command(args: argparse.Namespace) -> int:
+    sys.stdout.write(await _lspci(args))
     return 0
+
+
+_lspci_parser = CLI.command("lspci", _lspci_command, "list the guest's virtual PCI bus like lspci")
+add_connection_options(_lspci_parser)
+_lspci_parser.add_argument(
+    "-n",
+    action="count",
+    default=0,
+    dest="numeric",
+    help="show numeric IDs (-nn: names and numbers)",
+)
+_lspci_parser.add_argument(
+    "-x",
+    action="count",
+    default=0,
+    dest="hex",
+    help="hex dump of config space (-x 64 B, -xxx 256 B, -xxxx 4096 B)",
+)
+_lspci_parser.add_argument(
+    "-s",
+    dest="slot",
+    metavar="[[[[DOMAIN]:]BUS]:][DEV][.[FUNC]]",
+    help="show only matching devices",
+)
+_lspci_parser.add_argument(
+    "-d",
+    dest="ids",
+    metavar="[VENDOR]:[DEVICE][:CLASS]",
+    help="show only devices with these IDs",
+)
+_lspci_parser.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
+
+
+# ------------------------------------------------------------------------ agent
+
+
+async def _agent(args: argparse.Namespace) -> int:
+    return await agent_main(args, _tls_options(args), token=_read_token(args.token_file))
+
+
+_agent_parser = CLI.command("agent", _agent, AGENT_HELP)
+add_connection_options(_agent_parser)
+add_agent_options(_agent_parser)
+
+
+# ------------------------------------------------------------------------ entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole argument parser (for --help and tests)."""
+    return CLI.parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return CLI.main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,9 @@ __all__ = [
     "RemoteProtocolError",
     "RequestError",
     "ConfigFileError",
+    "UsageError",
     "did_you_mean",
+    "reason",
 ]
 
 
@@ -121,6 +123,10 @@ class ConfigFileError(PcisplitError, ValueError):
     """The backend configuration is invalid. The message names the key."""
 
 
+class UsageError(PcisplitError, ValueError):
+    """A command line or API argument is wrong; the CLIs exit with status 2 for it."""
+
+
 #: A list of known names this short is shown whole when nothing is close.
 SHORT_LIST = 10
 
@@ -142,3 +148,29 @@ def did_you_mean(name: str, known: Iterable[str], *, listing: str = "") -> str:
     if len(names) <= SHORT_LIST:
         return f"known: {', '.join(names)}" if names else "none are known"
     return listing or f"none of the {len(names)} known names is close"
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why ``exc`` happened, never empty.
+
+    OS errors say which file (``server.pem: No such file or directory``); TLS
+    errors give OpenSSL's reason (``TLS: PEM_LIB``) rather than their often
+    empty or multi-part text.
+    """
+    text = ""
+    ssl_reason = getattr(exc, "reason", None)
+    if isinstance(exc, OSError) and isinstance(ssl_reason, str) and ssl_reason:
+        verify = getattr(exc, "verify_message", None)
+        if verify:
+            text = f"TLS: certificate verify failed: {verify}"
+        else:
+            text = f"TLS: {ssl_reason.replace('_', ' ').lower()}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        target = f"{exc.filename}: " if exc.filename is not None else ""
+        text = f"{target}{exc.strerror}"
+    else:
+        text = str(exc)
+    text = " ".join(text.replace("(_ssl.c:", "(ssl:").split())
+    if text.endswith(")") and "(ssl:" in text:  # OpenSSL's source line helps no user
+        text = text[: text.rindex("(ssl:")].rstrip()
+    return text or type(exc).__name__

@@ -15,8 +15,18 @@ allocates nothing, and field types are checked before any message is built,
 so a hostile value is never ``repr``-ed or compared in surprising ways.
 
 Per-class field layouts are computed once (on first use of each class), so the
-hot path does no reflection: a config read or a value reply encodes or decodes
-in a few microseconds.
+hot path does no reflection.
+
+The fast path
+-------------
+Messages whose fields are all declared integers (``IntField`` annotations in
+``_messages``: config and BAR reads and writes, resets, pings, value and done
+replies) also get a decoder and an encoder generated from those declarations:
+one ``msgpack`` call, then one inline type-and-range test per field, and the
+slotted message is filled in without running its constructor again. The fast
+decoder only ever *accepts*: anything it does not accept goes through the
+general path below, which raises the error. So the same bytes give the same
+message or the same error on both paths (a hypothesis test checks it).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from shared.protocol._messages import (
     DeviceInfo,
     Limits,
     Message,
+    declared_fields,
 )
 
 __all__ = [
@@ -361,6 +372,57 @@ for _cls in MESSAGE_TYPES.values():
     _spec(_cls)
 
 
+# --------------------------------------------------------------------------- fast path
+
+
+def _make_fast_decoder(cls: type) -> Callable[[tuple[Any, ...]], Any] | None:
+    """A decoder for ``cls`` generated from its declared fields; None unless all are declared.
+
+    It takes the unpacked array ``(TAG, field1, ...)`` and returns the message,
+    or None for anything it does not accept (the general path then says why).
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    declared = dict(declared_fields(cls))
+    if any(name not in declared for name in names):
+        return None
+    lines = ["def fast(obj):", f"    if len(obj) != {len(names) + 1}:", "        return None"]
+    for i, name in enumerate(names):
+        test = declared[name].accepts(f"f_{name}", lambda other: f"f_{other}")
+        lines.append(f"    f_{name} = obj[{i + 1}]")
+        lines.append(f"    if type(f_{name}) is not int or not ({test}):")
+        lines.append("        return None")
+    lines.append("    msg = _new(_cls)")
+    lines += [f"    _set(msg, {name!r}, f_{name})" for name in names]
+    lines.append("    return msg")
+    env: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "_cls": cls}
+    exec("\n".join(lines), env)  # generated from the declarations, not from input
+    fast: Callable[[tuple[Any, ...]], Any] = env["fast"]
+    return fast
+
+
+def _make_fast_encoder(cls: type[Message]) -> Callable[[Any], tuple[Any, ...]]:
+    """``msg -> (TAG, field1, ...)`` for ``cls``, generated (no reflection per message)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    body = ", ".join([str(cls.TAG)] + [f"msg.{name}" for name in names])
+    env: dict[str, Any] = {}
+    exec(f"def wire(msg):\n    return ({body},)", env)  # generated, not from input
+    wire: Callable[[Any], tuple[Any, ...]] = env["wire"]
+    return wire
+
+
+#: Fast decoders by tag, fast encoders by class: the messages with only declared fields.
+_FAST_DECODERS: dict[int, Callable[[tuple[Any, ...]], Any]] = {}
+_FAST_ENCODERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+for _tag, _cls in MESSAGE_TYPES.items():
+    _fast = _make_fast_decoder(_cls)
+    if _fast is not None:
+        _FAST_DECODERS[_tag] = _fast
+        _FAST_ENCODERS[_cls] = _make_fast_encoder(_cls)
+
+#: The message types that have the fast path (for tests and documentation).
+FAST_PATH_TYPES: tuple[type[Message], ...] = tuple(_FAST_ENCODERS)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -370,6 +432,13 @@ def encode(msg: Message) -> bytes:
     Raises :class:`LocalProtocolError` if ``msg`` is not an instance of a
     message class registered in ``MESSAGE_TYPES``.
     """
+    wire = _FAST_ENCODERS.get(type(msg))
+    if wire is not None:
+        return _packer.pack(wire(msg))  # type: ignore[no-any-return]
+    return _encode_general(msg)
+
+
+def _encode_general(msg: Message) -> bytes:
     cls = type(msg)
     if MESSAGE_TYPES.get(getattr(cls, "TAG", -1)) is not cls:
         raise LocalProtocolError(
@@ -408,6 +477,22 @@ def decode(data: bytes, *, max_size: int) -> Message:
     its subclass :class:`UnknownMessageError`) for anything that is not
     exactly one valid message; never any other exception.
     """
+    obj = _unpack(data, max_size)
+    if type(obj) is tuple and obj and type(obj[0]) is int:
+        fast = _FAST_DECODERS.get(obj[0])
+        if fast is not None:
+            msg = fast(obj)
+            if msg is not None:
+                return msg  # type: ignore[no-any-return]
+    return _from_wire(obj)
+
+
+def _decode_general(data: bytes, *, max_size: int) -> Message:
+    """:func:`decode` without the fast path: every check, every error."""
+    return _from_wire(_unpack(data, max_size))
+
+
+def _unpack(data: bytes, max_size: int) -> Any:
     if type(data) is not bytes:
         data = _as_bytes(data)
     if len(data) > max_size:
@@ -415,9 +500,13 @@ def decode(data: bytes, *, max_size: int) -> Message:
             f"a {len(data)}-byte message exceeds the {max_size}-byte limit this side announced"
         )
     try:
-        obj = msgpack.unpackb(data, **_UNPACK_OPTIONS)
+        return msgpack.unpackb(data, **_UNPACK_OPTIONS)
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         raise MalformedMessageError(f"undecodable message: {_describe_unpack_error(exc)}") from None
+
+
+def _from_wire(obj: Any) -> Message:
+    """The general path from an unpacked frame to a message (or the error)."""
     if type(obj) is not tuple or not obj:
         raise MalformedMessageError(
             f"a message must be a non-empty msgpack array [TAG, fields...], got {_type_name(obj)}"

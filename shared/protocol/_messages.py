@@ -18,13 +18,17 @@ Every concrete message class has a stable wire ``TAG``. Tags are grouped:
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from shared.errors import ErrorCode, LocalProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "IntField",
+    "declared_fields",
     "Message",
     "Request",
     "Reply",
@@ -143,6 +147,96 @@ def _access_size(owner: object, value: object, allowed: tuple[int, ...]) -> None
 
 
 @dataclass(frozen=True, slots=True)
+class IntField:
+    """How one integer field of a message is checked, declared once in its annotation.
+
+    ``Annotated[int, IntField(top, bottom, code=...)]``: an integer in
+    ``bottom..top`` (``code`` is the wire code a backend answers with when a
+    request breaks it). ``IntField(sizes=(1, 2, 4))``: one of these access
+    sizes (``INVALID_SIZE``). ``IntField(width_of="size")``: fits in as many
+    bytes as the field ``size`` says. A message whose fields are all declared
+    this way is validated by code generated from the declarations, and the
+    codec decodes it through a fast path generated from the same declarations
+    (``shared.protocol._codec``), so the rule is written once.
+    """
+
+    top: int = 0
+    bottom: int = 0
+    code: ErrorCode | None = None
+    sizes: tuple[int, ...] = ()
+    width_of: str | None = None
+
+    def accepts(self, var: str, other: Callable[[str], str]) -> str:
+        """A Python expression, true when ``var`` (known to be an exact int) passes.
+
+        ``other(name)`` is the expression for another field (for ``width_of``).
+        """
+        if self.sizes:
+            return f"{var} in {self.sizes!r}"
+        if self.width_of is not None:
+            return f"0 <= {var} <= (1 << (8 * {other(self.width_of)})) - 1"
+        return f"{self.bottom} <= {var} <= {self.top}"
+
+    def refuse(self, owner: str, name: str, var: str, code: str) -> str:
+        """A statement raising this field's error for ``var`` (or passing, if it is valid)."""
+        if self.sizes:
+            return f"_access_size({owner}, {var}, {self.sizes!r})"
+        if self.width_of is not None:
+            return f"_int({owner}, {name!r}, {var}, (1 << (8 * {owner}.{self.width_of})) - 1)"
+        return f"_int({owner}, {name!r}, {var}, {self.top}, {self.bottom}, code={code})"
+
+
+def declared_fields(cls: type) -> tuple[tuple[str, IntField], ...]:
+    """The ``(name, IntField)`` declarations of ``cls``'s fields, in declaration order."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in fields(cls):
+        for meta in getattr(hints[f.name], "__metadata__", ()):
+            if isinstance(meta, IntField):
+                out.append((f.name, meta))
+                break
+    return tuple(out)
+
+
+_CHECKS: dict[type, Callable[[Any], None]] = {}
+
+
+def _make_check(cls: type) -> Callable[[Any], None]:
+    """Generate the validation of ``cls``'s declared fields (in order, first error wins).
+
+    Each field costs one inline comparison when it is valid; only an invalid
+    value reaches ``_int``/``_access_size``, which raise the error text.
+    """
+    env: dict[str, Any] = {"_int": _int, "_access_size": _access_size}
+    lines = ["def check(self):"]
+    for i, (name, spec) in enumerate(declared_fields(cls)):
+        env[f"_c{i}"] = spec.code
+        test = spec.accepts("v", lambda other: f"self.{other}")
+        lines.append(f"    v = self.{name}")
+        lines.append(f"    if not (type(v) is int and {test}):")
+        lines.append(f"        {spec.refuse('self', name, 'v', f'_c{i}')}")
+    lines.append("    return None")
+    exec("\n".join(lines), env)  # generated from the declarations above, not from input
+    check: Callable[[Any], None] = env["check"]
+    return check
+
+
+def _check_declared(msg: Any) -> None:
+    cls = type(msg)
+    check = _CHECKS.get(cls)
+    if check is None:
+        check = _CHECKS[cls] = _make_check(cls)
+    check(msg)
+
+
+_U32_FIELD = IntField(U32)
+_U64_FIELD = IntField(U64)
+_CONFIG_OFFSET = IntField(0xFFF, code=ErrorCode.INVALID_OFFSET)
+_BAR_INDEX = IntField(MAX_BAR_INDEX, code=ErrorCode.NOT_FOUND)
+_VALUE = IntField(width_of="size")
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     """Base class. ``TAG`` is the wire type; subclasses validate in ``__post_init__``."""
 
@@ -155,18 +249,19 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Request(Message):
-    request_id: int
+    request_id: Annotated[int, _U32_FIELD]
 
     def __post_init__(self) -> None:
-        _int(self, "request_id", self.request_id, U32)
+        # The declared fields of type(self); subclasses with more rules call this first.
+        _check_declared(self)
 
 
 @dataclass(frozen=True, slots=True)
 class Reply(Message):
-    request_id: int
+    request_id: Annotated[int, _U32_FIELD]
 
     def __post_init__(self) -> None:
-        _int(self, "request_id", self.request_id, U32)
+        _check_declared(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,31 +409,18 @@ class ConfigReadRequest(Request):
     """Read 1, 2 or 4 bytes of config space. ``device`` is a packed PciAddress."""
 
     TAG: ClassVar[int] = 0x12
-    device: int
-    offset: int
-    size: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        _int(self, "offset", self.offset, 0xFFF, code=ErrorCode.INVALID_OFFSET)
-        _access_size(self, self.size, (1, 2, 4))
+    device: Annotated[int, _U32_FIELD]
+    offset: Annotated[int, _CONFIG_OFFSET]
+    size: Annotated[int, IntField(sizes=(1, 2, 4))]
 
 
 @dataclass(frozen=True, slots=True)
 class ConfigWriteRequest(Request):
     TAG: ClassVar[int] = 0x13
-    device: int
-    offset: int
-    size: int
-    value: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        _int(self, "offset", self.offset, 0xFFF, code=ErrorCode.INVALID_OFFSET)
-        _access_size(self, self.size, (1, 2, 4))
-        _int(self, "value", self.value, (1 << (8 * self.size)) - 1)
+    device: Annotated[int, _U32_FIELD]
+    offset: Annotated[int, _CONFIG_OFFSET]
+    size: Annotated[int, IntField(sizes=(1, 2, 4))]
+    value: Annotated[int, _VALUE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,45 +428,26 @@ class BarReadRequest(Request):
     """Read 1, 2, 4 or 8 bytes from BAR ``bar`` (0-5) at ``offset``."""
 
     TAG: ClassVar[int] = 0x14
-    device: int
-    bar: int
-    offset: int
-    size: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        _int(self, "bar", self.bar, MAX_BAR_INDEX, code=ErrorCode.NOT_FOUND)
-        _int(self, "offset", self.offset, U64)
-        _access_size(self, self.size, (1, 2, 4, 8))
+    device: Annotated[int, _U32_FIELD]
+    bar: Annotated[int, _BAR_INDEX]
+    offset: Annotated[int, _U64_FIELD]
+    size: Annotated[int, IntField(sizes=(1, 2, 4, 8))]
 
 
 @dataclass(frozen=True, slots=True)
 class BarWriteRequest(Request):
     TAG: ClassVar[int] = 0x15
-    device: int
-    bar: int
-    offset: int
-    size: int
-    value: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        _int(self, "bar", self.bar, MAX_BAR_INDEX, code=ErrorCode.NOT_FOUND)
-        _int(self, "offset", self.offset, U64)
-        _access_size(self, self.size, (1, 2, 4, 8))
-        _int(self, "value", self.value, (1 << (8 * self.size)) - 1)
+    device: Annotated[int, _U32_FIELD]
+    bar: Annotated[int, _BAR_INDEX]
+    offset: Annotated[int, _U64_FIELD]
+    size: Annotated[int, IntField(sizes=(1, 2, 4, 8))]
+    value: Annotated[int, _VALUE]
 
 
 @dataclass(frozen=True, slots=True)
 class ResetRequest(Request):
     TAG: ClassVar[int] = 0x16
-    device: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
+    device: Annotated[int, _U32_FIELD]
 
 
 # --------------------------------------------------------------------------- interrupts and DMA
@@ -665,11 +728,7 @@ class ValueReply(Reply):
     """Answer to a read: the value read (up to 64 bits)."""
 
     TAG: ClassVar[int] = 0x41
-    value: int = 0
-
-    def __post_init__(self) -> None:
-        Reply.__post_init__(self)
-        _int(self, "value", self.value, U64)
+    value: Annotated[int, _U64_FIELD] = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,13 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
+from shared.transport._blocking import (
+    BLOCKING_SCHEMES,
+    BlockingShmTransport,
+    BlockingStreamTransport,
+    BlockingTransport,
+    open_blocking_transport,
+)
 from shared.transport._fdpass import MAX_FDS_PER_FRAME
 from shared.transport._identity import PeerIdentity
 from shared.transport._memory import MemoryListener, MemoryTransport, memory_transport_pair
@@ -26,6 +33,11 @@ from shared.transport._registry import (
 from shared.transport._stream import StreamFrameTransport, UnixFrameTransport
 
 __all__ = [
+    "BLOCKING_SCHEMES",
+    "BlockingShmTransport",
+    "BlockingStreamTransport",
+    "BlockingTransport",
+    "open_blocking_transport",
     "DEFAULT_MAX_FRAME",
     "FdPassingUnsupportedError",
     "MAX_FDS_PER_FRAME",

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from shared.errors import reason
 from shared.transport._base import (
     FrameListener,
     FrameTransport,
@@ -164,6 +165,15 @@ async def listen_unix(path: str, options: TransportOptions) -> FrameListener:
     )
 
 
+def _why(exc: BaseException) -> str:
+    """Why a connect failed, never empty (a broken TLS stream's reason is its cause)."""
+    if isinstance(exc, trio.BrokenResourceError):
+        if exc.__cause__ is not None:
+            return reason(exc.__cause__)
+        return "the peer closed the connection during the TLS handshake"
+    return reason(exc)
+
+
 # --------------------------------------------------------------------------- tcp
 
 
@@ -172,7 +182,7 @@ async def connect_tcp(rest: str, options: TransportOptions) -> FrameTransport:
     try:
         stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:
-        raise TransportConnectError(f"cannot connect to tcp://{rest}: {exc}") from exc
+        raise TransportConnectError(f"cannot connect to tcp://{rest}: {_why(exc)}") from exc
     return StreamFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"tcp://{rest}")
 
 
@@ -248,7 +258,7 @@ async def connect_tls(rest: str, options: TransportOptions) -> FrameTransport:
         )
         await stream.do_handshake()
     except (OSError, trio.BrokenResourceError) as exc:
-        raise TransportConnectError(f"cannot connect to tls://{rest}: {exc}") from exc
+        raise TransportConnectError(f"cannot connect to tls://{rest}: {_why(exc)}") from exc
     return _TlsStreamTransport(stream, max_frame_size=options.max_frame_size, name=f"tls://{rest}")
 
 
@@ -296,7 +306,7 @@ async def connect_vsock(rest: str, options: TransportOptions) -> FrameTransport:
             if exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENETUNREACH)
             else ""
         )
-        raise TransportConnectError(f"cannot connect to vsock://{rest}: {exc}{hint}") from exc
+        raise TransportConnectError(f"cannot connect to vsock://{rest}: {_why(exc)}{hint}") from exc
     stream = trio.SocketStream(sock)
     return StreamFrameTransport(
         stream, max_frame_size=options.max_frame_size, name=f"vsock://{rest}"

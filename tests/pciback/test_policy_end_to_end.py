@@ -103,6 +103,7 @@ async def test_real_lspci_decodes_our_dump_like_the_original(dump: Path, tmp_pat
             key=None,
             ca=None,
             token_file=None,
+            timeout=30.0,
         )
         ours_text = await _lspci(args)
     ours = tmp_path / "ours.txt"

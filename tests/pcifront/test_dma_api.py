@@ -139,9 +139,12 @@ class FakeBackend:
         self.results: list[DmaCallResult] = []
         self.result_arrived = trio.lowlevel.ParkingLot()
         self.next_address = 0x10000
+        # The test body and run() both send: one at a time, as a transport requires.
+        self.send_lock = trio.Lock()
 
     async def send(self, msg: Message) -> None:
-        await self.transport.send_frame(self.conn.send(msg))
+        async with self.send_lock:
+            await self.transport.send_frame(self.conn.send(msg))
 
     def answer(self, request: Request) -> Message:
         if isinstance(request, SnapshotRequest):
