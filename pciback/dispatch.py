@@ -1,4 +1,10 @@
-"""Request dispatch: a dict from request type to handler; every request gets exactly one reply.
+"""Request dispatch: one table from request type to handler; every request gets exactly one reply.
+
+Each :class:`Handler` entry says whether its request takes file descriptors
+from its frame and whether it is answered from a task (see the session). The
+:class:`Dispatcher` is given its collaborators - the IRQ router and outbox,
+the guest's DMA space, the fd-passing capability - rather than reaching back
+into the session.
 
 Handlers run the device access synchronously under the device's lock. A
 handler never raises to its caller: typed pcisplit errors become an
@@ -12,7 +18,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pciback.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
 from shared.errors import ErrorCode, PcisplitError
@@ -41,14 +48,12 @@ from shared.protocol import (
 )
 
 if TYPE_CHECKING:
-    from pciback.session import GuestSession
+    from pciback.dma import DmaCaller, GuestDma
+    from pciback.irq import InterruptOutbox, IrqRouter
 
-__all__ = ["Dispatcher", "FdPassingError"]
+__all__ = ["Dispatcher", "FdPassing", "FdPassingError", "Handler"]
 
 log = logging.getLogger("pcisplit.backend")
-
-Handler = Callable[[Any], Awaitable[Reply]]
-FdHandler = Callable[[Any, list[int]], Awaitable[Reply]]
 
 
 class FdPassingError(PcisplitError):
@@ -100,65 +105,102 @@ def device_info(dev: ServedDevice, include_config: bool) -> DeviceInfo:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """One entry of the dispatcher's table.
+
+    ``takes_fds``: the request may come with file descriptors (eventfds, a
+    memfd), which the caller takes from its frame and hands to
+    :meth:`Dispatcher.dispatch`. ``answer_in_task``: the answer may wait on
+    the guest itself (an unmap waits for in-flight DMA, which may be a DMA
+    call only the receive loop can complete), so the caller answers it from
+    a task and checks that the connection is still open before sending.
+    """
+
+    run: Callable[..., Awaitable[Reply]]
+    takes_fds: bool = False
+    answer_in_task: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FdPassing:
+    """Whether the guest's transport can carry file descriptors, and its name for errors."""
+
+    available: bool
+    transport: str
+
+
 class Dispatcher:
-    """Answers one guest's requests against the registry."""
+    """Answers one guest's requests against the registry and its collaborators.
+
+    The dispatcher gets what it works with directly: the IRQ ``router`` and
+    the guest's interrupt ``outbox``, its ``dma`` space and the ``dma_owner``
+    that performs message-based DMA and takes fault reports (the session, seen
+    only through the :class:`~pciback.dma.DmaCaller` interface), and the
+    transport's ``fd_passing`` capability. Without them it serves
+    configuration, BAR and reset requests only (interrupt and DMA requests
+    get ``NOT_IMPLEMENTED``).
+    """
 
     def __init__(
-        self, registry: DeviceRegistry, guest: str, *, session: GuestSession | None = None
+        self,
+        registry: DeviceRegistry,
+        guest: str,
+        *,
+        router: IrqRouter | None = None,
+        outbox: InterruptOutbox | None = None,
+        dma: GuestDma | None = None,
+        dma_owner: DmaCaller | None = None,
+        fd_passing: FdPassing = FdPassing(False, "this transport"),
     ) -> None:
         self.registry = registry
         self.guest = guest
-        #: Interrupts and DMA need the connection's session (its outbox, windows, fds).
-        self.session = session
-        self.fd_handlers: dict[type[Request], FdHandler] = {
-            InterruptEnableRequest: self._irq_enable,
-            DmaMapRequest: self._dma_map,
-        }
-        self.handlers: dict[type[Request], Handler] = {
-            InterruptDisableRequest: self._irq_disable,
-            InterruptEoiRequest: self._irq_eoi,
-            InterruptMaskRequest: self._irq_mask,
-            DmaUnmapRequest: self._dma_unmap,
-            PingRequest: self._ping,
-            SnapshotRequest: self._snapshot,
-            ConfigReadRequest: self._config_read,
-            ConfigWriteRequest: self._config_write,
-            BarReadRequest: self._bar_read,
-            BarWriteRequest: self._bar_write,
-            ResetRequest: self._reset,
+        self.router = router
+        self.outbox = outbox
+        self.dma = dma
+        self.dma_owner = dma_owner
+        self.fd_passing = fd_passing
+        #: The one handler table: request type -> how it is answered.
+        self.table: dict[type[Request], Handler] = {
+            PingRequest: Handler(self._ping),
+            SnapshotRequest: Handler(self._snapshot),
+            ConfigReadRequest: Handler(self._config_read),
+            ConfigWriteRequest: Handler(self._config_write),
+            BarReadRequest: Handler(self._bar_read),
+            BarWriteRequest: Handler(self._bar_write),
+            ResetRequest: Handler(self._reset),
+            InterruptEnableRequest: Handler(self._irq_enable, takes_fds=True),
+            InterruptDisableRequest: Handler(self._irq_disable),
+            InterruptEoiRequest: Handler(self._irq_eoi),
+            InterruptMaskRequest: Handler(self._irq_mask),
+            DmaMapRequest: Handler(self._dma_map, takes_fds=True),
+            DmaUnmapRequest: Handler(self._dma_unmap, answer_in_task=True),
         }
 
-    async def dispatch(self, request: Request) -> Reply:
-        """Exactly one reply for ``request`` (the hot path: one dict lookup, one await)."""
-        handler = self.handlers.get(type(request))
-        if handler is None:
-            if type(request) in self.fd_handlers:
-                return await self.dispatch_with_fds(request, [])
+    def handler(self, request_type: type[Request]) -> Handler | None:
+        """The table entry for ``request_type`` (None: answered ``NOT_IMPLEMENTED``)."""
+        return self.table.get(request_type)
+
+    async def dispatch(self, request: Request, fds: Sequence[int] = ()) -> Reply:
+        """Exactly one reply for ``request``; never raises (but Cancelled).
+
+        ``fds`` came with the request's frame, and the dispatcher owns them
+        from here: a handler that takes fds keeps them or closes them; for
+        any other request they are closed at once.
+        """
+        entry = self.table.get(type(request))
+        if entry is None:
+            _close_all(fds)
             return ErrorReply(
                 request.request_id,
                 ErrorCode.NOT_IMPLEMENTED,
                 f"operation {type(request).__name__} is not implemented by this backend",
             )
         try:
-            return await handler(request)
-        except PcisplitError as exc:
-            return ErrorReply(request.request_id, exc.code, exc.message[:1000])
-        except Exception as exc:  # a model bug must not kill the connection
-            log.exception("device handler failed on %r for guest %s", request, self.guest)
-            return self._model_failure(request, exc)
-
-    async def dispatch_with_fds(self, request: Request, fds: list[int]) -> Reply:
-        """Exactly one reply for a request whose frame carried ``fds``.
-
-        The dispatcher owns the fds from here: a handler keeps them, or they
-        are closed (also when the request type takes none).
-        """
-        handler = self.fd_handlers.get(type(request))
-        if handler is None:
+            if entry.takes_fds:
+                return await entry.run(request, list(fds))
             _close_all(fds)
-            return await self.dispatch(request)
-        try:
-            return await handler(request, fds)
+            return await entry.run(request)
         except PcisplitError as exc:
             return ErrorReply(request.request_id, exc.code, exc.message[:1000])
         except Exception as exc:  # a model bug must not kill the connection
@@ -220,40 +262,45 @@ class Dispatcher:
         access = await self._enter(req.device)
         try:
             access.reset()
-            if self.session is not None:
+            if self.router is not None:
                 # A function reset turns MSI/MSI-X off and forgets masks and pending bits.
-                self.session.router.reset_device(access)
+                self.router.reset_device(access)
         finally:
             self._leave(access)
         return DoneReply(req.request_id)
 
     # -- interrupts and DMA -----------------------------------------------------------
 
-    def _session(self, what: str) -> GuestSession:
-        if self.session is None:
+    def _interrupts(self, what: str) -> tuple[IrqRouter, InterruptOutbox]:
+        if self.router is None or self.outbox is None:
             raise PcisplitError(
-                f"{what} needs a guest session; this dispatcher serves config access only",
+                f"{what} needs interrupt delivery; this dispatcher serves config access only",
                 code=ErrorCode.NOT_IMPLEMENTED,
             )
-        return self.session
+        return self.router, self.outbox
 
-    @staticmethod
-    def _need_fd_passing(session: GuestSession, wanted: str, fallback: str) -> None:
-        if not session.can_pass_fds:
+    def _dma_space(self, what: str) -> tuple[GuestDma, DmaCaller]:
+        if self.dma is None or self.dma_owner is None:
+            raise PcisplitError(
+                f"{what} needs DMA; this dispatcher serves config access only",
+                code=ErrorCode.NOT_IMPLEMENTED,
+            )
+        return self.dma, self.dma_owner
+
+    def _need_fd_passing(self, wanted: str, fallback: str) -> None:
+        if not self.fd_passing.available:
             raise FdPassingError(
                 f"{wanted} needs file-descriptor passing, which this transport "
-                f"({session.transport.describe()}) cannot do; use {fallback} instead, or "
+                f"({self.fd_passing.transport}) cannot do; use {fallback} instead, or "
                 "connect over unix: or shm:",
                 code=ErrorCode.NOT_IMPLEMENTED,
             )
 
     async def _irq_enable(self, req: InterruptEnableRequest, fds: list[int]) -> Reply:
         try:
-            session = self._session("InterruptEnableRequest")
+            router, outbox = self._interrupts("InterruptEnableRequest")
             if req.eventfds:
-                self._need_fd_passing(
-                    session, "eventfds=True", "in-band interrupts (eventfds=False)"
-                )
+                self._need_fd_passing("eventfds=True", "in-band interrupts (eventfds=False)")
                 if len(fds) != req.vectors:
                     raise FdPassingError(
                         f"InterruptEnableRequest for {req.vectors} vector(s) came with "
@@ -274,44 +321,44 @@ class Dispatcher:
                 _close_all(fds)
                 ports = []
             # The router owns the ports from here (it closes them if it refuses).
-            granted = session.router.enable(dev, session.outbox, req.mode, req.vectors, ports)
+            granted = router.enable(dev, outbox, req.mode, req.vectors, ports)
         finally:
             self._leave(dev)
         return ValueReply(req.request_id, granted)
 
     async def _irq_disable(self, req: InterruptDisableRequest) -> Reply:
-        session = self._session("InterruptDisableRequest")
+        router, _outbox = self._interrupts("InterruptDisableRequest")
         dev = await self._enter(req.device)
         try:
-            session.router.disable(dev, self.guest, req.mode)
+            router.disable(dev, self.guest, req.mode)
         finally:
             self._leave(dev)
         return DoneReply(req.request_id)
 
     async def _irq_eoi(self, req: InterruptEoiRequest) -> Reply:
-        session = self._session("InterruptEoiRequest")
+        router, _outbox = self._interrupts("InterruptEoiRequest")
         dev = await self._enter(req.device)
         try:
-            session.router.eoi(dev, self.guest, req.vector)
+            router.eoi(dev, self.guest, req.vector)
         finally:
             self._leave(dev)
         return DoneReply(req.request_id)
 
     async def _irq_mask(self, req: InterruptMaskRequest) -> Reply:
-        session = self._session("InterruptMaskRequest")
+        router, _outbox = self._interrupts("InterruptMaskRequest")
         dev = await self._enter(req.device)
         try:
-            session.router.mask(dev, req.vector, req.masked)
+            router.mask(dev, req.vector, req.masked)
         finally:
             self._leave(dev)
         return DoneReply(req.request_id)
 
     async def _dma_map(self, req: DmaMapRequest, fds: list[int]) -> Reply:
         try:
-            session = self._session("DmaMapRequest")
+            dma, owner = self._dma_space("DmaMapRequest")
             fd: int | None = None
             if req.shared:
-                self._need_fd_passing(session, "shared=True", "message-based DMA (shared=False)")
+                self._need_fd_passing("shared=True", "message-based DMA (shared=False)")
                 if len(fds) != 1:
                     raise FdPassingError(
                         f"DmaMapRequest(shared=True) came with {len(fds)} fd(s); send exactly "
@@ -324,12 +371,12 @@ class Dispatcher:
         except BaseException:
             _close_all(fds)
             raise
-        address = session.dma.map(req.size, req.writable, session, fd)
+        address = dma.map(req.size, req.writable, owner, fd)
         return ValueReply(req.request_id, address)
 
     async def _dma_unmap(self, req: DmaUnmapRequest) -> Reply:
-        session = self._session("DmaUnmapRequest")
-        await session.dma.unmap(req.bus_address, session)
+        dma, owner = self._dma_space("DmaUnmapRequest")
+        await dma.unmap(req.bus_address, owner)
         return DoneReply(req.request_id)
 
     async def _enter(self, packed: int) -> ServedDevice:

@@ -74,7 +74,7 @@ class SessionChanges:
     every announcement still waiting when the connection ends.
     """
 
-    def __init__(self, conn: Connection, send: Callable[[Message], Awaitable[None]]) -> None:
+    def __init__(self, conn: Connection, send: Callable[[Message], Awaitable[bool]]) -> None:
         self._conn = conn
         self._send = send
         self.enabled = HOTPLUG_FEATURE in conn.features
@@ -104,7 +104,7 @@ class SessionChanges:
             # Registered first: the acknowledgement may be processed before send returns.
             self._waiting[cid] = item
             try:
-                await self._send(item.make(cid))
+                sent = await self._send(item.make(cid))
             except LocalProtocolError as exc:
                 # TooManyInFlightError: the guest leaves too many changes unacknowledged.
                 self._waiting.pop(cid, None)
@@ -114,7 +114,11 @@ class SessionChanges:
                 item.finish("disconnected", "the connection broke while announcing")
                 raise
             else:
-                self.announced += 1
+                if sent:
+                    self.announced += 1
+                else:  # the session's send path: the connection no longer carries events
+                    self._waiting.pop(cid, None)
+                    item.finish("disconnected", "the connection ended before the announcement")
 
     def acknowledged(self, ack: DeviceChangeAck) -> None:
         item = self._waiting.pop(ack.change_id, None)

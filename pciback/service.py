@@ -1,4 +1,19 @@
-"""The backend service: listeners, one trio task tree per connection, clean shutdown."""
+"""The backend service: listeners, one trio task tree per connection, clean shutdown.
+
+Containment
+-----------
+Every accepted connection runs in its own task tree under
+:meth:`Backend._serve_connection`, which is a net: the ways a connection
+normally ends (the guest leaves, breaks the protocol, is too slow) are logged
+as such, and **any other exception** from anything the connection runs - the
+handshake, the session and its tasks, the transport (a plugin's ``describe``
+or ``aclose``) - ends that connection only. It is logged once, with its
+traceback, at error level, counted in
+:attr:`BackendStatistics.connections_crashed`, and the service goes on
+serving everyone else. The net is not the fix: each such failure is a bug to
+fix where it happens (issue 8 lists the ones found); the net keeps one bug
+from becoming a denial of service for every guest.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +53,9 @@ from shared.transport import (
 
 __all__ = ["Backend", "BackendStatistics"]
 
+#: Seconds an accept loop pauses after its listener failed unexpectedly.
+ACCEPT_RETRY_DELAY = 0.1
+
 log = logging.getLogger("pcisplit.backend")
 
 #: Features this backend offers in the handshake.
@@ -55,6 +73,8 @@ BACKEND_FEATURES = (
 
 @dataclass
 class BackendStatistics:
+    """Counters of one backend (``Backend.statistics()``)."""
+
     connections_accepted: int = 0
     connections_active: int = 0
     handshakes_rejected: int = 0
@@ -62,6 +82,14 @@ class BackendStatistics:
     protocol_errors: int = 0
     disconnects_for_misbehaviour: int = 0
     per_guest_requests: dict[str, int] = field(default_factory=dict)
+    #: Connections ended by an unexpected exception (a backend or plugin bug), contained:
+    #: logged with its traceback, and the service went on.
+    connections_crashed: int = 0
+    #: Unexpected exceptions from a listener's accept() (the listener keeps listening).
+    accept_failures: int = 0
+    #: Replies and events ready after their connection stopped carrying them (dropped).
+    replies_dropped: int = 0
+    events_dropped: int = 0
 
 
 def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
@@ -228,6 +256,7 @@ class Backend:
             ) from exc
 
     async def _accept_loop(self, listener: FrameListener, nursery: trio.Nursery) -> None:
+        failing = False
         while True:
             try:
                 transport = await listener.accept()
@@ -239,13 +268,29 @@ class Backend:
                     reason(exc.__cause__ or exc),
                 )
                 continue
+            except Exception:
+                # A listener bug (e.g. a plugin failing to describe its peer) loses that
+                # connection, not the service. Logged once per run of failures; the pause
+                # keeps a listener that always fails from spinning.
+                self.stats.accept_failures += 1
+                if not failing:
+                    log.exception(
+                        "%s: the listener failed to accept a connection; still listening",
+                        listener.address,
+                    )
+                failing = True
+                await trio.sleep(ACCEPT_RETRY_DELAY)
+                continue
+            failing = False
             self.stats.connections_accepted += 1
             nursery.start_soon(self._serve_connection, transport, listener.address)
 
     async def _serve_connection(self, transport: FrameTransport, address: str) -> None:
+        """One connection's task tree, and the net under it (see the module docstring)."""
         self.stats.connections_active += 1
-        peer = f"{transport.describe()}"
+        peer = f"connection {self.stats.connections_accepted} on {address}"
         try:
+            peer = transport.describe()  # a plugin's describe() may fail: inside the net
             await self._run_connection(transport, address)
         except (trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as exc:
             if isinstance(exc, EventfdStalledError) or isinstance(
@@ -264,17 +309,35 @@ class Backend:
             log.warning(
                 "%s: no handshake within %.1f s; disconnected", peer, self.handshake_timeout
             )
+        except Exception:  # noqa: BLE001 - the net: _contain logs and counts it
+            self._contain(peer, "the connection")
         finally:
             self.stats.connections_active -= 1
             with trio.CancelScope(shield=True):
-                await transport.aclose()
+                try:
+                    await transport.aclose()
+                except Exception:  # noqa: BLE001 - _contain logs and counts it
+                    self._contain(peer, "closing the transport")
+
+    def _contain(self, peer: str, what: str) -> None:
+        """Log (once, with the traceback, at error level) and count a contained failure."""
+        self.stats.connections_crashed += 1
+        log.exception(
+            "%s: %s failed unexpectedly (a bug); this connection is closed and the backend "
+            "goes on serving the others",
+            peer,
+            what,
+        )
 
     async def _handshake(self, transport: FrameTransport, address: str) -> Connection | None:
         conn = Connection(Role.SERVER, limits=self.config.limits, features=BACKEND_FEATURES)
         with trio.fail_after(self.handshake_timeout):
             frame = await transport.receive_frame()
         hello = conn.receive(frame)
-        assert isinstance(hello, Hello)
+        if not isinstance(hello, Hello):
+            # The table lets a Goodbye come first: the peer left before its handshake.
+            log.info("%s: left before the handshake (%s)", transport.describe(), hello)
+            return None
         refusal = self._refusal(hello, transport, address)
         problem: str | None
         if refusal is None:
@@ -294,10 +357,8 @@ class Backend:
             await transport.send_frame(conn.reject(code, problem))
             return None
         await transport.send_frame(conn.accept())
-        transport.set_max_frame_size(self.config.limits.max_message_size)
-        await transport.start_session(
-            is_server=True, max_frame_size=self.config.limits.max_message_size
-        )
+        transport.set_max_frame_size(conn.frame_size)
+        await transport.start_session(is_server=True, max_frame_size=conn.frame_size)
         return conn
 
     def _refusal(

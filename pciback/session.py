@@ -9,7 +9,23 @@ order and routes each ``DmaCallResult`` to the device task waiting for it.
 
 Requests that may wait on the guest itself (``DmaUnmapRequest`` waits for
 in-flight DMA, which may be a DMA call only this loop can complete) are
-answered from a task, so the loop never deadlocks on its own guest.
+answered from a task, so the loop never deadlocks on its own guest; the
+dispatcher's table says which (``answer_in_task``) and which requests take
+file descriptors from their frame (``takes_fds``).
+
+What is never sent
+------------------
+A reply or event can be ready after the connection stopped carrying them:
+replies computed for a burst that ended with the guest's Goodbye or a fatal
+frame, an unmap answered after the guest broke the protocol, an interrupt
+that fires as the guest leaves. The send path asks the connection
+(``Connection.can_send``) under the send lock and **drops** such a message,
+counting it (``replies_dropped``, ``events_dropped``) and logging the totals
+once when the session ends; it never raises. A guest that said Goodbye does
+not read them, and one that broke the protocol is owed nothing but a Goodbye.
+A reply larger than the guest's ``max_message_size`` becomes an
+``ErrorReply`` that says so (``Connection.send_reply``); an event too large
+for it is dropped and counted.
 
 When the connection ends, however it ends: pending DMA calls fail at once,
 the transport is closed (unblocking any sender), the session's interrupt
@@ -27,7 +43,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from pciback.devices import DmaFaultError
-from pciback.dispatch import Dispatcher
+from pciback.dispatch import Dispatcher, FdPassing
 from pciback.dma import DmaTimeoutError, GuestDma
 from pciback.hotplug import SessionChanges
 from pciback.irq import InterruptOutbox, IrqRouter
@@ -38,13 +54,11 @@ from shared.protocol import (
     DeviceChangeAck,
     DmaCallResult,
     DmaFaultEvent,
-    DmaMapRequest,
     DmaReadCall,
-    DmaUnmapRequest,
     DmaWriteCall,
     Goodbye,
-    InterruptEnableRequest,
     Message,
+    MessageTooLargeError,
     Reply,
     Request,
 )
@@ -58,9 +72,6 @@ if TYPE_CHECKING:
 __all__ = ["GuestSession", "SessionStatistics"]
 
 log = logging.getLogger("pcisplit.backend")
-
-#: Requests that take fds from their frame, or (unmap) must be answered from a task.
-_SLOW_PATH = frozenset({InterruptEnableRequest, DmaMapRequest, DmaUnmapRequest})
 
 #: DMA fault events queued for a guest that is slow to read them; more are counted, not sent.
 FAULT_QUEUE = 64
@@ -76,6 +87,9 @@ class SessionStatistics:
     faults_reported: int = 0
     faults_dropped: int = 0
     fds_received: int = 0
+    #: Replies and events ready after the connection stopped carrying them (see the module).
+    replies_dropped: int = 0
+    events_dropped: int = 0
 
 
 #: Most replies answered as one batch before they are sent (bounds reply latency).
@@ -102,7 +116,15 @@ class GuestSession:
         self.router = router
         self.dma = dma
         self.outbox: InterruptOutbox = router.outbox(self.guest)
-        self.dispatcher = Dispatcher(registry, self.guest, session=self)
+        self.dispatcher = Dispatcher(
+            registry,
+            self.guest,
+            router=router,
+            outbox=self.outbox,
+            dma=dma,
+            dma_owner=self,
+            fd_passing=FdPassing(transport.can_pass_fds, transport.describe()),
+        )
         self.stats = SessionStatistics()
         self._backend_stats = backend_stats
         self._send_lock = FastLock()
@@ -126,14 +148,45 @@ class GuestSession:
 
     # -- the one send path ------------------------------------------------------------
 
-    async def send(self, msg: Message) -> None:
+    async def send(self, msg: Message) -> bool:
         """Encode and send ``msg``; replies, events and calls are serialised here.
 
-        A :class:`~shared.sync.FastLock`: uncontended (the request hot path) it
+        Returns False when the connection no longer carries ``msg`` (it is
+        dropped and counted, see the module docstring). A
+        :class:`~shared.sync.FastLock`: uncontended (the request hot path) it
         costs two attribute writes and no checkpoint.
         """
         async with self._send_lock:
-            await self.transport.send_frame(self.conn.send(msg))
+            # Encoded under the lock: the state cannot change between the check and the send.
+            frame = self._encode(msg)
+            if frame is None:
+                return False
+            await self.transport.send_frame(frame)
+            return True
+
+    def _encode(self, msg: Message) -> bytes | None:
+        """The frame for ``msg``, or None (counted) if the connection cannot carry it now."""
+        conn = self.conn
+        if not conn.can_send(msg):
+            self._drop(msg)
+            return None
+        if isinstance(msg, Reply):
+            return conn.send_reply(msg)
+        try:
+            return conn.send(msg)
+        except MessageTooLargeError as exc:
+            # An event the guest's max_message_size cannot take (a long fault text).
+            log.info("%s: guest %s: not sent: %s", self.transport.describe(), self.guest, exc)
+            self._drop(msg)
+            return None
+
+    def _drop(self, msg: Message) -> None:
+        if isinstance(msg, Reply):
+            self.stats.replies_dropped += 1
+            self._backend_stats.replies_dropped += 1
+        else:
+            self.stats.events_dropped += 1
+            self._backend_stats.events_dropped += 1
 
     def take_fds(self) -> list[int]:
         """The fds that came with the frame just received (the caller owns them)."""
@@ -192,13 +245,11 @@ class GuestSession:
                     if isinstance(msg, Request):
                         stats.requests += 1
                         backend_stats.requests += 1
-                        if type(msg) in _SLOW_PATH:
-                            if type(msg) is DmaUnmapRequest:
-                                nursery.start_soon(self._answer_later, msg)
-                            else:
-                                replies.append(
-                                    await dispatcher.dispatch_with_fds(msg, self.take_fds())
-                                )
+                        entry = dispatcher.handler(type(msg))
+                        if entry is not None and entry.answer_in_task:
+                            nursery.start_soon(self._answer_later, msg)
+                        elif entry is not None and entry.takes_fds:
+                            replies.append(await dispatcher.dispatch(msg, self.take_fds()))
                         else:
                             replies.append(await dispatcher.dispatch(msg))
                     elif isinstance(msg, DmaCallResult):
@@ -228,16 +279,19 @@ class GuestSession:
             await self.send(reply)
             return
         async with self._send_lock:
-            frames = [self.conn.send(reply) for reply in replies]
+            frames = [frame for reply in replies if (frame := self._encode(reply)) is not None]
             replies.clear()
-            await self.transport.send_frames(frames)
+            if frames:
+                await self.transport.send_frames(frames)
 
     async def _answer_later(self, request: Request) -> None:
         reply = await self.dispatcher.dispatch(request)
         try:
+            # send() checks that the connection still carries replies: the guest may
+            # have left, or broken the protocol, while this request was served.
             await self.send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the connection is ending; the receive loop reports why
+            self._drop(reply)  # the connection is ending; the receive loop reports why
 
     async def _goodbye(self, exc: Exception) -> None:
         with trio.move_on_after(1):
@@ -281,6 +335,15 @@ class GuestSession:
     async def _close(self, reason: str) -> None:
         self._closed = reason
         self.changes.close()
+        if self.stats.replies_dropped or self.stats.events_dropped:
+            log.info(
+                "guest %s: %d replies and %d events were not sent: the connection had "
+                "ended (%s)",
+                self.guest,
+                self.stats.replies_dropped,
+                self.stats.events_dropped,
+                reason,
+            )
         self._calls.fail_all(reason)  # result None: the waiting DMA fails at once
         # Closing the transport wakes any task blocked sending to a guest that stopped
         # reading, so in-flight DMA can finish and the windows can go.
@@ -335,11 +398,16 @@ class GuestSession:
             # would corrupt the stream. A guest that stops reading blocks it until the
             # connection closes, which fails the call.
             try:
-                await self.send(make(cid))
+                sent = await self.send(make(cid))
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError) as exc:
                 raise DmaFaultError(
                     f"DMA at {bus_address:#x} abandoned: cannot reach the guest: {exc}"
                 ) from exc
+            if not sent:
+                raise DmaFaultError(
+                    f"DMA at {bus_address:#x} abandoned: the guest's connection no longer "
+                    "carries DMA calls"
+                )
             with trio.move_on_at(deadline) as scope:
                 await calls.wait(call)
         finally:

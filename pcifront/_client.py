@@ -36,6 +36,7 @@ from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
     HOTPLUG_FEATURE,
+    TERMINAL_STATES,
     BarReadRequest,
     BarWriteRequest,
     ConfigReadRequest,
@@ -541,7 +542,10 @@ class Bus:
             pass  # answering a DMA call found the connection gone; _send recorded why
 
     async def _route(self, frame: bytes) -> bool:
-        """Apply one frame. False when the backend said goodbye."""
+        """Apply one frame. False when the backend said goodbye (or we did)."""
+        if self._conn.state in TERMINAL_STATES:
+            # We said Goodbye while replies were on their way: nothing more is read.
+            return False
         msg = self._conn.receive(frame)
         stats = self.stats
         if isinstance(msg, Reply):
@@ -688,7 +692,7 @@ async def _handshake(
     reply = conn.receive(frame)
     if isinstance(reply, HandshakeRejected):
         raise HandshakeError(reply.code, reply.message)
-    transport.set_max_frame_size(min(limits.max_message_size, conn.peer_limits.max_message_size))
+    transport.set_max_frame_size(conn.frame_size)
     await transport.start_session(is_server=False, max_frame_size=transport.max_frame_size)
     return conn
 

@@ -322,6 +322,17 @@ class Connection:
         return frozenset(self._calls) if self._role is Role.CLIENT else frozenset()
 
     @property
+    def frame_size(self) -> int:
+        """The largest frame either side sends on this connection, once the limits are known.
+
+        The smaller of both ``max_message_size``: each side sends at most what
+        the other accepts, and a transport that sizes one buffer for both
+        directions (the ``shm:`` ring) must agree with its peer on one number.
+        Both the frontend and the backend size their transport with it.
+        """
+        return min(self._limits.max_message_size, self._peer_limits.max_message_size)
+
+    @property
     def max_dma_chunk(self) -> int:
         """The largest ``data``/``length`` one DMA call may carry on this connection.
 

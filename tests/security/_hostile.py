@@ -111,7 +111,9 @@ class Peer:
         await self.send(hello(guest, **hello_args))
         msg = await self.receive()
         assert isinstance(msg, Welcome), f"handshake answered with {msg!r}"
-        self.transport.set_max_frame_size(msg.limits.max_message_size)
+        # Both ends size the transport for the smaller limit (Connection.frame_size).
+        ours = hello_args.get("max_message_size", 65536)
+        self.transport.set_max_frame_size(min(ours, msg.limits.max_message_size))
         await self.transport.start_session(
             is_server=False, max_frame_size=self.transport.max_frame_size
         )

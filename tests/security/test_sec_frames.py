@@ -29,11 +29,6 @@ from conftest import sentinel
 from shared.errors import ErrorCode
 from shared.protocol import Goodbye, ValueReply
 
-CRASH1 = (
-    "issue 8 crash 1 (a-contain): a reply queued before a fatal frame in the same read "
-    "ends the backend; remove this mark when the fix lands"
-)
-
 
 async def test_length_prefix_of_4_gib_before_the_handshake(backend, kind):
     async with sentinel(backend, kind):
@@ -142,7 +137,6 @@ async def test_seeded_random_frames(backend, kind):
 # -- issue 8, crash 1: a reply queued before a fatal frame in the same read --------------
 
 
-@pytest.mark.xfail(strict=True, reason=CRASH1)
 @pytest.mark.parametrize(
     "fatal",
     [pack(PING, -1), pack(0x7F, 1), pack(0x04, 0, "bye")],
@@ -155,7 +149,6 @@ async def test_error_reply_then_fatal_frame_in_one_write(backend, kind, fatal):
             await p.until_closed()
 
 
-@pytest.mark.xfail(strict=True, reason=CRASH1)
 async def test_two_pings_with_the_same_id_in_one_write(backend, kind):
     async with sentinel(backend, kind):
         async with peer(backend.address(kind), handshake=True) as p:

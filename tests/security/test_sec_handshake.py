@@ -24,17 +24,7 @@ from conftest import sentinel
 from shared.errors import ErrorCode
 from shared.protocol import Goodbye, HandshakeRejected, ValueReply, Welcome, encode_frame
 
-CRASH2 = (
-    "issue 8 crash 2 (a-contain): a Goodbye before the Hello ends the backend (AssertionError "
-    "in the handshake); remove this mark when the fix lands"
-)
-CRASH3 = (
-    "issue 8 crash 3 (a-contain): a reply over the guest's announced max_message_size "
-    "escapes as MessageTooLargeError and ends the backend; remove this mark when the fix lands"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=CRASH2)
 async def test_goodbye_as_the_first_frame(backend, kind):
     async with sentinel(backend, kind):
         async with peer(backend.address(kind)) as p:
@@ -105,7 +95,6 @@ async def test_lying_hello_never_reaches_open(backend, kind, frame):
             assert not any(isinstance(m, Welcome) for m in got), got
 
 
-@pytest.mark.xfail(strict=True, reason=CRASH3)
 async def test_small_max_message_size_then_a_bus_snapshot(backend, kind):
     async with sentinel(backend, kind):
         async with peer(backend.address(kind), handshake=True, max_message_size=256) as p:
