@@ -37,10 +37,6 @@ SRC, DST, COUNT, CMD = 0x80, 0x88, 0x90, 0x98
 START = 0x01  # RAM -> edu buffer: the device reads guest memory
 EDU_BUFFER = 0x40000
 
-CRASH4 = (
-    "issue 8 crash 4 (a-contain): the DmaUnmapRequest answered from a task sends its reply "
-    "after the connection failed, which ends the backend; remove this mark when the fix lands"
-)
 
 
 class Rid:
@@ -168,10 +164,12 @@ async def test_shared_windows_with_bad_memfds(backend, fd_kind):
                     os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason=CRASH4)
 async def test_unmap_answered_after_the_connection_failed(backend):
-    # unix: only: there both frames arrive in one read. trio randomises the order of tasks
-    # woken together, so the race is tried several times (one crash is enough).
+    """Issue 8 crash 4: the unmap answered from a task after its connection failed.
+
+    unix: only: there both frames arrive in one read. trio randomises the order of tasks
+    woken together, so the race is tried several times (it crashed the backend in most).
+    """
     async with sentinel(backend, "unix"):
         for _ in range(CRASH4_ROUNDS):
             async with peer(backend.address("unix"), handshake=True) as p:
