@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h \
           shared/evtchn/_build.py shared/evtchn/guard.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,mount]'
 	@# atheris (extra 'fuzz') has wheels for CPython <= 3.11 on x86_64 Linux and otherwise
 	@# needs clang; where it cannot be installed the fuzz smoke tests skip and say why.
 	$(PY) -m pip install -q -e '.[fuzz]' || \

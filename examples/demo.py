@@ -3,7 +3,9 @@
 
 1. starts `pciback serve` (one edu device for guest0 on unix:./pciback.sock from
    the embedded default config, plus `--listen shm:./pciback-shm.sock`);
-2. runs `pcifront lspci -nn` against it;
+2. runs `pcifront lspci -nn` against it, then mounts guest0's bus with
+   `pcifront mount` and shows the real `lspci -vvv` through the mount (with the
+   Region lines of the addresses firmware-like assignment gave the BARs);
 3. runs examples/edu_driver.py over unix: and then over shm: (identification,
    liveness, factorial(10) = 3628800 polled and interrupt-driven, and a DMA round
    trip of 100 bytes through the edu buffer, each transfer ending in an interrupt);
@@ -13,9 +15,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,6 +31,40 @@ SHM_ADDRESS = "shm:./pciback-shm.sock"
 def tool(name: str) -> list[str]:
     exe = BIN / name
     return [str(exe)] if exe.exists() else [sys.executable, "-m", f"{name}.cli"]
+
+
+def show_mounted_bus() -> None:
+    """Mount guest0's bus as a sysfs-shaped tree and run the real lspci -vvv on it."""
+    lspci = shutil.which("lspci")
+    if lspci is None or not os.path.exists("/dev/fuse"):
+        why = "pciutils is not installed" if lspci is None else "/dev/fuse is absent"
+        print(f"\n(skipping the sysfs mount: {why})", flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="pcisplit-demo-") as tmp:
+        mnt = os.path.join(tmp, "guest0")
+        os.mkdir(mnt)
+        print(f"\n$ pcifront mount {mnt} --connect {ADDRESS} --guest guest0 &", flush=True)
+        mount = subprocess.Popen(
+            [*tool("pcifront"), "mount", mnt, "--connect", ADDRESS, "--guest", "guest0"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert mount.stdout is not None
+            print(mount.stdout.readline(), end="", flush=True)
+            print(f"$ lspci -A linux-sysfs -O sysfs.path={mnt} -vvv", flush=True)
+            listing = subprocess.run(
+                [lspci, "-A", "linux-sysfs", "-O", f"sysfs.path={mnt}", "-vvv"],
+                capture_output=True, text=True, check=True,
+            )
+            print(listing.stdout, end="", flush=True)
+            if "Region 0:" not in listing.stdout:
+                raise subprocess.CalledProcessError(1, "lspci", "no Region line")
+        finally:
+            print("$ kill %1", flush=True)
+            mount.send_signal(signal.SIGTERM)
+            mount.wait(timeout=30)
+            if os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
 
 
 def main() -> int:
@@ -48,6 +86,7 @@ def main() -> int:
             [*tool("pcifront"), "lspci", "--connect", ADDRESS, "--guest", "guest0", "-nn"],
             check=True,
         )
+        show_mounted_bus()
         for address in (ADDRESS, SHM_ADDRESS):
             print(f"\n$ python examples/edu_driver.py --connect {address}", flush=True)
             subprocess.run(

@@ -207,6 +207,7 @@ class Bus:
         self._reader_busy = False
         self._want: deque[Call[Reply]] = deque()
         self._reader_idle = trio.lowlevel.ParkingLot()
+        self._lost_event = trio.Event()
         self._events_send, self.events = trio.open_memory_channel[Event](256)
         self._faults_send, self.dma_faults = trio.open_memory_channel[DmaFaultEvent](
             DMA_FAULT_BUFFER
@@ -359,6 +360,11 @@ class Bus:
         """Write 1, 2 or 4 bytes at an I/O port, routed to the I/O BAR that decodes it."""
         device, bar = await route(self, port, size, io=True)
         await device.bar_write(bar.index, port - bar.start, size, value)
+
+    async def wait_closed(self) -> str:
+        """Wait until the connection ends (backend gone, Goodbye, or closed); returns why."""
+        await self._lost_event.wait()
+        return self._lost or "connection closed"
 
     async def ping(self) -> None:
         """One protocol round trip that touches no device."""
@@ -521,6 +527,7 @@ class Bus:
         if self._read_scope is not None and self._owner is not _READER:
             self._read_scope.cancel()
         self._reader_idle.unpark_all()
+        self._lost_event.set()
 
     # -- receiving ------------------------------------------------------------------------
 

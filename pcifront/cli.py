@@ -1,7 +1,9 @@
 """``pcifront``: the guest agent's command line.
 
 pcifront lspci --connect unix:./pciback.sock --guest guest0 -nn
-pcifront --timeout 5 lspci --connect ADDR --guest NAME -xxx -s 00:00.0
+pcifront --timeout 5 lspci --connect ADDR --guest NAME -vvv -s 00:00.0
+pcifront setpci --connect ADDR --guest NAME -s 00:00.0 COMMAND=0x0004:0x0004
+pcifront mount DIR --connect ADDR --guest NAME
 pcifront agent --connect ADDR --guest NAME [--json]
 
 Every subcommand is registered on :data:`CLI` (a :class:`shared.cli.Cli`), so it
@@ -21,10 +23,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from pcifront._agent import AGENT_HELP, add_agent_options, agent_main
 from pcifront._client import Bus, connect
 from pcifront._lspci import DeviceFilter, render_lspci
+from pcifront._mount_cli import add_mount_options, mount_main
 from pcifront._pciids import PciIds
+from pcifront._pciutils import find_tool, json_listing, require_tool, run_lspci
+from pcifront._setpci import add_setpci_options, setpci_main
+from pcifront._sysfs import DeviceView
 from shared.cli import Cli
 from shared.errors import UsageError, reason
 from shared.transport import TransportOptions
@@ -153,17 +161,57 @@ def _dump_bytes(count: int) -> int:
     return 256 if count == 3 else 4096
 
 
+def _lspci_arguments(args: argparse.Namespace) -> list[str]:
+    """The real lspci's arguments for what the user asked (the sysfs options come first)."""
+    argv = []
+    for flag, count in (
+        ("v", args.verbose), ("m", args.machine), ("P", args.path),
+        ("n", args.numeric), ("x", args.hex),
+    ):
+        if count:
+            argv.append("-" + flag * count)
+    for flag, on in (
+        ("k", args.kernel), ("t", args.tree), ("D", args.domains), ("b", args.bus_centric)
+    ):
+        if on:
+            argv.append("-" + flag)
+    for flag, value in (("-s", args.slot), ("-d", args.ids), ("-i", args.ids_file)):
+        if value is not None:
+            argv += [flag, value]
+    return argv
+
+
+def _needs_pciutils(args: argparse.Namespace) -> bool:
+    return bool(
+        args.verbose or args.kernel or args.tree or args.domains or args.machine
+        or args.bus_centric or args.path
+    )
+
+
 async def _lspci(args: argparse.Namespace) -> str:
-    """lspci's output for the command line ``args``."""
+    """lspci's output for the command line ``args`` (through the system's pciutils if any)."""
     # Validate the selectors and files before connecting, so a typo costs no round trip.
     DeviceFilter.parse(args.slot, args.ids)
     if args.ids_file is not None:
         _readable("-i", args.ids_file)
+    have_pciutils = find_tool("lspci") is not None
+    if not have_pciutils and _needs_pciutils(args) and not args.json:
+        require_tool("lspci", "pcifront lspci " + " ".join(_lspci_arguments(args)))
     async with open_bus(args, include_config=True) as bus:
-        devices = list(bus.devices)
+        views = []
+        for dev in bus.devices:
+            assert dev.config is not None
+            views.append(DeviceView(dev.pci_address, dev.config, dev.bar_sizes))
+    if args.json:
+        ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
+        return json_listing(views, slot=args.slot, vendor_device=args.ids, ids=ids)
+    if have_pciutils:
+        out, err = await trio.to_thread.run_sync(run_lspci, views, _lspci_arguments(args))
+        sys.stderr.write(err)
+        return out
     ids = PciIds.load(args.ids_file) if args.numeric != 1 else None
     return render_lspci(
-        devices,
+        views,
         slot=args.slot,
         vendor_device=args.ids,
         numeric=min(args.numeric, 2),
@@ -206,6 +254,56 @@ _lspci_parser.add_argument(
     help="show only devices with these IDs",
 )
 _lspci_parser.add_argument("-i", dest="ids_file", metavar="FILE", help="pci.ids file to use")
+# lspci's own -v/-vv/-vvv is the common -v (the same count also raises the log level).
+_lspci_parser.add_argument(
+    "-k", action="store_true", dest="kernel", help="show kernel drivers handling each device"
+)
+_lspci_parser.add_argument("-t", action="store_true", dest="tree", help="show a bus tree")
+_lspci_parser.add_argument(
+    "-D", action="store_true", dest="domains", help="always show domain numbers"
+)
+_lspci_parser.add_argument(
+    "-m", action="count", default=0, dest="machine",
+    help="machine-readable output (-mm: the newer format)",
+)
+_lspci_parser.add_argument(
+    "-b", action="store_true", dest="bus_centric",
+    help="bus-centric view (addresses as the bus sees them)",
+)
+_lspci_parser.add_argument(
+    "-P", action="count", default=0, dest="path", help="show bridge paths (-PP: with bus numbers)"
+)
+_lspci_parser.add_argument("--json", action="store_true", help="JSON for scripts")
+
+
+# ------------------------------------------------------------------------ setpci
+
+
+async def _setpci(args: argparse.Namespace) -> int:
+    return await setpci_main(args, open_bus)
+
+
+_setpci_parser = CLI.command(
+    "setpci", _setpci, "read and write the guest's config space with setpci's syntax"
+)
+add_connection_options(_setpci_parser)
+add_setpci_options(_setpci_parser)
+
+
+# ------------------------------------------------------------------------ mount
+
+
+async def _mount(args: argparse.Namespace) -> int:
+    return await mount_main(args, open_bus)
+
+
+_mount_parser = CLI.command(
+    "mount", _mount,
+    "mount the guest's bus as a tree shaped like /sys/bus/pci (for lspci/setpci -A "
+    "linux-sysfs -O sysfs.path=DIR) until SIGINT/SIGTERM or the backend goes away",
+)
+add_connection_options(_mount_parser)
+add_mount_options(_mount_parser)
 
 
 # ------------------------------------------------------------------------ agent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import logging
 import re
@@ -14,7 +13,7 @@ import pytest
 
 import pcifront
 from pciback.testing import running_backend
-from pcifront.cli import _lspci
+from pcifront.cli import _lspci, build_parser
 from shared.errors import ErrorCode
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pcidata"
@@ -91,19 +90,8 @@ async def test_real_lspci_decodes_our_dump_like_the_original(dump: Path, tmp_pat
     async with running_backend(
         _snapshot_config(dump, "transparent-readonly"), transports=("memory",), tmp=tmp_path
     ) as rb:
-        args = argparse.Namespace(
-            connect=rb.address("memory"),
-            guest="guest0",
-            numeric=0,
-            hex=4,
-            slot=None,
-            ids=None,
-            ids_file="/usr/share/misc/pci.ids",
-            cert=None,
-            key=None,
-            ca=None,
-            token_file=None,
-            timeout=30.0,
+        args = build_parser().parse_args(
+            ["lspci", "--connect", rb.address("memory"), "-xxxx", "-i", "/usr/share/misc/pci.ids"]
         )
         ours_text = await _lspci(args)
     ours = tmp_path / "ours.txt"

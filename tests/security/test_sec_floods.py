@@ -15,7 +15,11 @@ from shared.protocol import ValueReply
 
 
 async def test_connection_flood(backend, kind):
-    """100 guest1 sessions at once, idle, then all gone: fds come back (the sentinel)."""
+    """100 guest1 connections at once, idle, then all gone: fds come back (the sentinel).
+
+    The backend may refuse some ([limits]: unauthenticated connections per source,
+    connections per guest); a refusal is a fine answer, a stall or a leak is not.
+    """
     async with sentinel(backend, kind):
         async with trio.open_nursery() as nursery:
             ready = trio.Semaphore(0)
@@ -25,7 +29,10 @@ async def test_connection_flood(backend, kind):
                 async with peer(backend.address(kind)) as p:
                     await p.send(pack(0x01, 1, 0, ["ping"], [65536, 64], "guest1"))
                     with trio.move_on_after(10):
-                        await p.receive()
+                        try:
+                            await p.receive()
+                        except (trio.EndOfChannel, trio.BrokenResourceError):
+                            pass  # refused before the handshake
                     ready.release()
                     await done.wait()
 
