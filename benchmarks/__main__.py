@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from benchmarks import guests, interrupts, transports
+from benchmarks import guests, interrupts, passes, transports
 from benchmarks._report import Floors, measure_floors, print_ratios, write_results
 
 
@@ -21,7 +21,11 @@ def _row(measure: str, value: float, target: str, ok: bool | None) -> dict[str, 
 
 
 def summary(
-    floors: Floors, tr: dict[str, Any], irq: dict[str, Any], gs: dict[str, Any]
+    floors: Floors,
+    tr: dict[str, Any],
+    irq: dict[str, Any],
+    gs: dict[str, Any],
+    ps: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """The issue's target table, each row a ratio from this run."""
     res = tr["results"]
@@ -78,6 +82,9 @@ def summary(
     if 8 in thr:
         rows.append(_row("8 guests aggregate throughput / 1 guest", thr[8] / thr[1], "(info)",
                          None))
+    for kind, row in ps.items():
+        rows.append(_row(f"run-loop passes per QD1 read over {kind}, both ends, one process",
+                         row["passes"], "(info)", None))
     return rows
 
 
@@ -89,12 +96,13 @@ def main() -> int:
     tr = transports.run(floors, quick=args.quick)
     irq = interrupts.run(floors, quick=args.quick)
     gs = guests.run(floors, quick=args.quick)
-    rows = summary(floors, tr, irq, gs)
+    ps = passes.run(quick=args.quick)
+    rows = summary(floors, tr, irq, gs, ps)
     print_ratios(rows)
     write_results(
         "summary",
         {"quick": args.quick, "floors": asdict(floors), "transports": tr, "interrupts": irq,
-         "guests": gs, "ratios": rows},
+         "guests": gs, "passes": ps, "ratios": rows},
     )
     return 0
 

@@ -3,9 +3,10 @@
 Schema (later issues extend it)::
 
     listen = ["unix:/run/pcisplit/pciback.sock"]   # address strings
-    [limits]                    # optional: what the backend accepts per connection
+    [limits]                    # optional: protocol limits and resource limits (docs/security.md)
     max_message_size = 65536
     max_in_flight = 64
+    max_connections = 256  max_connections_per_guest = 8  ...  (pciback.limits.ResourceLimits)
     [tls]                       # needed only for tls:// listeners
     cert = "server.pem"  key = "server.key"  ca = "guests-ca.pem"
     [[guest]]
@@ -26,7 +27,7 @@ Schema (later issues extend it)::
     match = "8086:10c9"  register = "..."  mask = 0x...
     [audit]                     # denied-write audit log rate limit per (guest, device)
     rate = 5.0  burst = 20
-    [interrupts]                # per-guest interrupt delivery limit (token bucket)
+    [interrupts]                # older spelling of limits.notifications_per_second / _burst
     max_events_per_second = 100000.0  burst = 1024
     [dma]                       # message-based DMA: seconds to wait for the frontend
     call_timeout = 5.0
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pciback.identity import GUEST_KEYS, GuestConfig, parse_guest, tls_listeners
+from pciback.limits import LIMIT_KEYS, ResourceLimits
 from pciback.policy import PolicyConfig, QuirkConfig
 from shared.errors import ConfigFileError, LocalProtocolError, did_you_mean
 from shared.pci import PciAddress
@@ -127,14 +129,13 @@ class BackendConfig:
     quirks: tuple[QuirkConfig, ...] = ()
     audit_rate: float = 5.0
     audit_burst: int = 20
-    #: ``[interrupts]``: deliveries per second and burst, per guest (XSA-332).
-    irq_max_events_per_second: float = 100_000.0
-    irq_burst: int = 1024
     #: ``[dma]``: how long a DMA call waits for the frontend's answer.
     dma_call_timeout: float = 5.0
     #: ``[transport]``: shm adaptive-polling budget in microseconds (0: off) and ring size.
     shm_poll_us: float = 0.0
     shm_ring_size: int = 256 * 1024
+    #: ``[limits]`` beyond the protocol's two: what any guest can make the backend hold.
+    resources: ResourceLimits = field(default_factory=ResourceLimits)
     #: ``[hotplug]``: how long a hot-plug operation waits for the guest's
     #: acknowledgement; after it a removal is forced (and logged).
     hotplug_ack_timeout: float = 5.0
@@ -299,13 +300,14 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     )
     devices = _devices(raw, base, guests, hide)
     limits = Limits()
-    if "limits" in raw:
-        lraw = _expect(raw["limits"], dict, "limits", "a table")
-        _known_keys(lraw, {"max_message_size", "max_in_flight"}, "limits")
-        try:
-            limits = Limits(**lraw)
-        except (TypeError, ValueError, LocalProtocolError) as exc:
-            raise ConfigFileError(f"limits: {exc}") from exc
+    lraw = _expect(raw.get("limits", {}), dict, "limits", "a table")
+    _known_keys(lraw, set(_PROTOCOL_LIMIT_KEYS) | LIMIT_KEYS, "limits")
+    try:
+        limits = Limits(**{k: v for k, v in lraw.items() if k in _PROTOCOL_LIMIT_KEYS})
+    except (TypeError, ValueError, LocalProtocolError) as exc:
+        raise ConfigFileError(f"limits: {exc}") from exc
+    resources = ResourceLimits.from_mapping({**_interrupts_table(raw, lraw), **lraw})
+    resources.check_message_size(limits.max_message_size)
     tls = None
     if "tls" in raw:
         traw = _expect(raw["tls"], dict, "tls", "a table")
@@ -329,7 +331,7 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
     burst = _expect(audit.get("burst", 20), int, "audit.burst", "an entry count")
     if rate <= 0 or burst < 1:
         raise ConfigFileError("audit: rate must be > 0 and burst >= 1")
-    irq_rate, irq_burst, dma_timeout = _interrupts_and_dma(raw)
+    dma_timeout = _dma_timeout(raw)
     transport = _expect(raw.get("transport", {}), dict, "transport", "a table")
     _known_keys(transport, {"shm_poll_us", "shm_ring_size"}, "transport")
     poll_us = _expect(transport.get("shm_poll_us", 0.0), (int, float), "transport.shm_poll_us",
@@ -357,11 +359,10 @@ def parse_config(text: str, *, source: str = "<string>", base: Path | None = Non
         quirks,
         float(rate),
         burst,
-        irq_rate,
-        irq_burst,
         dma_timeout,
         float(poll_us),
         ring_size,
+        resources,
         hotplug_ack_timeout=ack_timeout,
         hide=hide,
         control=control,
@@ -447,20 +448,34 @@ def _positive(table: dict[str, Any], key: str, default: float, where: str, what:
     return float(value)
 
 
-def _interrupts_and_dma(raw: dict[str, Any]) -> tuple[float, int, float]:
-    """The ``[interrupts]`` and ``[dma]`` tables (both optional)."""
+_PROTOCOL_LIMIT_KEYS = ("max_message_size", "max_in_flight")
+
+
+def _interrupts_table(raw: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    """``[interrupts]``, the older spelling of two ``[limits]`` keys, as ``[limits]`` keys."""
     irq = _expect(raw.get("interrupts", {}), dict, "interrupts", "a table")
     _known_keys(irq, {"max_events_per_second", "burst"}, "interrupts")
-    rate = _positive(
-        irq, "max_events_per_second", 100_000.0, "interrupts", "deliveries per second per guest"
-    )
-    burst = _expect(irq.get("burst", 1024), int, "interrupts.burst", "a delivery count")
-    if not 1 <= burst <= 1_000_000:
-        raise ConfigFileError(f"interrupts.burst: {burst} must be between 1 and 1000000")
+    renamed = {"max_events_per_second": "notifications_per_second", "burst": "notification_burst"}
+    out: dict[str, Any] = {}
+    for old, new in renamed.items():
+        if old in irq:
+            if new in limits:
+                raise ConfigFileError(
+                    f"interrupts.{old} and limits.{new} are the same setting; keep limits.{new}"
+                )
+            out[new] = irq[old]
+    if "notification_burst" in out and not 1 <= out["notification_burst"] <= 1_000_000:
+        raise ConfigFileError(
+            f"interrupts.burst: {out['notification_burst']} must be between 1 and 1000000"
+        )
+    return out
+
+
+def _dma_timeout(raw: dict[str, Any]) -> float:
+    """The ``[dma]`` table (optional)."""
     dma = _expect(raw.get("dma", {}), dict, "dma", "a table")
     _known_keys(dma, {"call_timeout"}, "dma")
-    timeout = _positive(dma, "call_timeout", 5.0, "dma", "seconds")
-    return rate, burst, timeout
+    return _positive(dma, "call_timeout", 5.0, "dma", "seconds")
 
 
 def load_config(path: str | Path) -> BackendConfig:

@@ -31,6 +31,7 @@ import logging
 import mmap
 import os
 import stat
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -63,7 +64,7 @@ PAGE_SIZE = 4096
 #: First bus address handed out. Low, so a 28-bit DMA mask (edu) reaches the windows.
 IOVA_BASE = 0x10000
 IOVA_LIMIT = 1 << 64
-#: Windows per guest; bounds the backend's bookkeeping whatever the guest asks.
+#: Windows per guest when no limit is given (``limits.max_dma_windows_per_guest``).
 MAX_WINDOWS = 4096
 
 
@@ -204,6 +205,7 @@ class DmaStatistics:
     bytes_written: int = 0
     faults: int = 0
     calls: int = 0
+    limit_refusals: int = 0  # maps refused by limits.max_dma_windows/bytes_per_guest
 
 
 def _validate_memfd(fd: int, size: int, writable: bool) -> mmap.mmap:
@@ -249,9 +251,23 @@ def _validate_memfd(fd: int, size: int, writable: bool) -> mmap.mmap:
 class GuestDma:
     """One guest's DMA windows and IOVA space (shared by the guest's sessions)."""
 
-    def __init__(self, guest: str, *, call_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        guest: str,
+        *,
+        call_timeout: float = 5.0,
+        max_windows: int | None = None,
+        max_bytes: int | None = None,
+        limit_events: Counter[str] | None = None,
+    ) -> None:
         self.guest = guest
+        #: Where refusals by a limit are counted by limit key (the backend's statistics).
+        self.limit_events: Counter[str] = Counter() if limit_events is None else limit_events
         self.call_timeout = call_timeout
+        #: ``limits.max_dma_windows_per_guest`` and ``limits.max_dma_bytes_per_guest``
+        #: (windows being torn down count until their in-flight DMA has finished).
+        self.max_windows = max_windows
+        self.max_bytes = max_bytes
         self._iova = IovaAllocator()
         self._starts: list[int] = []
         self._windows: dict[int, DmaWindow] = {}
@@ -267,6 +283,11 @@ class GuestDma:
     def windows(self) -> list[DmaWindow]:
         return [self._windows[s] for s in self._starts]
 
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of this guest's windows, mapped or still being torn down."""
+        return sum(w.size for w in self._windows.values()) + sum(w.size for w in self._closing)
+
     def add_session(self, session: DmaCaller) -> None:
         """Fault events for this guest go to ``session`` (until :meth:`teardown`)."""
         self._reporters.append(session)
@@ -279,9 +300,23 @@ class GuestDma:
         On failure ``fd`` is closed (it was the guest's; keeping it would leak).
         """
         try:
-            if len(self._windows) >= MAX_WINDOWS:
+            max_windows = MAX_WINDOWS if self.max_windows is None else self.max_windows
+            if len(self._windows) + len(self._closing) >= max_windows:
+                self.stats.limit_refusals += 1
+                self.limit_events["max_dma_windows_per_guest"] += 1
                 raise DmaMapError(
-                    f"guest {self.guest!r} already has {MAX_WINDOWS} DMA windows; unmap some",
+                    f"guest {self.guest!r} already has {max_windows} DMA windows, the most "
+                    "allowed (limits.max_dma_windows_per_guest); unmap some",
+                    code=ErrorCode.BUSY,
+                )
+            held = self.mapped_bytes
+            if self.max_bytes is not None and held + size > self.max_bytes:
+                self.stats.limit_refusals += 1
+                self.limit_events["max_dma_bytes_per_guest"] += 1
+                raise DmaMapError(
+                    f"guest {self.guest!r} has {held} bytes of DMA windows; {size} more would "
+                    f"pass the limit of {self.max_bytes} (limits.max_dma_bytes_per_guest); "
+                    "unmap some or map less",
                     code=ErrorCode.BUSY,
                 )
             if size < 1:
@@ -478,15 +513,31 @@ class DeviceDma:
 class DmaHub:
     """The backend-wide table of guests' DMA spaces."""
 
-    def __init__(self, *, call_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        call_timeout: float = 5.0,
+        max_windows: int | None = None,
+        max_bytes: int | None = None,
+        limit_events: Counter[str] | None = None,
+    ) -> None:
         self.call_timeout = call_timeout
+        self.max_windows = max_windows
+        self.max_bytes = max_bytes
+        self.limit_events: Counter[str] = Counter() if limit_events is None else limit_events
         self._spaces: dict[str, GuestDma] = {}
 
     def space(self, guest: str) -> GuestDma:
         """``guest``'s DMA space, created on first use."""
         space = self._spaces.get(guest)
         if space is None:
-            space = self._spaces[guest] = GuestDma(guest, call_timeout=self.call_timeout)
+            space = self._spaces[guest] = GuestDma(
+                guest,
+                call_timeout=self.call_timeout,
+                max_windows=self.max_windows,
+                max_bytes=self.max_bytes,
+                limit_events=self.limit_events,
+            )
         return space
 
     def get(self, guest: str) -> GuestDma | None:

@@ -21,19 +21,29 @@ import errno
 import logging
 import os
 import ssl
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
+from pciback._accept import AcceptStatistics, accept_loop
 from pciback.config import BackendConfig, check_listen
 from pciback.dma import DmaHub
 from pciback.hotplug import Hotplug, HotplugResult
 from pciback.identity import authorize
 from pciback.irq import InterruptLimits, IrqRouter
+from pciback.limits import ConnectionGate, GateTicket, source_of
 from pciback.registry import DeviceRegistry
 from pciback.session import GuestSession
-from shared.errors import ConfigFileError, ErrorCode, PcisplitError, RemoteProtocolError, reason
+from shared.errors import (
+    ConfigFileError,
+    ErrorCode,
+    LimitExceededError,
+    PcisplitError,
+    RemoteProtocolError,
+    reason,
+)
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
     HOTPLUG_FEATURE,
@@ -44,6 +54,7 @@ from shared.protocol import (
 from shared.transport import (
     FrameListener,
     FrameTransport,
+    ReceiveBudget,
     TransportConnectError,
     TransportOptions,
     get_scheme,
@@ -52,9 +63,6 @@ from shared.transport import (
 )
 
 __all__ = ["Backend", "BackendStatistics"]
-
-#: Seconds an accept loop pauses after its listener failed unexpectedly.
-ACCEPT_RETRY_DELAY = 0.1
 
 log = logging.getLogger("pcisplit.backend")
 
@@ -82,6 +90,9 @@ class BackendStatistics:
     protocol_errors: int = 0
     disconnects_for_misbehaviour: int = 0
     per_guest_requests: dict[str, int] = field(default_factory=dict)
+    #: ``[limits]`` key -> times a peer went over that limit (see pciback.limits).
+    limits_exceeded: Counter[str] = field(default_factory=Counter)
+    accept: AcceptStatistics = field(default_factory=AcceptStatistics)
     #: Connections ended by an unexpected exception (a backend or plugin bug), contained:
     #: logged with its traceback, and the service went on.
     connections_crashed: int = 0
@@ -150,19 +161,27 @@ class Backend:
         *,
         extra_listen: Sequence[str] = (),
         registry: DeviceRegistry | None = None,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.config = config
+        resources = config.resources
+        self.stats = BackendStatistics()
         self.registry = registry or DeviceRegistry(config)
         #: Interrupt delivery; ``clock`` drives its rate limits (MockClock in tests).
         self.irq = IrqRouter(
             InterruptLimits(
-                max_events_per_second=config.irq_max_events_per_second, burst=config.irq_burst
+                max_events_per_second=resources.notifications_per_second,
+                burst=resources.notification_burst,
             ),
             clock=clock,
         )
-        self.dma = DmaHub(call_timeout=config.dma_call_timeout)
+        self.dma = DmaHub(
+            call_timeout=config.dma_call_timeout,
+            max_windows=resources.max_dma_windows_per_guest,
+            max_bytes=resources.max_dma_bytes_per_guest,
+            limit_events=self.stats.limits_exceeded,
+        )
         self.registry.release_hooks.append(self.irq.reset_device)
         self.sessions: list[GuestSession] = []
         #: Live assign/unassign with acknowledgement (``assign``/``unassign`` below).
@@ -171,8 +190,15 @@ class Backend:
         )
         self.addresses = list(dict.fromkeys([*config.listen, *extra_listen]))
         check_listen(self.addresses, config.tls)
-        self.handshake_timeout = handshake_timeout
-        self.stats = BackendStatistics()
+        #: Seconds a connection gets to complete its handshake (``limits.handshake_timeout``).
+        self.handshake_timeout = (
+            resources.handshake_timeout if handshake_timeout is None else handshake_timeout
+        )
+        #: Connection counts per guest, per source and in total (``[limits]``).
+        self.gate = ConnectionGate(resources, clock=clock)
+        self.gate.stats.exceeded = self.stats.limits_exceeded
+        #: Receive-buffer bytes beyond each connection's reserve, shared by all of them.
+        self.receive_budget = ReceiveBudget(resources.max_buffered_total)
         self.listeners: list[FrameListener] = []
         self._ssl = server_ssl_context(config)
 
@@ -198,11 +224,18 @@ class Backend:
         return await self.hotplug.unassign(device_id, reason=reason)
 
     def _options(self, address: str) -> TransportOptions:
+        resources = self.config.resources
         return TransportOptions(
             ssl_context=self._ssl,
-            max_frame_size=self.config.limits.max_message_size,
+            # Until the handshake is done a peer gets a small budget (raised after it).
+            max_frame_size=min(resources.max_handshake_bytes, self.config.limits.max_message_size),
             poll_us=self.config.shm_poll_us,
             ring_size=self.config.shm_ring_size,
+            partial_frame_timeout=resources.partial_frame_timeout,
+            max_buffered=resources.max_buffered_per_connection,
+            receive_budget=self.receive_budget,
+            max_fds=resources.max_fds_per_connection,
+            tls_handshake_timeout=self.handshake_timeout,
         )
 
     async def serve(
@@ -256,44 +289,37 @@ class Backend:
             ) from exc
 
     async def _accept_loop(self, listener: FrameListener, nursery: trio.Nursery) -> None:
-        failing = False
-        while True:
-            try:
-                transport = await listener.accept()
-            except (trio.BrokenResourceError, OSError) as exc:
-                # A failed TLS handshake or an aborted connect affects that peer only.
-                log.warning(
-                    "%s: connection failed before the handshake: %s",
-                    listener.address,
-                    reason(exc.__cause__ or exc),
-                )
-                continue
-            except Exception:
-                # A listener bug (e.g. a plugin failing to describe its peer) loses that
-                # connection, not the service. Logged once per run of failures; the pause
-                # keeps a listener that always fails from spinning.
-                self.stats.accept_failures += 1
-                if not failing:
-                    log.exception(
-                        "%s: the listener failed to accept a connection; still listening",
-                        listener.address,
-                    )
-                failing = True
-                await trio.sleep(ACCEPT_RETRY_DELAY)
-                continue
-            failing = False
+        def handle(transport: FrameTransport) -> None:
             self.stats.connections_accepted += 1
             nursery.start_soon(self._serve_connection, transport, listener.address)
 
+        def on_bug() -> None:
+            self.stats.accept_failures += 1
+
+        await accept_loop(listener, handle, self.stats.accept, on_bug=on_bug)
+
     async def _serve_connection(self, transport: FrameTransport, address: str) -> None:
-        """One connection's task tree, and the net under it (see the module docstring)."""
+        """One connection's task tree, and the net under it (see the module docstring).
+
+        Everything that can wait on the peer happens here, in its own task: the
+        limits' gate, the TLS handshake, the Hello.
+        """
         self.stats.connections_active += 1
         peer = f"connection {self.stats.connections_accepted} on {address}"
+        ticket: GateTicket | None = None
         try:
             peer = transport.describe()  # a plugin's describe() may fail: inside the net
-            await self._run_connection(transport, address)
+            ticket = self.gate.admit(source_of(transport.peer_identity()))
+            if ticket is None:
+                await trio.aclose_forcefully(transport)
+                return
+            await self._run_connection(transport, address, ticket)
         except (trio.BrokenResourceError, trio.EndOfChannel, trio.ClosedResourceError) as exc:
-            if isinstance(exc, EventfdStalledError) or isinstance(
+            cause = exc.__cause__
+            if isinstance(cause, LimitExceededError):
+                self.stats.disconnects_for_misbehaviour += 1
+                self.gate.exceeded(cause.limit, "%s: disconnected: %s", peer, exc)
+            elif isinstance(exc, EventfdStalledError) or isinstance(
                 exc.__cause__, (RemoteProtocolError, EventfdStalledError)
             ):
                 # The transport caught the peer lying about framing (e.g. a 1 GiB length).
@@ -306,13 +332,16 @@ class Backend:
             log.warning("%s: disconnected for a protocol violation: %s", peer, exc)
         except trio.TooSlowError:
             self.stats.disconnects_for_misbehaviour += 1
-            log.warning(
-                "%s: no handshake within %.1f s; disconnected", peer, self.handshake_timeout
+            self.gate.exceeded(
+                "handshake_timeout", "%s: no handshake within %.1f s; disconnected",
+                peer, self.handshake_timeout,
             )
         except Exception:  # noqa: BLE001 - the net: _contain logs and counts it
             self._contain(peer, "the connection")
         finally:
             self.stats.connections_active -= 1
+            if ticket is not None:
+                self.gate.release(ticket)
             with trio.CancelScope(shield=True):
                 try:
                     await transport.aclose()
@@ -329,16 +358,21 @@ class Backend:
             what,
         )
 
-    async def _handshake(self, transport: FrameTransport, address: str) -> Connection | None:
+    async def _handshake(
+        self, transport: FrameTransport, address: str, ticket: GateTicket
+    ) -> Connection | None:
         conn = Connection(Role.SERVER, limits=self.config.limits, features=BACKEND_FEATURES)
-        with trio.fail_after(self.handshake_timeout):
-            frame = await transport.receive_frame()
+        frame = await transport.receive_frame()
         hello = conn.receive(frame)
         if not isinstance(hello, Hello):
             # The table lets a Goodbye come first: the peer left before its handshake.
             log.info("%s: left before the handshake (%s)", transport.describe(), hello)
             return None
         refusal = self._refusal(hello, transport, address)
+        if refusal is None:
+            crowded = self.gate.authenticate(ticket, hello.guest)
+            if crowded is not None:
+                refusal = ErrorCode.BUSY, crowded
         problem: str | None
         if refusal is None:
             problem = conn.check_version()
@@ -379,8 +413,12 @@ class Backend:
         refusal = authorize(guest, transport.peer_identity(), scheme=scheme.name, token=hello.token)
         return None if refusal is None else (refusal.code, refusal.message)
 
-    async def _run_connection(self, transport: FrameTransport, address: str) -> None:
-        conn = await self._handshake(transport, address)
+    async def _run_connection(
+        self, transport: FrameTransport, address: str, ticket: GateTicket
+    ) -> None:
+        # The whole handshake (TLS, Hello, shm setup) is one time budget.
+        with trio.fail_after(self.handshake_timeout):
+            conn = await self._handshake(transport, address, ticket)
         if conn is None:
             return
         guest = conn.guest

@@ -36,6 +36,7 @@ from pcifront._interrupts import (
     Interrupts,
     InterruptStatistics,
 )
+from pcifront._legacy import Ecam, LegacyAccessError, PortIO, PortIOSession
 from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
 from pcifront._pciids import PciIds
 from pcifront._reconnect import LinkEvent, ReconnectPolicy
@@ -82,6 +83,10 @@ __all__ = [
     "LspciOptionError",
     "PciIds",
     "Resource",
+    "PortIO",
+    "PortIOSession",
+    "Ecam",
+    "LegacyAccessError",
     "UnclaimedAddressError",
     "filter_devices",
     "format_listing",

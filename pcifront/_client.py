@@ -205,6 +205,10 @@ class Bus:
         self._read_scope: trio.CancelScope | None = None
         # True while the reader task is reading or routing (not merely woken up).
         self._reader_busy = False
+        # True from waking the reader task until it runs (then it is runnable).
+        self._reader_woken = False
+        #: Set by connect() when the transport polls (shm: with poll_us > 0).
+        self._polling = False
         self._want: deque[Call[Reply]] = deque()
         self._reader_idle = trio.lowlevel.ParkingLot()
         self._lost_event = trio.Event()
@@ -415,14 +419,14 @@ class Bus:
     async def _await_reply(self, call: Call[Reply]) -> None:
         """Wait for ``call``'s reply, reading the transport ourselves when we can.
 
-        A reader task that hands each reply to the waiting caller costs the caller
-        an extra pass through the scheduler per request. So a caller reads the
-        transport itself whenever nobody else is reading (and routes whatever else
-        arrives: other callers' replies, events, DMA calls); when it has its reply it
-        passes the transport to the next caller that wants it, else back to the
-        reader task, which keeps events flowing while no request is outstanding.
-        With many in flight, callers that find the transport taken wait to be
-        handed their reply (or the transport).
+        A reader task that hands each reply to the waiting caller puts an extra
+        pass through the scheduler on the critical path of every request. So a
+        caller reads the transport itself whenever nobody else is reading (and
+        routes whatever else arrives: other callers' replies, events, DMA calls);
+        when it has its reply it passes the transport to the next caller that
+        wants it, else back to the reader task, which keeps events flowing while no
+        request is outstanding. A caller that finds the transport being read waits
+        to be handed its reply (or the transport); it never interrupts a reader.
         """
         calls = self._calls
         try:
@@ -438,8 +442,6 @@ class Bus:
                     self._owner = call
                     await self._read_until(call)
                     continue
-                if owner is _READER and self._read_scope is not None:
-                    self._read_scope.cancel()  # the reader steps aside and hands over
                 self._want.append(call)
                 try:
                     await calls.wait(call)
@@ -465,11 +467,16 @@ class Bus:
         """The current reader stops: the next waiting caller reads, else the reader task."""
         if not self._pass_to_wanter():
             self._owner = _READER
-            self._reader_idle.unpark()
+            if self._reader_idle.unpark():
+                self._reader_woken = True
 
     async def _read_until(self, call: Call[Reply]) -> None:
         """As the transport's reader: route frames until ``call`` has its reply."""
         transport = self._transport
+        if self._polling and self._reader_woken:
+            # A polling transport never spins while another task is runnable; let the
+            # reader task we woke run (and park again) first, so that the spin can.
+            await trio.lowlevel.cancel_shielded_checkpoint()
         while call.result is None and self._calls.failed is None:
             frame: bytes | None = None
             with trio.CancelScope() as scope:
@@ -531,14 +538,18 @@ class Bus:
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def _on_frames(self, frame: bytes) -> None:
-        """Route ``frame`` and every frame already buffered after it (no pass each)."""
+    async def _on_frames(self, frame: bytes) -> int:
+        """Route ``frame`` and every frame already buffered after it (no pass each).
+
+        Returns how many replies were handed to their callers.
+        """
         transport = self._transport
+        before = self.stats.replies_received
         try:
             next_frame: bytes | None = frame
             while next_frame is not None:
                 if not await self._route(next_frame):
-                    return
+                    break
                 next_frame = transport.receive_frame_nowait()
         except trio.WouldBlock:
             self._fail_all("events arrived faster than the guest consumed them (256 buffered)")
@@ -547,6 +558,7 @@ class Bus:
             log.error("backend protocol violation: %s", exc)
         except ConnectionLostError:
             pass  # answering a DMA call found the connection gone; _send recorded why
+        return self.stats.replies_received - before
 
     async def _route(self, frame: bytes) -> bool:
         """Apply one frame. False when the backend said goodbye (or we did)."""
@@ -592,6 +604,7 @@ class Bus:
         transport = self._transport
         try:
             while self._calls.failed is None:
+                self._reader_woken = False
                 owner = self._owner
                 if owner is not None and owner is not _READER:
                     await self._reader_idle.park()
@@ -599,22 +612,15 @@ class Bus:
                 if self._pass_to_wanter():
                     continue
                 self._owner = _READER
-                frame: bytes | None = None
                 self._reader_busy = True
                 try:
-                    with trio.CancelScope() as scope:
-                        self._read_scope = scope
-                        try:
-                            frame = await transport.receive_frame()
-                        finally:
-                            self._read_scope = None
-                    if frame is None:
-                        # A caller asked for the transport: hand it over.
-                        self._release()
-                        continue
-                    await self._on_frames(frame)
+                    delivered = await self._on_frames(await transport.receive_frame())
                 finally:
                     self._reader_busy = False
+                if delivered:
+                    # The callers just handed their replies run in this pass; one that
+                    # sends again finds the transport free and reads for itself.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._receive_failed(exc)
         finally:
@@ -767,6 +773,7 @@ async def connect(
     else:
         transport, conn, _ = await dial_with_backoff(dial, policy)
     bus = Bus(transport, conn, timeout=timeout)
+    bus._polling = bool(opts.poll_us)
     if policy is not None:
         bus._reconnect = Reconnector(bus, dial, policy)
 

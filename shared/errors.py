@@ -27,6 +27,7 @@ __all__ = [
     "RemoteProtocolError",
     "RequestError",
     "ConfigFileError",
+    "LimitExceededError",
     "UsageError",
     "did_you_mean",
     "reason",
@@ -121,6 +122,20 @@ class RequestError(PcisplitError):
 
 class ConfigFileError(PcisplitError, ValueError):
     """The backend configuration is invalid. The message names the key."""
+
+
+class LimitExceededError(RemoteProtocolError):
+    """A peer went over a resource limit (``[limits]`` in the backend config).
+
+    ``limit`` names the limit's key (``partial_frame_timeout``,
+    ``max_fds_per_connection``...), so the service can count each kind.
+    """
+
+    code = ErrorCode.BUSY
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class UsageError(PcisplitError, ValueError):

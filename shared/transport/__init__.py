@@ -17,6 +17,7 @@ from shared.transport._blocking import (
     BlockingTransport,
     open_blocking_transport,
 )
+from shared.transport._budget import BudgetStatistics, ReceiveBudget, ReceiveLimits
 from shared.transport._fdpass import MAX_FDS_PER_FRAME
 from shared.transport._identity import PeerIdentity
 from shared.transport._memory import MemoryListener, MemoryTransport, memory_transport_pair
@@ -48,6 +49,9 @@ __all__ = [
     "TransportAddressError",
     "TransportConnectError",
     "TransportOptions",
+    "ReceiveBudget",
+    "ReceiveLimits",
+    "BudgetStatistics",
     "MemoryListener",
     "MemoryTransport",
     "memory_transport_pair",

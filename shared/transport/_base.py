@@ -24,7 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from shared.errors import PcisplitError
+from shared.transport._budget import ReceiveBudget, ReceiveLimits
 from shared.transport._identity import PeerIdentity
 
 __all__ = [
@@ -66,6 +69,14 @@ class TransportOptions:
     ``server_hostname``: the name the client checks in the server certificate.
     ``ring_size``: bytes per direction for ``shm:`` rings.
     ``poll_us``: adaptive-polling budget for ``shm:`` (0 disables polling).
+
+    Limits a server puts on the peers it accepts (None: no limit beyond the
+    frame size; see :mod:`shared.transport._budget` and ``docs/security.md``):
+    ``partial_frame_timeout`` (seconds a started frame may see no byte),
+    ``max_buffered`` (receive-buffer bytes per connection),
+    ``receive_budget`` (a :class:`ReceiveBudget` shared by all connections),
+    ``max_fds`` (received fds a connection may hold in the transport at once),
+    ``tls_handshake_timeout`` (seconds for a TLS handshake, run per connection).
     """
 
     ssl_context: Any = None
@@ -73,7 +84,21 @@ class TransportOptions:
     ring_size: int = 256 * 1024
     poll_us: float | None = None
     max_frame_size: int = DEFAULT_MAX_FRAME
+    partial_frame_timeout: float | None = None
+    max_buffered: int | None = None
+    receive_budget: ReceiveBudget | None = None
+    max_fds: int | None = None
+    tls_handshake_timeout: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def receive_limits(self, what: str) -> ReceiveLimits:
+        """One connection's receive limits (``what`` names it in errors)."""
+        return ReceiveLimits(
+            what,
+            budget=self.receive_budget,
+            max_buffered=self.max_buffered,
+            idle_timeout=self.partial_frame_timeout,
+        )
 
 
 class FrameTransport(abc.ABC):
@@ -113,6 +138,15 @@ class FrameTransport(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close this end. Idempotent. Pending operations get ClosedResourceError."""
+
+    async def do_handshake(self) -> None:
+        """Finish the transport's own handshake (TLS) now; idempotent.
+
+        A server end returned by :meth:`FrameListener.accept` may not have done
+        it yet (so one silent client cannot hold up the accept loop): it then
+        happens on first send or receive, or here. Most transports have none.
+        """
+        await trio.lowlevel.checkpoint()
 
     def set_max_frame_size(self, size: int) -> None:
         """Apply the limit negotiated in the handshake."""

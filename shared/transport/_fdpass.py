@@ -37,6 +37,8 @@ from typing import Any
 
 import trio
 
+from shared.transport._budget import limit_broken
+
 __all__ = [
     "MAX_FDS_PER_FRAME",
     "ANCILLARY_SPACE",
@@ -179,9 +181,9 @@ class FdTracker:
     always the start of the next frame.
     """
 
-    __slots__ = ("_batches", "_pending", "_received", "busy", "what")
+    __slots__ = ("_batches", "_pending", "_received", "busy", "limit", "what")
 
-    def __init__(self, what: str = "transport") -> None:
+    def __init__(self, what: str = "transport", *, limit: int | None = None) -> None:
         # Each batch: [bytes from the next frame's start to the end of the chunk, fds].
         self._batches: deque[list[Any]] = deque()
         self._received: list[int] = []
@@ -189,6 +191,13 @@ class FdTracker:
         #: True while fds are pending or held; the owner calls on_frame only then.
         self.busy = False
         self.what = what
+        #: Most fds pending at once (``max_fds_per_connection``); at most one frame's worth.
+        self.limit = MAX_FDS_PER_FRAME if limit is None else min(limit, MAX_FDS_PER_FRAME)
+
+    @property
+    def held(self) -> int:
+        """Fds this tracker holds now (pending for their frame, or untaken)."""
+        return self._pending + len(self._received)
 
     def on_chunk(self, buffered: int, fds: list[int]) -> None:
         """A chunk with ``fds`` was fed; the decoder now holds ``buffered`` bytes."""
@@ -201,12 +210,13 @@ class FdTracker:
         self._pending += len(fds)
         self._batches.append([buffered, fds])
         self.busy = True
-        if self._pending > MAX_FDS_PER_FRAME:
+        if self._pending > self.limit:
             # Only one frame's worth may wait for its frame to complete; more is hostile.
             self.close()
-            raise trio.BrokenResourceError(
-                f"peer sent more than {MAX_FDS_PER_FRAME} file descriptors ahead of their "
-                "frame; disconnecting it"
+            raise limit_broken(
+                "max_fds_per_connection",
+                f"{self.what}: peer sent more than {self.limit} file descriptors ahead of "
+                "their frame (limits.max_fds_per_connection); disconnecting it",
             )
 
     def on_frame(self, frame_length: int) -> None:

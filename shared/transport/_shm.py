@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 import trio
 
-from shared.errors import RemoteProtocolError
+from shared.errors import LimitExceededError, RemoteProtocolError
 from shared.evtchn import EventfdPort
 from shared.protocol._framing import FrameDecoder, encode_frame
 from shared.ring import (
@@ -60,6 +60,7 @@ from shared.transport._base import (
 )
 from shared.transport._fdpass import (
     ANCILLARY_SPACE,
+    MAX_FDS_PER_FRAME,
     RECVMSG_FLAGS,
     FdTracker,
     SendProgress,
@@ -104,7 +105,10 @@ class ShmTransport(FrameTransport):
         self._name = name
         self.max_frame_size = options.max_frame_size
         self._decoder = FrameDecoder(options.max_frame_size)
-        self._fd_tracker = FdTracker(name)
+        self._fd_tracker = FdTracker(name, limit=options.max_fds)
+        # A server's limits on what the peer makes us hold on the control socket.
+        self._limits = options.receive_limits(name)
+        self._max_fds = MAX_FDS_PER_FRAME if options.max_fds is None else options.max_fds
         # After session start: fds announced for ring frame `seq`, and the fds
         # tied to the ring frame returned last (closed at the next one if untaken).
         self._ring_fd_batches: dict[int, list[int]] = {}
@@ -121,6 +125,7 @@ class ShmTransport(FrameTransport):
         self._session: _Session | None = None
         self._peer_gone = False
         self._peer_reason: str | None = None  # None: clean goodbye
+        self._peer_cause: Exception | None = None  # a limit the peer went over, if that was it
         self._doorbell_busy = False
         self._doorbell_scope: trio.CancelScope | None = None
         self._doorbell_lot = trio.lowlevel.ParkingLot()
@@ -196,6 +201,8 @@ class ShmTransport(FrameTransport):
             if frame is not None:
                 if self._fd_tracker.busy:
                     self._fd_tracker.on_frame(4 + len(frame))
+                if self._limits.charged:
+                    self._limits.check(self._decoder.buffered)  # shrinking: never raises
                 return frame
             if self._eof:
                 if self._decoder.buffered:
@@ -206,12 +213,25 @@ class ShmTransport(FrameTransport):
             try:
                 data = self._receive_some()
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._sock)
+                await self._wait_socket_readable()
                 continue
             except OSError as exc:
                 raise _translate(exc, "receive") from exc
             if not data:
                 self._eof = True
+            self._limits.check(self._decoder.buffered)
+
+    async def _wait_socket_readable(self) -> None:
+        """Wait for the control socket, at most the idle time-out while a frame is partial."""
+        buffered = self._decoder.buffered
+        timeout = self._limits.idle_timeout
+        if not buffered or timeout is None:
+            await trio.lowlevel.wait_readable(self._sock)
+            return
+        with trio.move_on_after(timeout) as idle:
+            await trio.lowlevel.wait_readable(self._sock)
+        if idle.cancelled_caught:
+            raise self._limits.idle_error(buffered)
 
     async def _send_piece(self, piece: memoryview, fds: list[int]) -> int:
         """One non-blocking (partial) send on the control socket; fds ride on its first byte."""
@@ -356,6 +376,15 @@ class ShmTransport(FrameTransport):
                 f"peer announced file descriptors for ring frame {seq}, which is already "
                 f"received, announced twice or too far ahead ({len(batches)} pending)"
             )
+        held = len(fds) + len(self._ring_fds) + sum(len(batch) for batch in batches.values())
+        if held > self._max_fds:
+            _close_fds(fds)
+            problem = (
+                f"peer announced file descriptors that would make us hold {held}, over the "
+                f"limit of {self._max_fds} per connection (limits.max_fds_per_connection)"
+            )
+            self._peer_cause = LimitExceededError("max_fds_per_connection", problem)
+            return problem
         batches[seq] = fds
         self._ring_fds_active = True
         async with self._control_lock:
@@ -496,6 +525,8 @@ class ShmTransport(FrameTransport):
                 pass
             except (trio.BrokenResourceError, OSError) as exc:
                 reason = f"shm control socket broke: {exc}"
+                if isinstance(exc.__cause__, LimitExceededError):
+                    self._peer_cause = exc.__cause__
             except trio.ClosedResourceError:
                 return  # we closed it ourselves
             finally:
@@ -693,7 +724,7 @@ class ShmTransport(FrameTransport):
                 if gone:
                     if self._peer_reason is None:
                         raise trio.EndOfChannel("peer closed the connection")
-                    raise trio.BrokenResourceError(self._peer_reason)
+                    raise trio.BrokenResourceError(self._peer_reason) from self._peer_cause
                 # Spin only when no other task of this process could run: the spin
                 # holds the thread, so spinning while (say) the task waiting for the
                 # frame just handed over is runnable would delay it by the whole budget.
@@ -731,6 +762,7 @@ class ShmTransport(FrameTransport):
             trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
         self._fd_tracker.close()
+        self._limits.release()
         _close_fds(self._ring_fds)
         for batch in self._ring_fd_batches.values():
             _close_fds(batch)

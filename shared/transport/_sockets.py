@@ -26,6 +26,7 @@ from shared.transport._base import (
     TransportConnectError,
     TransportOptions,
 )
+from shared.transport._budget import limit_broken
 from shared.transport._identity import PeerIdentity
 from shared.transport._stream import StreamFrameTransport, UnixFrameTransport
 
@@ -75,6 +76,8 @@ class StreamListener(FrameListener):
         self.address = address
         self._options = options
         self._cleanup_path = cleanup_path
+        # The socket file we bound: on close we remove that file, never a successor's.
+        self._cleanup_inode = None if cleanup_path is None else _inode(cleanup_path)
         self._wrap_tls = wrap_tls
         self._passes_fds = passes_fds
         self._accepted: trio.MemoryReceiveChannel[trio.abc.Stream] | None = None
@@ -89,10 +92,11 @@ class StreamListener(FrameListener):
                 "name one address (e.g. 127.0.0.1 rather than localhost)"
             )
         stream = await self._listeners[0].accept()
-        name, limit = f"{self.address}(peer)", self._options.max_frame_size
+        name, options = f"{self.address}(peer)", self._options
+        limit = options.max_frame_size
         if self._passes_fds and isinstance(stream, trio.SocketStream):
-            return UnixFrameTransport(stream, max_frame_size=limit, name=name)
-        return StreamFrameTransport(stream, max_frame_size=limit, name=name)
+            return UnixFrameTransport(stream, max_frame_size=limit, name=name, options=options)
+        return StreamFrameTransport(stream, max_frame_size=limit, name=name, options=options)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -101,11 +105,30 @@ class StreamListener(FrameListener):
         for listener in self._listeners:
             await listener.aclose()
         if self._cleanup_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._cleanup_path)
+            _unlink_if_ours(self._cleanup_path, self._cleanup_inode)
 
 
 # --------------------------------------------------------------------------- unix
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _unlink_if_ours(path: str, inode: tuple[int, int] | None) -> None:
+    """Remove the socket file at ``path`` only if it is still the one we bound.
+
+    Another backend may have replaced a path it found stale (ours, after we
+    stopped accepting) and bound its own socket there; unlinking that would
+    cut its guests off.
+    """
+    if inode is not None and _inode(path) == inode:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 async def connect_unix(path: str, options: TransportOptions) -> FrameTransport:
@@ -216,10 +239,51 @@ def _require_context(options: TransportOptions, scheme: str) -> ssl.SSLContext:
 
 
 class _TlsStreamTransport(StreamFrameTransport):
+    """Frames over TLS. A server end does its handshake on first use, per connection.
+
+    The listener's ``accept`` returns before the handshake, so a client that
+    connects and sends nothing holds only its own connection (issue 8, stall 7);
+    the handshake runs in the connection's task under
+    ``TransportOptions.tls_handshake_timeout``.
+    """
+
+    _handshake_timeout: float | None = None
+    _handshaken = False
+
+    async def do_handshake(self) -> None:
+        await self._ensure_handshake()
+        await trio.lowlevel.checkpoint()
+
+    async def _ensure_handshake(self) -> None:
+        if self._handshaken:
+            return
+        stream = self.stream
+        assert isinstance(stream, trio.SSLStream)
+        timeout = self._handshake_timeout
+        with trio.move_on_after(float("inf") if timeout is None else timeout) as scope:
+            await stream.do_handshake()
+        if scope.cancelled_caught:
+            message = f"{self.describe()}: no TLS handshake within {timeout} s; disconnecting"
+            self._broken = message
+            raise limit_broken("handshake_timeout", message)
+        self._handshaken = True
+
+    async def receive_frame(self) -> bytes:
+        await self._ensure_handshake()
+        return await super().receive_frame()
+
+    async def send_frame(self, frame: bytes) -> None:
+        await self._ensure_handshake()
+        await super().send_frame(frame)
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        await self._ensure_handshake()
+        await super().send_frames(frames)
+
     def peer_identity(self) -> PeerIdentity:
         identity = super().peer_identity()
         stream = self.stream
-        if isinstance(stream, trio.SSLStream):
+        if isinstance(stream, trio.SSLStream) and self._handshaken:
             # getpeercert() is empty unless the handshake verified the certificate
             # against the configured CA, so these names are vouched for.
             cert = stream.getpeercert()
@@ -237,15 +301,15 @@ class _TlsListener(StreamListener):
             raise trio.ClosedResourceError("listener closed")
         stream = await self._listeners[0].accept()
         assert isinstance(stream, trio.SSLStream)
-        try:
-            # Handshake now so that a bad client certificate fails here, per connection.
-            await stream.do_handshake()
-        except trio.BrokenResourceError:
-            await trio.aclose_forcefully(stream)
-            raise
-        return _TlsStreamTransport(
-            stream, max_frame_size=self._options.max_frame_size, name=f"{self.address}(peer)"
+        options = self._options
+        transport = _TlsStreamTransport(
+            stream,
+            max_frame_size=options.max_frame_size,
+            name=f"{self.address}(peer)",
+            options=options,
         )
+        transport._handshake_timeout = options.tls_handshake_timeout
+        return transport
 
 
 async def connect_tls(rest: str, options: TransportOptions) -> FrameTransport:
@@ -259,7 +323,11 @@ async def connect_tls(rest: str, options: TransportOptions) -> FrameTransport:
         await stream.do_handshake()
     except (OSError, trio.BrokenResourceError) as exc:
         raise TransportConnectError(f"cannot connect to tls://{rest}: {_why(exc)}") from exc
-    return _TlsStreamTransport(stream, max_frame_size=options.max_frame_size, name=f"tls://{rest}")
+    transport = _TlsStreamTransport(
+        stream, max_frame_size=options.max_frame_size, name=f"tls://{rest}"
+    )
+    transport._handshaken = True
+    return transport
 
 
 async def listen_tls(rest: str, options: TransportOptions) -> FrameListener:

@@ -13,9 +13,14 @@ from collections.abc import Sequence
 
 import trio
 
-from shared.errors import RemoteProtocolError
+from shared.errors import LimitExceededError, RemoteProtocolError
 from shared.protocol._framing import FRAME_HEADER, FrameDecoder, encode_frame
-from shared.transport._base import DEFAULT_MAX_FRAME, FrameTooLargeError, FrameTransport
+from shared.transport._base import (
+    DEFAULT_MAX_FRAME,
+    FrameTooLargeError,
+    FrameTransport,
+    TransportOptions,
+)
 from shared.transport._fdpass import (
     ANCILLARY_SPACE,
     RECVMSG_FLAGS,
@@ -40,7 +45,12 @@ class StreamFrameTransport(FrameTransport):
     """Length-prefixed frames over a :class:`trio.abc.Stream`."""
 
     def __init__(
-        self, stream: trio.abc.Stream, *, max_frame_size: int = DEFAULT_MAX_FRAME, name: str = ""
+        self,
+        stream: trio.abc.Stream,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        name: str = "",
+        options: TransportOptions | None = None,
     ) -> None:
         self._stream = stream
         self._decoder = FrameDecoder(max_frame_size)
@@ -51,8 +61,10 @@ class StreamFrameTransport(FrameTransport):
         self._eof = False
         self._closed = False
         self._broken: str | None = None
+        # A server's limits on what this peer makes us hold (None: only the frame limit).
+        self._limits = None if options is None else options.receive_limits(self._name)
         # Stays idle (busy is False) on transports that cannot receive fds.
-        self._fd_tracker = FdTracker(self._name)
+        self._fd_tracker = FdTracker(self._name, limit=None if options is None else options.max_fds)
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -91,8 +103,11 @@ class StreamFrameTransport(FrameTransport):
             frame = self._decoder.next_frame()
         except RemoteProtocolError:
             return None  # the next receive_frame reports the broken framing
-        if frame is not None and self._fd_tracker.busy:
-            self._fd_tracker.on_frame(_HEADER + len(frame))
+        if frame is not None:
+            if self._fd_tracker.busy:
+                self._fd_tracker.on_frame(_HEADER + len(frame))
+            if self._limits is not None and self._limits.charged:
+                self._limits.check(self._decoder.buffered)  # shrinking: never raises
         return frame
 
     async def _send_encoded(self, data: bytes) -> None:
@@ -126,10 +141,12 @@ class StreamFrameTransport(FrameTransport):
                 if frame is not None:
                     if self._fd_tracker.busy:
                         self._fd_tracker.on_frame(_HEADER + len(frame))
+                    if self._limits is not None and self._limits.charged:
+                        self._limits.check(self._decoder.buffered)  # shrinking: never raises
                     return frame
                 if self._eof:
                     raise trio.EndOfChannel("peer closed the connection")
-                if not await self._receive_chunk():
+                if not await self._receive_limited():
                     self._eof = True
                     if self._decoder.buffered:
                         raise trio.BrokenResourceError(
@@ -139,6 +156,27 @@ class StreamFrameTransport(FrameTransport):
                     raise trio.EndOfChannel("peer closed the connection")
         finally:
             self._receive_busy = False
+
+    async def _receive_limited(self) -> bool:
+        """:meth:`_receive_chunk` under the server's limits (idle partial frame, buffers)."""
+        limits = self._limits
+        if limits is None:
+            return await self._receive_chunk()
+        buffered = self._decoder.buffered
+        try:
+            if buffered and limits.idle_timeout is not None:
+                with trio.move_on_after(limits.idle_timeout) as idle:
+                    got = await self._receive_chunk()
+                if idle.cancelled_caught:
+                    raise limits.idle_error(buffered)
+            else:
+                got = await self._receive_chunk()
+            limits.check(self._decoder.buffered)
+        except trio.BrokenResourceError as exc:
+            if isinstance(exc.__cause__, LimitExceededError):
+                self._broken = str(exc)
+            raise
+        return got
 
     async def _receive_chunk(self) -> bool:
         """Feed the next bytes from the stream to the decoder; False at end of stream."""
@@ -153,6 +191,8 @@ class StreamFrameTransport(FrameTransport):
             return
         self._closed = True
         self._fd_tracker.close()
+        if self._limits is not None:
+            self._limits.release()
         if self._broken is not None:
             await trio.aclose_forcefully(self._stream)
         else:
@@ -199,9 +239,14 @@ class UnixFrameTransport(StreamFrameTransport):
     """
 
     def __init__(
-        self, stream: trio.SocketStream, *, max_frame_size: int = DEFAULT_MAX_FRAME, name: str = ""
+        self,
+        stream: trio.SocketStream,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        name: str = "",
+        options: TransportOptions | None = None,
     ) -> None:
-        super().__init__(stream, max_frame_size=max_frame_size, name=name)
+        super().__init__(stream, max_frame_size=max_frame_size, name=name, options=options)
         self._sock = stream.socket
 
     @property

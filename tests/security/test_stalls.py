@@ -8,7 +8,11 @@ honest guest's latency, measured on the wall clock, is what fails.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +22,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+import trustme
 from _limits_support import EDU, IRQ_RAISE, TWO_GUESTS, bar_write, raw_guest, worst_latency
 
 import pcifront
-from pciback.testing import running_backend
+from pciback._accept import ACCEPT_BACKOFF, AcceptStatistics, accept_loop
+from pciback.testing import TEST_TOKEN, running_backend
 from shared.evtchn import GUARD_SECONDS
 from shared.evtchn._guard import ffi, lib
 from shared.protocol import (
@@ -34,7 +40,13 @@ from shared.protocol import (
     ValueReply,
     Welcome,
 )
-from shared.transport import TransportOptions, open_transport
+from shared.transport import (
+    FrameListener,
+    FrameTransport,
+    TransportOptions,
+    memory_transport_pair,
+    open_transport,
+)
 from shared.transport._shm import ShmTransport
 
 #: The attack plus 20 config reads by an honest guest take at most this long
@@ -93,7 +105,7 @@ async def test_interrupt_eventfd_made_blocking_and_full_stalls_nobody(
 ) -> None:
     async with (
         running_backend(TWO_GUESTS, transports=(kind,), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address(kind), guest="victim") as victim,
+        pcifront.connect(rb.address(kind), guest="victim", token=TEST_TOKEN) as victim,
         raw_guest(rb.address(kind), "mallory") as mallory,
     ):
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -121,7 +133,7 @@ async def test_interrupt_eventfd_made_blocking_and_full_stalls_nobody(
 async def test_shm_doorbell_made_blocking_and_full_stalls_nobody(tmp_path: Path) -> None:
     async with (
         running_backend(TWO_GUESTS, transports=("shm",), tmp=tmp_path) as rb,
-        pcifront.connect(rb.address("shm"), guest="victim") as victim,
+        pcifront.connect(rb.address("shm"), guest="victim", token=TEST_TOKEN) as victim,
         await open_transport(rb.address("shm"), TransportOptions()) as transport,
     ):
         # Mallory handshakes by hand, so nothing on her side ever reads her doorbell.
@@ -152,3 +164,150 @@ async def test_shm_doorbell_made_blocking_and_full_stalls_nobody(tmp_path: Path)
         assert backend_transport._session is not None
         # The doorbell write was skipped (the counter was full), not blocked on.
         assert backend_transport._session.tx_port.statistics().coalesced == 1
+
+
+# --------------------------------------------------------------------------- stall 7: TLS
+
+
+def _tls_config(tmp_path: Path) -> tuple[str, ssl.SSLContext]:
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client)
+    ca.issue_cert("victim").configure_cert(client)
+    tls = "[tls]\ncert='server.pem'\nkey='server.key'\nca='ca.pem'\n"
+    return tls + TWO_GUESTS, client
+
+
+async def test_a_silent_tcp_client_on_the_tls_port_blocks_no_one(tmp_path: Path) -> None:
+    config, client_ctx = _tls_config(tmp_path)
+    async with running_backend(config, transports=("tls",), tmp=tmp_path) as rb:
+        host, port = rb.address("tls").removeprefix("tls://").rsplit(":", 1)
+        async with await trio.open_tcp_stream(host, int(port)):  # connects, sends nothing
+            await trio.testing.wait_all_tasks_blocked()
+            options = TransportOptions(ssl_context=client_ctx)
+            # Before the fix the accept loop sat in this client's handshake: no one got in.
+            with trio.fail_after(LATENCY_BOUND * 5):
+                async with pcifront.connect(
+                    rb.address("tls"), guest="victim", token=TEST_TOKEN, options=options
+                ) as bus:
+                    await worst_latency(bus)
+
+
+# --------------------------------------------------------------------------- stall 8: EMFILE
+
+
+class _ScriptedListener(FrameListener):
+    """accept() follows a script: "emfile" fails, "ok" hands out a transport, a number
+    waits that many seconds first; after the script it waits forever."""
+
+    address = "fake:exhausted"
+
+    def __init__(self, script: list[str | float]) -> None:
+        self.script = script
+        self.failures: list[float] = []
+
+    async def accept(self) -> FrameTransport:
+        await trio.lowlevel.checkpoint()
+        while self.script:
+            step = self.script.pop(0)
+            if isinstance(step, float):
+                await trio.sleep(step)
+            elif step == "emfile":
+                self.failures.append(trio.current_time())
+                raise OSError(errno.EMFILE, "Too many open files")
+            else:
+                a, _ = memory_transport_pair()
+                return a
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_accept_backs_off_and_logs_once_per_episode(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 50 failures, then fds are free again; then a flapping stretch at the limit
+    # (fail, ok, fail, ok...), which is one more episode, not one per connection.
+    flapping: list[str | float] = ["emfile", "ok"] * 20
+    listener = _ScriptedListener(["emfile"] * 50 + [2.0, "ok", 2.0] + flapping + [2.0, "ok"])
+    stats = AcceptStatistics()
+    handled: list[FrameTransport] = []
+    with trio.move_on_after(600):
+        await accept_loop(listener, handled.append, stats)
+    assert len(handled) == 22
+    assert (stats.capacity_episodes, stats.capacity_failures) == (2, 70)
+    gaps = [b - a for a, b in itertools.pairwise(listener.failures[:50])]
+    assert min(gaps) >= ACCEPT_BACKOFF - 1e-9  # never a retry without a pause
+    lines = [r.getMessage() for r in caplog.records if r.name == "pcisplit.backend"]
+    assert len(lines) == 4  # each episode: began, ended (with its count)
+    assert "EMFILE" in lines[0] and "after 50 failed attempts" in lines[1]
+    assert "EMFILE" in lines[2] and "after 20 failed attempts" in lines[3]
+
+
+_EXHAUSTED_BACKEND = """
+import logging, resource, sys, trio
+from pciback.config import parse_config
+from pciback.service import Backend
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+config = parse_config(sys.argv[1])
+
+async def main():
+    backend = Backend(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.serve)
+        # Leave room for a few connections only, then say we are ready.
+        import os
+        used = len(os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 8, used + 8))
+        print("ready", flush=True)
+
+trio.run(main)
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_out_of_fds_the_backend_neither_spins_nor_floods_the_log(tmp_path: Path) -> None:
+    sock = tmp_path / "pciback.sock"
+    config = f"listen = ['unix:{sock}']\n[limits]\nhandshake_timeout = 60.0\n{TWO_GUESTS}"
+    log_path = tmp_path / "backend.log"
+    with open(log_path, "wb") as log_file:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _EXHAUSTED_BACKEND, config],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+        )
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(30):
+            assert (await proc.stdout.receive_some(6)).startswith(b"ready")
+        held = []
+        for _ in range(20):  # more than the 8 fds left: accept() starts failing with EMFILE
+            held.append(await trio.open_unix_socket(str(sock)))
+        await trio.sleep(0.5)  # let the accept loop hit the limit
+        cpu_before, log_before = _cpu_seconds(proc.pid), log_path.stat().st_size
+        await trio.sleep(1.0)  # measuring: how much CPU and log does one second cost?
+        cpu = _cpu_seconds(proc.pid) - cpu_before
+        logged = log_path.stat().st_size - log_before
+        assert cpu < 0.5, f"the accept loop spun: {cpu:.2f} s of CPU in 1 s"
+        assert logged < 2000, f"{logged} bytes of log in 1 s"
+        assert b"EMFILE" in log_path.read_bytes()
+        for stream in held:
+            await trio.aclose_forcefully(stream)
+        # Descriptors are free again: guests get in.
+        with trio.fail_after(30):
+            async with pcifront.connect(f"unix:{sock}", guest="victim", token=TEST_TOKEN) as bus:
+                assert await worst_latency(bus) < LATENCY_BOUND
+    finally:
+        proc.kill()
+        await proc.wait()

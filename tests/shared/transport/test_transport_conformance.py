@@ -38,7 +38,9 @@ async def _listener_pair(
             accepted: list[FrameTransport] = []
 
             async def accept_one() -> None:
-                accepted.append(await listener.accept())
+                server = await listener.accept()
+                await server.do_handshake()  # TLS: the client's connect waits for it
+                accepted.append(server)
 
             nursery.start_soon(accept_one)
             client = await open_transport(listener.address, client_opts)
