@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSPKGS := pciutils pci.ids fuse3 libfuse3-dev pkg-config
 
-.PHONY: install sysdeps demo test lint typecheck bench clean
+.PHONY: install sysdeps demo test lint typecheck bench dist clean
 
 install: sysdeps $(STAMP)
 
@@ -45,8 +45,14 @@ typecheck: install
 bench: install
 	$(VENV)/bin/python -m benchmarks $(if $(QUICK),--quick,)
 
+# The sdist and the wheel (built from the sdist) in dist/. `make test` builds and
+# tests them too (tests/docs/test_packaging.py installs the wheel in a fresh venv).
+dist: install
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name '__pycache__' -prune -exec rm -rf {} +
 	find shared/ring -name '_ring_cffi*' -delete
 	find shared/evtchn -name '_guard_cffi*' -delete

@@ -325,8 +325,11 @@ class Backend:
                 # The transport caught the peer lying about framing (e.g. a 1 GiB length).
                 self.stats.disconnects_for_misbehaviour += 1
                 log.warning("%s: disconnected: %s", peer, exc)
+            elif isinstance(cause, ssl.SSLError):
+                # Say which TLS failure it was (no client certificate, an unknown CA, ...).
+                log.warning("%s: TLS handshake failed: %s", peer, reason(cause))
             else:
-                log.info("%s: peer went away: %s", peer, exc or type(exc).__name__)
+                log.info("%s: peer went away: %s", peer, reason(cause or exc))
         except RemoteProtocolError as exc:
             self.stats.disconnects_for_misbehaviour += 1
             log.warning("%s: disconnected for a protocol violation: %s", peer, exc)

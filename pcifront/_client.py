@@ -32,7 +32,7 @@ from pcifront._interrupts import Interrupts, open_interrupts
 from pcifront._link import BusLink, BusStatistics, InterruptSink
 from pcifront._reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
 from pcifront._resources import DecodedResources, Resource, decode_device, route
-from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
+from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
     HOTPLUG_FEATURE,
@@ -396,7 +396,13 @@ class Bus:
             raise ConnectionLostError(calls.failed, request_sent=False)
         conn = self._conn
         rid = conn.next_request_id()
-        frame = conn.send(make(rid))
+        try:
+            request = make(rid)
+        except LocalProtocolError as exc:
+            # A bad argument (offset 0x1000, size 3, ...): the message cannot even be
+            # built, so nothing is sent. The protocol's own checks are the one rule.
+            raise error_for_code(exc.code, str(exc)) from exc
+        frame = conn.send(request)
         call = calls.open(rid, trio.current_time())
         stats = self.stats
         stats.requests_sent += 1

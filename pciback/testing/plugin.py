@@ -1,9 +1,10 @@
 """pytest plugin ``pcisplit`` (entry point ``pytest11``): fixtures for integration tests.
 
 Install it with ``pip install 'pcisplit[testing]'`` (which brings pytest and
-pytest-trio). An ``async def`` test that uses one of these fixtures runs under trio
-without any configuration: the plugin marks it ``@pytest.mark.trio`` (projects
-with ``trio_mode = true`` get the same).
+pytest-trio). An ``async def`` test that uses one of these fixtures, and every
+check of a ``TransportConformance`` subclass, runs under trio without any
+configuration: the plugin marks it ``@pytest.mark.trio`` (projects with
+``trio_mode = true`` get the same).
 
 Fixtures:
 
@@ -34,6 +35,7 @@ import trio
 from pciback.config import DEFAULT_CONFIG_TEXT, BackendConfig
 from pciback.testing._kit import RunningBackend, make_test_config, start_backend
 from pcifront import Bus, connect
+from shared.transport.conformance import TransportConformance
 
 StartBackend = Callable[..., Awaitable[RunningBackend]]
 
@@ -42,13 +44,18 @@ TRIO_FIXTURES = frozenset({"pcisplit_start_backend", "pcisplit_backend", "pcispl
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``async def`` tests that use our fixtures as trio tests (pytest-trio runs them)."""
+    """Mark our ``async def`` tests as trio tests (pytest-trio runs them).
+
+    Ours: tests that use the fixtures below, and the checks of a transport
+    conformance suite (a subclass of ``TransportConformance``).
+    """
     for item in items:
         if not isinstance(item, pytest.Function) or item.get_closest_marker("trio"):
             continue
-        if TRIO_FIXTURES.intersection(item.fixturenames) and inspect.iscoroutinefunction(
-            item.obj
-        ):
+        if not inspect.iscoroutinefunction(item.obj):
+            continue
+        conformance = item.cls is not None and issubclass(item.cls, TransportConformance)
+        if conformance or TRIO_FIXTURES.intersection(item.fixturenames):
             item.add_marker(pytest.mark.trio)
 
 

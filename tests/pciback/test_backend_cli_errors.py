@@ -191,3 +191,43 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out == f"pciback {pciback.__version__}\n"
+
+
+async def test_a_failed_tls_handshake_is_logged_with_its_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backend's log says why a guest's TLS handshake failed (it used to end in ': ')."""
+    caplog.set_level("INFO", logger="pcisplit.backend")
+    import ssl
+
+    import trio
+
+    from pciback.testing import running_backend
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    config = (
+        "[tls]\ncert='server.pem'\nkey='server.key'\nca='ca.pem'\n[[guest]]\nname='guest0'\n"
+    )
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client_ctx)  # trusts the backend, but has no client certificate
+    async with running_backend(config, transports=("tls",), tmp=tmp_path) as rb:
+        host, port = rb.address("tls").removeprefix("tls://").rsplit(":", 1)
+        stream = trio.SSLStream(
+            await trio.open_tcp_stream(host, int(port)), client_ctx, server_hostname=host
+        )
+        with trio.fail_after(10):
+            try:
+                await stream.do_handshake()
+                await stream.receive_some(1)  # TLS 1.3: the refusal arrives after the handshake
+            except trio.BrokenResourceError:
+                pass
+            while not any("TLS handshake failed" in r.message for r in caplog.records):
+                await trio.sleep(0.01)
+        await stream.aclose()
+    record = next(r for r in caplog.records if "TLS handshake failed" in r.message)
+    reason = record.getMessage().split("TLS handshake failed: ", 1)[1]
+    assert reason.strip() and "certificate" in reason.lower(), reason

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pciback"))
 
 from _irqdma_support import (
     EDU,
+    IRQ_ACK,
     IRQ_RAISE,
     RawGuest,
     raw_guest,
@@ -22,6 +23,7 @@ from shared.protocol import BarWriteRequest
 
 __all__ = [
     "EDU",
+    "IRQ_ACK",
     "IRQ_RAISE",
     "RawGuest",
     "bar_write",

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from _limits_support import EDU, IRQ_RAISE, TWO_GUESTS, bar_write, raw_guest, worst_latency
+from _limits_support import EDU, IRQ_ACK, IRQ_RAISE, TWO_GUESTS, bar_write, raw_guest, worst_latency
 
 import pcifront
 from pciback._accept import ACCEPT_BACKOFF, AcceptStatistics, accept_loop
@@ -34,6 +34,7 @@ from shared.protocol import (
     IRQ_MODE_INTX,
     Connection,
     InterruptEnableRequest,
+    InterruptEoiRequest,
     Limits,
     PingRequest,
     Role,
@@ -127,6 +128,96 @@ async def test_interrupt_eventfd_made_blocking_and_full_stalls_nobody(
             assert stats.counter_full == 1  # the delivery coalesced into the full counter
             assert stats.eventfd_signals == 0
         finally:
+            os.close(efd)
+
+
+#: Seconds the toggling guest holds its eventfd blocking and full: longer than the
+#: latency bound, so a write that got past the poll would fail the test.
+TOGGLE_HOLD = 1.5
+
+_TOGGLER = """
+import os, sys, time
+fd, hold, rounds = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+print("ready", flush=True)
+for _ in range(rounds):
+    # Blocking and full for a while: a write that gets past the poll would hang here.
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+    os.eventfd_write(fd, 0xFFFFFFFFFFFFFFFE)
+    os.set_blocking(fd, True)
+    time.sleep(hold)
+    os.set_blocking(fd, False)
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+    # Then flip the flag as fast as possible, filling and draining as it goes.
+    end = time.monotonic() + hold
+    while time.monotonic() < end:
+        os.set_blocking(fd, True)
+        os.set_blocking(fd, False)
+        try:
+            os.eventfd_read(fd)
+            os.eventfd_write(fd, 0xFFFFFFFFFFFFFFFE)
+        except BlockingIOError:
+            pass
+"""
+
+
+async def test_a_guest_process_toggling_o_nonblock_stalls_nobody(tmp_path: Path) -> None:
+    async with (
+        running_backend(TWO_GUESTS, transports=("unix",), tmp=tmp_path) as rb,
+        pcifront.connect(rb.address("unix"), guest="victim", token=TEST_TOKEN) as victim,
+        raw_guest(rb.address("unix"), "mallory") as mallory,
+    ):
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        proc = None
+        try:
+            reply = await mallory.request(
+                lambda rid: InterruptEnableRequest(rid, EDU, IRQ_MODE_INTX, 1, True), [efd]
+            )
+            assert isinstance(reply, ValueReply)
+            (session,) = [s for s in rb.backend.sessions if s.guest == "mallory"]
+            # Another process shares the file description, as a guest VM's agent would.
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-c", _TOGGLER, str(efd), str(TOGGLE_HOLD), "2"],
+                pass_fds=[efd],
+                stdout=subprocess.PIPE,
+            )
+            assert proc.stdout is not None
+            with trio.fail_after(30):
+                assert await proc.stdout.receive_some(5) == b"ready"
+            worst = 0.0
+            with unblock_after(10.0, efd):
+                while proc.poll() is None:
+                    start = time.monotonic()
+                    # If the backend drops her mid-request, no reply ever comes.
+                    with trio.move_on_after(LATENCY_BOUND * 5) as dropped:
+                        try:
+                            await bar_write(mallory, IRQ_RAISE, 1)  # delivered at once
+                            await bar_write(mallory, IRQ_ACK, 1)
+                            await mallory.ok(lambda rid: InterruptEoiRequest(rid, EDU, 0))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            dropped.cancel()
+                    if dropped.cancel_called:
+                        break  # the backend caught her making a write block: dropped
+                    await worst_latency(victim, rounds=2)
+                    worst = max(worst, time.monotonic() - start)
+            stats = session.outbox.statistics()
+            assert stats.counter_full > 0  # she did hold it full while we delivered
+            if stats.stalled:
+                # She won the race once (filled it between our poll and our write):
+                # the write was cut short after 2 ms and she was disconnected.
+                assert stats.stalled == 1
+                assert rb.backend.stats.disconnects_for_misbehaviour == 1
+            assert worst < LATENCY_BOUND
+            assert await worst_latency(victim) < LATENCY_BOUND
+        finally:
+            if proc is not None:
+                proc.kill()
+                await proc.wait()
             os.close(efd)
 
 
