@@ -87,6 +87,8 @@ def _start_backend(
     config.write_text(
         f"listen = {json.dumps(listen)}\n"
         f"[limits]\nmax_message_size = {MAX_MESSAGE}\n"
+        # A whole 1 MiB DMA message must fit in what one connection may buffer.
+        f"max_buffered_per_connection = {2 * MAX_MESSAGE}\n"
         f"[transport]\nshm_poll_us = {poll_us}\n"
         # Coalescing stays on; the rate limit is raised so the burst measures the path.
         "[interrupts]\nmax_events_per_second = 1000000.0\nburst = 4096\n"

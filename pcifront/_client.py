@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
@@ -107,14 +107,17 @@ class Device(DeviceView):
         """True once the device has left the bus; its requests then raise DeviceRemovedError."""
         return self._removed is not None
 
-    async def _request(self, make: Callable[[int], Request], *, idempotent: bool) -> Reply:
+    def _request(
+        self, make: Callable[[int], Request], *, idempotent: bool
+    ) -> Coroutine[object, None, Reply]:
         # One check per request: a removed Device never reaches whatever took its address.
+        # Not itself a coroutine: the hot path pays no extra frame for it.
         if self._removed is not None:
             raise removed_error(self)
         bus = self._bus
         if bus._reconnect is None:
-            return await bus._call(make)
-        return await bus._reconnect.call(make, idempotent=idempotent, device=self)
+            return bus._call(make)
+        return bus._reconnect.call(make, idempotent=idempotent, device=self)
 
     @property
     def bar_sizes(self) -> tuple[int, ...]:

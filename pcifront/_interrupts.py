@@ -394,8 +394,10 @@ async def open_interrupts(
         for port in ports:
             port.close()
         # Disable even when the block was cancelled or failed; shielded, with a bound.
+        # A hot-unplugged device has nothing left to disable (the backend released it).
         with trio.CancelScope(shield=True), trio.move_on_after(link.disable_timeout):
             try:
-                await link.call(lambda rid: InterruptDisableRequest(rid, packed, code))
+                if not getattr(device, "removed", False):
+                    await link.call(lambda rid: InterruptDisableRequest(rid, packed, code))
             except PcisplitError as exc:
                 log.warning("%s: disabling %s interrupts failed: %s", address, mode, exc)

@@ -26,6 +26,7 @@ from shared.protocol import (
     Role,
     ValueReply,
     Welcome,
+    encode,
 )
 from shared.transport import FrameTransport, TransportOptions, open_transport
 
@@ -133,7 +134,9 @@ async def test_removal_fails_the_requests_in_flight_with_device_removed_error() 
         await rb.backend.assign("edu0", "beta")
 
 
-async def test_interrupts_block_of_a_removed_device_ends() -> None:
+async def test_interrupts_block_of_a_removed_device_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async with (
         running_backend(CONFIG) as rb,
         pcifront.connect(rb.address("memory"), guest="alpha") as bus,
@@ -142,6 +145,10 @@ async def test_interrupts_block_of_a_removed_device_ends() -> None:
             await rb.backend.unassign("edu0")
             with pytest.raises(trio.ClosedResourceError):
                 await irqs.receive()
+            assert [irq async for irq in irqs] == []
+        # Nothing to disable on a device that is gone: no request, no warning.
+        assert not [r for r in caplog.records if "disabling" in r.getMessage()]
+        assert bus.statistics().errors_received == 0
 
 
 # --------------------------------------------------------------------------- raw frontends
@@ -326,3 +333,21 @@ async def test_unassigning_what_is_not_assigned_is_a_typed_error() -> None:
         with pytest.raises(PcisplitError, match="unknown guest"):
             await rb.backend.assign("edu1", "nobody")
         assert rb.backend.registry.get("edu1").guest is None
+
+
+async def test_an_acknowledgement_of_nothing_disconnects_only_that_guest() -> None:
+    async with (
+        running_backend(CONFIG) as rb,
+        pcifront.connect(rb.address("memory"), guest="beta") as other,
+        silent_guest(rb.address("memory"), "alpha") as liar,
+    ):
+        # Never announced: the backend cannot trust this frontend (sent past our own checks).
+        await liar.transport.send_frame(encode(DeviceChangeAck(42)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert rb.backend.sessions_of("alpha") == []
+        assert rb.backend.stats.disconnects_for_misbehaviour == 1
+        # Everyone else keeps hot-plugging.
+        result = await rb.backend.assign("edu1", "beta")
+        assert result.acknowledged == 1 and [d.address for d in other.devices] == [
+            "0000:00:00.0"
+        ]

@@ -81,16 +81,17 @@ async def test_a_read_made_while_the_backend_is_down_waits_and_succeeds(
             assert not bus.connected
             assert [e.state for e in links] == ["down"]
             result: list[int] = []
+            done = trio.Event()
 
             async def read() -> None:
                 result.append(await dev.config_read(0, 4))
+                done.set()
 
             nursery.start_soon(read)
             await trio.sleep(1.0)  # several back-off attempts find nobody
             assert result == []
             await server.start()
-            while not result:
-                await trio.sleep(0.05)
+            await done.wait()
             assert result == [EDU_ID]
             assert [e.state for e in links] == ["down", "up"] and links[1].attempt > 1
             assert bus.statistics().reconnects == 1
@@ -113,6 +114,7 @@ async def test_a_write_whose_reply_was_lost_raises_outcome_unknown_and_is_not_re
             lock = backend.registry.get("edu0").lock
             outcome: list[BaseException] = []
             read_back: list[int] = []
+            read_done = trio.Event()
 
             async def write() -> None:
                 try:
@@ -122,6 +124,7 @@ async def test_a_write_whose_reply_was_lost_raises_outcome_unknown_and_is_not_re
 
             async def read() -> None:
                 read_back.append(await dev.bar_read(0, LIVENESS, 4))
+                read_done.set()
 
             # The backend receives both and waits for the device; then it dies.
             await lock.acquire()
@@ -138,8 +141,7 @@ async def test_a_write_whose_reply_was_lost_raises_outcome_unknown_and_is_not_re
             # The read is retried on the new backend. Had the write been replayed,
             # the liveness register would read back ~0x5A5A5A5A.
             backend2 = await server.start()
-            while not read_back:
-                await trio.sleep(0.05)
+            await read_done.wait()
             assert read_back == [0xFFFFFFFF]
             assert backend2.registry.get("edu0").provider.bar_read(0, LIVENESS, 4) == 0xFFFFFFFF
             # And a write made on the new connection goes through normally.
