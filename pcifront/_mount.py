@@ -17,8 +17,9 @@ the backend like any other guest code.
   from the live header, by :mod:`pcifront._sysfs`.
 * A write goes through the backend's policy; a denied one fails the
   ``pwrite`` with ``EACCES`` and logs a line, never a silent success.
-* Entries carry no cache time-out, so a device added or removed
-  (:meth:`GuestFs.resync`) appears or disappears at once.
+* Entries carry no cache time-out, so a device the backend hot-plugs or
+  unplugs (``bus.changes()``, followed by :meth:`GuestFs.follow_changes`)
+  appears or disappears at once.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from typing import Any, Final
 
 import trio
 
+from pcifront._changes import ChangesOverflowError
 from pcifront._client import Bus, Device
-from pcifront._errors import AccessDeniedError, InvalidAccessError
+from pcifront._errors import AccessDeniedError, ConnectionLostError, InvalidAccessError
 from pcifront._sysfs import ATTRIBUTES, DeviceView, device_files
 from shared.errors import PcisplitError
 
@@ -247,6 +249,9 @@ class GuestFs:
         self.driver_target = f"../../../bus/pci/drivers/{DRIVER_NAME}".encode()
         self.denied_writes = 0
         self._slots: dict[str, int] = {}  # address -> device slot number in the inode space
+        #: How many times the tree was (re)built; :meth:`wait_rebuilt` waits for the next.
+        self.generation = 0
+        self._rebuilt = trio.Event()
         root = _Node(_ROOT, b"", _ROOT, _DIR_MODE)
         self.nodes[_ROOT] = root
         for inode, name in ((_DEVICES, b"devices"), (_SLOTS, b"slots")):
@@ -274,6 +279,29 @@ class GuestFs:
                 child = _Node(base + n, name.encode(), base, mode, device=device, attribute=name)
                 self.nodes[child.inode] = child
                 node.children[child.name] = child.inode
+        self.generation += 1
+        self._rebuilt.set()
+        self._rebuilt = trio.Event()
+
+    async def wait_rebuilt(self, after: int) -> None:
+        """Wait until the tree was rebuilt after generation ``after`` (see :attr:`generation`)."""
+        while self.generation <= after:
+            await self._rebuilt.wait()
+
+    async def follow_changes(self) -> None:
+        """Resync whenever the backend hot-plugs or unplugs a device, until the connection ends."""
+        while True:
+            try:
+                async for change in self.bus.changes():
+                    log.info("hot-plug: %s %s; resyncing the tree", change.kind.value,
+                             change.device.address)
+                    await self.resync()
+            except ChangesOverflowError:
+                await self.resync()  # fell behind: the snapshot says where things are
+                continue
+            except (ConnectionLostError, trio.ClosedResourceError):
+                return
+            return
 
     async def resync(self) -> None:
         """Take a new bus snapshot and add or remove device directories to match."""
@@ -362,6 +390,7 @@ async def mounted(bus: Bus, mountpoint: str | os.PathLike[str]) -> AsyncIterator
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main)
+            nursery.start_soon(fs.follow_changes)
             try:
                 yield fs
             finally:

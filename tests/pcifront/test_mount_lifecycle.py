@@ -144,15 +144,17 @@ async def test_hotplug_adds_and_removes_device_directories(tmp_path: Path) -> No
         ):
             devices = mnt / "devices"
             assert await trio.to_thread.run_sync(os.listdir, devices) == ["0000:00:00.0"]
-            rb.backend.registry.assign("spare", "guest0")
-            await fs.resync()
+            generation = fs.generation
+            await rb.backend.assign("spare", "guest0")  # hot-plug: the mirror follows
+            await fs.wait_rebuilt(generation)
             assert sorted(await trio.to_thread.run_sync(os.listdir, devices)) == [
                 "0000:00:00.0", "0000:00:01.0",
             ]
             vendor = devices / "0000:00:01.0" / "vendor"
             assert await trio.to_thread.run_sync(vendor.read_text) == "0x1234\n"
-            rb.backend.registry.unassign("edu")
-            await fs.resync()
+            generation = fs.generation
+            await rb.backend.unassign("edu")  # hot-unplug
+            await fs.wait_rebuilt(generation)
             assert await trio.to_thread.run_sync(os.listdir, devices) == ["0000:00:01.0"]
             assert not await trio.to_thread.run_sync(os.path.exists, devices / "0000:00:00.0")
     finally:
