@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSPKGS := pciutils pci.ids fuse3 libfuse3-dev pkg-config
 
-.PHONY: install sysdeps demo test lint typecheck bench dist clean
+.PHONY: install sysdeps demo test lint typecheck bench fuzz dist clean
 
 install: sysdeps $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h \
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test,mount]'
+	@# atheris (extra 'fuzz') has wheels for CPython <= 3.11 on x86_64 Linux and otherwise
+	@# needs clang; where it cannot be installed the fuzz smoke tests skip and say why.
+	$(PY) -m pip install -q -e '.[fuzz]' || \
+	  echo "warning: atheris (extra 'fuzz') could not be installed; fuzz smoke tests will skip" >&2
 	touch $(STAMP)
 
 demo: install
@@ -41,6 +45,11 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# Coverage-guided fuzzing (atheris): FUZZ_SECONDS per target; crashes land in fuzz/regressions/.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
 # `make bench QUICK=1` runs a short version (fewer iterations; same figures).
 bench: install
 	$(VENV)/bin/python -m benchmarks $(if $(QUICK),--quick,)
@@ -52,7 +61,7 @@ dist: install
 	$(PY) -m build --no-isolation --outdir dist .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .fuzz-work
 	find . -name '__pycache__' -prune -exec rm -rf {} +
 	find shared/ring -name '_ring_cffi*' -delete
 	find shared/evtchn -name '_guard_cffi*' -delete

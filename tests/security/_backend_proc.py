@@ -47,13 +47,27 @@ class SecMsixDevice(EmulatedDevice):
 MODELS.setdefault("sec-msix", SecMsixDevice)
 
 
+def _plain(value: Any) -> Any:
+    """JSON-safe: dict keys become strings (some counters are keyed by tuples)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def snapshot(backend: Backend) -> dict[str, Any]:
     """Every counter the suite checks, as plain JSON values."""
     irq = backend.irq
     bindings = {}
     for dev in backend.registry:
         state = irq.device(dev)
-        bindings[dev.id] = {"guest": state.bound_guest, "owner": dev.guest}
+        bindings[dev.id] = {
+            "guest": state.bound_guest,
+            "owner": dev.guest,
+            # The device's own Command register, under the policy (XSA-120 checks).
+            "device_command": dev.provider.config_read(0x04, 2),
+        }
     dma = {}
     for guest in backend.config.guests:
         space = backend.dma.get(guest)
@@ -88,7 +102,7 @@ async def _commands(backend: Backend) -> None:
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
                 if line.strip() == b"stats":
-                    answer = json.dumps(snapshot(backend)) + "\n"
+                    answer = json.dumps(_plain(snapshot(backend))) + "\n"
                 else:
                     answer = json.dumps({"error": f"unknown command {line!r}"}) + "\n"
                 os.write(1, answer.encode())

@@ -127,6 +127,25 @@ class Peer:
             if not msg.TAG >= 0x60:  # events and calls are not answers
                 return msg
 
+    async def answer(self, payload: bytes, request_id: int, timeout: float = 10.0) -> Message:
+        """Send ``payload`` and skip everything until the reply to ``request_id`` comes."""
+        await self.send(payload)
+        with trio.fail_after(timeout):
+            while True:
+                msg = await self.receive(timeout)
+                if getattr(msg, "request_id", None) == request_id or isinstance(msg, Goodbye):
+                    return msg
+
+    async def replies(self, count: int, timeout: float = 10.0) -> list[Message]:
+        """The next ``count`` replies (events and calls in between are skipped)."""
+        got: list[Message] = []
+        with trio.fail_after(timeout):
+            while len(got) < count:
+                msg = await self.receive(timeout)
+                if msg.TAG < 0x60:
+                    got.append(msg)
+        return got
+
     async def until_closed(self, timeout: float = 10.0) -> list[Message]:
         """Read until the backend closes the connection; returns what came before.
 
@@ -203,3 +222,17 @@ def is_error(msg: Message, *codes: int) -> bool:
 
 def is_refusal(msg: Message) -> bool:
     return isinstance(msg, HandshakeRejected | Goodbye)
+
+
+async def find_devices(p: Peer) -> dict[int, int]:
+    """The attacker's bus: PCI device id -> packed address (edu 0x11e8, sec-msix 0x5ec0)."""
+    reply = await p.request(pack(SNAPSHOT, 0xFFFF0000, False))
+    devices = getattr(reply, "devices", None)
+    assert devices is not None, reply
+    return {d.device_id: d.address for d in devices}
+
+
+def ok(msg: Message) -> Message:
+    """``msg``, after checking it is a successful reply."""
+    assert not isinstance(msg, ErrorReply | Goodbye), msg
+    return msg

@@ -306,6 +306,24 @@ async def _settle(backend: BackendProcess, fds_limit: int) -> int:
         await trio.sleep(0.05)
 
 
+def _record(watch: Watch, fds_after: int, rss_after: int) -> None:
+    """With ``SEC_REPORT=FILE``, append what this attack did to the backend (docs figures)."""
+    path = os.environ.get("SEC_REPORT")
+    if not path:
+        return
+    entry = {
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0],
+        "fds_before": watch.fds_before,
+        "fds_after": fds_after,
+        "rss_before": watch.rss_before,
+        "rss_after": rss_after,
+        "worst_latency": round(watch.worst_latency, 4),
+        "probes": watch.probes,
+    }
+    with open(path, "a") as out:
+        out.write(json.dumps(entry) + "\n")
+
+
 @asynccontextmanager
 async def sentinel(
     backend: BackendProcess,
@@ -358,6 +376,7 @@ async def sentinel(
         f"(slack {fd_slack}): {backend.fd_targets()}"
     )
     rss = backend.rss()
+    _record(watch, fds, rss)
     assert rss <= watch.rss_before + rss_slack, (
         f"backend RSS {rss >> 20} MiB after the attack, {watch.rss_before >> 20} MiB before "
         f"(slack {rss_slack >> 20} MiB)"
