@@ -35,11 +35,14 @@ from hypothesis.stateful import (
 
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol import (
+    HOTPLUG_FEATURE,
     TERMINAL_STATES,
     ConfigReadRequest,
     Connection,
     ConnectionState,
+    DeviceChangeAck,
     DeviceInfo,
+    DeviceRemovedEvent,
     DmaCallResult,
     DmaReadCall,
     DmaWriteCall,
@@ -63,7 +66,10 @@ from shared.protocol import (
 S = ConnectionState
 small_limits = st.builds(Limits, st.sampled_from([256, 512, 4096]), st.integers(1, 4))
 versions = st.sampled_from([(1, 0), (1, 3), (1, 1), (2, 0)])
-feature_sets = st.lists(st.sampled_from(["a", "b", "c"]), max_size=3, unique=True)
+# Mostly with hot-plug (both sides must offer it), sometimes without.
+feature_sets = st.sampled_from(
+    [["a", HOTPLUG_FEATURE], [HOTPLUG_FEATURE], ["c", HOTPLUG_FEATURE, "a"], ["a"], []]
+)
 garbage = st.binary(max_size=40)
 #: Goodbye and HandshakeRejected end a run: the goodbye rule says them, rarely.
 non_final_messages = messages.filter(lambda m: not isinstance(m, Goodbye | HandshakeRejected))
@@ -274,6 +280,24 @@ class ProtocolMachine(RuleBasedStateMachine):
             self._owed_length[cid] = length if read else 0
 
     @precondition(lambda self: self.server.state is S.OPEN)
+    @rule(burst=st.integers(1, 5))
+    def server_hotplug(self, burst: int) -> None:
+        """Devices leave the bus: legal only with the feature, within the frontend's cap."""
+        for device in range(burst):
+            change = DeviceRemovedEvent(self.server.next_change_id(), device, "")
+            self._try_send(Role.SERVER, change)
+
+    @precondition(lambda self: self.client.state is S.OPEN)
+    @rule(honest=st.booleans(), data=st.data())
+    def client_acknowledges(self, honest: bool, data: st.DataObject) -> None:
+        owed = sorted(self.client.owed_changes)
+        if honest and owed:
+            cid = data.draw(st.sampled_from(owed))
+        else:  # perhaps a mistake: a change that is not owed
+            cid = data.draw(st.integers(0, 8))
+        self._try_send(Role.CLIENT, DeviceChangeAck(cid))
+
+    @precondition(lambda self: self.server.state is S.OPEN)
     @rule()
     def server_event(self) -> None:
         self._try_send(Role.SERVER, InterruptEvent(0, 0, 1))
@@ -335,6 +359,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         if client.state is S.OPEN and server.state is S.OPEN:
             assert client.outstanding == server.outstanding
             assert client.owed_calls == server.outstanding_calls
+            assert client.owed_changes == server.outstanding_changes
+            assert len(server.outstanding_changes) <= client.limits.max_in_flight
             assert client.version == server.version and client.features == server.features
             assert client.peer_limits == server.limits and server.peer_limits == client.limits
             assert len(server.outstanding) <= server.limits.max_in_flight
