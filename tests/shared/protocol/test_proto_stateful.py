@@ -374,6 +374,6 @@ TestProtocolMachine.settings = settings(
     max_examples=100,
     stateful_step_count=40,
     deadline=None,
-    derandomize=True,  # tests are deterministic (ARCHITECTURE rule 7); explore with other seeds by hand
+    derandomize=True,  # tests are deterministic (ARCHITECTURE rule 7)
     suppress_health_check=[HealthCheck.too_slow],
 )
