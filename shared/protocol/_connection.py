@@ -67,7 +67,7 @@ which would rightly raise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import NoReturn
 
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -164,6 +164,18 @@ class MessageTooLargeError(LocalProtocolError):
     request with an :class:`ErrorReply` instead (the id is still outstanding;
     :meth:`Connection.send_reply` does that for you).
     """
+
+
+def _first_free(start: int, taken: Container[int]) -> int:
+    """The first u32 id from ``start`` on (wrapping) that is not in ``taken``.
+
+    The one rule for request, call and change ids: a wrapping counter that
+    skips ids still outstanding, so an id is never in use twice.
+    """
+    rid = start
+    while rid in taken:
+        rid = (rid + 1) & U32
+    return rid
 
 
 class Connection:
@@ -299,9 +311,7 @@ class Connection:
 
     def next_request_id(self) -> int:
         """A fresh request id: a wrapping u32 counter that skips ids still outstanding."""
-        rid = self._next_id
-        while rid in self._pending:
-            rid = (rid + 1) & U32
+        rid = _first_free(self._next_id, self._pending)
         self._next_id = (rid + 1) & U32
         return rid
 
@@ -341,8 +351,7 @@ class Connection:
         handshake the peer's limits are the defaults). A backend splits
         message-based DMA into chunks of at most this many bytes.
         """
-        smallest = min(self._limits.max_message_size, self._peer_limits.max_message_size)
-        return min(MAX_DMA_CHUNK, smallest - DMA_CALL_OVERHEAD)
+        return min(MAX_DMA_CHUNK, self.frame_size - DMA_CALL_OVERHEAD)
 
     def next_call_id(self) -> int:
         """SERVER: a fresh call id: a wrapping u32 counter that skips outstanding ids."""
@@ -351,9 +360,7 @@ class Connection:
                 "only the backend (SERVER) makes calls; a frontend answers them with "
                 "DmaCallResult using the call id it received"
             )
-        cid = self._next_call_id
-        while cid in self._calls:
-            cid = (cid + 1) & U32
+        cid = _first_free(self._next_call_id, self._calls)
         self._next_call_id = (cid + 1) & U32
         return cid
 
@@ -380,9 +387,7 @@ class Connection:
                 "only the backend (SERVER) announces hot-plug changes; a frontend "
                 "acknowledges them with DeviceChangeAck using the change id it received"
             )
-        cid = self._next_change_id
-        while cid in self._changes:
-            cid = (cid + 1) & U32
+        cid = _first_free(self._next_change_id, self._changes)
         self._next_change_id = (cid + 1) & U32
         return cid
 
