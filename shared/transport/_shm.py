@@ -56,6 +56,7 @@ from shared.ring import (
 from shared.transport._base import (
     FrameTooLargeError,
     FrameTransport,
+    ReceiveInterrupted,
     TransportOptions,
 )
 from shared.transport._fdpass import (
@@ -98,6 +99,8 @@ DEFAULT_POLL_US = 0.0
 class ShmTransport(FrameTransport):
     """One end of a ``shm:`` connection. Built by :func:`connect_shm` or a listener."""
 
+    interruptible = True
+
     def __init__(self, sock: socket.socket, options: TransportOptions, *, name: str) -> None:
         sock.setblocking(False)
         self._sock = sock
@@ -127,7 +130,9 @@ class ShmTransport(FrameTransport):
         self._peer_reason: str | None = None  # None: clean goodbye
         self._peer_cause: Exception | None = None  # a limit the peer went over, if that was it
         self._doorbell_busy = False
-        self._doorbell_scope: trio.CancelScope | None = None
+        # Set when _wake_waiters woke the doorbell sleeper through notify_closing.
+        self._doorbell_woken = False
+        self._interrupt = False
         self._doorbell_lot = trio.lowlevel.ParkingLot()
         self._watch_scope = trio.CancelScope()
         poll_us = DEFAULT_POLL_US if options.poll_us is None else options.poll_us
@@ -536,11 +541,23 @@ class ShmTransport(FrameTransport):
             self._wake_waiters()
 
     def _wake_waiters(self) -> None:
-        if self._doorbell_scope is not None:
-            self._doorbell_scope.cancel()
+        session = self._session
+        if self._doorbell_busy and session is not None and not session.rx_port.closed:
+            # Wake the doorbell sleeper without a cancel scope around every sleep (one
+            # costs as much as a scheduler pass): notify_closing makes its
+            # wait_readable raise ClosedResourceError, which _wait_doorbell turns
+            # back into a plain wake-up. The fd stays open and is waited on again.
+            self._doorbell_woken = True
+            trio.lowlevel.notify_closing(session.rx_port.fileno())
         self._doorbell_lot.unpark_all()
         if self._fd_ack_event is not None:
             self._fd_ack_event.set()
+
+    def interrupt_receive(self) -> None:
+        """Make a blocked :meth:`receive_frame` raise :class:`ReceiveInterrupted`."""
+        if self._receiving:
+            self._interrupt = True
+            self._wake_waiters()
 
     async def _wait_doorbell(self, session: _Session) -> None:
         """Sleep until our doorbell rings, the peer goes away, or we close.
@@ -555,11 +572,12 @@ class ShmTransport(FrameTransport):
         self._doorbell_busy = True
         self._doorbell_sleeps += 1
         try:
-            with trio.CancelScope() as scope:
-                self._doorbell_scope = scope
-                await session.rx_port.wait()
+            await session.rx_port.wait()
+        except trio.ClosedResourceError:
+            if not self._doorbell_woken:
+                raise  # the port itself was closed
         finally:
-            self._doorbell_scope = None
+            self._doorbell_woken = False
             self._doorbell_busy = False
             self._doorbell_lot.unpark_all()
 
@@ -737,7 +755,11 @@ class ShmTransport(FrameTransport):
                     continue
                 slept = True
                 await self._wait_doorbell(session)
+                if self._interrupt:
+                    self._interrupt = False
+                    raise ReceiveInterrupted("receive_frame was interrupted; nothing was consumed")
         finally:
+            self._interrupt = False
             self._receiving = False
         if not slept:
             # Sleeping on the doorbell was already a full checkpoint; a second
