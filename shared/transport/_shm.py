@@ -134,6 +134,7 @@ class ShmTransport(FrameTransport):
         self._doorbell_woken = False
         self._interrupt = False
         self._doorbell_lot = trio.lowlevel.ParkingLot()
+        self._doorbell_followers = 0  # tasks parked in _doorbell_lot
         self._watch_scope = trio.CancelScope()
         poll_us = DEFAULT_POLL_US if options.poll_us is None else options.poll_us
         if poll_us < 0:
@@ -268,7 +269,8 @@ class ShmTransport(FrameTransport):
 
     def _claim_send(self, frames: Sequence[bytes]) -> None:
         """The checks every send makes, then take the send slot (the caller releases it)."""
-        self._check_usable()
+        if self._closed or self._broken is not None:
+            self._check_usable()  # raises the right error
         for frame in frames:
             if len(frame) > self.max_frame_size:
                 raise FrameTooLargeError(
@@ -567,7 +569,11 @@ class ShmTransport(FrameTransport):
         Every caller re-checks its own condition afterwards.
         """
         if self._doorbell_busy:
-            await self._doorbell_lot.park()
+            self._doorbell_followers += 1
+            try:
+                await self._doorbell_lot.park()
+            finally:
+                self._doorbell_followers -= 1
             return
         self._doorbell_busy = True
         self._doorbell_sleeps += 1
@@ -579,7 +585,8 @@ class ShmTransport(FrameTransport):
         finally:
             self._doorbell_woken = False
             self._doorbell_busy = False
-            self._doorbell_lot.unpark_all()
+            if self._doorbell_followers:  # usually none: skip the lot's bookkeeping
+                self._doorbell_lot.unpark_all()
 
     def _fail(self, message: str, exc: BaseException) -> trio.BrokenResourceError:
         self._broken = message
@@ -619,7 +626,8 @@ class ShmTransport(FrameTransport):
         producer = session.producer
         deadline: float | None = None
         while True:
-            self._check_usable()
+            if self._closed or self._broken is not None:
+                self._check_usable()  # raises the right error
             if self._peer_gone:
                 raise trio.BrokenResourceError(
                     self._peer_reason or "peer closed the connection; cannot send"
@@ -733,7 +741,8 @@ class ShmTransport(FrameTransport):
             consumer = session.consumer
             slept = False
             while True:
-                self._check_usable()
+                if self._closed or self._broken is not None:
+                    self._check_usable()  # raises the right error
                 gone = self._peer_gone  # read before the ring: frames sent before death count
                 got = self._take_ring_frame(session)
                 if got is not None:
