@@ -770,9 +770,12 @@ class ShmTransport(FrameTransport):
         finally:
             self._interrupt = False
             self._receiving = False
-        if not slept:
-            # Sleeping on the doorbell was already a full checkpoint; a second
-            # scheduler round trip would cost ~10 us per frame at QD1.
+        if not slept and self._frames_received % _YIELD_EVERY == 0:
+            # Sleeping on the doorbell was already a full checkpoint. A frame that was
+            # already there (a pipelined burst, or one a polling spin caught) costs a
+            # scheduler pass only once per _YIELD_EVERY frames, like a send: a pass per
+            # frame was about a third of a polling backend's time per request. It is
+            # always a cancellation point (checkpoint_if_cancelled above).
             await trio.lowlevel.cancel_shielded_checkpoint()
         return frame
 
