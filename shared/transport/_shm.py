@@ -100,7 +100,6 @@ class ShmTransport(FrameTransport):
         self._control_lock = trio.Lock()
         self._fd_ack_wanted: int | None = None
         self._fd_ack_event: trio.Event | None = None
-        self._eof = False
         self._closed = False
         self._broken: str | None = None
         self._sending = False
