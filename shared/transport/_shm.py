@@ -415,7 +415,7 @@ class ShmTransport(FrameTransport):
             except trio.ClosedResourceError:
                 return  # we closed it ourselves
             finally:
-                _close_fds(self._control.take_received_fds())  # never wanted
+                self._control.close_received_fds()  # nobody announced them properly
             self._peer_gone = True
             self._peer_reason = reason
             self._wake_waiters()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -251,3 +252,25 @@ async def test_send_frame_nowait_writes_whole_frames_or_nothing() -> None:
         assert await server.receive_frame() == b"still framed"
         await client.aclose()
         assert not client.send_frame_nowait(b"after close")
+
+
+async def test_shm_peer_gone_mid_frame_leaves_no_fds_behind() -> None:
+    # After session start the control socket's only reader is the liveness task;
+    # fds of a control frame the peer never finished are closed once it is gone,
+    # not only when the transport closes.
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        async with connected("shm", start_session=True) as (client, server):
+            assert isinstance(client, ShmTransport)
+            before = open_fds()
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [a, a]))]
+            raw = socket.socket(fileno=os.dup(client.control.stream.socket.fileno()))
+            raw.sendmsg([struct.pack("<I", 100) + b"half"], rights)
+            raw.close()
+            await client.aclose()  # EOF in the middle of that frame
+            with pytest.raises(trio.BrokenResourceError, match="middle of a frame"):
+                with trio.fail_after(10):
+                    await server.receive_frame()
+            assert open_fds() <= before, "fds of an unfinished control frame are still open"
+    finally:
+        os.close(a)
