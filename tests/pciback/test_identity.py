@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import grp
 import os
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from shared.errors import ConfigFileError, ErrorCode
 from shared.protocol import Connection, HandshakeRejected, Limits, Role, Welcome
 from shared.protocol._framing import FrameDecoder, encode_frame
 from shared.transport import PeerIdentity, TransportOptions
+from shared.transport._identity import SO_PEERGROUPS, peer_groups, peercred_identity
 
 NOBODY = 65534
 
@@ -43,6 +47,43 @@ def test_credentials_match_listed_uid_or_gid() -> None:
     assert "uid 1000 or gid 2000" in refusal.message and "uid 7 gid 5" in refusal.message
     # Root is not special once the guest names its users.
     assert authorize(guest, _peer(0, 0), scheme="unix", token=b"", service_uid=0) is not None
+
+
+def test_supplementary_groups_match_gid_too() -> None:
+    guest = GuestConfig("g", gids=(2000,))
+    member = PeerIdentity("unix:/x(peer)", uid=7, gid=5, pid=1, groups=(1500, 2000))
+    assert authorize(guest, member, scheme="unix", token=b"", service_uid=0) is None
+    stranger = PeerIdentity("unix:/x(peer)", uid=7, gid=5, pid=1, groups=(1500,))
+    refusal = authorize(guest, stranger, scheme="unix", token=b"", service_uid=0)
+    assert refusal is not None and "uid 7 gid 5 groups 1500;" in refusal.message
+    assert "groups 1500" in stranger.describe()
+    # A group never stands in for a uid: a guest listing only uids ignores groups.
+    only_uid = GuestConfig("g", uids=(2000,))
+    assert authorize(only_uid, member, scheme="unix", token=b"", service_uid=0) is not None
+
+
+class _NoPeerGroups:
+    """A socket of a kernel without SO_PEERGROUPS (before Linux 4.13)."""
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0) -> bytes:
+        if option == SO_PEERGROUPS:
+            raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+        return struct.pack("3i", 42, 1000, 1000)
+
+
+def test_without_so_peergroups_only_the_effective_gid_counts() -> None:
+    peer = peercred_identity(_NoPeerGroups(), "unix:/x(peer)")
+    assert (peer.uid, peer.gid, peer.groups) == (1000, 1000, ())
+    assert authorize(GuestConfig("g", gids=(1000,)), peer, scheme="unix", token=b"") is None
+    refusal = authorize(GuestConfig("g", gids=(2000,)), peer, scheme="unix", token=b"")
+    assert refusal is not None and "uid 1000 gid 1000;" in refusal.message
+
+
+def test_peer_groups_of_a_socketpair_are_this_process_groups() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        assert set(peer_groups(left)) == set(os.getgroups())
+        assert peercred_identity(left, "pair").gid == os.getegid()
 
 
 def test_guest_without_ids_is_reachable_by_root_and_the_service_uid_only() -> None:
@@ -213,14 +254,14 @@ def _handshake_as(uid: int, path: str, guest: str) -> str:
     return reply.code.name
 
 
-async def _in_child_as(uid: int, path: str, guest: str) -> str:
+async def _in_child_as(uid: int, path: str, guest: str, groups: Sequence[int] = ()) -> str:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop privileges for good, then try; never return to pytest
         code = 1
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(uid)
             os.setuid(uid)
             os.write(write_end, _handshake_as(uid, path, guest).encode())
@@ -257,3 +298,72 @@ async def test_another_uid_cannot_act_as_a_root_guest_but_can_act_as_its_own(
         # And root, the backend's own uid, may still act as the root-only guest.
         async with pcifront.connect(rb.address(kind), guest="rootguest") as bus:
             assert len(bus.devices) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to fork a process with other groups")
+@pytest.mark.parametrize("kind", ["unix", "shm"])
+async def test_a_supplementary_group_proves_a_gid_guest(kind: str, world_dir: Path) -> None:
+    many = list(range(20000, 20300))  # more than the 256 Python's getsockopt can read
+    text = (
+        "listen_mode = '0666'\n"
+        "[[guest]]\nname='team'\ngid=4343\n"
+        "[[guest]]\nname='crowd'\ngid=20299\n"
+        "[[device]]\nid='a'\nmodel='edu'\nguest='team'\n"
+        "[[device]]\nid='b'\nmodel='edu'\nguest='crowd'\n"
+    )
+    async with running_backend(text, transports=(kind,), tmp=world_dir) as rb:
+        path = rb.address(kind).split(":", 1)[1]
+        # Effective gid 65534; 4343 only as a supplementary group.
+        assert await _in_child_as(NOBODY, path, "team", groups=[4242, 4343]) == "WELCOME"
+        assert await _in_child_as(NOBODY, path, "team", groups=[4242]) == "NOT_AUTHORIZED"
+        assert await _in_child_as(NOBODY, path, "team") == "NOT_AUTHORIZED"
+        assert await _in_child_as(NOBODY, path, "crowd", groups=many) == "WELCOME"
+        assert await _in_child_as(NOBODY, path, "crowd", groups=many[:-1]) == "NOT_AUTHORIZED"
+
+
+# --------------------------------------------------------------------------- socket files
+
+
+def _some_group() -> grp.struct_group:
+    """A group of this host other than root's, to hand the socket file to."""
+    groups = [g for g in grp.getgrall() if g.gr_gid != 0]
+    if not groups:
+        pytest.skip("this host has no group besides root's")
+    return groups[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another group")
+@pytest.mark.parametrize("by", ["name", "number"])
+@pytest.mark.parametrize("kind", ["unix", "shm"])
+async def test_listen_mode_and_group_set_the_socket_file(
+    kind: str, by: str, tmp_path: Path
+) -> None:
+    group = _some_group()
+    value = repr(group.gr_name) if by == "name" else str(group.gr_gid)
+    text = f"listen_mode = '0660'\nlisten_group = {value}\n[[guest]]\nname='g'\n"
+    async with running_backend(text, transports=(kind,), tmp=tmp_path) as rb:
+        st = os.stat(rb.address(kind).split(":", 1)[1])
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, group.gr_gid)
+
+
+async def test_listen_mode_defaults_to_0600_and_never_widens_the_control_socket(
+    tmp_path: Path,
+) -> None:
+    from pciback.control import serve_control
+
+    for mode, expected in (("", 0o600), ("listen_mode = '0666'\n", 0o666)):
+        config = parse_config(f"listen = ['unix:{tmp_path / 'b.sock'}']\n{mode}")
+        backend = Backend(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.serve)
+            await nursery.start(serve_control, backend, tmp_path / "ctl")
+            assert os.stat(tmp_path / "b.sock").st_mode & 0o777 == expected
+            assert os.stat(tmp_path / "ctl").st_mode & 0o777 == 0o600
+            nursery.cancel_scope.cancel()
+
+
+def test_a_group_that_does_not_exist_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigFileError, match=r"^listen_group: no group named 'no-such-grp'"):
+        parse_config("listen_group = 'no-such-grp'\n")
+    with pytest.raises(ConfigFileError, match=r"^listen_group: expected a group name or number"):
+        parse_config("listen_group = -1\n")
