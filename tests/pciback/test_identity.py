@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import grp
+import json
 import os
 import shutil
 import socket
 import ssl
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,28 @@ async def test_token_mismatch_is_refused_and_logged(
     assert not any(TEST_TOKEN.decode() in r.message for r in caplog.records)
 
 
+async def test_unknown_guest_and_not_authorized_are_told_apart_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = "[[guest]]\nname='guest0'\nuid=4242\n"
+    async with running_backend(text, transports=("unix",), tmp=tmp_path) as rb:
+        codes = []
+        for guest in ("mallory", "guest0"):
+            with pytest.raises(pcifront.HandshakeError) as info:
+                async with pcifront.connect(rb.address("unix"), guest=guest):
+                    pass
+            codes.append(info.value.code)
+        assert codes == [ErrorCode.UNKNOWN_GUEST, ErrorCode.NOT_AUTHORIZED]
+        assert rb.backend.stats.handshakes_rejected == 2
+    logged = [r for r in caplog.records if "handshake refused" in r.getMessage()]
+    assert [r.levelname for r in logged] == ["WARNING", "WARNING"]
+    unknown, unauthorized = (r.getMessage() for r in logged)
+    assert "(UNKNOWN_GUEST) for guest 'mallory'" in unknown
+    assert "(NOT_AUTHORIZED) for guest 'guest0'" in unauthorized
+    assert f"pid {os.getpid()} uid {os.geteuid()}" in unauthorized
+    assert "accepts only uid 4242" in unauthorized
+
+
 async def test_tls_certificate_name_is_case_insensitive(tmp_path: Path) -> None:
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1")
@@ -254,7 +277,32 @@ def _handshake_as(uid: int, path: str, guest: str) -> str:
     return reply.code.name
 
 
-async def _in_child_as(uid: int, path: str, guest: str, groups: Sequence[int] = ()) -> str:
+def _control_as(uid: int, path: str, guest: str) -> str:
+    """In a forked child running as ``uid``: ask the control socket for ``status``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect(path)
+        except PermissionError:
+            return "EACCES"
+        sock.sendall(b'{"command": "status"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data)
+    return "ok" if answer["ok"] else str(answer["code"])
+
+
+async def _in_child_as(
+    uid: int,
+    path: str,
+    guest: str,
+    groups: Sequence[int] = (),
+    action: Callable[[int, str, str], str] = _handshake_as,
+) -> str:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop privileges for good, then try; never return to pytest
@@ -264,7 +312,7 @@ async def _in_child_as(uid: int, path: str, guest: str, groups: Sequence[int] = 
             os.setgroups(list(groups))
             os.setgid(uid)
             os.setuid(uid)
-            os.write(write_end, _handshake_as(uid, path, guest).encode())
+            os.write(write_end, action(uid, path, guest).encode())
             code = 0
         except BaseException as exc:  # noqa: BLE001 - reported to the parent through the pipe
             os.write(write_end, f"child failed: {exc!r}".encode())
@@ -302,7 +350,9 @@ async def test_another_uid_cannot_act_as_a_root_guest_but_can_act_as_its_own(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to fork a process with other groups")
 @pytest.mark.parametrize("kind", ["unix", "shm"])
-async def test_a_supplementary_group_proves_a_gid_guest(kind: str, world_dir: Path) -> None:
+async def test_a_supplementary_group_proves_a_gid_guest(
+    kind: str, world_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     many = list(range(20000, 20300))  # more than the 256 Python's getsockopt can read
     text = (
         "listen_mode = '0666'\n"
@@ -319,6 +369,32 @@ async def test_a_supplementary_group_proves_a_gid_guest(kind: str, world_dir: Pa
         assert await _in_child_as(NOBODY, path, "team") == "NOT_AUTHORIZED"
         assert await _in_child_as(NOBODY, path, "crowd", groups=many) == "WELCOME"
         assert await _in_child_as(NOBODY, path, "crowd", groups=many[:-1]) == "NOT_AUTHORIZED"
+    # Every refusal is logged with what the kernel said about the peer.
+    refusals = [
+        r.getMessage() for r in caplog.records
+        if "handshake refused (NOT_AUTHORIZED) for guest 'team'" in r.getMessage()
+    ]
+    assert len(refusals) == 2
+    assert all(f"uid {NOBODY} gid {NOBODY}" in m and " pid " in m for m in refusals)
+    assert "groups 4242" in refusals[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to fork a process with another uid")
+async def test_the_control_socket_answers_root_and_the_service_uid_only(world_dir: Path) -> None:
+    from pciback.control import serve_control
+
+    config = parse_config(f"listen = ['unix:{world_dir / 'b.sock'}']\n[[guest]]\nname='g'\n")
+    backend = Backend(config)
+    ctl = world_dir / "pciback.ctl"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.serve)
+        await nursery.start(serve_control, backend, ctl)
+        assert os.stat(ctl).st_mode & 0o777 == 0o600
+        assert await _in_child_as(NOBODY, str(ctl), "", action=_control_as) == "EACCES"
+        ctl.chmod(0o666)  # an operator loosened the mode: the peer check still holds
+        assert await _in_child_as(NOBODY, str(ctl), "", action=_control_as) == "NOT_AUTHORIZED"
+        assert await trio.to_thread.run_sync(_control_as, 0, str(ctl), "") == "ok"
+        nursery.cancel_scope.cancel()
 
 
 # --------------------------------------------------------------------------- socket files
