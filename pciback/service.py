@@ -322,6 +322,13 @@ class Backend:
                 task_status.started([lst.address for lst in self.listeners])
         finally:
             with trio.CancelScope(shield=True):
+                # First stop listening: a guest reconnecting must not reach a backend
+                # that is going away. A listener that fails to close skips nothing.
+                for listener in self.listeners:
+                    try:
+                        await listener.aclose()
+                    except Exception:  # logged with its traceback
+                        log.exception("closing the listener on %s failed", listener.address)
                 # Shutdown is a release too: nothing a guest wrote outlives the service
                 # (a writable host device gets its saved config back). Every device is
                 # reset even if another's reset fails (reset_device never raises).
@@ -330,11 +337,6 @@ class Backend:
                         await self.reset_device(dev, "the backend stopped")
                 if self.host_state is not None:
                     self.host_state.release(self.writable_host_devices())
-                for listener in self.listeners:
-                    try:
-                        await listener.aclose()
-                    except Exception:  # logged with its traceback
-                        log.exception("closing the listener on %s failed", listener.address)
 
     def writable_host_devices(self) -> list[HostDevice]:
         """The host devices guests may write to (their saved config is restored on release)."""
