@@ -33,6 +33,7 @@ from pciback._accept import AcceptStatistics, accept_loop
 from pciback.config import BackendConfig, check_listen
 from pciback.devices import HostDevice
 from pciback.dma import DmaHub
+from pciback.fairness import FairTurns
 from pciback.hoststate import HostStateFile, state_path_for
 from pciback.hotplug import Hotplug, HotplugResult
 from pciback.identity import authorize
@@ -195,6 +196,8 @@ class Backend:
             limit_events=self.stats.limits_exceeded,
         )
         self.registry.release_hooks.append(self.irq.reset_device)
+        #: Fair turns between guests busy at the same time (``pciback.fairness``).
+        self.fair = FairTurns()
         self.sessions: list[GuestSession] = []
         #: Live assign/unassign with acknowledgement (``assign``/``unassign`` below).
         self.hotplug = Hotplug(
@@ -522,6 +525,7 @@ class Backend:
             router=self.irq,
             dma=self.dma.space(guest),
             backend_stats=self.stats,
+            fair=self.fair,
         )
         self.sessions.append(session)
         try:
