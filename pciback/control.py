@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from pciback.hostview import DeviceIds, HostScan, format_table, host_view, scan_host, served_row
 from shared.errors import ErrorCode, PcisplitError
+from shared.pci import PciAddress
 from shared.transport._identity import peercred_identity
 
 if TYPE_CHECKING:
@@ -60,20 +62,15 @@ def _string(request: dict[str, Any], key: str, command: str) -> str:
     return value
 
 
-def device_row(dev: ServedDevice) -> dict[str, Any]:
-    """One device of the host view."""
-    cfg = dev.config
-    provider = cfg.kind + (f":{cfg.model}" if cfg.model else "")
-    virtual = dev.address or dev.leaving_address
-    return {
-        "id": dev.id,
-        "provider": provider,
-        "owner": dev.guest or dev.leaving,
-        "hidden": dev.hidden,
-        "state": dev.state,
-        "virtual": str(virtual) if virtual is not None else None,
-        "host": str(dev.physical) if dev.physical is not None else None,
-    }
+def _served_ids(dev: ServedDevice) -> DeviceIds | None:
+    """The device's own vendor, device and class (the caller holds its lock)."""
+    try:
+        first = dev.provider.config_read(0x00, 4)
+        klass = dev.provider.config_read(0x08, 4)
+    except (PcisplitError, OSError) as exc:
+        log.warning("host view: cannot read the ids of device %s: %s", dev.id, exc)
+        return None
+    return DeviceIds(first & 0xFFFF, first >> 16, klass >> 8)
 
 
 class ControlApi:
@@ -143,56 +140,84 @@ class ControlApi:
         lines.append("counters: " + ", ".join(flat))
         return result, "\n".join(lines)
 
-    async def _list(self, request: dict[str, Any]) -> tuple[Any, str]:
-        rows = [device_row(dev) for dev in self.backend.registry]
-        header = ("ID", "PROVIDER", "OWNER", "HIDDEN", "STATE", "VIRTUAL", "HOST")
-        table = [header] + [
-            (
-                r["id"],
-                r["provider"],
-                r["owner"] or "-",
-                "yes" if r["hidden"] else "no",
-                r["state"],
-                r["virtual"] or "-",
-                r["host"] or "-",
-            )
-            for r in rows
-        ]
-        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        text = "\n".join(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            for row in table
+    async def _scan(self) -> HostScan:
+        # Many small sysfs reads: in a thread, so guests are not held up meanwhile.
+        return await trio.to_thread.run_sync(scan_host, self.backend.config.sysfs_root)
+
+    async def _ids(self, devices: list[ServedDevice]) -> dict[str, DeviceIds | None]:
+        ids: dict[str, DeviceIds | None] = {}
+        for dev in devices:
+            async with dev.lock:
+                ids[dev.id] = _served_ids(dev)
+        return ids
+
+    async def _row(self, dev: ServedDevice) -> dict[str, Any]:
+        """One served device's row of the host view (the answer to hide, unhide, reset)."""
+        ids = await self._ids([dev])
+        scan = await self._scan() if dev.config.kind == "host" else None
+        found = scan.get(dev.physical) if scan is not None else None
+        return served_row(
+            dev,
+            connected=dev.guest is not None and bool(self.backend.sessions_of(dev.guest)),
+            ids=ids[dev.id],
+            driver=found.driver if found is not None else None,
         )
+
+    async def _list(self, request: dict[str, Any]) -> tuple[Any, str]:
+        scan = await self._scan()
+        devices = list(self.backend.registry)
+        ids = await self._ids(devices)
+        rows = host_view(
+            devices,
+            scan,
+            self.backend.config,
+            connected=lambda guest: bool(self.backend.sessions_of(guest)),
+            ids=lambda dev: ids[dev.id],
+        )
+        text = format_table(rows)
+        if scan.problem is not None:
+            text += f"\n(host devices not listed: {scan.problem})"
         return rows, text
 
-    def _device(self, request: dict[str, Any], command: str) -> ServedDevice:
-        return self.backend.registry.find(_string(request, "device", command))
+    async def _device(self, request: dict[str, Any], command: str) -> ServedDevice:
+        """The served device ``device`` names; a host device that is not served is refused."""
+        text = _string(request, "device", command)
+        try:
+            return self.backend.registry.find(text)
+        except PcisplitError as exc:
+            address = _host_address(text)
+            if address is None or (await self._scan()).get(address) is None:
+                raise
+            raise ControlError(
+                _not_served(address, command, self.backend.config.source),
+                code=ErrorCode.NOT_FOUND,
+            ) from exc
 
     async def _assign(self, request: dict[str, Any]) -> tuple[Any, str]:
-        dev = self._device(request, "assign")
+        dev = await self._device(request, "assign")
         guest = _string(request, "guest", "assign")
         result = await self.backend.assign(dev.id, guest)
         return result.as_dict(), result.describe()
 
     async def _unassign(self, request: dict[str, Any]) -> tuple[Any, str]:
-        dev = self._device(request, "unassign")
+        dev = await self._device(request, "unassign")
         result = await self.backend.unassign(dev.id)
         return result.as_dict(), result.describe()
 
     async def _hide(self, request: dict[str, Any]) -> tuple[Any, str]:
-        dev = self._device(request, "hide")
+        dev = await self._device(request, "hide")
         self.backend.registry.set_hidden(dev.id, True)
         log.info("device %s hidden by the operator", dev.id)
-        return device_row(dev), f"device {dev.id} is hidden"
+        return await self._row(dev), f"device {dev.id} is hidden"
 
     async def _unhide(self, request: dict[str, Any]) -> tuple[Any, str]:
-        dev = self._device(request, "unhide")
+        dev = await self._device(request, "unhide")
         self.backend.registry.set_hidden(dev.id, False)
         log.info("device %s unhidden by the operator", dev.id)
-        return device_row(dev), f"device {dev.id} is offered again"
+        return await self._row(dev), f"device {dev.id} is offered again"
 
     async def _reset(self, request: dict[str, Any]) -> tuple[Any, str]:
-        dev = self._device(request, "reset")
+        dev = await self._device(request, "reset")
         failures = self.backend.reset_failures
         await self.backend.reset_device(dev, "a reset by the operator")
         if self.backend.reset_failures != failures:
@@ -200,7 +225,31 @@ class ControlApi:
                 f"device {dev.id} could not be reset; see the backend's log",
                 code=ErrorCode.OPERATION_FAILED,
             )
-        return device_row(dev), f"device {dev.id} reset"
+        return await self._row(dev), f"device {dev.id} reset"
+
+
+def _host_address(text: str) -> PciAddress | None:
+    try:
+        return PciAddress.parse(text)
+    except ValueError:
+        return None
+
+
+def _not_served(address: PciAddress, command: str, source: str) -> str:
+    """Why a host device the backend does not serve cannot be ``command``-ed, and what to do."""
+    what = {
+        "assign": "assigned",
+        "unassign": "unassigned (no guest has it)",
+        "hide": "hidden (it is offered to no guest already)",
+        "unhide": "unhidden",
+        "reset": "reset by pcisplit",
+    }.get(command, command)
+    return (
+        f"host device {address} is not served by this backend, so it cannot be {what}; to "
+        f'serve it, add a [[device]] table with kind = "host" and address = "{address}" to '
+        f"{source} (read-only unless writable = true; see docs/operations.md) and restart "
+        "the backend"
+    )
 
 
 async def _serve_client(api: ControlApi, stream: trio.SocketStream) -> None:

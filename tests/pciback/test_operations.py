@@ -106,15 +106,18 @@ async def test_ctl_every_command_in_text_and_json(tmp_path: Path) -> None:
         rows = {row["id"]: row for row in listing["result"]}
         assert rows["edu-a"] == {
             "id": "edu-a", "provider": "emulated:edu", "owner": "alpha", "hidden": False,
-            "state": "assigned", "virtual": "0000:00:00.0", "host": None,
+            "state": "assigned", "virtual": "0000:00:00.0", "host": None, "configured": True,
+            "vendor_device": "1234:11e8", "class": "00ff00", "driver": None,
         }
         assert rows["edu-b"]["state"] == "free" and rows["edu-b"]["owner"] is None
         code, out, _ = await ctl(tmp_path, "list")
         assert out.splitlines()[0].split() == [
-            "ID", "PROVIDER", "OWNER", "HIDDEN", "STATE", "VIRTUAL", "HOST"
+            "ID", "PROVIDER", "OWNER", "HIDDEN", "STATE", "VIRTUAL", "HOST", "VENDOR:DEVICE",
+            "CLASS", "DRIVER",
         ]
         assert out.splitlines()[1].split() == [
-            "edu-a", "emulated:edu", "alpha", "no", "assigned", "0000:00:00.0", "-"
+            "edu-a", "emulated:edu", "alpha", "no", "assigned", "0000:00:00.0", "-", "1234:11e8",
+            "00ff00", "-",
         ]
 
         moved = await ctl_json(tmp_path, "assign", "edu-b", "alpha")
