@@ -3,8 +3,8 @@
 Bootstrap (address ``shm:/path/to.sock``):
 
 1. The client connects to a UNIX stream socket. Until :meth:`start_session`
-   the transport is a plain framed socket (``shared.protocol._framing``), so
-   both sides run the normal protocol handshake over it.
+   the transport is a plain framed socket, so both sides run the normal
+   protocol handshake over it.
 2. ``start_session``: the client creates a sealed memfd holding one ring per
    direction plus two eventfds (one doorbell per side) and sends them with a
    setup frame through SCM_RIGHTS. The server checks everything it received
@@ -27,68 +27,53 @@ round trip costs nothing that matters. Cancelling such a send after the
 control frame went out breaks the transport (the receiver would otherwise
 tie the fds to the wrong frame), like a send cancelled mid-frame on a stream.
 
+The control socket is a :class:`~shared.transport._stream.UnixFrameTransport`
+that the shm transport owns (:attr:`ShmTransport.control`): framing, fd
+passing and its caps, the receive limits (idle partial frame, buffer budget),
+SO_PEERCRED identity and the translation of EOF and socket errors are the
+``unix:`` transport's, written once. This module adds only what is shm's: the
+setup exchange, the ring, the doorbells and the FDS/FDA/goodbye control frames.
+
 The peer is untrusted: ring corruption is detected in C (see ``ring.h``) and
 turns into :class:`trio.BrokenResourceError` for this connection only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import mmap
-import os
-import socket
 from collections.abc import Sequence
 
 import trio
 
-from shared.errors import LimitExceededError, RemoteProtocolError
-from shared.evtchn import EventfdPort
-from shared.protocol._framing import FrameDecoder, encode_frame
+from shared.errors import LimitExceededError
 from shared.ring import (
     RecordTooLargeError,
     RingCorruptError,
     RingError,
     RingFullError,
-    ShmLayout,
-    ring_size_for,
 )
 from shared.transport._base import (
     FrameTooLargeError,
     FrameTransport,
     TransportOptions,
 )
-from shared.transport._fdpass import (
-    ANCILLARY_SPACE,
-    MAX_FDS_PER_FRAME,
-    RECVMSG_FLAGS,
-    FdTracker,
-    SendProgress,
-    check_fds_argument,
-    fds_from_ancillary,
-    rights_message,
-    send_with_fds,
-)
-from shared.transport._identity import PeerIdentity, peercred_identity
+from shared.transport._fdpass import MAX_FDS_PER_FRAME, check_fds_argument
+from shared.transport._identity import PeerIdentity
 from shared.transport._shm_setup import (
     _ACK,
     _FDS_ACK,
     _FDS_MARK,
     _GOODBYE,
     _MAX_FD_BATCHES,
-    _RECV_CHUNK,
-    _REQUIRED_SEALS,
     _SEQ,
-    _SETUP,
-    _SETUP_MAGIC,
-    _SETUP_VERSION,
     _YIELD_EVERY,
     ShmStatistics,
     _close_fds,
     _Session,
-    _translate,
-    validate_setup,
+    accept_session,
+    check_setup_reply,
+    offer_session,
 )
+from shared.transport._stream import UnixFrameTransport
 
 __all__ = ["ShmTransport", "ShmStatistics", "DEFAULT_POLL_US"]
 
@@ -98,16 +83,14 @@ DEFAULT_POLL_US = 0.0
 class ShmTransport(FrameTransport):
     """One end of a ``shm:`` connection. Built by :func:`connect_shm` or a listener."""
 
-    def __init__(self, sock: socket.socket, options: TransportOptions, *, name: str) -> None:
-        sock.setblocking(False)
-        self._sock = sock
+    def __init__(self, stream: trio.SocketStream, options: TransportOptions, *, name: str) -> None:
+        # The control socket, with the server's limits on what the peer makes us hold there.
+        self._control = UnixFrameTransport(
+            stream, max_frame_size=options.max_frame_size, name=name, options=options
+        )
         self._options = options
         self._name = name
         self.max_frame_size = options.max_frame_size
-        self._decoder = FrameDecoder(options.max_frame_size)
-        self._fd_tracker = FdTracker(name, limit=options.max_fds)
-        # A server's limits on what the peer makes us hold on the control socket.
-        self._limits = options.receive_limits(name)
         self._max_fds = MAX_FDS_PER_FRAME if options.max_fds is None else options.max_fds
         # After session start: fds announced for ring frame `seq`, and the fds
         # tied to the ring frame returned last (closed at the next one if untaken).
@@ -158,8 +141,18 @@ class ShmTransport(FrameTransport):
     def describe(self) -> str:
         return self._name
 
+    @property
+    def control(self) -> UnixFrameTransport:
+        """The composed control-socket transport (handshake, setup, fds, liveness).
+
+        Exposed for inspection and tests; sending or receiving on it directly
+        would confuse the shm bootstrap.
+        """
+        return self._control
+
     def peer_identity(self) -> PeerIdentity:
-        return peercred_identity(self._sock, self._name)
+        """The control socket's SO_PEERCRED identity (:meth:`UnixFrameTransport.peer_identity`)."""
+        return self._control.peer_identity()
 
     def statistics(self) -> ShmStatistics:
         """Frames and doorbells so far; ``doorbell_sleeps`` counts real sleeps."""
@@ -181,80 +174,9 @@ class ShmTransport(FrameTransport):
                 f"the ring was set up for {session.layout.max_record}-byte frames"
             )
         self.max_frame_size = size
-        self._decoder.max_frame_size = size
+        self._control.set_max_frame_size(size)
 
     # ------------------------------------------------------------------ control socket
-    def _receive_some(self) -> bytes:
-        """One recvmsg into the decoder, tying fds to their frame. Raises BlockingIOError."""
-        data, ancdata, flags, _ = self._sock.recvmsg(_RECV_CHUNK, ANCILLARY_SPACE, RECVMSG_FLAGS)
-        self._decoder.feed(data)
-        if ancdata or flags & socket.MSG_CTRUNC:
-            self._fd_tracker.on_chunk(self._decoder.buffered, fds_from_ancillary(ancdata, flags))
-        return data
-
-    async def _socket_receive(self) -> bytes:
-        while True:
-            try:
-                frame = self._decoder.next_frame()
-            except RemoteProtocolError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            if frame is not None:
-                if self._fd_tracker.busy:
-                    self._fd_tracker.on_frame(4 + len(frame))
-                if self._limits.charged:
-                    self._limits.check(self._decoder.buffered)  # shrinking: never raises
-                return frame
-            if self._eof:
-                if self._decoder.buffered:
-                    raise trio.BrokenResourceError(
-                        "peer closed the connection in the middle of a frame"
-                    )
-                raise trio.EndOfChannel("peer closed the connection")
-            try:
-                data = self._receive_some()
-            except BlockingIOError:
-                await self._wait_socket_readable()
-                continue
-            except OSError as exc:
-                raise _translate(exc, "receive") from exc
-            if not data:
-                self._eof = True
-            self._limits.check(self._decoder.buffered)
-
-    async def _wait_socket_readable(self) -> None:
-        """Wait for the control socket, at most the idle time-out while a frame is partial."""
-        buffered = self._decoder.buffered
-        timeout = self._limits.idle_timeout
-        if not buffered or timeout is None:
-            await trio.lowlevel.wait_readable(self._sock)
-            return
-        with trio.move_on_after(timeout) as idle:
-            await trio.lowlevel.wait_readable(self._sock)
-        if idle.cancelled_caught:
-            raise self._limits.idle_error(buffered)
-
-    async def _send_piece(self, piece: memoryview, fds: list[int]) -> int:
-        """One non-blocking (partial) send on the control socket; fds ride on its first byte."""
-        while True:
-            try:
-                if fds:
-                    return self._sock.sendmsg([piece], rights_message(fds))
-                return self._sock.send(piece)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._sock)
-            except OSError as exc:
-                raise _translate(exc, "send") from exc
-
-    async def _socket_send(self, data: bytes, fds: list[int] | None = None) -> None:
-        progress = SendProgress()
-        try:
-            await send_with_fds(self._send_piece, data, fds or [], progress)
-        except trio.Cancelled:
-            if progress.sent:
-                # Part of the frame went out: the byte stream is unframed from here on.
-                self._broken = "an earlier send was cancelled mid-frame; reconnect"
-            raise
-
     def _check_usable(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this shm transport was closed")
@@ -275,13 +197,15 @@ class ShmTransport(FrameTransport):
         self._sending = True
 
     async def _socket_send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
+        """Before the session: one frame on the control socket, exactly as on ``unix:``."""
         self._claim_send((frame,))
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            await self._socket_send(encode_frame(frame), fds)
+            if fds is None:
+                await self._control.send_frame(frame)
+            else:
+                await self._control.send_frame_with_fds(frame, fds)
         finally:
             self._sending = False
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _socket_receive_frame(self) -> bytes:
         self._check_usable()
@@ -289,12 +213,9 @@ class ShmTransport(FrameTransport):
             raise trio.BusyResourceError("another task is already receiving on this transport")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            frame = await self._socket_receive()
+            return await self._control.receive_frame()
         finally:
             self._receiving = False
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return frame
 
     async def send_frame_with_fds(self, frame: bytes, fds: Sequence[int]) -> None:
         """Send ``frame`` with ``fds`` attached; before or after the session started.
@@ -316,7 +237,7 @@ class ShmTransport(FrameTransport):
             self._fd_ack_wanted, self._fd_ack_event = seq, event
             async with self._control_lock:
                 announced = True
-                await self._socket_send(encode_frame(_FDS_MARK + _SEQ.pack(seq)), fd_list)
+                await self._control.send_frame_with_fds(_FDS_MARK + _SEQ.pack(seq), fd_list)
             with trio.fail_after(self._send_timeout or float("inf")):
                 await event.wait()
             if self._peer_gone:
@@ -343,7 +264,7 @@ class ShmTransport(FrameTransport):
 
     def take_received_fds(self) -> list[int]:
         if self._session is None:
-            return self._fd_tracker.take()
+            return self._control.take_received_fds()
         fds, self._ring_fds = self._ring_fds, []
         self._ring_fds_active = bool(self._ring_fd_batches)
         return fds
@@ -359,12 +280,11 @@ class ShmTransport(FrameTransport):
             _close_fds(batches.pop(stale))
         self._ring_fds_active = bool(batches or self._ring_fds)
 
-    async def _on_fds_announced(self, frame: bytes) -> str | None:
-        """Socket task: file the fds of an ``FDS seq`` frame and acknowledge it.
+    async def _on_fds_announced(self, frame: bytes, fds: list[int]) -> str | None:
+        """Socket task: file the ``fds`` of an ``FDS seq`` frame and acknowledge it.
 
         Returns why the peer must be dropped, or None.
         """
-        fds = self._fd_tracker.take()
         if len(frame) != len(_FDS_MARK) + _SEQ.size or not fds:
             _close_fds(fds)
             return "peer sent a malformed file-descriptor announcement on the shm socket"
@@ -388,7 +308,7 @@ class ShmTransport(FrameTransport):
         batches[seq] = fds
         self._ring_fds_active = True
         async with self._control_lock:
-            await self._socket_send(encode_frame(_FDS_ACK + _SEQ.pack(seq)))
+            await self._control.send_frame(_FDS_ACK + _SEQ.pack(seq))
         return None
 
     def _on_fds_acknowledged(self, frame: bytes) -> str | None:
@@ -422,77 +342,35 @@ class ShmTransport(FrameTransport):
             raise
         finally:
             self._sending = self._receiving = False
-            _close_fds(self._fd_tracker.take())
+            _close_fds(self._control.take_received_fds())  # a hostile ack's fds, say
         self._session = session
         trio.lowlevel.spawn_system_task(self._watch_peer, name=f"{self._name} liveness")
 
     async def _offer_setup(self, max_frame_size: int) -> _Session:
-        ring_size = ring_size_for(self._options.ring_size, max_frame_size)
-        layout = ShmLayout(ring_size, ring_size, max_frame_size)
-        memfd = os.memfd_create("pcisplit-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        session, setup, fds = offer_session(
+            self._options.ring_size, max_frame_size, initial_index=self._initial_index
+        )
         try:
-            os.ftruncate(memfd, layout.total)
-            # Sealed so the server can trust the size: a shrink would SIGBUS its accesses.
-            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
-            mm = mmap.mmap(memfd, layout.total)
-            with contextlib.ExitStack() as undo:
-                undo.callback(mm.close)
-                to_server = EventfdPort.create()
-                undo.callback(to_server.close)
-                to_client = EventfdPort.create()
-                undo.callback(to_client.close)
-                layout.initialise(mm, initial_index=self._initial_index)
-                session = _Session(
-                    layout, mm, is_server=False, rx_port=to_client, tx_port=to_server
-                )
-                undo.pop_all()
-            try:
-                setup = _SETUP.pack(
-                    _SETUP_MAGIC, _SETUP_VERSION, 0, layout.size_c2s, layout.size_s2c,
-                    layout.max_record, layout.total,
-                )
-                await self._socket_send(
-                    encode_frame(setup), [memfd, to_server.fileno(), to_client.fileno()]
-                )
-                reply = await self._socket_receive()
-                if reply != _ACK:
-                    raise trio.BrokenResourceError(
-                        f"server answered the shm setup with {reply[:32]!r}, not an "
-                        "acknowledgement; does it serve shm: on this socket?"
-                    )
-            except BaseException:
-                session.close()
-                raise
+            await self._control.send_frame_with_fds(setup, fds)
+            check_setup_reply(await self._control.receive_frame())
         except trio.EndOfChannel as exc:
+            session.close()
             raise trio.BrokenResourceError("server closed the connection during shm setup") from exc
+        except BaseException:
+            session.close()
+            raise
         finally:
-            os.close(memfd)  # the mapping keeps the memory; the peer has its own fd
+            _close_fds(fds[:1])  # the memfd: the mapping keeps the memory, the peer has its own
         return session
 
     async def _accept_setup(self, max_frame_size: int) -> _Session:
         try:
-            frame = await self._socket_receive()
+            frame, fds = await self._control.receive_frame_with_fds()
         except trio.EndOfChannel as exc:
             raise trio.BrokenResourceError("client closed the connection during shm setup") from exc
-        fds = self._fd_tracker.take()
+        session = accept_session(frame, fds, max_frame_size)
         try:
-            layout = validate_setup(frame, fds, max_frame_size)
-            mm = mmap.mmap(fds[0], layout.total)
-            rx_port = EventfdPort(fds[1])
-            fds[1] = -1
-            tx_port = EventfdPort(fds[2])
-            fds[2] = -1
-            try:
-                session = _Session(layout, mm, is_server=True, rx_port=rx_port, tx_port=tx_port)
-            except BaseException:
-                rx_port.close()
-                tx_port.close()
-                mm.close()
-                raise
-        finally:
-            _close_fds([fd for fd in fds if fd >= 0])
-        try:
-            await self._socket_send(encode_frame(_ACK))
+            await self._control.send_frame(_ACK)
         except BaseException:
             session.close()
             raise
@@ -500,24 +378,32 @@ class ShmTransport(FrameTransport):
 
     # ------------------------------------------------------------------ liveness
     async def _watch_peer(self) -> None:
-        """System task: the control socket's EOF is the peer's death certificate."""
+        """System task: the control socket's EOF is the peer's death certificate.
+
+        It is the control transport's only receiver once the session started,
+        so that transport's limits (frame size, fd caps, idle partial frame,
+        buffer budget) keep applying to whatever the peer sends there.
+        """
         reason: str | None = "peer closed the shm control socket without saying goodbye (died?)"
         with self._watch_scope:
             try:
                 while True:
-                    frame = await self._socket_receive()
+                    frame, fds = await self._control.receive_frame_with_fds()
                     if frame.startswith(_FDS_MARK):
-                        problem = await self._on_fds_announced(frame)
+                        problem = await self._on_fds_announced(frame, fds)
+                        fds = []
                     elif frame.startswith(_FDS_ACK):
                         problem = self._on_fds_acknowledged(frame)
                     elif frame == _GOODBYE:
                         reason = None
-                        break
                     else:
                         problem = (
                             f"peer sent an unexpected {len(frame)}-byte frame on the shm "
                             "control socket"
                         )
+                    _close_fds(fds)  # only an announcement may carry fds
+                    if reason is None:
+                        break
                     if problem is not None:
                         reason = problem
                         break
@@ -530,7 +416,7 @@ class ShmTransport(FrameTransport):
             except trio.ClosedResourceError:
                 return  # we closed it ourselves
             finally:
-                self._fd_tracker.close()  # fds nobody announced properly are never wanted
+                _close_fds(self._control.take_received_fds())  # never wanted
             self._peer_gone = True
             self._peer_reason = reason
             self._wake_waiters()
@@ -756,13 +642,7 @@ class ShmTransport(FrameTransport):
         session, self._session = self._session, None
         if session is not None and not self._peer_gone and self._broken is None:
             # Best effort: without the goodbye the peer reports our close as a death.
-            with contextlib.suppress(OSError):
-                self._sock.send(encode_frame(_GOODBYE))
-        with contextlib.suppress(RuntimeError):  # outside trio.run nobody waits on it
-            trio.lowlevel.notify_closing(self._sock)
-        self._sock.close()
-        self._fd_tracker.close()
-        self._limits.release()
+            self._control.send_frame_nowait(_GOODBYE)
         _close_fds(self._ring_fds)
         for batch in self._ring_fd_batches.values():
             _close_fds(batch)
@@ -770,4 +650,5 @@ class ShmTransport(FrameTransport):
         self._ring_fds_active = False
         if session is not None:
             session.close()
-        await trio.lowlevel.checkpoint()
+        # Closes the socket, its fds and its share of the receive budget before it checkpoints.
+        await self._control.aclose()

@@ -10,8 +10,8 @@ import trio
 
 from shared.transport._base import FrameListener, TransportConnectError, TransportOptions
 from shared.transport._shm import ShmTransport
-from shared.transport._shm_setup import _translate
 from shared.transport._sockets import _remove_stale_socket
+from shared.transport._stream import _translate
 
 __all__ = ["ShmListener", "connect_shm", "listen_shm"]
 
@@ -34,8 +34,7 @@ class ShmListener(FrameListener):
             conn, _ = await self._sock.accept()
         except OSError as exc:
             raise _translate(exc, "accept") from exc
-        raw = socket.socket(fileno=conn.detach())
-        return ShmTransport(raw, self._options, name=f"{self.address}(peer)")
+        return ShmTransport(trio.SocketStream(conn), self._options, name=f"{self.address}(peer)")
 
     async def aclose(self) -> None:
         if self._closed:
@@ -61,7 +60,7 @@ async def connect_shm(path: str, options: TransportOptions) -> ShmTransport:
             f"cannot connect to shm:{path}: {exc.strerror or exc}; is `pciback serve` listening "
             "there with shm:?"
         ) from exc
-    return ShmTransport(socket.socket(fileno=tsock.detach()), options, name=f"shm:{path}")
+    return ShmTransport(trio.SocketStream(tsock), options, name=f"shm:{path}")
 
 
 async def listen_shm(path: str, options: TransportOptions) -> ShmListener:

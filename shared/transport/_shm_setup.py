@@ -7,7 +7,7 @@ anything (see :func:`validate_setup`).
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import fcntl
 import mmap
 import os
@@ -24,10 +24,17 @@ from shared.ring import (
     RingConsumer,
     RingProducer,
     ShmLayout,
+    ring_size_for,
 )
 from shared.transport._fdpass import close_fds
 
-__all__ = ["ShmStatistics", "validate_setup"]
+__all__ = [
+    "ShmStatistics",
+    "accept_session",
+    "check_setup_reply",
+    "offer_session",
+    "validate_setup",
+]
 
 # Setup frame: magic, version, flags, ring sizes, max record, region size.
 _SETUP = struct.Struct("<4sHHIIIQ")
@@ -42,7 +49,6 @@ _FDS_ACK = b"PSHM-FDA"
 _SEQ = struct.Struct("<Q")
 #: Fd batches a peer may announce ahead of their ring frames (an honest peer: one).
 _MAX_FD_BATCHES = 16
-_RECV_CHUNK = 65536
 _REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _YIELD_EVERY = 16  # send_frame yields to the scheduler once per this many frames
 
@@ -58,12 +64,6 @@ class ShmStatistics:
     spin_hits: int
     spin_misses: int
     space_waits: int
-
-
-def _translate(exc: OSError, what: str) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    if exc.errno == errno.EBADF:  # closed under us
-        return trio.ClosedResourceError(f"shm control socket closed during {what}")
-    return trio.BrokenResourceError(f"shm control socket {what} failed: {exc.strerror or exc}")
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -147,3 +147,75 @@ def validate_setup(frame: bytes, fds: list[int], max_frame_size: int) -> ShmLayo
         if kind != "anon_inode:[eventfd]":
             raise trio.BrokenResourceError(f"shm doorbell fd is {kind!r}, not an eventfd")
     return layout
+
+
+def offer_session(
+    ring_size: int, max_frame_size: int, *, initial_index: int = 0
+) -> tuple[_Session, bytes, list[int]]:
+    """The client's half of the bootstrap, up to what it sends.
+
+    Creates a memfd holding one ring per direction, sealed so the server can
+    trust its size (a shrink would make the server's accesses fault), and one
+    eventfd doorbell per side. Returns the client's session, the setup frame
+    and the fds to send with it: the memfd, the server's doorbell, the
+    client's doorbell. The session owns the doorbells; the memfd (``fds[0]``)
+    is the caller's to close once sent (the mapping keeps the memory).
+    Used by the trio transport and the blocking client alike.
+    """
+    ring = ring_size_for(ring_size, max_frame_size)
+    layout = ShmLayout(ring, ring, max_frame_size)
+    memfd = os.memfd_create("pcisplit-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(memfd, layout.total)
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+        mm = mmap.mmap(memfd, layout.total)
+        with contextlib.ExitStack() as undo:
+            undo.callback(mm.close)
+            to_server = EventfdPort.create()
+            undo.callback(to_server.close)
+            to_client = EventfdPort.create()
+            undo.callback(to_client.close)
+            layout.initialise(mm, initial_index=initial_index)
+            session = _Session(layout, mm, is_server=False, rx_port=to_client, tx_port=to_server)
+            undo.pop_all()
+    except BaseException:
+        os.close(memfd)
+        raise
+    setup = _SETUP.pack(
+        _SETUP_MAGIC, _SETUP_VERSION, 0, layout.size_c2s, layout.size_s2c,
+        layout.max_record, layout.total,
+    )
+    return session, setup, [memfd, to_server.fileno(), to_client.fileno()]
+
+
+def check_setup_reply(reply: bytes) -> None:
+    """The client's check of the server's answer to its setup frame."""
+    if reply != _ACK:
+        raise trio.BrokenResourceError(
+            f"server answered the shm setup with {reply[:32]!r}, not an "
+            "acknowledgement; does it serve shm: on this socket?"
+        )
+
+
+def accept_session(frame: bytes, fds: list[int], max_frame_size: int) -> _Session:
+    """The server's half: validate the client's setup and map it. Closes all of ``fds``.
+
+    Raises :class:`trio.BrokenResourceError` for a setup we refuse (see
+    :func:`validate_setup`); :class:`OSError` or ``RingError`` if mapping fails.
+    """
+    try:
+        layout = validate_setup(frame, fds, max_frame_size)
+        with contextlib.ExitStack() as undo:
+            mm = mmap.mmap(fds[0], layout.total)
+            undo.callback(mm.close)
+            rx_port = EventfdPort(fds[1])  # the port owns the fd from here
+            fds[1] = -1
+            undo.callback(rx_port.close)
+            tx_port = EventfdPort(fds[2])
+            fds[2] = -1
+            undo.callback(tx_port.close)
+            session = _Session(layout, mm, is_server=True, rx_port=rx_port, tx_port=tx_port)
+            undo.pop_all()
+        return session
+    finally:
+        _close_fds([fd for fd in fds if fd >= 0])

@@ -8,6 +8,7 @@ Framing comes from :mod:`shared.protocol._framing`, the one place it lives.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from collections.abc import Sequence
 
@@ -272,6 +273,43 @@ class UnixFrameTransport(StreamFrameTransport):
 
     def take_received_fds(self) -> list[int]:
         return self._fd_tracker.take()
+
+    async def receive_frame_with_fds(self) -> tuple[bytes, list[int]]:
+        """:meth:`receive_frame` and :meth:`take_received_fds` in one call.
+
+        For a task that owns the receive side and wants the fds of every frame,
+        frames without fds included (``shm:``'s control socket, where only
+        some control frames may carry fds and any others must be closed): no
+        other frame can come between the two. The caller owns the fds.
+        """
+        frame = await self.receive_frame()
+        return frame, self._fd_tracker.take()
+
+    def send_frame_nowait(self, frame: bytes) -> bool:
+        """Write one small frame now if the socket takes all of it; never waits.
+
+        For a last word right before :meth:`aclose` (``shm:``'s goodbye), when
+        waiting for a peer that does not read is not an option. Returns False
+        when nothing was written: a send is running, the transport is closed
+        or broken, the socket buffer is full or the peer is gone. A partial
+        write breaks the transport (the byte stream is no longer framed).
+        """
+        if self._closed or self._send_busy or self._broken is not None:
+            return False
+        if len(frame) > self.max_frame_size:
+            raise FrameTooLargeError(
+                f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
+            )
+        data = encode_frame(frame)
+        try:
+            # os.write on the socket: trio's socket API has no synchronous send.
+            sent = os.write(self._sock.fileno(), data)
+        except OSError:
+            return False  # full (EAGAIN) or the peer is gone: the caller's close says the rest
+        if sent != len(data):
+            self._broken = "a last frame was written only in part; reconnect"
+            return False
+        return True
 
     async def send_frame_with_fds(self, frame: bytes, fds: Sequence[int]) -> None:
         fd_list = check_fds_argument(fds)

@@ -20,7 +20,6 @@ from _limits_support import TWO_GUESTS, raw_guest, worst_latency
 import pcifront
 from pciback.service import Backend
 from pciback.testing import TEST_TOKEN, running_backend
-from shared.protocol import encode_frame
 from shared.transport import FrameTransport
 from shared.transport._shm import ShmTransport
 
@@ -107,7 +106,7 @@ async def test_shm_fd_announcements_are_capped(tmp_path: Path) -> None:
             # Announce fds for ring frames far ahead that never come: 10 + 10 > 16.
             for seq in (100, 101):
                 mark = b"PSHM-FDS" + struct.pack("<Q", seq)
-                await transport._socket_send(encode_frame(mark), fds)
+                await transport.control.send_frame_with_fds(mark, fds)
             await wait_counted(rb.backend, "max_fds_per_connection")
             assert await worst_latency(victim) < LATENCY_BOUND
         finally:

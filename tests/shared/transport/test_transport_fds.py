@@ -191,7 +191,7 @@ async def test_too_many_fds_on_one_frame_breaks_the_connection(kind: str, ring: 
 
 def _socket_fd(transport: FrameTransport) -> int:
     if isinstance(transport, ShmTransport):
-        return transport._sock.fileno()
+        return transport.control.stream.socket.fileno()  # type: ignore[attr-defined,no-any-return]
     return transport.stream.socket.fileno()  # type: ignore[attr-defined,no-any-return]
 
 
