@@ -235,6 +235,7 @@ class Hotplug:
         """Take ``device_id`` off its guest now; release it once acknowledged or timed out."""
         guest, address = self.registry.detach(device_id)
         packed = address.pack()
+        reset_ok = False
         try:
             result = await self._announce(
                 device_id,
@@ -244,19 +245,24 @@ class Hotplug:
                 lambda cid: DeviceRemovedEvent(cid, packed, reason[:1024]),
             )
         finally:
-            # Also when our caller is cancelled: a detached device is always reset and freed.
-            self.registry.release(device_id)
+            # Also when our caller is cancelled: a detached device is always reset and freed
+            # (or, if its reset failed, hidden; the registry logs that).
+            reset_ok = self.registry.release(device_id)
+        done = "reset it" if reset_ok else "could NOT reset it (now hidden)"
         if result.forced:
             self.forced_removals += 1
             log.warning(
                 "device %s: guest %s did not acknowledge its removal within %g s; removed it "
-                "anyway (forced) and reset it",
+                "anyway (forced) and %s",
                 device_id,
                 guest,
                 self.ack_timeout,
+                done,
             )
-        else:
+        elif reset_ok:
             log.info("device %s removed from guest %s and reset", device_id, guest)
+        else:
+            log.error("device %s removed from guest %s; %s", device_id, guest, done)
         return result
 
     async def _announce(

@@ -9,6 +9,7 @@ their function numbers.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 MODEL_ENTRY_POINT_GROUP = "pcisplit.models"
+
+log = logging.getLogger("pcisplit.backend")
 
 #: Emulated device models by name. Plugins add more through ``pcisplit.models``.
 MODELS: dict[str, Callable[[], DeviceProvider]] = {"edu": EduDevice}
@@ -179,6 +182,8 @@ class DeviceRegistry:
         }
         #: Called with a device after :meth:`unassign` (the IRQ router forgets its state).
         self.release_hooks: list[Callable[[ServedDevice], None]] = []
+        #: Resets (:meth:`reset`) in which some step failed (each logged with its traceback).
+        self.reset_failures = 0
         for dev in self._devices.values():
             if dev.config.guest is not None:
                 self.assign(dev.id, dev.config.guest)
@@ -294,13 +299,16 @@ class DeviceRegistry:
             dev.runtime.cancel_background()
         return guest, address
 
-    def release(self, device_id: str) -> None:
+    def release(self, device_id: str) -> bool:
         """The second half of a removal: reset the device and make it free.
 
         The reset happens here, on every path that ends an assignment, before
-        the device can be assigned again. ``release_hooks`` then drop
-        per-device state (the IRQ router's). The virtual address the device
-        had becomes reusable.
+        the device can be assigned again (:meth:`reset`; ``release_hooks``
+        drop per-device state such as the IRQ router's). The virtual address
+        and guest-physical windows the device had become reusable, also when
+        the reset failed. A device whose reset failed is **hidden** (offered to
+        nobody) and the failure logged: what a guest wrote may still be in it.
+        Returns True when the reset succeeded.
         """
         dev = self.get(device_id)
         if dev.guest is not None:
@@ -308,17 +316,57 @@ class DeviceRegistry:
                 f"device {device_id} is still assigned to guest {dev.guest!r}; detach it first",
                 code=ErrorCode.INVALID_STATE,
             )
-        if dev.runtime is not None:
-            dev.runtime.cancel_background()
-        dev.provider.reset()
+        try:
+            ok = self.reset(dev, f"leaving guest {dev.leaving}")
+        finally:
+            if dev.leaving is not None:
+                # Its guest-physical windows, like its virtual address, are held until now.
+                self.firmware[dev.leaving].release(dev.id)
+                if dev.leaving_address is not None:
+                    self._held[dev.leaving].discard(dev.leaving_address.pack())
+            dev.leaving, dev.leaving_address = None, None
+        if not ok:
+            dev.hidden = True
+            log.error(
+                "device %s could not be reset, so it is hidden (offered to no guest): what its "
+                "last guest wrote may still be in it; check the device, then run "
+                "`pciback ctl reset %s` and `pciback ctl unhide %s`",
+                device_id, device_id, device_id,
+            )
+        return ok
+
+    def reset(self, dev: ServedDevice, why: str) -> bool:
+        """Reset ``dev`` now: its background work, the device, and every release hook.
+
+        An assigned device is reset through its access path (the model, the
+        policy's virtual registers, the firmware's programming); a free or
+        leaving one through its provider. Every step runs even when an earlier
+        one fails: a failure (of any exception type: a plugin's model may
+        raise anything) is logged with its traceback, counted in
+        :attr:`reset_failures`, and never skips the other steps or the other
+        devices of the caller's loop. Returns True when every step succeeded.
+        The caller holds the device lock (or nothing else can reach it).
+        """
+        ok = True
+        try:
+            if dev.runtime is not None:
+                dev.runtime.cancel_background()
+            if dev.guest is not None:
+                dev.access.reset()
+            else:
+                dev.provider.reset()
+        except Exception:  # logged with its traceback and counted below
+            ok = False
+            log.exception("device %s: reset (%s) failed", dev.id, why)
         for hook in self.release_hooks:
-            hook(dev)
-        if dev.leaving is not None:
-            # Its guest-physical windows, like its virtual address, are held until now.
-            self.firmware[dev.leaving].release(dev.id)
-            if dev.leaving_address is not None:
-                self._held[dev.leaving].discard(dev.leaving_address.pack())
-        dev.leaving, dev.leaving_address = None, None
+            try:
+                hook(dev)
+            except Exception:  # logged with its traceback and counted below
+                ok = False
+                log.exception("device %s: release hook %r failed (%s)", dev.id, hook, why)
+        if not ok:
+            self.reset_failures += 1
+        return ok
 
     def add_guest(self, name: str, bus: str = "virtual") -> None:
         """A guest declared by a config reload: an empty bus of its own."""

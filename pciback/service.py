@@ -34,7 +34,9 @@ import trio
 from pciback._accept import AcceptStatistics, accept_loop
 from pciback._ratelog import RateLimitedLog, RateLogStatistics
 from pciback.config import BackendConfig, check_listen
+from pciback.devices import HostDevice
 from pciback.dma import DmaHub
+from pciback.hoststate import HostStateFile, state_path_for
 from pciback.hotplug import Hotplug, HotplugResult
 from pciback.identity import authorize
 from pciback.irq import InterruptLimits, IrqRouter
@@ -192,9 +194,10 @@ class Backend:
         self.config = config
         #: The admin socket ``serve`` opens (``pciback ctl``); None: no control socket.
         self.control_path = control
+        #: The saved config of writable host devices, for the backend after a SIGKILL
+        #: (``pciback.hoststate``); kept beside the control socket, so none without one.
+        self.host_state = None if control is None else HostStateFile(state_path_for(control))
         self.started_at: float | None = None
-        #: Device resets that failed (logged); a device that cannot be reset is not trusted.
-        self.reset_failures = 0
         resources = config.resources
         self.stats = BackendStatistics()
         self.registry = registry or DeviceRegistry(config)
@@ -291,30 +294,27 @@ class Backend:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, PcisplitError) as exc:
                     log.info("guest %s: could not say goodbye: %s", session.guest, exc)
 
-    async def reset_device(self, dev: ServedDevice, why: str) -> None:
+    @property
+    def reset_failures(self) -> int:
+        """Device resets that failed (logged); a device that cannot be reset is not trusted."""
+        return self.registry.reset_failures
+
+    async def reset_device(self, dev: ServedDevice, why: str) -> bool:
         """Reset one device under its lock: the model, the policy's registers, the IRQ state.
 
-        Used when a guest's last connection ends and when the backend stops;
-        removal from a guest resets through :meth:`DeviceRegistry.release`.
-        Shielded: a reset that has begun always completes. A failure is logged
-        and counted, never raised into the caller's teardown.
+        Used when a guest's last connection ends, when the backend stops and by
+        ``pciback ctl reset``; removal from a guest resets through
+        :meth:`DeviceRegistry.release`. Shielded: a reset that has begun always
+        completes. A failure is logged and counted (:meth:`DeviceRegistry.reset`),
+        never raised into the caller's teardown, so it never skips another
+        device's reset. Returns True when the reset succeeded.
         """
         with trio.CancelScope(shield=True):
             async with dev.lock:
-                try:
-                    if dev.guest is not None:
-                        dev.reset()
-                    else:
-                        if dev.runtime is not None:
-                            dev.runtime.cancel_background()
-                        dev.provider.reset()
-                    for hook in self.registry.release_hooks:
-                        hook(dev)
-                except PcisplitError as exc:
-                    self.reset_failures += 1
-                    log.error("device %s: reset after %s failed: %s", dev.id, why, exc)
-                else:
-                    log.info("device %s reset (%s)", dev.id, why)
+                ok = self.registry.reset(dev, why)
+        if ok:
+            log.info("device %s reset (%s)", dev.id, why)
+        return ok
 
     def _options(self, address: str) -> TransportOptions:
         resources = self.config.resources
@@ -352,6 +352,7 @@ class Backend:
                 self.listeners.append(listener)
                 self._set_socket_mode(listener.address)
                 log.info("listening on %s", listener.address)
+            self._adopt_host_state()
             async with trio.open_nursery() as nursery:
                 for dev in self.registry:
                     if dev.runtime is None:
@@ -369,13 +370,44 @@ class Backend:
                 task_status.started([lst.address for lst in self.listeners])
         finally:
             with trio.CancelScope(shield=True):
+                # First stop listening: a guest reconnecting must not reach a backend
+                # that is going away. A listener that fails to close skips nothing.
                 for listener in self.listeners:
-                    await listener.aclose()
+                    try:
+                        await listener.aclose()
+                    except Exception:  # logged with its traceback
+                        log.exception("closing the listener on %s failed", listener.address)
                 # Shutdown is a release too: nothing a guest wrote outlives the service
-                # (a writable host device gets its saved config back).
+                # (a writable host device gets its saved config back). Every device is
+                # reset even if another's reset fails (reset_device never raises).
                 for dev in self.registry:
                     if dev.guest is not None or dev.leaving is not None:
                         await self.reset_device(dev, "the backend stopped")
+                if self.host_state is not None:
+                    self.host_state.release(self.writable_host_devices())
+
+    def writable_host_devices(self) -> list[HostDevice]:
+        """The host devices guests may write to (their saved config is restored on release)."""
+        return [
+            dev.provider
+            for dev in self.registry
+            if isinstance(dev.provider, HostDevice) and dev.provider.writable
+        ]
+
+    def _adopt_host_state(self) -> None:
+        """Before any guest connects: restore what a killed backend left; record ours."""
+        if self.host_state is None:
+            if self.writable_host_devices():
+                log.warning(
+                    "no control socket, so no state file: if this backend is killed with "
+                    "SIGKILL, the next one cannot restore its writable host devices' config"
+                )
+            return
+        restored = set(self.host_state.adopt(self.writable_host_devices()))
+        for dev in self.registry:
+            if dev.physical is not None and str(dev.physical) in restored:
+                # The device's policy and firmware programming go on top of the restored config.
+                self.registry.reset(dev, "its config was restored after an unclean stop")
 
     def _set_socket_mode(self, address: str) -> None:
         """Apply ``listen_mode``/``listen_group`` to a unix:/shm: socket file."""

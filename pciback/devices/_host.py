@@ -240,6 +240,42 @@ class HostDevice(DeviceProvider):
             size = 2 if off == _COMMAND_DWORD else 4
             self.config_write(off, size, int.from_bytes(saved[off : off + size], "little"))
 
+    def adopt_saved_config(self, saved: bytes) -> None:
+        """Restore ``saved`` now and keep it as the config every later reset puts back.
+
+        ``saved`` is what an earlier backend recorded when it opened this
+        device (``pciback.hoststate``): that backend was killed before it
+        could restore it, so the config space may still hold what its guest
+        wrote, and the image read at open time is not the one to trust.
+        Refused (:class:`DeviceSetupError`, nothing written) when ``saved``
+        does not fit this device: another size, or other vendor/device IDs.
+        """
+        if not self.writable:
+            raise DeviceSetupError(
+                f"host device {self.address} is read-only: no guest write ever reached it, "
+                "so there is no saved config to restore"
+            )
+        if len(saved) != len(self.saved_config):
+            raise DeviceSetupError(
+                f"the saved config of {self.address} has {len(saved)} bytes, but the device "
+                f"serves {len(self.saved_config)} now"
+            )
+        if saved[:4] != self.saved_config[:4]:
+            raise DeviceSetupError(
+                f"the saved config of {self.address} is of device "
+                f"{saved[0:2][::-1].hex()}:{saved[2:4][::-1].hex()}, but that address now holds "
+                f"{self.saved_config[0:2][::-1].hex()}:{self.saved_config[2:4][::-1].hex()}"
+            )
+        self.saved_config = bytes(saved)
+        self.reset()
+
+    def holds_saved_config(self) -> bool:
+        """Whether the config space equals the saved one (Status aside); True if read-only."""
+        if not self.writable:
+            return True
+        current, saved = self.config_image(), self.saved_config
+        return current[:6] + current[8:] == saved[:6] + saved[8:]
+
     # -- internals -------------------------------------------------------------------------
 
     def _checked_fd(self) -> int:

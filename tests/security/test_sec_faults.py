@@ -7,6 +7,11 @@ time, and kills it with SIGKILL. Then:
 
 * the device is released: no interrupt binding, no DMA window, no session of
   guest1 left, and a new connection takes interrupts and a window at once;
+* the next owner reads the device's initial state, by content (XSA-306): the
+  whole guest-visible config space as it was before the first round (MSI
+  disabled, Command and interrupt line as firmware left them), edu's liveness
+  register (not the complement of the victim's mark) and the first bytes of
+  its DMA buffer (zero, not what the victim's transfers put there);
 * nothing leaked: the backend's fd count and its memfd mappings are back to
   what they were before the round;
 * the counters add up: every accepted connection ended, every window mapped
@@ -60,12 +65,46 @@ def _released(backend: BackendProcess) -> str | None:
     return None
 
 
-async def _take_again(backend: BackendProcess, kind: str) -> None:
-    """The device can be taken again at once: interrupts and a DMA window."""
+#: edu BAR0: the liveness register (reads the complement of the last write: ~0 after a
+#: reset) and the start of the DMA buffer the victim's transfers fill.
+LIVENESS, EDU_BUFFER, BUFFER_CHECKED = 0x04, 0x40000, 64
+
+
+async def _initial_state(edu: pcifront.Device) -> tuple[bytes, int, bytes]:
+    """What the next owner must read: the config space, liveness, the DMA buffer's start."""
+    config = b"".join(
+        [(await edu.config_read(offset, 4)).to_bytes(4, "little") for offset in range(0, 256, 4)]
+    )
+    buffer = b"".join(
+        [
+            (await edu.bar_read(0, EDU_BUFFER + offset, 8)).to_bytes(8, "little")
+            for offset in range(0, BUFFER_CHECKED, 8)
+        ]
+    )
+    return config, await edu.bar_read(0, LIVENESS, 4), buffer
+
+
+async def _baseline(backend: BackendProcess) -> tuple[bytes, int, bytes]:
+    async with pcifront.connect(
+        backend.address("unix"), guest="guest1", token=guest_token("guest1"), timeout=5
+    ) as bus:
+        edu = next(d for d in bus.devices if d.device_id == EDU)
+        return await _initial_state(edu)
+
+
+async def _take_again(
+    backend: BackendProcess, kind: str, initial: tuple[bytes, int, bytes], what: str
+) -> None:
+    """The next owner reads the initial state, then takes interrupts and a DMA window at once."""
     async with pcifront.connect(
         backend.address(kind), guest="guest1", token=guest_token("guest1"), timeout=5
     ) as bus:
         edu = next(d for d in bus.devices if d.device_id == EDU)
+        config, liveness, buffer = await _initial_state(edu)
+        assert liveness == initial[1] == 0xFFFFFFFF, f"{what}: liveness {liveness:#x} leaked"
+        assert buffer == initial[2] == bytes(BUFFER_CHECKED), f"{what}: DMA buffer {buffer!r}"
+        changed = [hex(o) for o in range(0, 256, 4) if config[o : o + 4] != initial[0][o : o + 4]]
+        assert not changed, f"{what}: config dwords {changed} differ from the initial state"
         await edu.config_write(0x04, 2, 0x6)
         async with edu.interrupts(mode="msi", vectors=1) as irqs:
             assert irqs.vectors == 1
@@ -94,6 +133,8 @@ async def test_kill_minus_9_fault_loop(backend: BackendProcess) -> None:
     seed = int(os.environ.get("SEC_FAULT_SEED", random.randrange(2**32)))
     print(f"fault loop: {ROUNDS} rounds, seed {seed} (SEC_FAULT_SEED={seed} replays it)")
     rng = random.Random(seed)
+    initial = await _baseline(backend)
+    await _until(lambda: _released(backend), "the baseline connection's release", backend)
     start = backend.stats()
     fds, memfds = backend.fds(), backend.memfd_maps()
     for round_no in range(ROUNDS):
@@ -110,7 +151,7 @@ async def test_kill_minus_9_fault_loop(backend: BackendProcess) -> None:
             victim.stderr.close()  # type: ignore[union-attr]
         what = f"round {round_no} ({kind}, killed after {delay:.3f} s, seed {seed})"
         await _until(lambda: _released(backend), f"{what}: device not released", backend)
-        await _take_again(backend, kind)
+        await _take_again(backend, kind, initial, what)
         await _until(lambda: _released(backend), f"{what}: not released after reuse", backend)
         await _until(
             lambda: None
