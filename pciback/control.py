@@ -12,7 +12,8 @@ the client likes on one connection::
     {"ok": true, "result": {...}, "text": "device edu1 assigned to guest beta at 0000:00:01.0 ..."}
     {"ok": false, "error": "device edu9 ...", "code": "NOT_FOUND"}
 
-Commands: ``status``, ``list`` (the host view of every device), ``assign``,
+Commands: ``status``, ``list`` (the host view: every PCI device of the host and
+every device served, see :mod:`pciback.hostview`), ``assign``,
 ``unassign``, ``hide``, ``unhide``, ``reset``. ``device`` is a device id or a
 host address. Assign and unassign are the hot-plug operations of
 :class:`pciback.service.Backend`, the same ones a config reload (SIGHUP) uses.
