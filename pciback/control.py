@@ -242,11 +242,15 @@ def _not_served(address: PciAddress, command: str, source: str) -> str:
         "unhide": "unhidden",
         "reset": "reset by pcisplit",
     }.get(command, command)
+    where = (
+        "a config file and start the backend with --config FILE (it runs without one now)"
+        if source.startswith("<")
+        else f"{source} and restart the backend"
+    )
     return (
         f"host device {address} is not served by this backend, so it cannot be {what}; to "
-        f'serve it, add a [[device]] table with kind = "host" and address = "{address}" to '
-        f"{source} (read-only unless writable = true; see docs/operations.md) and restart "
-        "the backend"
+        f'serve it, add a [[device]] table with kind = "host" and address = "{address}" '
+        f"(read-only unless writable = true; see docs/operations.md) to {where}"
     )
 
 
