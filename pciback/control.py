@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +116,11 @@ class ControlApi:
                 "connections": len(backend.sessions_of(name)),
                 "devices": [dev.id for dev in backend.registry.devices_of(name)],
             }
-        stats = asdict(backend.stats)
+        stats = backend.statistics().as_dict()
+        logs = backend.log_statistics()
+        # Guest-triggered log lines by kind: what the rate limit let through and what it
+        # only counted (each suppressed run was logged as one summary line).
+        stats["log_lines"] = {"logged": dict(logs.logged), "suppressed": dict(logs.suppressed)}
         stats["forced_removals"] = backend.hotplug.forced_removals
         stats["reset_failures"] = backend.reset_failures
         result = {

@@ -11,16 +11,26 @@ handler never raises to its caller: typed pcisplit errors become an
 ``ErrorReply`` with their code, and a bug in a device model becomes an
 ``OPERATION_FAILED`` reply (logged with its traceback) so that one broken
 model cannot take down the connection or the backend.
+
+Every refusal is counted by error code (``refused``, the backend's
+``requests_refused``) and logged at info level through the connection's
+rate-limited log (``events``, :mod:`pciback._ratelog`), one kind per request
+type; a denied config write is logged by the policy's audit log instead. A
+model failure is logged there too, at error level with its traceback: a guest
+that can trigger a model bug in a loop cannot grow the log either.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pciback._ratelog import RateLimitedLog, ScopedLog
+from pciback.policy import AccessDeniedError
 from pciback.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
 from shared.errors import ErrorCode, PcisplitError
 from shared.evtchn import EventfdPort, Port
@@ -139,7 +149,8 @@ class Dispatcher:
     only through the :class:`~pciback.dma.DmaCaller` interface), and the
     transport's ``fd_passing`` capability. Without them it serves
     configuration, BAR and reset requests only (interrupt and DMA requests
-    get ``NOT_IMPLEMENTED``).
+    get ``NOT_IMPLEMENTED``). ``events`` is the connection's rate-limited log
+    and ``refused`` counts refusals by error code (see the module).
     """
 
     def __init__(
@@ -152,8 +163,12 @@ class Dispatcher:
         dma: GuestDma | None = None,
         dma_owner: DmaCaller | None = None,
         fd_passing: FdPassing = FdPassing(False, "this transport"),
+        events: ScopedLog | None = None,
+        refused: Counter[str] | None = None,
     ) -> None:
         self.registry = registry
+        self.events = events if events is not None else RateLimitedLog(log).scoped(f"guest {guest}")
+        self.refused: Counter[str] = Counter() if refused is None else refused
         self.guest = guest
         self.router = router
         self.outbox = outbox
@@ -202,10 +217,35 @@ class Dispatcher:
             _close_all(fds)
             return await entry.run(request)
         except PcisplitError as exc:
+            self._refusal(request, exc)
             return ErrorReply(request.request_id, exc.code, exc.message[:1000])
-        except Exception as exc:  # a model bug must not kill the connection
-            log.exception("device handler failed on %r for guest %s", request, self.guest)
+        except Exception as exc:  # noqa: BLE001 - a model bug must not kill the connection; logged below
+            self.refused[ErrorCode.OPERATION_FAILED.name] += 1
+            self.events.log(
+                "device model failures",
+                logging.ERROR,
+                "device handler failed on %r for guest %s",
+                request,
+                self.guest,
+                exc_info=True,
+            )
             return self._model_failure(request, exc)
+
+    def _refusal(self, request: Request, exc: PcisplitError) -> None:
+        """Count a refused request; log it (rate-limited) unless the audit log has it."""
+        self.refused[exc.code.name] += 1
+        if isinstance(exc, AccessDeniedError):
+            return  # the policy's audit log recorded it (rate-limited the same way)
+        name = type(request).__name__
+        self.events.log(
+            f"refused {name}s",
+            logging.INFO,
+            "guest %s: %s refused (%s): %s",
+            self.guest,
+            name,
+            exc.code.name,
+            exc.message,
+        )
 
     @staticmethod
     def _model_failure(request: Request, exc: Exception) -> Reply:

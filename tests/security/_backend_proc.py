@@ -76,11 +76,16 @@ def snapshot(backend: Backend) -> dict[str, Any]:
                 "windows": len(space.windows),
                 **dataclasses.asdict(space.statistics()),
             }
+    logs = backend.log_statistics()
     return {
         "backend": {
-            k: v
-            for k, v in dataclasses.asdict(backend.statistics()).items()
-            if k != "per_guest_requests"
+            k: v for k, v in backend.statistics().as_dict().items() if k != "per_guest_requests"
+        },
+        # Guest-triggered log events by kind: logged, and suppressed by the rate limit.
+        "log": {
+            "logged": dict(logs.logged),
+            "suppressed": dict(logs.suppressed),
+            "summaries": logs.summaries,
         },
         "sessions": [
             {"guest": s.guest, **dataclasses.asdict(s.statistics())} for s in backend.sessions
