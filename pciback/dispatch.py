@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from pciback._ratelog import RateLimitedLog, ScopedLog
 from pciback.policy import AccessDeniedError
 from pciback.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
-from shared.errors import ErrorCode, PcisplitError
+from shared.errors import ErrorCode, LimitExceededError, PcisplitError
 from shared.evtchn import EventfdPort, Port
 from shared.protocol import (
     BarReadRequest,
@@ -151,6 +151,12 @@ class Dispatcher:
     configuration, BAR and reset requests only (interrupt and DMA requests
     get ``NOT_IMPLEMENTED``). ``events`` is the connection's rate-limited log
     and ``refused`` counts refusals by error code (see the module).
+
+    ``max_fds`` (``limits.max_fds_per_connection``) bounds the fds the
+    connection keeps after the hand-over: the eventfds of its interrupt
+    vectors and the memfds of its shared DMA windows (:meth:`held_fds`). A
+    request whose fds would take it over the limit is refused with ``BUSY``
+    naming the limit (its fds closed), and counted in ``limit_events``.
     """
 
     def __init__(
@@ -165,10 +171,14 @@ class Dispatcher:
         fd_passing: FdPassing = FdPassing(False, "this transport"),
         events: ScopedLog | None = None,
         refused: Counter[str] | None = None,
+        max_fds: int | None = None,
+        limit_events: Counter[str] | None = None,
     ) -> None:
         self.registry = registry
         self.events = events if events is not None else RateLimitedLog(log).scoped(f"guest {guest}")
         self.refused: Counter[str] = Counter() if refused is None else refused
+        self.max_fds = max_fds
+        self.limit_events: Counter[str] = Counter() if limit_events is None else limit_events
         self.guest = guest
         self.router = router
         self.outbox = outbox
@@ -213,6 +223,8 @@ class Dispatcher:
             )
         try:
             if entry.takes_fds:
+                if fds:
+                    self._check_fd_budget(request, fds)
                 return await entry.run(request, list(fds))
             _close_all(fds)
             return await entry.run(request)
@@ -245,6 +257,32 @@ class Dispatcher:
             name,
             exc.code.name,
             exc.message,
+        )
+
+    def held_fds(self) -> int:
+        """Fds this connection keeps: interrupt eventfds and shared DMA windows' memfds."""
+        held = 0 if self.outbox is None else self.outbox.held_fds
+        if self.dma is not None and self.dma_owner is not None:
+            held += self.dma.held_fds(self.dma_owner)
+        return held
+
+    def _check_fd_budget(self, request: Request, fds: Sequence[int]) -> None:
+        """Refuse (closing ``fds``) a request that would keep more fds than ``max_fds``."""
+        if self.max_fds is None:
+            return
+        held, count = self.held_fds(), len(fds)
+        if held + count <= self.max_fds:
+            return
+        _close_all(fds)
+        self.limit_events["max_fds_per_connection"] += 1
+        raise LimitExceededError(
+            "max_fds_per_connection",
+            f"{type(request).__name__} came with {count} fd(s), but this connection already "
+            f"holds {held} (eventfds of enabled interrupt vectors, memfds of shared DMA "
+            f"windows) and may hold at most {self.max_fds} (limits.max_fds_per_connection); "
+            "disable interrupts or unmap shared windows first, use in-band interrupts "
+            "(eventfds=False) or message-based DMA (shared=False), or raise the limit in the "
+            "backend config",
         )
 
     @staticmethod

@@ -65,8 +65,10 @@ class ResourceLimits:
     max_buffered_per_connection: int = 1 * _MIB
     #: Receive-buffer bytes beyond 64 KiB per connection, all connections together.
     max_buffered_total: int = 64 * _MIB
-    #: Received fds one connection may hold in its transport at once (SCM_RIGHTS and
-    #: shm announcements); an eventfd per interrupt vector must fit.
+    #: Fds one connection may hold: received and not yet taken by a request, in its
+    #: transport (SCM_RIGHTS and shm announcements), and kept after the hand-over (an
+    #: eventfd per interrupt vector, a memfd per shared DMA window; the dispatcher
+    #: refuses a request that would keep more).
     max_fds_per_connection: int = 512
     #: DMA windows one guest may have mapped at once.
     max_dma_windows_per_guest: int = 1024

@@ -574,6 +574,7 @@ class Backend:
             conn,
             number=next(self._session_numbers),
             guest_log=self.guest_log,
+            max_fds=self.config.resources.max_fds_per_connection,
             registry=self.registry,
             router=self.irq,
             dma=self.dma.space(guest),

@@ -111,6 +111,7 @@ class GuestSession:
         backend_stats: BackendStatistics,
         number: int = 0,
         guest_log: RateLimitedLog | None = None,
+        max_fds: int | None = None,
     ) -> None:
         assert conn.guest is not None
         self.guest: str = conn.guest
@@ -137,6 +138,8 @@ class GuestSession:
             fd_passing=FdPassing(transport.can_pass_fds, transport.describe()),
             events=self.events,
             refused=backend_stats.requests_refused,
+            max_fds=max_fds,
+            limit_events=backend_stats.limits_exceeded,
         )
         self.stats = SessionStatistics()
         self._backend_stats = backend_stats
@@ -154,6 +157,10 @@ class GuestSession:
 
     def statistics(self) -> SessionStatistics:
         return self.stats
+
+    def held_fds(self) -> int:
+        """Fds this connection keeps after their hand-over (``limits.max_fds_per_connection``)."""
+        return self.dispatcher.held_fds()
 
     @property
     def can_pass_fds(self) -> bool:

@@ -85,6 +85,11 @@ class InterruptOutbox:
     def statistics(self) -> OutboxStatistics:
         return self.stats
 
+    @property
+    def held_fds(self) -> int:
+        """Guest eventfds this outbox owns (one per vector bound to an eventfd)."""
+        return len(self._ports)
+
     def bind_ports(self, device: int, ports: Sequence[Port]) -> None:
         """Deliver ``device``'s vectors 0..n-1 through ``ports`` (the outbox now owns them)."""
         for vector, port in enumerate(ports):

@@ -88,7 +88,8 @@ def snapshot(backend: Backend) -> dict[str, Any]:
             "summaries": logs.summaries,
         },
         "sessions": [
-            {"guest": s.guest, **dataclasses.asdict(s.statistics())} for s in backend.sessions
+            {"guest": s.guest, "fds_held": s.held_fds(), **dataclasses.asdict(s.statistics())}
+            for s in backend.sessions
         ],
         "irq": {**dataclasses.asdict(irq.statistics()), "bindings": bindings},
         "dma": dma,
