@@ -19,10 +19,13 @@ it matters:
   registered before anyone is chosen, and waits until it has the smallest tag.
   A guest that was quiet starts at ``V``, so it goes next; busy guests
   alternate by how much they were served.
-* **Advisory, never blocking**: a turn only orders. A session waits for its
-  turn at most ``max_wait`` seconds and then goes ahead anyway (counted in
+* **Advisory, never blocking**: a turn only orders. Sessions behind others
+  wait their turn (a full round while many guests are busy: that is the
+  sharing), but the first in line waits for the session holding the turn at
+  most ``max_wait`` seconds of its hold and then goes ahead anyway (counted in
   :attr:`FairStatistics.waits_cut_short`), so a session that keeps its turn
-  while it waits for something (a device lock) delays others by at most that.
+  while it waits for something (a device lock) delays the others by at most
+  that.
   The turn covers reading and dispatching a burst, never sending its replies:
   a guest that does not read what we send cannot hold it.
 """
@@ -52,7 +55,7 @@ class FairStatistics:
     turns: int = 0
     #: Bursts served at once (no other guest was served recently).
     uncontended: int = 0
-    #: Sessions that went ahead after ``max_wait`` without their turn.
+    #: Sessions that went ahead because the holder kept its turn over ``max_wait``.
     waits_cut_short: int = 0
 
 
@@ -92,6 +95,7 @@ class FairTurns:
         self._finish: dict[object, float] = {}
         self._holder: object | None = None
         self._holder_start = 0.0
+        self._held_since = 0.0
         # The guest served last and when; and when a different guest was served before it.
         self._last_key: object | None = None
         self._last_time = -float("inf")
@@ -123,18 +127,25 @@ class FairTurns:
         try:
             # Everyone woken in this scheduler batch registers before anyone is chosen.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            if not self._my_turn(entry):
-                with trio.move_on_after(self.max_wait) as waited:
-                    while not self._my_turn(entry):
-                        entry.task = trio.lowlevel.current_task()
+            while not self._my_turn(entry):
+                entry.task = trio.lowlevel.current_task()
+                if self._heap[0] is entry:
+                    # Next in line: wait for the holder, but never past max_wait of its
+                    # hold (it may be waiting for something; the turn only orders).
+                    with trio.move_on_at(self._held_since + self.max_wait) as waited:
                         await trio.lowlevel.wait_task_rescheduled(_abort_wait(entry))
-                if waited.cancelled_caught:
-                    self.stats.waits_cut_short += 1
+                    if waited.cancelled_caught:
+                        self.stats.waits_cut_short += 1
+                        break
+                else:
+                    # Behind others: woken when we become the first (release or removal).
+                    await trio.lowlevel.wait_task_rescheduled(_abort_wait(entry))
             granted = True
         finally:
             entry.task = None
             if granted:
                 self._holder = key  # before leaving the queue: nobody else is woken for it
+                self._held_since = trio.current_time()
             self._remove(entry)
         self._holder_start = entry.start
         self._vtime = max(self._vtime, entry.start)
@@ -164,8 +175,8 @@ class FairTurns:
         except ValueError:
             return
         heapq.heapify(self._heap)
-        if self._holder is None:
-            self._wake_first()
+        # The new first waits for the holder with a time limit, or takes a free turn.
+        self._wake_first()
 
     def _wake_first(self) -> None:
         if self._heap:
