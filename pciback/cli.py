@@ -191,7 +191,8 @@ def check_config(path: str | Path) -> BackendConfig:
     config = config_from(args)
     check_listen(config.listen, config.tls)
     server_ssl_context(config)
-    DeviceRegistry(config)  # opens dumps and host devices, builds every policy
+    # Opens dumps and host devices and builds every policy; then lets the files go.
+    DeviceRegistry(config).close()
     return config
 
 

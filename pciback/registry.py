@@ -191,6 +191,13 @@ class DeviceRegistry:
     def __iter__(self) -> Iterator[ServedDevice]:
         return iter(self._devices.values())
 
+    def close(self) -> None:
+        """Close what the providers hold open (host devices' sysfs files)."""
+        for dev in self._devices.values():
+            close = getattr(dev.provider, "close", None)
+            if callable(close):
+                close()
+
     def get(self, device_id: str) -> ServedDevice:
         try:
             return self._devices[device_id]

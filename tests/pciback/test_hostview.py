@@ -23,7 +23,7 @@ import pytest
 import trio
 
 import pcifront
-from pciback.cli import main
+from pciback.cli import check_config, main
 from pciback.config import parse_config
 from pciback.control import _not_served
 from pciback.devices import SYSFS_PCI_DEVICES
@@ -302,3 +302,15 @@ def test_the_real_host_is_read_only_and_agrees_with_lspci() -> None:
         if f.ids is not None
     }
     assert ours == theirs
+
+
+def test_check_config_closes_the_host_devices_it_opened(tmp_path: Path) -> None:
+    # `pciback check` (and the docs runner, which calls check_config once per block)
+    # opens every host device to validate it; nothing may stay open afterwards.
+    _fake_host(tmp_path / "devices")
+    config = tmp_path / "host.toml"
+    config.write_text(HOST_CONFIG)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        check_config(config)
+    assert len(os.listdir("/proc/self/fd")) == before
