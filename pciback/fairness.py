@@ -9,9 +9,9 @@ behind a random share of everyone else's bursts. With 64 busy guests that was
 :class:`FairTurns` orders the bursts by start-time fair queuing, and only when
 it matters:
 
-* **Uncontended** (no other guest was served within ``window`` seconds) a
-  session takes no turn at all: no checkpoint, no bookkeeping beyond one clock
-  read. A single busy guest pays nothing.
+* **Uncontended** (the last two bursts served were this guest's own, and
+  nobody waits) a session takes no turn at all: no checkpoint, no clock read.
+  A single busy guest pays two method calls per burst.
 * **Contended**, a session registers with a start tag ``max(V, F)``: ``V`` is
   the start tag of the burst served last, ``F`` this guest's own finish tag (its
   start tag plus the requests its last burst had). It then takes one
@@ -41,8 +41,6 @@ import trio
 
 __all__ = ["FairStatistics", "FairTurns"]
 
-#: Another guest served within this many seconds means the backend is contended.
-DEFAULT_WINDOW = 0.002
 #: The longest a session waits for its turn before it goes ahead anyway (s).
 DEFAULT_MAX_WAIT = 0.005
 
@@ -82,11 +80,10 @@ class FairTurns:
     """
 
     def __init__(
-        self, *, window: float = DEFAULT_WINDOW, max_wait: float = DEFAULT_MAX_WAIT
+        self, *, max_wait: float = DEFAULT_MAX_WAIT
     ) -> None:
-        if window < 0 or max_wait <= 0:
-            raise ValueError(f"window must be >= 0 and max_wait > 0, not {window}, {max_wait}")
-        self.window = window
+        if max_wait <= 0:
+            raise ValueError(f"max_wait must be > 0, not {max_wait}")
         self.max_wait = max_wait
         self.stats = FairStatistics()
         self._heap: list[_Entry] = []
@@ -96,10 +93,9 @@ class FairTurns:
         self._holder: object | None = None
         self._holder_start = 0.0
         self._held_since = 0.0
-        # The guest served last and when; and when a different guest was served before it.
+        # The guests whose bursts were served last and the one before.
         self._last_key: object | None = None
-        self._last_time = -float("inf")
-        self._other_time = -float("inf")
+        self._prev_key: object | None = None
 
     def forget(self, key: object) -> None:
         """``key``'s session ended: drop its tag (its waits, if any, end by cancellation)."""
@@ -113,10 +109,12 @@ class FairTurns:
 
         A checkpoint only when contended; cancellation leaves no trace.
         """
-        now = trio.current_time()
-        # When another guest was served last (or, if we were, before us).
-        other = self._last_time if self._last_key is not key else self._other_time
-        contended = self._holder is not None or bool(self._heap) or now - other <= self.window
+        contended = (
+            self._last_key is not key
+            or self._prev_key is not key
+            or self._holder is not None
+            or bool(self._heap)
+        )
         if not contended:
             self.stats.uncontended += 1
             return False
@@ -160,9 +158,7 @@ class FairTurns:
             self._wake_first()
         else:
             self._finish[key] = max(self._vtime, self._finish.get(key, 0.0)) + max(served, 1)
-        if key is not self._last_key:
-            self._other_time = self._last_time  # the last time a guest other than key was
-        self._last_key, self._last_time = key, trio.current_time()
+        self._prev_key, self._last_key = self._last_key, key
 
     # -- internals ---------------------------------------------------------------------
 
