@@ -14,11 +14,14 @@ it matters:
   A single busy guest pays two method calls per burst.
 * **Contended**, a session registers with a start tag ``max(V, F)``: ``V`` is
   the start tag of the burst served last, ``F`` this guest's own finish tag (its
-  start tag plus the requests its last burst had). It then takes one
+  start tag plus the requests its last burst had). Sessions are served in order
+  of start tag plus the size of their last burst (an estimate of this burst's
+  finish), so among the many busy guests that share the current start tag, a
+  guest with one request goes first. A session registers, then takes one
   checkpoint, so that every session woken in the same scheduler batch is
-  registered before anyone is chosen, and waits until it has the smallest tag.
-  A guest that was quiet starts at ``V``, so it goes next; busy guests
-  alternate by how much they were served.
+  registered before anyone is chosen. A guest that was quiet starts at ``V``
+  with a small burst, so it goes next; busy guests alternate by how much they
+  were served.
 * **Advisory, never blocking**: a turn only orders. Sessions behind others
   wait their turn (a full round while many guests are busy: that is the
   sharing), but the first in line waits for the session holding the turn at
@@ -58,17 +61,19 @@ class FairStatistics:
 
 
 class _Entry:
-    __slots__ = ("key", "seq", "start", "task")
+    __slots__ = ("finish", "key", "seq", "start", "task")
 
-    def __init__(self, start: float, seq: int, key: object) -> None:
+    def __init__(self, start: float, finish: float, seq: int, key: object) -> None:
         self.start = start
+        #: The start tag plus the size of this guest's last burst: the order of service.
+        self.finish = finish
         self.seq = seq
         self.key = key
         #: Set only while the session is parked waiting for its turn.
         self.task: trio.lowlevel.Task | None = None
 
     def __lt__(self, other: _Entry) -> bool:
-        return (self.start, self.seq) < (other.start, other.seq)
+        return (self.finish, self.seq) < (other.finish, other.seq)
 
 
 class FairTurns:
@@ -90,6 +95,7 @@ class FairTurns:
         self._seq = itertools.count()
         self._vtime = 0.0  # start tag of the burst served last
         self._finish: dict[object, float] = {}
+        self._burst: dict[object, int] = {}  # each guest's last burst (requests)
         self._holder: object | None = None
         self._holder_start = 0.0
         self._held_since = 0.0
@@ -100,6 +106,7 @@ class FairTurns:
     def forget(self, key: object) -> None:
         """``key``'s session ended: drop its tag (its waits, if any, end by cancellation)."""
         self._finish.pop(key, None)
+        self._burst.pop(key, None)
         if self._holder is key:
             self._holder = None
             self._wake_first()
@@ -119,7 +126,7 @@ class FairTurns:
             self.stats.uncontended += 1
             return False
         start = max(self._vtime, self._finish.get(key, 0.0))
-        entry = _Entry(start, next(self._seq), key)
+        entry = _Entry(start, start + self._burst.get(key, 1), next(self._seq), key)
         heapq.heappush(self._heap, entry)
         granted = False
         try:
@@ -152,6 +159,7 @@ class FairTurns:
 
     def release(self, key: object, served: int) -> None:
         """``key`` answered ``served`` requests (with or without a turn)."""
+        self._burst[key] = max(served, 1)
         if self._holder is key:
             self._finish[key] = self._holder_start + max(served, 1)
             self._holder = None
