@@ -25,7 +25,6 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,14 +115,29 @@ class ControlApi:
                 "connections": len(backend.sessions_of(name)),
                 "devices": [dev.id for dev in backend.registry.devices_of(name)],
             }
-        stats = asdict(backend.stats)
+        stats = backend.statistics().as_dict()
+        logs = backend.log_statistics()
+        # Guest-triggered log lines by kind: what the rate limit let through and what it
+        # only counted (each suppressed run was logged as one summary line).
+        stats["log_lines"] = {"logged": dict(logs.logged), "suppressed": dict(logs.suppressed)}
         stats["forced_removals"] = backend.hotplug.forced_removals
         stats["reset_failures"] = backend.reset_failures
+        sessions = [
+            {
+                "guest": s.guest,
+                "connection": s.number,
+                "transport": s.transport.describe(),
+                "requests": s.stats.requests,
+                "fds_held": s.held_fds(),
+            }
+            for s in backend.sessions
+        ]
         result = {
             "uptime": round(uptime, 3),
             "listen": [lst.address for lst in backend.listeners],
             "connections": len(backend.sessions),
             "guests": guests,
+            "sessions": sessions,
             "counters": stats,
         }
         lines = [
@@ -133,6 +147,12 @@ class ControlApi:
         for name, info in guests.items():
             devices = ", ".join(info["devices"]) or "no devices"
             lines.append(f"guest {name}: {info['connections']} connection(s), {devices}")
+        limit = backend.config.resources.max_fds_per_connection
+        for row in sessions:
+            lines.append(
+                f"connection {row['connection']} (guest {row['guest']}, {row['transport']}): "
+                f"{row['requests']} requests, {row['fds_held']}/{limit} fds held"
+            )
         flat = [f"{k} {v}" for k, v in stats.items() if not isinstance(v, dict)]
         lines.append("counters: " + ", ".join(flat))
         return result, "\n".join(lines)

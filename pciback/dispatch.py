@@ -11,18 +11,28 @@ handler never raises to its caller: typed pcisplit errors become an
 ``ErrorReply`` with their code, and a bug in a device model becomes an
 ``OPERATION_FAILED`` reply (logged with its traceback) so that one broken
 model cannot take down the connection or the backend.
+
+Every refusal is counted by error code (``refused``, the backend's
+``requests_refused``) and logged at info level through the connection's
+rate-limited log (``events``, :mod:`pciback._ratelog`), one kind per request
+type; a denied config write is logged by the policy's audit log instead. A
+model failure is logged there too, at error level with its traceback: a guest
+that can trigger a model bug in a loop cannot grow the log either.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pciback._ratelog import RateLimitedLog, ScopedLog
+from pciback.policy import AccessDeniedError
 from pciback.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
-from shared.errors import ErrorCode, PcisplitError
+from shared.errors import ErrorCode, LimitExceededError, PcisplitError
 from shared.evtchn import EventfdPort, Port
 from shared.protocol import (
     BarReadRequest,
@@ -139,7 +149,14 @@ class Dispatcher:
     only through the :class:`~pciback.dma.DmaCaller` interface), and the
     transport's ``fd_passing`` capability. Without them it serves
     configuration, BAR and reset requests only (interrupt and DMA requests
-    get ``NOT_IMPLEMENTED``).
+    get ``NOT_IMPLEMENTED``). ``events`` is the connection's rate-limited log
+    and ``refused`` counts refusals by error code (see the module).
+
+    ``max_fds`` (``limits.max_fds_per_connection``) bounds the fds the
+    connection keeps after the hand-over: the eventfds of its interrupt
+    vectors and the memfds of its shared DMA windows (:meth:`held_fds`). A
+    request whose fds would take it over the limit is refused with ``BUSY``
+    naming the limit (its fds closed), and counted in ``limit_events``.
     """
 
     def __init__(
@@ -152,8 +169,16 @@ class Dispatcher:
         dma: GuestDma | None = None,
         dma_owner: DmaCaller | None = None,
         fd_passing: FdPassing = FdPassing(False, "this transport"),
+        events: ScopedLog | None = None,
+        refused: Counter[str] | None = None,
+        max_fds: int | None = None,
+        limit_events: Counter[str] | None = None,
     ) -> None:
         self.registry = registry
+        self.events = events if events is not None else RateLimitedLog(log).scoped(f"guest {guest}")
+        self.refused: Counter[str] = Counter() if refused is None else refused
+        self.max_fds = max_fds
+        self.limit_events: Counter[str] = Counter() if limit_events is None else limit_events
         self.guest = guest
         self.router = router
         self.outbox = outbox
@@ -198,14 +223,67 @@ class Dispatcher:
             )
         try:
             if entry.takes_fds:
+                if fds:
+                    self._check_fd_budget(request, fds)
                 return await entry.run(request, list(fds))
             _close_all(fds)
             return await entry.run(request)
         except PcisplitError as exc:
+            self._refusal(request, exc)
             return ErrorReply(request.request_id, exc.code, exc.message[:1000])
-        except Exception as exc:  # a model bug must not kill the connection
-            log.exception("device handler failed on %r for guest %s", request, self.guest)
+        except Exception as exc:  # noqa: BLE001 - a model bug must not kill the connection; logged below
+            self.refused[ErrorCode.OPERATION_FAILED.name] += 1
+            self.events.log(
+                "device model failures",
+                logging.ERROR,
+                "device handler failed on %r for guest %s",
+                request,
+                self.guest,
+                exc_info=True,
+            )
             return self._model_failure(request, exc)
+
+    def _refusal(self, request: Request, exc: PcisplitError) -> None:
+        """Count a refused request; log it (rate-limited) unless the audit log has it."""
+        self.refused[exc.code.name] += 1
+        if isinstance(exc, AccessDeniedError):
+            return  # the policy's audit log recorded it (rate-limited the same way)
+        name = type(request).__name__
+        self.events.log(
+            f"refused {name}s",
+            logging.INFO,
+            "guest %s: %s refused (%s): %s",
+            self.guest,
+            name,
+            exc.code.name,
+            exc.message,
+        )
+
+    def held_fds(self) -> int:
+        """Fds this connection keeps: interrupt eventfds and shared DMA windows' memfds."""
+        held = 0 if self.outbox is None else self.outbox.held_fds
+        if self.dma is not None and self.dma_owner is not None:
+            held += self.dma.held_fds(self.dma_owner)
+        return held
+
+    def _check_fd_budget(self, request: Request, fds: Sequence[int]) -> None:
+        """Refuse (closing ``fds``) a request that would keep more fds than ``max_fds``."""
+        if self.max_fds is None:
+            return
+        held, count = self.held_fds(), len(fds)
+        if held + count <= self.max_fds:
+            return
+        _close_all(fds)
+        self.limit_events["max_fds_per_connection"] += 1
+        raise LimitExceededError(
+            "max_fds_per_connection",
+            f"{type(request).__name__} came with {count} fd(s), but this connection already "
+            f"holds {held} (eventfds of enabled interrupt vectors, memfds of shared DMA "
+            f"windows) and may hold at most {self.max_fds} (limits.max_fds_per_connection); "
+            "disable interrupts or unmap shared windows first, use in-band interrupts "
+            "(eventfds=False) or message-based DMA (shared=False), or raise the limit in the "
+            "backend config",
+        )
 
     @staticmethod
     def _model_failure(request: Request, exc: Exception) -> Reply:

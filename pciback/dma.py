@@ -167,6 +167,11 @@ class DmaWindow:
         return self.memory is not None
 
     @property
+    def holds_fd(self) -> bool:
+        """True while the window keeps the guest's memfd open (until :meth:`release`)."""
+        return self._fd >= 0
+
+    @property
     def end(self) -> int:
         return self.bus_address + self.size
 
@@ -287,6 +292,11 @@ class GuestDma:
     def mapped_bytes(self) -> int:
         """Bytes of this guest's windows, mapped or still being torn down."""
         return sum(w.size for w in self._windows.values()) + sum(w.size for w in self._closing)
+
+    def held_fds(self, owner: DmaCaller) -> int:
+        """Guest memfds ``owner``'s windows keep open (mapped or still being torn down)."""
+        windows = [*self._windows.values(), *self._closing]
+        return sum(1 for w in windows if w.owner is owner and w.holds_fd)
 
     def add_session(self, session: DmaCaller) -> None:
         """Fault events for this guest go to ``session`` (until :meth:`teardown`)."""

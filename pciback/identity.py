@@ -6,8 +6,10 @@ transport allows (see ``docs/operations.md#identity``):
 
 * transports that report kernel credentials (``unix:``, ``shm:``, and the
   in-process ``memory:``): the peer's uid must be in the guest's ``uid`` list
-  or its gid in the ``gid`` list. A guest without either key is reachable
-  only by uid 0 and by the uid the backend runs as, never by everyone;
+  or its effective gid or one of its supplementary groups (``SO_PEERGROUPS``,
+  where the kernel reports them) in the ``gid`` list. A guest without either
+  key is reachable only by uid 0 and by the uid the backend runs as, never by
+  everyone;
 * ``tls://``: the verified client certificate's CN or one of its DNS
   subjectAltNames equals the guest name, compared case-insensitively as DNS
   names are (the listener requires ``[tls] ca``, so the certificate was
@@ -148,14 +150,15 @@ def parse_guest(raw: dict[str, Any], where: str, base: Path) -> GuestConfig:
 def _credential_refusal(guest: GuestConfig, peer: PeerIdentity, service_uid: int) -> str | None:
     assert peer.uid is not None and peer.gid is not None
     if guest.uids or guest.gids:
-        if peer.uid in guest.uids or peer.gid in guest.gids:
+        if peer.uid in guest.uids or peer.in_group(guest.gids):
             return None
         wanted = [f"uid {', '.join(map(str, guest.uids))}"] if guest.uids else []
         wanted += [f"gid {', '.join(map(str, guest.gids))}"] if guest.gids else []
+        groups = f" groups {','.join(map(str, peer.groups))}" if peer.groups else ""
         return (
             f"guest {guest.name!r} accepts only {' or '.join(wanted)}, and this process runs "
-            f"as uid {peer.uid} gid {peer.gid}; run the frontend as that user or add its uid/gid "
-            "to the guest's uid/gid keys in the backend config"
+            f"as uid {peer.uid} gid {peer.gid}{groups}; run the frontend as that user or in "
+            "that group, or add its uid/gid to the guest's uid/gid keys in the backend config"
         )
     if peer.uid in (0, service_uid):
         return None

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pciback._ratelog import RateLimitedLog
 from shared.errors import ConfigFileError
 from shared.transport import PeerIdentity
 
@@ -64,8 +65,10 @@ class ResourceLimits:
     max_buffered_per_connection: int = 1 * _MIB
     #: Receive-buffer bytes beyond 64 KiB per connection, all connections together.
     max_buffered_total: int = 64 * _MIB
-    #: Received fds one connection may hold in its transport at once (SCM_RIGHTS and
-    #: shm announcements); an eventfd per interrupt vector must fit.
+    #: Fds one connection may hold: received and not yet taken by a request, in its
+    #: transport (SCM_RIGHTS and shm announcements), and kept after the hand-over (an
+    #: eventfd per interrupt vector, a memfd per shared DMA window; the dispatcher
+    #: refuses a request that would keep more).
     max_fds_per_connection: int = 512
     #: DMA windows one guest may have mapped at once.
     max_dma_windows_per_guest: int = 1024
@@ -163,8 +166,9 @@ class ConnectionGate:
         self._total = 0
         self._unauthenticated: Counter[str] = Counter()
         self._guests: Counter[str] = Counter()
-        self._warned_at: dict[str, float] = {}
-        self._suppressed: Counter[str] = Counter()
+        #: Warnings over a limit: at most one a second per limit, the rest counted and
+        #: summarised (the backend's one rule for guest-triggered lines).
+        self.log = RateLimitedLog(log, rate=1.0, burst=1, clock=clock)
 
     def statistics(self) -> LimitStatistics:
         self.stats.connections = self._total
@@ -174,16 +178,9 @@ class ConnectionGate:
     def exceeded(self, limit: str, message: str, *args: object) -> None:
         """Count one event over ``limit`` and log it, at most once a second per limit."""
         self.stats.exceeded[limit] += 1
-        now = self._clock()
-        last = self._warned_at.get(limit)
-        if last is not None and now - last < 1.0:
-            self._suppressed[limit] += 1
+        kind = f"{limit} events"
+        if not self.log.log("limits", kind, logging.WARNING, "limit %s: " + message, limit, *args):
             self.stats.warnings_suppressed += 1
-            return
-        self._warned_at[limit] = now
-        dropped = self._suppressed.pop(limit, 0)
-        suffix = f" ({dropped} more like it not logged)" if dropped else ""
-        log.warning("limit %s: " + message + "%s", limit, *args, suffix)
 
     def admit(self, source: str) -> GateTicket | None:
         """A new connection from ``source``; None (counted and logged) when over a limit."""

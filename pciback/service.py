@@ -18,18 +18,21 @@ from becoming a denial of service for every guest.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import math
 import os
 import ssl
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from pciback._accept import AcceptStatistics, accept_loop
+from pciback._ratelog import RateLimitedLog, RateLogStatistics
 from pciback.config import BackendConfig, check_listen
 from pciback.devices import HostDevice
 from pciback.dma import DmaHub
@@ -71,6 +74,9 @@ __all__ = ["Backend", "BackendStatistics"]
 
 log = logging.getLogger("pcisplit.backend")
 
+#: Seconds between checks for due "N more ... suppressed" summaries.
+LOG_TICK = 1.0
+
 #: Features this backend offers in the handshake.
 BACKEND_FEATURES = (
     "bus-snapshot",
@@ -106,6 +112,21 @@ class BackendStatistics:
     #: Replies and events ready after their connection stopped carrying them (dropped).
     replies_dropped: int = 0
     events_dropped: int = 0
+    #: Requests answered with an ``ErrorReply`` by the dispatcher, by error code name.
+    requests_refused: Counter[str] = field(default_factory=Counter)
+    #: Guest-triggered log lines not written (rate limit), all kinds together; by kind in
+    #: :meth:`Backend.log_statistics` (each suppressed run is logged as one summary line).
+    log_lines_suppressed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (``dataclasses.asdict`` turns a Counter into nonsense:
+        it rebuilds it from (key, count) pairs, which it then counts)."""
+        result = asdict(self)
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, Counter):
+                result[spec.name] = dict(value)
+        return result
 
 
 def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
@@ -196,6 +217,11 @@ class Backend:
         )
         self.registry.release_hooks.append(self.irq.reset_device)
         self.sessions: list[GuestSession] = []
+        #: Guest-triggered log lines of sessions: counted, rate-limited per connection and
+        #: kind, summarised (pciback/_ratelog.py; the IRQ router, the connection gate and
+        #: the audit log have their own instances of the same rule).
+        self.guest_log = RateLimitedLog(log, clock=clock)
+        self._session_numbers = itertools.count(1)
         #: Live assign/unassign with acknowledgement (``assign``/``unassign`` below).
         self.hotplug = Hotplug(
             self.registry, self.sessions_of, ack_timeout=config.hotplug_ack_timeout
@@ -217,7 +243,28 @@ class Backend:
         self._nursery: trio.Nursery | None = None
 
     def statistics(self) -> BackendStatistics:
+        self.stats.log_lines_suppressed = sum(self.log_statistics().suppressed.values())
         return self.stats
+
+    def _rate_logs(self) -> list[RateLimitedLog]:
+        return [self.guest_log, self.irq.guest_log, self.gate.log, self.registry.audit.limiter]
+
+    def log_statistics(self) -> RateLogStatistics:
+        """Guest-triggered log events by kind, logged and suppressed, from every limiter."""
+        total = RateLogStatistics()
+        for limiter in self._rate_logs():
+            total.merge(limiter.statistics())
+        return total
+
+    def tick_logs(self) -> None:
+        """Log the suppression summaries that are due (``serve`` runs this every second)."""
+        for limiter in self._rate_logs():
+            limiter.tick()
+
+    async def _tick_logs_forever(self) -> None:
+        while True:
+            await trio.sleep(LOG_TICK)
+            self.tick_logs()
 
     def sessions_of(self, guest: str) -> list[GuestSession]:
         """The guest's connected sessions (a guest may hold several connections)."""
@@ -314,6 +361,7 @@ class Backend:
                     self.start_device(dev)
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
+                nursery.start_soon(self._tick_logs_forever, name="rate-limited log summaries")
                 if self.control_path is not None:
                     from pciback.control import serve_control
 
@@ -478,9 +526,15 @@ class Backend:
             code, problem = refusal
         if problem is not None:
             self.stats.handshakes_rejected += 1
-            log.warning(
+            # A peer can retry a refused Hello in a loop: rate-limited per source like
+            # every other line a peer can cause (the guest name it sent is only shown).
+            identity = transport.peer_identity()
+            self.guest_log.log(
+                f"source {source_of(identity)}",
+                "refused handshakes",
+                logging.WARNING,
                 "%s: handshake refused (%s) for guest %r: %s",
-                transport.peer_identity().describe(),
+                identity.describe(),
                 code.name,
                 hello.guest,
                 problem,
@@ -524,6 +578,9 @@ class Backend:
         session = GuestSession(
             transport,
             conn,
+            number=next(self._session_numbers),
+            guest_log=self.guest_log,
+            max_fds=self.config.resources.max_fds_per_connection,
             registry=self.registry,
             router=self.irq,
             dma=self.dma.space(guest),

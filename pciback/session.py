@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from pciback._ratelog import RateLimitedLog, ScopedLog
 from pciback.devices import DmaFaultError
 from pciback.dispatch import Dispatcher, FdPassing
 from pciback.dma import DmaTimeoutError, GuestDma
@@ -108,9 +109,20 @@ class GuestSession:
         router: IrqRouter,
         dma: GuestDma,
         backend_stats: BackendStatistics,
+        number: int = 0,
+        guest_log: RateLimitedLog | None = None,
+        max_fds: int | None = None,
     ) -> None:
         assert conn.guest is not None
         self.guest: str = conn.guest
+        #: This connection's number (``Backend`` counts sessions from 1), for the logs.
+        self.number = number
+        #: Guest-triggered log lines of this connection: rate-limited per kind, counted,
+        #: summarised (pciback/_ratelog.py).
+        limiter = guest_log if guest_log is not None else RateLimitedLog(log)
+        self.events: ScopedLog = limiter.scoped(
+            f"guest {self.guest} (connection {number})"
+        )
         self.transport = transport
         self.conn = conn
         self.router = router
@@ -124,6 +136,10 @@ class GuestSession:
             dma=dma,
             dma_owner=self,
             fd_passing=FdPassing(transport.can_pass_fds, transport.describe()),
+            events=self.events,
+            refused=backend_stats.requests_refused,
+            max_fds=max_fds,
+            limit_events=backend_stats.limits_exceeded,
         )
         self.stats = SessionStatistics()
         self._backend_stats = backend_stats
@@ -141,6 +157,10 @@ class GuestSession:
 
     def statistics(self) -> SessionStatistics:
         return self.stats
+
+    def held_fds(self) -> int:
+        """Fds this connection keeps after their hand-over (``limits.max_fds_per_connection``)."""
+        return self.dispatcher.held_fds()
 
     @property
     def can_pass_fds(self) -> bool:
@@ -176,7 +196,14 @@ class GuestSession:
             return conn.send(msg)
         except MessageTooLargeError as exc:
             # An event the guest's max_message_size cannot take (a long fault text).
-            log.info("%s: guest %s: not sent: %s", self.transport.describe(), self.guest, exc)
+            self.events.log(
+                "events too large for the guest",
+                logging.INFO,
+                "%s: guest %s: not sent: %s",
+                self.transport.describe(),
+                self.guest,
+                exc,
+            )
             self._drop(msg)
             return None
 
@@ -234,7 +261,9 @@ class GuestSession:
                         await self._flush(replies)
                         await self._goodbye(exc)
                         raise
-                    log.info(
+                    self.events.log(
+                        "bad requests",
+                        logging.INFO,
                         "%s: guest %s sent a bad request: %s",
                         transport.describe(),
                         self.guest,
@@ -344,6 +373,7 @@ class GuestSession:
                 self.stats.events_dropped,
                 reason,
             )
+        self.events.close()  # logs what the connection's suppressed runs still owe
         self._calls.fail_all(reason)  # result None: the waiting DMA fails at once
         # Closing the transport wakes any task blocked sending to a guest that stopped
         # reading, so in-flight DMA can finish and the windows can go.

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import trio
 
+from pciback._ratelog import GUEST_LOG_BURST, GUEST_LOG_RATE, TokenBucket
 from shared.evtchn import EventfdStalledError, Port
 from shared.protocol import InterruptEvent
 
 __all__ = ["InterruptLimits", "TokenBucket", "InterruptOutbox", "OutboxStatistics"]
 
 _U32 = 0xFFFF_FFFF
-_EPSILON = 1e-9
 
 
 @dataclass(frozen=True)
@@ -47,44 +47,8 @@ class InterruptLimits:
 
     max_events_per_second: float = 100_000.0
     burst: int = 1024
-    warnings_per_second: float = 1.0
-    warning_burst: int = 10
-
-
-class TokenBucket:
-    """A token bucket on an injectable clock (seconds, e.g. ``trio.current_time``)."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1 (got {rate}, {burst})")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._stamp: float | None = None
-
-    def _refill(self) -> None:
-        now = self._clock()
-        if self._stamp is not None and now > self._stamp:
-            self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def take(self) -> bool:
-        """Spend one token if there is one."""
-        self._refill()
-        # The tolerance absorbs float rounding: without it, 0.9999999999999999 tokens
-        # would ask for a sleep so short that the clock cannot advance by it.
-        if self._tokens >= 1.0 - _EPSILON:
-            self._tokens = max(0.0, self._tokens - 1.0)
-            return True
-        return False
-
-    def wait_time(self) -> float:
-        """Seconds until the next token is available (0 when one is there)."""
-        self._refill()
-        if self._tokens >= 1.0 - _EPSILON:
-            return 0.0
-        return (1.0 - self._tokens) / self.rate
+    warnings_per_second: float = GUEST_LOG_RATE
+    warning_burst: int = GUEST_LOG_BURST
 
 
 # --------------------------------------------------------------------------- delivery
@@ -120,6 +84,11 @@ class InterruptOutbox:
 
     def statistics(self) -> OutboxStatistics:
         return self.stats
+
+    @property
+    def held_fds(self) -> int:
+        """Guest eventfds this outbox owns (one per vector bound to an eventfd)."""
+        return len(self._ports)
 
     def bind_ports(self, device: int, ports: Sequence[Port]) -> None:
         """Deliver ``device``'s vectors 0..n-1 through ``ports`` (the outbox now owns them)."""

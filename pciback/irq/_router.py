@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from pciback._ratelog import RateLimitedLog
 from pciback.devices import EmulatedDevice
 from shared.errors import ErrorCode, PcisplitError
 from shared.evtchn import Port
@@ -250,7 +251,13 @@ class IrqRouter:
         self._clock = clock
         self._devices: dict[int, DeviceInterrupts] = {}
         self._delivery: dict[str, TokenBucket] = {}
-        self._warnings: dict[str, TokenBucket] = {}
+        #: Guest-triggered warnings: counted, rate-limited per (guest, kind), summarised.
+        self.guest_log = RateLimitedLog(
+            log,
+            rate=self.limits.warnings_per_second,
+            burst=self.limits.warning_burst,
+            clock=clock,
+        )
         self.stats = RouterStatistics()
 
     def statistics(self) -> RouterStatistics:
@@ -272,16 +279,16 @@ class IrqRouter:
             self._delivery[guest] = bucket
         return InterruptOutbox(guest, bucket)
 
-    def warn(self, guest: str, message: str, *args: object) -> None:
-        """Log a guest-triggered warning, at most ``warnings_per_second`` per guest."""
-        bucket = self._warnings.get(guest)
-        if bucket is None:
-            limits = self.limits
-            bucket = TokenBucket(limits.warnings_per_second, limits.warning_burst, self._clock)
-            self._warnings[guest] = bucket
-        if bucket.take():
+    def warn(self, guest: str, kind: str, message: str, *args: object) -> None:
+        """Log a guest-triggered warning through the rate-limited log (per guest and kind).
+
+        At most ``warning_burst`` lines at once and ``warnings_per_second`` after
+        that per (guest, ``kind``); the rest are counted and summarised
+        (:mod:`pciback._ratelog`).
+        """
+        scope = f"guest {guest}"
+        if self.guest_log.log(scope, kind, logging.WARNING, "guest %s: " + message, guest, *args):
             self.stats.warnings_logged += 1
-            log.warning("guest %s: " + message, guest, *args)
         else:
             self.stats.warnings_suppressed += 1
 
@@ -306,7 +313,13 @@ class IrqRouter:
             for port in ports:
                 port.close()
             self.stats.refused += 1
-            self.warn(outbox.guest, "interrupt enable on %s refused: %s", served.id, exc.message)
+            self.warn(
+                outbox.guest,
+                "refused interrupt enables",
+                "interrupt enable on %s refused: %s",
+                served.id,
+                exc.message,
+            )
             raise
         state = self.device(served)
         state._clear()
@@ -387,6 +400,7 @@ class IrqRouter:
         if state.mode != mode:
             self.warn(
                 guest,
+                "disables of modes not enabled",
                 "disable of %s on %s, which is not enabled: nothing to do",
                 MODE_NAMES[mode],
                 served.id,
@@ -408,7 +422,12 @@ class IrqRouter:
                 raise InterruptError(f"INTx has only vector 0; EOI of vector {vector} refused")
             if not state._in_service:
                 state.stats.spurious_eoi += 1
-                self.warn(guest, "spurious INTx EOI on %s (nothing in service)", served.id)
+                self.warn(
+                    guest,
+                    "spurious EOIs",
+                    "spurious INTx EOI on %s (nothing in service)",
+                    served.id,
+                )
                 return
             state._in_service = False
             if state._level:
@@ -417,7 +436,9 @@ class IrqRouter:
             return
         if state.mode is None:
             state.stats.spurious_eoi += 1
-            self.warn(guest, "EOI on %s, which has no interrupt mode enabled", served.id)
+            self.warn(
+                guest, "spurious EOIs", "EOI on %s, which has no interrupt mode enabled", served.id
+            )
             return
         if not 0 <= vector < state.vectors:
             raise InterruptError(

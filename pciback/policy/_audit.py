@@ -2,10 +2,13 @@
 
 Every refused config write produces one entry on the ``pcisplit.audit``
 logger. A hostile guest can refuse-loop as fast as it can send requests, so
-entries pass a token bucket per (guest, device) (XSA-157: every warning a
-guest can trigger is rate-limited). Entries over the limit are counted, not
-logged; the first entry logged after a suppression is preceded by one
-``N entries suppressed`` summary, so nothing disappears without a trace.
+entries go through the backend's one rule for guest-triggered log lines,
+:class:`pciback._ratelog.RateLimitedLog`, keyed per (guest, device) (XSA-157:
+every warning a guest can trigger is rate-limited). Entries over the limit are
+counted, not logged; a suppressed run ends with one ``N more denied writes
+suppressed in the last T s`` summary (before the next entry logged, after the
+summary interval, or at the next :meth:`AuditLog.tick`), so nothing disappears
+without a trace.
 
 The clock is injected (``clock()`` returns seconds, monotonic) so tests drive
 time by hand; nothing here sleeps.
@@ -18,12 +21,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pciback._ratelog import SUMMARY_INTERVAL, RateLimitedLog
 from shared.errors import ConfigFileError
 
 __all__ = ["AuditLog", "AuditEntry", "AuditStatistics", "AUDIT_LOGGER"]
 
 #: Name of the logger audit entries go to.
 AUDIT_LOGGER = "pcisplit.audit"
+
+#: The kind audit entries are counted under (``RateLimitedLog.statistics()``).
+AUDIT_KIND = "denied writes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,20 +59,12 @@ class AuditStatistics:
     suppressed: int
 
 
-class _Bucket:
-    __slots__ = ("stamp", "suppressed", "tokens")
-
-    def __init__(self, tokens: float, stamp: float) -> None:
-        self.tokens = tokens
-        self.stamp = stamp
-        self.suppressed = 0
-
-
 class AuditLog:
     """Rate-limited audit entries for denied writes.
 
     ``rate`` entries per second are allowed per (guest, device) on average, with
-    bursts of up to ``burst`` entries. ``clock`` returns monotonic seconds.
+    bursts of up to ``burst`` entries; a suppressed run is summarised within
+    ``summary_interval`` seconds. ``clock`` returns monotonic seconds.
     """
 
     def __init__(
@@ -73,6 +72,7 @@ class AuditLog:
         *,
         rate: float = 5.0,
         burst: int = 20,
+        summary_interval: float = SUMMARY_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -81,63 +81,44 @@ class AuditLog:
                 f"audit rate {rate} must be > 0 and burst {burst} >= 1; "
                 "set a positive rate (entries per second) and a burst of at least 1"
             )
-        self._rate = float(rate)
-        self._burst = float(burst)
-        self._clock = clock
-        self._logger = logger if logger is not None else logging.getLogger(AUDIT_LOGGER)
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
-        self._logged = 0
-        self._suppressed = 0
+        #: The limiter (the backend's one rule for guest-triggered lines).
+        self.limiter = RateLimitedLog(
+            logger if logger is not None else logging.getLogger(AUDIT_LOGGER),
+            rate=rate,
+            burst=burst,
+            summary_interval=summary_interval,
+            clock=clock,
+        )
+
+    @staticmethod
+    def _scope(guest: str, device: str) -> str:
+        return f"ACCESS_DENIED guest={guest} device={device}"
 
     def denied(
         self, *, guest: str, device: str, offset: int, size: int, value: int, rule: str
     ) -> bool:
         """Record one denied write. Returns True when it was logged, False when suppressed."""
         entry = AuditEntry(guest, device, offset, size, value, rule)
-        now = self._clock()
-        key = (guest, device)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self._burst, now)
-        else:
-            # A clock that goes backwards (it should not) must not mint tokens.
-            elapsed = max(0.0, now - bucket.stamp)
-            bucket.tokens = min(self._burst, bucket.tokens + elapsed * self._rate)
-            bucket.stamp = max(bucket.stamp, now)
-        if bucket.tokens < 1.0:
-            bucket.suppressed += 1
-            self._suppressed += 1
-            return False
-        bucket.tokens -= 1.0
-        self._flush(guest, device, bucket)
-        self._logger.warning("%s", entry.format(), extra={"audit": entry})
-        self._logged += 1
-        return True
-
-    def _flush(self, guest: str, device: str, bucket: _Bucket) -> None:
-        if not bucket.suppressed:
-            return
-        self._logger.warning(
-            "ACCESS_DENIED guest=%s device=%s: %d entries suppressed by the rate limit",
-            guest,
-            device,
-            bucket.suppressed,
-            extra={
-                "audit_suppressed": bucket.suppressed,
-                "audit_guest": guest,
-                "audit_device": device,
-            },
+        return self.limiter.log(
+            self._scope(guest, device),
+            AUDIT_KIND,
+            logging.WARNING,
+            "%s",
+            entry.format(),
+            extra={"audit": entry},
         )
-        bucket.suppressed = 0
 
     def forget(self, guest: str, device: str) -> None:
         """Drop the limiter state of one (guest, device), e.g. when the device is released.
 
-        A pending "entries suppressed" summary is logged first, so no count is lost.
+        A pending summary is logged first, so no count is lost.
         """
-        bucket = self._buckets.pop((guest, device), None)
-        if bucket is not None:
-            self._flush(guest, device, bucket)
+        self.limiter.close(self._scope(guest, device))
+
+    def tick(self) -> None:
+        """Log the summaries that are due (the backend calls this every second)."""
+        self.limiter.tick()
 
     def statistics(self) -> AuditStatistics:
-        return AuditStatistics(self._logged, self._suppressed)
+        stats = self.limiter.statistics()
+        return AuditStatistics(stats.logged[AUDIT_KIND], stats.suppressed[AUDIT_KIND])

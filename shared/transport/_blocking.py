@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import mmap
 import os
 import select
 import socket
@@ -35,25 +33,16 @@ import time
 import trio
 
 from shared.errors import RemoteProtocolError
-from shared.evtchn import EventfdPort
 from shared.protocol._framing import FrameDecoder, encode_frame
-from shared.ring import RingCorruptError, RingError, RingFullError, ShmLayout, ring_size_for
+from shared.ring import RingCorruptError, RingError, RingFullError
 from shared.transport._base import (
     FrameTooLargeError,
     TransportAddressError,
     TransportConnectError,
     TransportOptions,
 )
-from shared.transport._fdpass import rights_message
-from shared.transport._shm_setup import (
-    _ACK,
-    _GOODBYE,
-    _REQUIRED_SEALS,
-    _SETUP,
-    _SETUP_MAGIC,
-    _SETUP_VERSION,
-    _Session,
-)
+from shared.transport._fdpass import close_fds, rights_message
+from shared.transport._shm_setup import _GOODBYE, _Session, check_setup_reply, offer_session
 from shared.transport._sockets import parse_host_port
 
 __all__ = [
@@ -67,7 +56,6 @@ __all__ = [
 #: Address schemes :func:`open_blocking_transport` understands.
 BLOCKING_SCHEMES = ("unix", "shm", "tcp", "tls")
 _CHUNK = 65536
-_EVENTFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
 
 def _ms_until(deadline: float | None) -> int | None:
@@ -235,39 +223,12 @@ class BlockingShmTransport(BlockingStreamTransport):
     def start_session(self, max_frame_size: int) -> None:
         self._check_open()
         self.set_max_frame_size(max_frame_size)
-        ring_size = ring_size_for(self._options.ring_size, max_frame_size)
-        layout = ShmLayout(ring_size, ring_size, max_frame_size)
-        memfd = os.memfd_create("pcisplit-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(memfd, layout.total)
-            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
-            mm = mmap.mmap(memfd, layout.total)
-            to_server = os.eventfd(0, _EVENTFD_FLAGS)
-            to_client = os.eventfd(0, _EVENTFD_FLAGS)
+            # The same offer as the trio client's (see shared.transport._shm_setup).
+            session, setup, fds = offer_session(self._options.ring_size, max_frame_size)
             try:
-                layout.initialise(mm)
-                # The session owns the doorbells from here and closes them.
-                session = _Session(
-                    layout, mm, is_server=False,
-                    rx_port=EventfdPort(to_client), tx_port=EventfdPort(to_server),
-                )
-            except BaseException:
-                os.close(to_server)
-                os.close(to_client)
-                mm.close()
-                raise
-            try:
-                setup = _SETUP.pack(
-                    _SETUP_MAGIC, _SETUP_VERSION, 0, layout.size_c2s, layout.size_s2c,
-                    layout.max_record, layout.total,
-                )
-                super().send_frame(setup, [memfd, to_server, to_client])
-                reply = super().receive_frame(None)
-                if reply != _ACK:
-                    raise trio.BrokenResourceError(
-                        f"server answered the shm setup with {(reply or b'')[:32]!r}, not an "
-                        "acknowledgement; does it serve shm: on this socket?"
-                    )
+                super().send_frame(setup, fds)
+                check_setup_reply(super().receive_frame(None) or b"")
             except trio.EndOfChannel as exc:
                 session.close()
                 raise trio.BrokenResourceError(
@@ -276,12 +237,12 @@ class BlockingShmTransport(BlockingStreamTransport):
             except BaseException:
                 session.close()
                 raise
+            finally:
+                close_fds(fds[:1])  # the memfd: the mapping keeps the memory
         except (RingError, OSError, ValueError) as exc:
             raise trio.BrokenResourceError(f"shm session setup failed: {exc}") from exc
-        finally:
-            os.close(memfd)
         self._session = session
-        self._rx, self._tx = to_client, to_server
+        self._rx, self._tx = session.rx_port.fileno(), session.tx_port.fileno()
 
     # -- frames ---------------------------------------------------------------------
     def _check_peer(self) -> None:

@@ -100,7 +100,6 @@ class ShmTransport(FrameTransport):
         self._control_lock = trio.Lock()
         self._fd_ack_wanted: int | None = None
         self._fd_ack_event: trio.Event | None = None
-        self._eof = False
         self._closed = False
         self._broken: str | None = None
         self._sending = False
@@ -416,7 +415,7 @@ class ShmTransport(FrameTransport):
             except trio.ClosedResourceError:
                 return  # we closed it ourselves
             finally:
-                _close_fds(self._control.take_received_fds())  # never wanted
+                self._control.close_received_fds()  # nobody announced them properly
             self._peer_gone = True
             self._peer_reason = reason
             self._wake_waiters()

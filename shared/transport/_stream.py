@@ -285,6 +285,15 @@ class UnixFrameTransport(StreamFrameTransport):
         frame = await self.receive_frame()
         return frame, self._fd_tracker.take()
 
+    def close_received_fds(self) -> None:
+        """Close every fd held for the peer: untaken ones and ones waiting for their frame.
+
+        For an owner whose receiving has ended for good (the peer said goodbye,
+        died or broke a rule) but that closes the transport only later: by
+        then nobody will ever take those fds (``shm:``'s liveness task).
+        """
+        self._fd_tracker.close()
+
     def send_frame_nowait(self, frame: bytes) -> bool:
         """Write one small frame now if the socket takes all of it; never waits.
 

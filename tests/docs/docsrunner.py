@@ -4,7 +4,9 @@ The rules users and authors rely on are written once, in ``docs/README.md``. In 
 
 - ```` ```python ```` blocks run (in order, sharing one namespace per document); a
   block that starts with ``>>>`` is a doctest, so its output is compared too;
-- ```` ```toml ```` blocks load through the backend's config parser;
+- ```` ```toml ```` blocks are checked like ``pciback check`` does (keys, listen
+  addresses, TLS files, dumps, host devices, policies); ``<!-- stand-ins: ... -->``
+  names what the reader provides, made up for the check (``tests/docs/standins.py``);
 - ```` ```console ```` blocks are shell sessions: each ``$ command`` runs with bash and
   its output must match the lines below it (``...`` matches anything);
   a command ending in ``&`` keeps running in the background until the document ends,
@@ -47,12 +49,16 @@ from sybil import Document, Example, Region, Sybil
 from sybil.evaluators.python import PythonEvaluator
 from sybil.parsers.markdown.lexers import FencedCodeBlockLexer
 
+from tests.docs.standins import stand_ins
+
 __all__ = ["make_sybil", "parse_session", "Command", "output_matches", "DOCS_STATE"]
 
 #: The namespace key holding a document's :class:`DocRun`.
 DOCS_STATE = "__docs_run__"
 #: Markers: an HTML comment alone on its line, directly above the block it is about.
-MARKER = re.compile(r"^[ \t]*<!--[ \t]*(not-runnable|file):[ \t]*(.*?)[ \t]*-->[ \t]*$", re.M)
+MARKER = re.compile(
+    r"^[ \t]*<!--[ \t]*(not-runnable|file|stand-ins):[ \t]*(.*?)[ \t]*-->[ \t]*$", re.M
+)
 #: A range of blocks (e.g. generated ones) exempt for one reason.
 RANGE = re.compile(
     r"^[ \t]*<!--[ \t]*not-runnable-begin:[ \t]*(.*?)[ \t]*-->[ \t]*$"
@@ -223,11 +229,27 @@ def _run_python(example: Example) -> str | None:
     return "".join(out) if runner.failures else None
 
 
-def _check_toml(example: Example) -> None:
-    from pciback.config import parse_config
+def _check_toml(words: list[str]) -> Callable[[Example], None]:
+    """Check a config block the way ``pciback check`` does (``pciback.cli.check_config``).
 
-    run = _state(example)
-    parse_config(str(example.parsed), source=f"{example.path}:{example.line}", base=run.scratch)
+    The block is written to the page's scratch directory, so relative paths
+    find what earlier blocks made there; ``words`` are the stand-ins of its
+    ``<!-- stand-ins: ... -->`` marker (see ``tests/docs/standins.py``).
+    """
+
+    def evaluate(example: Example) -> None:
+        from pciback.cli import check_config
+
+        run = _state(example)
+        with stand_ins(str(example.parsed), words, run.scratch) as text:
+            path = run.scratch / f".docs-check-line-{example.line}.toml"
+            path.write_text(text)
+            try:
+                check_config(path)
+            finally:
+                path.unlink(missing_ok=True)
+
+    return evaluate
 
 
 def _run_console(example: Example) -> str | None:
@@ -347,16 +369,22 @@ def parse_document(document: Document) -> Iterator[Region]:
             if not argument:
                 evaluator = _failure(
                     f"{where}: <!-- {kind}: ... --> needs "
-                    + ("a reason" if kind == "not-runnable" else "a path")
+                    + {"not-runnable": "a reason", "file": "a path"}.get(kind, "a file or address")
                 )
             elif kind == "not-runnable":
                 continue
+            elif kind == "stand-ins":
+                evaluator = (
+                    _check_toml(argument.split())
+                    if language == "toml"
+                    else _failure(f"{where}: <!-- stand-ins: --> is for ```toml blocks only")
+                )
             else:
                 evaluator = _write_file(argument)
         elif language == "python":
             evaluator = _run_python
         elif language == "toml":
-            evaluator = _check_toml
+            evaluator = _check_toml([])
         elif language == "console":
             evaluator = _run_console
         else:

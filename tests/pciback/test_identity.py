@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import grp
+import json
 import os
 import shutil
 import socket
 import ssl
+import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ from shared.errors import ConfigFileError, ErrorCode
 from shared.protocol import Connection, HandshakeRejected, Limits, Role, Welcome
 from shared.protocol._framing import FrameDecoder, encode_frame
 from shared.transport import PeerIdentity, TransportOptions
+from shared.transport._identity import SO_PEERGROUPS, peer_groups, peercred_identity
 
 NOBODY = 65534
 
@@ -43,6 +48,43 @@ def test_credentials_match_listed_uid_or_gid() -> None:
     assert "uid 1000 or gid 2000" in refusal.message and "uid 7 gid 5" in refusal.message
     # Root is not special once the guest names its users.
     assert authorize(guest, _peer(0, 0), scheme="unix", token=b"", service_uid=0) is not None
+
+
+def test_supplementary_groups_match_gid_too() -> None:
+    guest = GuestConfig("g", gids=(2000,))
+    member = PeerIdentity("unix:/x(peer)", uid=7, gid=5, pid=1, groups=(1500, 2000))
+    assert authorize(guest, member, scheme="unix", token=b"", service_uid=0) is None
+    stranger = PeerIdentity("unix:/x(peer)", uid=7, gid=5, pid=1, groups=(1500,))
+    refusal = authorize(guest, stranger, scheme="unix", token=b"", service_uid=0)
+    assert refusal is not None and "uid 7 gid 5 groups 1500;" in refusal.message
+    assert "groups 1500" in stranger.describe()
+    # A group never stands in for a uid: a guest listing only uids ignores groups.
+    only_uid = GuestConfig("g", uids=(2000,))
+    assert authorize(only_uid, member, scheme="unix", token=b"", service_uid=0) is not None
+
+
+class _NoPeerGroups:
+    """A socket of a kernel without SO_PEERGROUPS (before Linux 4.13)."""
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0) -> bytes:
+        if option == SO_PEERGROUPS:
+            raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+        return struct.pack("3i", 42, 1000, 1000)
+
+
+def test_without_so_peergroups_only_the_effective_gid_counts() -> None:
+    peer = peercred_identity(_NoPeerGroups(), "unix:/x(peer)")
+    assert (peer.uid, peer.gid, peer.groups) == (1000, 1000, ())
+    assert authorize(GuestConfig("g", gids=(1000,)), peer, scheme="unix", token=b"") is None
+    refusal = authorize(GuestConfig("g", gids=(2000,)), peer, scheme="unix", token=b"")
+    assert refusal is not None and "uid 1000 gid 1000;" in refusal.message
+
+
+def test_peer_groups_of_a_socketpair_are_this_process_groups() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        assert set(peer_groups(left)) == set(os.getgroups())
+        assert peercred_identity(left, "pair").gid == os.getegid()
 
 
 def test_guest_without_ids_is_reachable_by_root_and_the_service_uid_only() -> None:
@@ -160,6 +202,28 @@ async def test_token_mismatch_is_refused_and_logged(
     assert not any(TEST_TOKEN.decode() in r.message for r in caplog.records)
 
 
+async def test_unknown_guest_and_not_authorized_are_told_apart_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = "[[guest]]\nname='guest0'\nuid=4242\n"
+    async with running_backend(text, transports=("unix",), tmp=tmp_path) as rb:
+        codes = []
+        for guest in ("mallory", "guest0"):
+            with pytest.raises(pcifront.HandshakeError) as info:
+                async with pcifront.connect(rb.address("unix"), guest=guest):
+                    pass
+            codes.append(info.value.code)
+        assert codes == [ErrorCode.UNKNOWN_GUEST, ErrorCode.NOT_AUTHORIZED]
+        assert rb.backend.stats.handshakes_rejected == 2
+    logged = [r for r in caplog.records if "handshake refused" in r.getMessage()]
+    assert [r.levelname for r in logged] == ["WARNING", "WARNING"]
+    unknown, unauthorized = (r.getMessage() for r in logged)
+    assert "(UNKNOWN_GUEST) for guest 'mallory'" in unknown
+    assert "(NOT_AUTHORIZED) for guest 'guest0'" in unauthorized
+    assert f"pid {os.getpid()} uid {os.geteuid()}" in unauthorized
+    assert "accepts only uid 4242" in unauthorized
+
+
 async def test_tls_certificate_name_is_case_insensitive(tmp_path: Path) -> None:
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1")
@@ -213,17 +277,42 @@ def _handshake_as(uid: int, path: str, guest: str) -> str:
     return reply.code.name
 
 
-async def _in_child_as(uid: int, path: str, guest: str) -> str:
+def _control_as(uid: int, path: str, guest: str) -> str:
+    """In a forked child running as ``uid``: ask the control socket for ``status``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect(path)
+        except PermissionError:
+            return "EACCES"
+        sock.sendall(b'{"command": "status"}\n')
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer = json.loads(data)
+    return "ok" if answer["ok"] else str(answer["code"])
+
+
+async def _in_child_as(
+    uid: int,
+    path: str,
+    guest: str,
+    groups: Sequence[int] = (),
+    action: Callable[[int, str, str], str] = _handshake_as,
+) -> str:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: drop privileges for good, then try; never return to pytest
         code = 1
         try:
             os.close(read_end)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setgid(uid)
             os.setuid(uid)
-            os.write(write_end, _handshake_as(uid, path, guest).encode())
+            os.write(write_end, action(uid, path, guest).encode())
             code = 0
         except BaseException as exc:  # noqa: BLE001 - reported to the parent through the pipe
             os.write(write_end, f"child failed: {exc!r}".encode())
@@ -257,3 +346,100 @@ async def test_another_uid_cannot_act_as_a_root_guest_but_can_act_as_its_own(
         # And root, the backend's own uid, may still act as the root-only guest.
         async with pcifront.connect(rb.address(kind), guest="rootguest") as bus:
             assert len(bus.devices) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to fork a process with other groups")
+@pytest.mark.parametrize("kind", ["unix", "shm"])
+async def test_a_supplementary_group_proves_a_gid_guest(
+    kind: str, world_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    many = list(range(20000, 20300))  # more than the 256 Python's getsockopt can read
+    text = (
+        "listen_mode = '0666'\n"
+        "[[guest]]\nname='team'\ngid=4343\n"
+        "[[guest]]\nname='crowd'\ngid=20299\n"
+        "[[device]]\nid='a'\nmodel='edu'\nguest='team'\n"
+        "[[device]]\nid='b'\nmodel='edu'\nguest='crowd'\n"
+    )
+    async with running_backend(text, transports=(kind,), tmp=world_dir) as rb:
+        path = rb.address(kind).split(":", 1)[1]
+        # Effective gid 65534; 4343 only as a supplementary group.
+        assert await _in_child_as(NOBODY, path, "team", groups=[4242, 4343]) == "WELCOME"
+        assert await _in_child_as(NOBODY, path, "team", groups=[4242]) == "NOT_AUTHORIZED"
+        assert await _in_child_as(NOBODY, path, "team") == "NOT_AUTHORIZED"
+        assert await _in_child_as(NOBODY, path, "crowd", groups=many) == "WELCOME"
+        assert await _in_child_as(NOBODY, path, "crowd", groups=many[:-1]) == "NOT_AUTHORIZED"
+    # Every refusal is logged with what the kernel said about the peer.
+    refusals = [
+        r.getMessage() for r in caplog.records
+        if "handshake refused (NOT_AUTHORIZED) for guest 'team'" in r.getMessage()
+    ]
+    assert len(refusals) == 2
+    assert all(f"uid {NOBODY} gid {NOBODY}" in m and " pid " in m for m in refusals)
+    assert "groups 4242" in refusals[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to fork a process with another uid")
+async def test_the_control_socket_answers_root_and_the_service_uid_only(world_dir: Path) -> None:
+    from pciback.control import serve_control
+
+    config = parse_config(f"listen = ['unix:{world_dir / 'b.sock'}']\n[[guest]]\nname='g'\n")
+    backend = Backend(config)
+    ctl = world_dir / "pciback.ctl"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.serve)
+        await nursery.start(serve_control, backend, ctl)
+        assert os.stat(ctl).st_mode & 0o777 == 0o600
+        assert await _in_child_as(NOBODY, str(ctl), "", action=_control_as) == "EACCES"
+        ctl.chmod(0o666)  # an operator loosened the mode: the peer check still holds
+        assert await _in_child_as(NOBODY, str(ctl), "", action=_control_as) == "NOT_AUTHORIZED"
+        assert await trio.to_thread.run_sync(_control_as, 0, str(ctl), "") == "ok"
+        nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- socket files
+
+
+def _some_group() -> grp.struct_group:
+    """A group of this host other than root's, to hand the socket file to."""
+    groups = [g for g in grp.getgrall() if g.gr_gid != 0]
+    if not groups:
+        pytest.skip("this host has no group besides root's")
+    return groups[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another group")
+@pytest.mark.parametrize("by", ["name", "number"])
+@pytest.mark.parametrize("kind", ["unix", "shm"])
+async def test_listen_mode_and_group_set_the_socket_file(
+    kind: str, by: str, tmp_path: Path
+) -> None:
+    group = _some_group()
+    value = repr(group.gr_name) if by == "name" else str(group.gr_gid)
+    text = f"listen_mode = '0660'\nlisten_group = {value}\n[[guest]]\nname='g'\n"
+    async with running_backend(text, transports=(kind,), tmp=tmp_path) as rb:
+        st = os.stat(rb.address(kind).split(":", 1)[1])
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, group.gr_gid)
+
+
+async def test_listen_mode_defaults_to_0600_and_never_widens_the_control_socket(
+    tmp_path: Path,
+) -> None:
+    from pciback.control import serve_control
+
+    for mode, expected in (("", 0o600), ("listen_mode = '0666'\n", 0o666)):
+        config = parse_config(f"listen = ['unix:{tmp_path / 'b.sock'}']\n{mode}")
+        backend = Backend(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.serve)
+            await nursery.start(serve_control, backend, tmp_path / "ctl")
+            assert os.stat(tmp_path / "b.sock").st_mode & 0o777 == expected
+            assert os.stat(tmp_path / "ctl").st_mode & 0o777 == 0o600
+            nursery.cancel_scope.cancel()
+
+
+def test_a_group_that_does_not_exist_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigFileError, match=r"^listen_group: no group named 'no-such-grp'"):
+        parse_config("listen_group = 'no-such-grp'\n")
+    with pytest.raises(ConfigFileError, match=r"^listen_group: expected a group name or number"):
+        parse_config("listen_group = -1\n")

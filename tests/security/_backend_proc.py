@@ -76,14 +76,20 @@ def snapshot(backend: Backend) -> dict[str, Any]:
                 "windows": len(space.windows),
                 **dataclasses.asdict(space.statistics()),
             }
+    logs = backend.log_statistics()
     return {
         "backend": {
-            k: v
-            for k, v in dataclasses.asdict(backend.statistics()).items()
-            if k != "per_guest_requests"
+            k: v for k, v in backend.statistics().as_dict().items() if k != "per_guest_requests"
+        },
+        # Guest-triggered log events by kind: logged, and suppressed by the rate limit.
+        "log": {
+            "logged": dict(logs.logged),
+            "suppressed": dict(logs.suppressed),
+            "summaries": logs.summaries,
         },
         "sessions": [
-            {"guest": s.guest, **dataclasses.asdict(s.statistics())} for s in backend.sessions
+            {"guest": s.guest, "fds_held": s.held_fds(), **dataclasses.asdict(s.statistics())}
+            for s in backend.sessions
         ],
         "irq": {**dataclasses.asdict(irq.statistics()), "bindings": bindings},
         "dma": dma,

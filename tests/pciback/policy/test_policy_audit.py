@@ -65,7 +65,9 @@ def test_rate_limit_suppresses_and_then_summarises(caplog: pytest.LogCaptureFixt
     clock.now += 0.5
     assert audit.denied(**args) is True  # type: ignore[arg-type]
     messages = [r.getMessage() for r in _records(caplog)]
-    assert messages[3] == "ACCESS_DENIED guest=g device=d: 8 entries suppressed by the rate limit"
+    assert messages[3] == (
+        "ACCESS_DENIED guest=g device=d: 8 more denied writes suppressed in the last 1.0 s"
+    )
     assert messages[4].startswith("ACCESS_DENIED guest=g device=d offset=0x000")
     stats = audit.statistics()
     assert (stats.logged, stats.suppressed) == (4, 8)
@@ -88,7 +90,28 @@ def test_forget_logs_the_pending_summary(caplog: pytest.LogCaptureFixture) -> No
     audit.denied(**base)  # type: ignore[arg-type]
     audit.denied(**base)  # type: ignore[arg-type]
     audit.forget("g", "d")
-    assert _records(caplog)[-1].getMessage().endswith("1 entries suppressed by the rate limit")
+    last = _records(caplog)[-1].getMessage()
+    assert last.endswith("1 more denied writes suppressed in the last 0.0 s")
+
+
+def test_a_flood_that_stops_is_summarised_by_the_tick(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=AUDIT_LOGGER)
+    clock = FakeClock()
+    audit = AuditLog(rate=1.0, burst=2, summary_interval=10.0, clock=clock)
+    base = {"guest": "g", "device": "d", "offset": 0, "size": 1, "value": 0, "rule": "r"}
+    for _ in range(50):
+        audit.denied(**base)  # type: ignore[arg-type]
+    assert len(_records(caplog)) == 2
+    clock.now += 9.0
+    audit.tick()  # not due yet: the run is 9 s old
+    assert len(_records(caplog)) == 2
+    clock.now += 1.0
+    audit.tick()
+    assert _records(caplog)[-1].getMessage() == (
+        "ACCESS_DENIED guest=g device=d: 48 more denied writes suppressed in the last 10.0 s"
+    )
+    stats = audit.statistics()
+    assert (stats.logged, stats.suppressed) == (2, 48)
 
 
 def test_a_clock_going_backwards_mints_no_tokens() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from shared.transport import (
 )
 from shared.transport._fdpass import FDS_PER_MESSAGE, MAX_FDS_PER_FRAME
 from shared.transport._shm import ShmTransport
+from shared.transport._stream import UnixFrameTransport
 
 
 def open_fds() -> set[int]:
@@ -214,3 +216,61 @@ async def test_bad_fd_arguments_are_refused_before_sending() -> None:
             await client.send_frame_with_fds(b"", [0] * (FDS_PER_MESSAGE * 5))
         await client.send_frame(b"still fine")
         assert await server.receive_frame() == b"still fine"
+
+
+async def test_receive_frame_with_fds_gives_every_frame_its_own_fds() -> None:
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        async with connected("unix") as (client, server):
+            assert isinstance(server, UnixFrameTransport)
+            await client.send_frame_with_fds(b"with", [a, a])
+            await client.send_frame(b"without")
+            frame, fds = await server.receive_frame_with_fds()
+            assert frame == b"with" and len(fds) == 2 and all(same_eventfd(a, fd) for fd in fds)
+            assert await server.receive_frame_with_fds() == (b"without", [])
+            assert not set(fds) - open_fds(), "fds the caller took were closed under it"
+            for fd in fds:
+                os.close(fd)
+    finally:
+        os.close(a)
+
+
+async def test_send_frame_nowait_writes_whole_frames_or_nothing() -> None:
+    async with connected("unix") as (client, server):
+        assert isinstance(client, UnixFrameTransport)
+        assert client.send_frame_nowait(b"bye")
+        assert await server.receive_frame() == b"bye"
+        sent = 0
+        while client.send_frame_nowait(b"%08d" % sent):  # until the socket buffer is full
+            sent += 1
+            assert sent < 1_000_000, "the socket never filled up"
+        # Refused when full, yet the stream is still framed and usable.
+        assert [await server.receive_frame() for _ in range(sent)] == [
+            b"%08d" % i for i in range(sent)
+        ]
+        await client.send_frame(b"still framed")
+        assert await server.receive_frame() == b"still framed"
+        await client.aclose()
+        assert not client.send_frame_nowait(b"after close")
+
+
+async def test_shm_peer_gone_mid_frame_leaves_no_fds_behind() -> None:
+    # After session start the control socket's only reader is the liveness task;
+    # fds of a control frame the peer never finished are closed once it is gone,
+    # not only when the transport closes.
+    a = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        async with connected("shm", start_session=True) as (client, server):
+            assert isinstance(client, ShmTransport)
+            before = open_fds()
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [a, a]))]
+            raw = socket.socket(fileno=os.dup(client.control.stream.socket.fileno()))
+            raw.sendmsg([struct.pack("<I", 100) + b"half"], rights)
+            raw.close()
+            await client.aclose()  # EOF in the middle of that frame
+            with pytest.raises(trio.BrokenResourceError, match="middle of a frame"):
+                with trio.fail_after(10):
+                    await server.receive_frame()
+            assert open_fds() <= before, "fds of an unfinished control frame are still open"
+    finally:
+        os.close(a)

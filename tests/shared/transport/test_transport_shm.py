@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import fcntl
 import os
+import re
 import signal
 import socket
 import struct
@@ -18,10 +19,18 @@ import pytest
 import trio
 import trio.testing
 
+from shared.errors import LimitExceededError
 from shared.protocol._framing import encode_frame
-from shared.transport import FrameTooLargeError, FrameTransport, TransportOptions
+from shared.transport import (
+    FrameTooLargeError,
+    FrameTransport,
+    TransportOptions,
+    open_listener,
+    open_transport,
+)
 from shared.transport._shm import ShmTransport
 from shared.transport._shm_listen import connect_shm, listen_shm
+from shared.transport._stream import UnixFrameTransport
 from shared.transport.conformance import TransportConformance
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -325,3 +334,77 @@ async def test_peer_death_in_another_process_is_an_error_not_a_hang(tmp_path: Pa
                 proc.send_signal(signal.SIGKILL)
         await server.aclose()
 
+
+
+# --------------------------------------------------------------------------- the control socket
+
+
+@asynccontextmanager
+async def limited_pair(
+    kind: str, **server_limits: object
+) -> AsyncIterator[tuple[FrameTransport, FrameTransport]]:
+    """A (client, server) pair whose server has ``server_limits``; shm: already on the ring."""
+    with tempfile.TemporaryDirectory(prefix="pcisplit-ctl-") as tmp:
+        options = TransportOptions(max_frame_size=4096, **server_limits)  # type: ignore[arg-type]
+        async with await open_listener(f"{kind}:{tmp}/c.sock", options) as listener:
+            client = await open_transport(listener.address, TransportOptions(max_frame_size=4096))
+            server = await listener.accept()
+            if kind == "shm":
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        lambda: server.start_session(is_server=True, max_frame_size=4096)
+                    )
+                    await client.start_session(is_server=False, max_frame_size=4096)
+            try:
+                yield client, server
+            finally:
+                await client.aclose()
+                await server.aclose()
+
+
+def control_of(transport: FrameTransport) -> UnixFrameTransport:
+    """The UnixFrameTransport carrying ``transport``'s socket (itself on unix:)."""
+    if isinstance(transport, ShmTransport):
+        return transport.control
+    assert isinstance(transport, UnixFrameTransport)
+    return transport
+
+
+@pytest.mark.parametrize("kind", ["unix", "shm"])
+async def test_a_partial_frame_on_the_socket_is_refused_by_the_unix_transport(
+    kind: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    # After shm:'s session moved to the ring, its control socket still enforces
+    # partial_frame_timeout, and the refusal is the composed unix: transport's own.
+    async with limited_pair(kind, partial_frame_timeout=5.0) as (client, server):
+        sock = control_of(client).stream.socket
+        await sock.send(struct.pack("<I", 100) + b"half")  # 8 bytes of a 104-byte frame
+        start = trio.current_time()
+        with pytest.raises(trio.BrokenResourceError) as info, trio.fail_after(60):
+            await server.receive_frame()
+        assert trio.current_time() - start == pytest.approx(5.0)
+        cause = info.value.__cause__
+        assert isinstance(cause, LimitExceededError)
+        assert cause.limit == "partial_frame_timeout"
+        unix_message = (
+            f"{server.describe()}: peer sent 8 bytes of a frame and then nothing for 5.0 s; "
+            "disconnecting it"
+        )
+        assert unix_message in str(info.value)
+        # The control transport itself refused the peer, and says so from now on.
+        with pytest.raises(trio.BrokenResourceError, match=re.escape(unix_message)):
+            await control_of(server).receive_frame()
+
+
+async def test_peer_identity_is_the_composed_unix_transports() -> None:
+    async with shm_pair() as (client, server):
+        for end in (client, server):
+            control = end.control
+            assert isinstance(control, UnixFrameTransport)
+            identity = end.peer_identity()
+            assert identity == control.peer_identity()
+            raw = control.stream.socket.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            )
+            assert (identity.pid, identity.uid, identity.gid) == struct.unpack("3i", raw)
+            assert identity.transport == end.describe()

@@ -1,0 +1,62 @@
+"""Guest-triggered log lines in a running backend: counted in `ctl status`, summarised at close."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from _irqdma_support import raw_guest
+
+from pciback.control import ControlApi
+from pciback.testing import running_backend
+from shared.errors import ErrorCode
+from shared.protocol import ConfigReadRequest, DmaMapRequest, ErrorReply
+
+CONFIG = """
+[limits]
+max_dma_windows_per_guest = 1
+
+[[guest]]
+name = "mallory"
+
+[[device]]
+id = "edu-m"
+model = "edu"
+guest = "mallory"
+"""
+
+#: A packed address with no device on mallory's bus.
+NOWHERE = 0x0010
+
+
+async def test_refusals_are_counted_rate_limited_and_shown_by_ctl_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pcisplit.backend")
+    async with running_backend(CONFIG, transports=("unix",), tmp=tmp_path) as rb:
+        async with raw_guest(rb.address("unix"), "mallory") as g:
+            for _ in range(30):
+                reply = await g.request(lambda rid: ConfigReadRequest(rid, NOWHERE, 0, 4))
+                assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.NOT_FOUND
+            await g.ok(lambda rid: DmaMapRequest(rid, 4096))
+            over = await g.request(lambda rid: DmaMapRequest(rid, 4096))
+            assert isinstance(over, ErrorReply) and over.code is ErrorCode.BUSY
+            lines = [r for r in caplog.records if "refused (NOT_FOUND)" in r.getMessage()]
+            assert len(lines) == 10  # the burst; the other 20 are counted
+            answer = await ControlApi(rb.backend).handle({"command": "status"})
+    # The connection closed: its suppressed run was summarised once.
+    (summary,) = [r.getMessage() for r in caplog.records if "more refused" in r.getMessage()]
+    assert summary.startswith(
+        "guest mallory (connection 1): 20 more refused ConfigReadRequests suppressed in the last "
+    )
+    assert answer["ok"], answer
+    json.dumps(answer)  # the control socket sends it as JSON: Counters must be plain dicts
+    counters = answer["result"]["counters"]
+    assert counters["requests_refused"] == {"NOT_FOUND": 30, "BUSY": 1}
+    assert counters["limits_exceeded"] == {"max_dma_windows_per_guest": 1}
+    assert counters["log_lines"]["suppressed"] == {"refused ConfigReadRequests": 20}
+    assert counters["log_lines"]["logged"]["refused ConfigReadRequests"] == 10
+    assert counters["log_lines_suppressed"] == 20
+    assert "log_lines_suppressed 20" in answer["text"]
