@@ -44,6 +44,7 @@ __all__ = [
     "RateLogStatistics",
     "ScopedLog",
     "TokenBucket",
+    "MODEL_LOG",
     "GUEST_LOG_RATE",
     "GUEST_LOG_BURST",
     "SUMMARY_INTERVAL",
@@ -265,3 +266,10 @@ class ScopedLog:
 
     def close(self) -> None:
         self.limiter.close(self.scope)
+
+
+#: Guest-triggered lines of device models (a DMA the guest aimed at nothing, an address
+#: out of the model's reach...): models have no connection to scope them by, so they
+#: log through this one, scoped by model, and the backend counts and ticks it with the
+#: others (``pciback ctl status``).
+MODEL_LOG = RateLimitedLog(logging.getLogger("pcisplit.devices"))

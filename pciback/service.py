@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from pciback._accept import AcceptStatistics, accept_loop
-from pciback._ratelog import RateLimitedLog, RateLogStatistics
+from pciback._ratelog import MODEL_LOG, RateLimitedLog, RateLogStatistics
 from pciback.config import BackendConfig, check_listen
 from pciback.devices import HostDevice
 from pciback.dma import DmaHub
@@ -247,7 +247,13 @@ class Backend:
         return self.stats
 
     def _rate_logs(self) -> list[RateLimitedLog]:
-        return [self.guest_log, self.irq.guest_log, self.gate.log, self.registry.audit.limiter]
+        return [
+            self.guest_log,
+            self.irq.guest_log,
+            self.gate.log,
+            self.registry.audit.limiter,
+            MODEL_LOG,
+        ]
 
     def log_statistics(self) -> RateLogStatistics:
         """Guest-triggered log events by kind, logged and suppressed, from every limiter."""

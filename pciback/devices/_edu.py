@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from pciback._ratelog import MODEL_LOG
 from shared.errors import ConfigAccessError, ErrorCode, PcisplitError
 
 from ._base import DmaFaultError, DmaUnavailableError
@@ -29,7 +30,6 @@ from ._emulated import EmulatedDevice
 
 __all__ = ["EduDevice", "edu_factorial"]
 
-log = logging.getLogger(__name__)
 
 EDU_VENDOR_ID = 0x1234
 EDU_DEVICE_ID = 0x11E8
@@ -255,7 +255,11 @@ class EduDevice(EmulatedDevice):
         except DmaFaultError as exc:
             # The context already reported the fault to the guest. Like QEMU, which
             # ignores a failed pci_dma_*, the transfer ends normally with nothing copied.
-            log.warning("edu DMA fault, transfer abandoned: %s", exc)
+            # A guest can aim DMA at nothing in a loop: rate-limited and counted.
+            MODEL_LOG.log(
+                "edu", "DMA faults", logging.WARNING,
+                "edu DMA fault, transfer abandoned: %s", exc,
+            )
             data = b""
             to_ram = True  # nothing to copy into the buffer
         async with ctx.locked():
@@ -274,5 +278,8 @@ _DMA_FIELDS = {REG_DMA_SRC: "dma_src", REG_DMA_DST: "dma_dst", REG_DMA_COUNT: "d
 def _clamp(address: int) -> int:
     clamped = address & DMA_MASK
     if clamped != address:
-        log.warning("edu: clamping DMA address %#x to %#x (28-bit DMA mask)", address, clamped)
+        MODEL_LOG.log(
+            "edu", "clamped DMA addresses", logging.WARNING,
+            "edu: clamping DMA address %#x to %#x (28-bit DMA mask)", address, clamped,
+        )
     return clamped

@@ -7,12 +7,19 @@ import logging
 from pathlib import Path
 
 import pytest
-from _irqdma_support import raw_guest
+from _irqdma_support import EDU, raw_guest
 
+from pciback._ratelog import GUEST_LOG_BURST
 from pciback.control import ControlApi
 from pciback.testing import running_backend
 from shared.errors import ErrorCode
-from shared.protocol import ConfigReadRequest, DmaMapRequest, ErrorReply
+from shared.protocol import (
+    BarWriteRequest,
+    ConfigReadRequest,
+    ConfigWriteRequest,
+    DmaMapRequest,
+    ErrorReply,
+)
 
 CONFIG = """
 [limits]
@@ -60,3 +67,23 @@ async def test_refusals_are_counted_rate_limited_and_shown_by_ctl_status(
     assert counters["log_lines"]["logged"]["refused ConfigReadRequests"] == 10
     assert counters["log_lines_suppressed"] == 20
     assert "log_lines_suppressed 20" in answer["text"]
+
+
+async def test_a_device_model_dma_fault_loop_is_rate_limited(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """edu DMA aimed at nothing, 30 times: 30 fault events for the guest, at most a burst of
+    log lines (device models log through pciback._ratelog.MODEL_LOG)."""
+    caplog.set_level(logging.INFO, logger="pcisplit.devices")
+    async with running_backend(CONFIG, transports=("unix",), tmp=tmp_path) as rb:
+        before = rb.backend.log_statistics().events("DMA faults")
+        async with raw_guest(rb.address("unix"), "mallory") as g:
+            await g.ok(lambda rid: ConfigWriteRequest(rid, EDU, 0x04, 2, 0x6))  # memory, master
+            for i in range(30):
+                for reg, value in ((0x80, 0x100000), (0x88, 0x40000), (0x90, 4), (0x98, 1)):
+                    await g.ok(lambda rid, r=reg, v=value: BarWriteRequest(rid, EDU, 0, r, 8, v))
+                await g.wait_faults(i + 1)
+        assert rb.backend.log_statistics().events("DMA faults") - before == 30
+    # MODEL_LOG is one per process: earlier tests may have spent some of the burst already.
+    lines = [r for r in caplog.records if "edu DMA fault" in r.getMessage()]
+    assert len(lines) <= GUEST_LOG_BURST
