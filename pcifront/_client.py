@@ -490,36 +490,38 @@ class Bus:
             # A polling transport never spins while another task is runnable; let the
             # reader task we woke run (and park again) first, so that the spin can.
             await trio.lowlevel.cancel_shielded_checkpoint()
-        interruptible = transport.interruptible
+        receive = self._receive_interruptibly if transport.interruptible else self._receive_in_scope
         while call.result is None and self._calls.failed is None:
-            frame: bytes | None = None
-            if interruptible:
-                # The watchdog and _fail_all stop us with interrupt_receive(): no cancel
-                # scope per read (one costs about as much as a scheduler pass).
-                self._caller_reading = True
-                try:
-                    frame = await transport.receive_frame()
-                except ReceiveInterrupted:
-                    continue
-                except (trio.EndOfChannel, trio.BrokenResourceError,
-                        trio.ClosedResourceError) as exc:
-                    self._receive_failed(exc)
-                    return
-                finally:
-                    self._caller_reading = False
-            else:
-                with trio.CancelScope() as scope:
-                    self._read_scope = scope
-                    try:
-                        frame = await transport.receive_frame()
-                    except (trio.EndOfChannel, trio.BrokenResourceError,
-                            trio.ClosedResourceError) as exc:
-                        self._receive_failed(exc)
-                        return
-                    finally:
-                        self._read_scope = None
+            try:
+                frame = await receive()
+            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._receive_failed(exc)
+                return
             if frame is not None:
                 await self._on_frames(frame)
+
+    async def _receive_interruptibly(self) -> bytes | None:
+        """A caller's own read, which the watchdog and _fail_all stop with
+        ``interrupt_receive()`` (None then): no cancel scope per read, which costs
+        about as much as a scheduler pass."""
+        self._caller_reading = True
+        try:
+            return await self._transport.receive_frame()
+        except ReceiveInterrupted:
+            return None
+        finally:
+            self._caller_reading = False
+
+    async def _receive_in_scope(self) -> bytes | None:
+        """A caller's own read on a transport that cannot be interrupted: under a cancel
+        scope the watchdog and _fail_all cancel (None then)."""
+        with trio.CancelScope() as scope:
+            self._read_scope = scope
+            try:
+                return await self._transport.receive_frame()
+            finally:
+                self._read_scope = None
+        return None
 
     async def _watchdog(self) -> None:
         """Fail requests that waited longer than the timeout.
