@@ -12,7 +12,8 @@ the client likes on one connection::
     {"ok": true, "result": {...}, "text": "device edu1 assigned to guest beta at 0000:00:01.0 ..."}
     {"ok": false, "error": "device edu9 ...", "code": "NOT_FOUND"}
 
-Commands: ``status``, ``list`` (the host view of every device), ``assign``,
+Commands: ``status``, ``list`` (the host view: every PCI device of the host and
+every device served, see :mod:`pciback.hostview`), ``assign``,
 ``unassign``, ``hide``, ``unhide``, ``reset``. ``device`` is a device id or a
 host address. Assign and unassign are the hot-plug operations of
 :class:`pciback.service.Backend`, the same ones a config reload (SIGHUP) uses.
@@ -261,11 +262,15 @@ def _not_served(address: PciAddress, command: str, source: str) -> str:
         "unhide": "unhidden",
         "reset": "reset by pcisplit",
     }.get(command, command)
+    where = (
+        "a config file and start the backend with --config FILE (it runs without one now)"
+        if source.startswith("<")
+        else f"{source} and restart the backend"
+    )
     return (
         f"host device {address} is not served by this backend, so it cannot be {what}; to "
-        f'serve it, add a [[device]] table with kind = "host" and address = "{address}" to '
-        f"{source} (read-only unless writable = true; see docs/operations.md) and restart "
-        "the backend"
+        f'serve it, add a [[device]] table with kind = "host" and address = "{address}" '
+        f"(read-only unless writable = true; see docs/operations.md) to {where}"
     )
 
 

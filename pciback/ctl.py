@@ -39,7 +39,11 @@ def add_ctl_arguments(ctl: argparse.ArgumentParser) -> None:
     commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
     specs = {
         "status": ("guests, connections, uptime and counters", ()),
-        "list": ("the host view: every device, its provider, owner, state and addresses", ()),
+        "list": (
+            "the host view: every PCI device of the host and every device served, with "
+            "provider, owner, hidden flag, state, addresses, ids and driver",
+            (),
+        ),
         "assign": ("hot-plug DEVICE into GUEST", ("device", "guest")),
         "unassign": ("hot-unplug DEVICE from its guest (it is reset)", ("device",)),
         "hide": ("offer DEVICE to nobody", ("device",)),

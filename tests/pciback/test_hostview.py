@@ -25,6 +25,7 @@ import trio
 import pcifront
 from pciback.cli import main
 from pciback.config import parse_config
+from pciback.control import _not_served
 from pciback.devices import SYSFS_PCI_DEVICES
 from pciback.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
 from pciback.service import Backend
@@ -104,8 +105,11 @@ def test_scan_of_a_missing_tree_reports_it(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def serving(text: str, tmp: Path) -> AsyncIterator[tuple[Backend, str]]:
-    config = parse_config(f"listen = [{json.dumps(listen_address('memory', tmp))}]\n" + text,
-                          base=tmp)
+    config = parse_config(
+        f"listen = [{json.dumps(listen_address('memory', tmp))}]\n" + text,
+        source=str(tmp / "backend.toml"),
+        base=tmp,
+    )
     backend = Backend(config, control=tmp / "pciback.ctl")
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(backend.serve)
@@ -219,6 +223,7 @@ async def test_host_device_that_is_not_configured_cannot_be_assigned(tmp_path: P
         assert code == 1 and "assign refused (NOT_FOUND): host device 0000:00:1f.2" in err
         hide = await ctl_json(tmp_path, "hide", "0000:00:1f.2")
         assert "cannot be hidden (it is offered to no guest already)" in hide["error"]
+        assert refused["error"].endswith(f"to {tmp_path / 'backend.toml'} and restart the backend")
         # Nothing changed: the guest's bus is as configured.
         assert [d.id for d in backend.registry.devices_of("alpha")] == ["edu-a"]
         # An address that is no device at all is the ordinary "no such device".
@@ -231,6 +236,12 @@ async def test_host_device_that_is_not_configured_cannot_be_assigned(tmp_path: P
         rows = {r["host"]: r for r in (await ctl_json(tmp_path, "list"))["result"]}
         assert rows["0000:05:00.0"]["owner"] == "alpha"
         assert rows["0000:05:00.0"]["state"] == "assigned"
+
+
+def test_the_refusal_says_where_to_configure_a_backend_without_a_file() -> None:
+    message = _not_served(PciAddress.parse("0000:00:1f.2"), "assign", "<embedded default>")
+    assert message.endswith("to a config file and start the backend with --config FILE "
+                            "(it runs without one now)")
 
 
 async def test_list_without_a_host_tree_still_lists_the_served_devices(tmp_path: Path) -> None:
