@@ -36,6 +36,7 @@ from pciback._ratelog import MODEL_LOG, RateLimitedLog, RateLogStatistics
 from pciback.config import BackendConfig, check_listen
 from pciback.devices import HostDevice
 from pciback.dma import DmaHub
+from pciback.fairness import FairTurns
 from pciback.hoststate import HostStateFile, state_path_for
 from pciback.hotplug import Hotplug, HotplugResult
 from pciback.identity import authorize
@@ -216,6 +217,8 @@ class Backend:
             limit_events=self.stats.limits_exceeded,
         )
         self.registry.release_hooks.append(self.irq.reset_device)
+        #: Fair turns between guests busy at the same time (``pciback.fairness``).
+        self.fair = FairTurns()
         self.sessions: list[GuestSession] = []
         #: Guest-triggered log lines of sessions: counted, rate-limited per connection and
         #: kind, summarised (pciback/_ratelog.py; the IRQ router, the connection gate and
@@ -585,6 +588,7 @@ class Backend:
             router=self.irq,
             dma=self.dma.space(guest),
             backend_stats=self.stats,
+            fair=self.fair,
         )
         self.sessions.append(session)
         try:

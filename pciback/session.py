@@ -46,6 +46,7 @@ from pciback._ratelog import RateLimitedLog, ScopedLog
 from pciback.devices import DmaFaultError
 from pciback.dispatch import Dispatcher, FdPassing
 from pciback.dma import DmaTimeoutError, GuestDma
+from pciback.fairness import FairTurns
 from pciback.hotplug import SessionChanges
 from pciback.irq import InterruptOutbox, IrqRouter
 from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
@@ -112,6 +113,7 @@ class GuestSession:
         number: int = 0,
         guest_log: RateLimitedLog | None = None,
         max_fds: int | None = None,
+        fair: FairTurns | None = None,
     ) -> None:
         assert conn.guest is not None
         self.guest: str = conn.guest
@@ -143,6 +145,8 @@ class GuestSession:
         )
         self.stats = SessionStatistics()
         self._backend_stats = backend_stats
+        #: Shared by the backend's sessions: orders bursts while several guests are busy.
+        self._fair = fair if fair is not None else FairTurns()
         self._send_lock = FastLock()
         # DMA calls awaiting the frontend's results; the Connection counts a call until
         # its result comes (also after a time-out), so its limit decides when we are full.
@@ -246,57 +250,66 @@ class GuestSession:
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         transport, conn, dispatcher = self.transport, self.conn, self.dispatcher
         stats, backend_stats = self.stats, self._backend_stats
+        fair = self._fair
         replies: list[Reply] = []
         while True:
             frame: bytes | None = await transport.receive_frame()
-            # Answer every request that already arrived (pipelined guests send bursts),
-            # then send the replies as one batch: one write or one doorbell.
-            while frame is not None:
-                try:
-                    msg = conn.receive(frame)
-                except RemoteProtocolError as exc:
-                    backend_stats.protocol_errors += 1
-                    answer = conn.error_reply_for(exc)
-                    if answer is None:
-                        await self._flush(replies)
-                        await self._goodbye(exc)
-                        raise
-                    self.events.log(
-                        "bad requests",
-                        logging.INFO,
-                        "%s: guest %s sent a bad request: %s",
-                        transport.describe(),
-                        self.guest,
-                        exc,
-                    )
-                    replies.append(answer)
-                else:
-                    if isinstance(msg, Request):
-                        stats.requests += 1
-                        backend_stats.requests += 1
-                        entry = dispatcher.handler(type(msg))
-                        if entry is not None and entry.answer_in_task:
-                            nursery.start_soon(self._answer_later, msg)
-                        elif entry is not None and entry.takes_fds:
-                            replies.append(await dispatcher.dispatch(msg, self.take_fds()))
-                        else:
-                            replies.append(await dispatcher.dispatch(msg))
-                    elif isinstance(msg, DmaCallResult):
-                        self._resolve(msg)
-                    elif isinstance(msg, DeviceChangeAck):
-                        self.changes.acknowledged(msg)
-                    elif isinstance(msg, Goodbye):
-                        await self._flush(replies)
-                        log.info(
-                            "%s: guest %s said goodbye: %s",
+            # While other guests are busy too, wait for this guest's fair turn (no
+            # checkpoint otherwise); the turn covers reading and dispatching, not sending.
+            await fair.acquire(self)
+            served = 0
+            try:
+                # Answer every request that already arrived (pipelined guests send bursts),
+                # then send the replies as one batch: one write or one doorbell.
+                while frame is not None:
+                    try:
+                        msg = conn.receive(frame)
+                    except RemoteProtocolError as exc:
+                        backend_stats.protocol_errors += 1
+                        answer = conn.error_reply_for(exc)
+                        if answer is None:
+                            await self._flush(replies)
+                            await self._goodbye(exc)
+                            raise
+                        self.events.log(
+                            "bad requests",
+                            logging.INFO,
+                            "%s: guest %s sent a bad request: %s",
                             transport.describe(),
                             self.guest,
-                            msg.message,
+                            exc,
                         )
-                        return
-                if len(replies) >= REPLY_BATCH:
-                    break
-                frame = transport.receive_frame_nowait()
+                        replies.append(answer)
+                    else:
+                        if isinstance(msg, Request):
+                            served += 1
+                            stats.requests += 1
+                            backend_stats.requests += 1
+                            entry = dispatcher.handler(type(msg))
+                            if entry is not None and entry.answer_in_task:
+                                nursery.start_soon(self._answer_later, msg)
+                            elif entry is not None and entry.takes_fds:
+                                replies.append(await dispatcher.dispatch(msg, self.take_fds()))
+                            else:
+                                replies.append(await dispatcher.dispatch(msg))
+                        elif isinstance(msg, DmaCallResult):
+                            self._resolve(msg)
+                        elif isinstance(msg, DeviceChangeAck):
+                            self.changes.acknowledged(msg)
+                        elif isinstance(msg, Goodbye):
+                            await self._flush(replies)
+                            log.info(
+                                "%s: guest %s said goodbye: %s",
+                                transport.describe(),
+                                self.guest,
+                                msg.message,
+                            )
+                            return
+                    if len(replies) >= REPLY_BATCH:
+                        break
+                    frame = transport.receive_frame_nowait()
+            finally:
+                fair.release(self, served)
             await self._flush(replies)
 
     async def _flush(self, replies: list[Reply]) -> None:
@@ -363,6 +376,7 @@ class GuestSession:
 
     async def _close(self, reason: str) -> None:
         self._closed = reason
+        self._fair.forget(self)
         self.changes.close()
         if self.stats.replies_dropped or self.stats.events_dropped:
             log.info(

@@ -67,6 +67,7 @@ from shared.protocol import (
 from shared.sync import Call, CallTable, FastLock
 from shared.transport import (
     FrameTransport,
+    ReceiveInterrupted,
     TransportConnectError,
     TransportOptions,
     open_transport,
@@ -206,6 +207,7 @@ class Bus:
         # nobody yet (None). See _await_reply for why callers read for themselves.
         self._owner: object = None
         self._read_scope: trio.CancelScope | None = None
+        self._caller_reading = False  # a caller blocked in an interruptible receive
         # True while the reader task is reading or routing (not merely woken up).
         self._reader_busy = False
         # True from waking the reader task until it runs (then it is runnable).
@@ -486,18 +488,34 @@ class Bus:
             # A polling transport never spins while another task is runnable; let the
             # reader task we woke run (and park again) first, so that the spin can.
             await trio.lowlevel.cancel_shielded_checkpoint()
+        interruptible = transport.interruptible
         while call.result is None and self._calls.failed is None:
             frame: bytes | None = None
-            with trio.CancelScope() as scope:
-                self._read_scope = scope
+            if interruptible:
+                # The watchdog and _fail_all stop us with interrupt_receive(): no cancel
+                # scope per read (one costs about as much as a scheduler pass).
+                self._caller_reading = True
                 try:
                     frame = await transport.receive_frame()
+                except ReceiveInterrupted:
+                    continue
                 except (trio.EndOfChannel, trio.BrokenResourceError,
                         trio.ClosedResourceError) as exc:
                     self._receive_failed(exc)
                     return
                 finally:
-                    self._read_scope = None
+                    self._caller_reading = False
+            else:
+                with trio.CancelScope() as scope:
+                    self._read_scope = scope
+                    try:
+                        frame = await transport.receive_frame()
+                    except (trio.EndOfChannel, trio.BrokenResourceError,
+                            trio.ClosedResourceError) as exc:
+                        self._receive_failed(exc)
+                        return
+                    finally:
+                        self._read_scope = None
             if frame is not None:
                 await self._on_frames(frame)
 
@@ -521,8 +539,8 @@ class Bus:
                         f"no reply from the backend within {timeout} s; it may be overloaded "
                         "or stuck (raise timeout= in connect() if this is expected)",
                     ))
-                    if self._owner is call and self._read_scope is not None:
-                        self._read_scope.cancel()  # it was reading for itself: stop
+                    if self._owner is call:
+                        self._stop_caller_read()  # it was reading for itself: stop
 
     async def _send(self, frame: bytes, fds: list[int] | None = None) -> None:
         lock = self._send_lock
@@ -538,10 +556,17 @@ class Bus:
         finally:
             lock.release()
 
+    def _stop_caller_read(self) -> None:
+        """Stop a caller blocked reading the transport for itself (it re-checks why)."""
+        if self._caller_reading:
+            self._transport.interrupt_receive()
+        elif self._read_scope is not None:
+            self._read_scope.cancel()
+
     def _fail_all(self, reason: str) -> None:
         self._calls.fail_all(reason)
-        if self._read_scope is not None and self._owner is not _READER:
-            self._read_scope.cancel()
+        if self._owner is not _READER:
+            self._stop_caller_read()
         self._reader_idle.unpark_all()
         self._lost_event.set()
 
@@ -661,6 +686,7 @@ class Bus:
         self._max_in_flight = conn.peer_limits.max_in_flight
         self._calls = CallTable(self._full)  # a fresh table: not failed, no calls
         self._owner, self._read_scope, self._reader_busy = None, None, False
+        self._caller_reading = False
         self._want.clear()
         self._link.rebind(features=conn.features, can_pass_fds=transport.can_pass_fds)
 

@@ -74,9 +74,15 @@ def guarded_write(fd: int, value: int) -> bool:
 
 
 def guarded_read(fd: int) -> int:
-    """Take eventfd ``fd``'s counter (0 when it is zero). Same errors as :func:`guarded_write`."""
+    """Take eventfd ``fd``'s counter (0 when it is zero). Same errors as :func:`guarded_write`.
+
+    One ``preadv2(RWF_NOWAIT)`` where the kernel supports it for ``fd`` (it never
+    blocks, whatever the peer did to O_NONBLOCK); else the timer-guarded read.
+    """
     buf = ffi.new("uint64_t *")
-    result = int(lib.pcisplit_guarded_read(fd, buf, 8, _GUARD_NS))
+    result = int(lib.pcisplit_nowait_read(fd, buf, 8))
+    if result == -errno.EOPNOTSUPP:
+        result = int(lib.pcisplit_guarded_read(fd, buf, 8, _GUARD_NS))
     if result == -errno.EAGAIN:
         return 0
     _check(result, fd, "a read")

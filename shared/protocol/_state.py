@@ -49,6 +49,10 @@ class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    # Members are singletons compared by identity, so the identity hash is exact and
+    # C-fast; Enum's own __hash__ is Python code, called for every state-table lookup.
+    __hash__ = object.__hash__
+
     @property
     def side(self) -> str:
         """Project vocabulary for this role: ``"frontend"`` or ``"backend"``."""
@@ -71,12 +75,20 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"  # Goodbye or rejection sent/received: stop, close the transport
     ERROR = "error"  # the peer broke the protocol: only a courtesy Goodbye may follow
 
+    # Members are singletons compared by identity, so the identity hash is exact and
+    # C-fast; Enum's own __hash__ is Python code, called for every state-table lookup.
+    __hash__ = object.__hash__
+
 
 class Direction(enum.Enum):
     """Whether this end sends or receives the message."""
 
     SEND = "send"
     RECEIVE = "receive"
+
+    # Members are singletons compared by identity, so the identity hash is exact and
+    # C-fast; Enum's own __hash__ is Python code, called for every state-table lookup.
+    __hash__ = object.__hash__
 
 
 class MessageKind(enum.Enum):
@@ -95,6 +107,10 @@ class MessageKind(enum.Enum):
     #: The frontend's one acknowledgement of a hot-plug event
     #: (DeviceAddedEvent/DeviceRemovedEvent, which are events), matched by ``change_id``.
     CHANGE_ACK = "ChangeAck"
+
+    # Members are singletons compared by identity, so the identity hash is exact and
+    # C-fast; Enum's own __hash__ is Python code, called for every state-table lookup.
+    __hash__ = object.__hash__
 
 
 _CLIENT, _SERVER = Role.CLIENT, Role.SERVER

@@ -101,11 +101,32 @@ class TransportOptions:
         )
 
 
+class ReceiveInterrupted(trio.WouldBlock):
+    """:meth:`FrameTransport.receive_frame` was woken by :meth:`~FrameTransport.interrupt_receive`.
+
+    Nothing was consumed; call ``receive_frame`` again when you still want a frame.
+    """
+
+
 class FrameTransport(abc.ABC):
     """One end of a connection that carries frames."""
 
     #: Largest frame this end sends or accepts; ``set_max_frame_size`` lowers it.
     max_frame_size: int = DEFAULT_MAX_FRAME
+    #: True when :meth:`interrupt_receive` works. A caller that must be able to stop a
+    #: blocked receive (a time-out, a connection failing) then needs no cancel scope
+    #: around it, which on the request hot path costs as much as a scheduler pass.
+    interruptible: bool = False
+
+    def interrupt_receive(self) -> None:
+        """Make the task blocked in :meth:`receive_frame` raise :class:`ReceiveInterrupted`.
+
+        Only where :attr:`interruptible` is True; a no-op when nobody is receiving.
+        Other transports raise :class:`NotImplementedError`: use a cancel scope.
+        """
+        raise NotImplementedError(
+            f"{self.describe()} cannot interrupt a receive; use a trio cancel scope"
+        )
 
     @abc.abstractmethod
     async def send_frame(self, frame: bytes) -> None:

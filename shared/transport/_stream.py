@@ -38,6 +38,8 @@ from shared.transport._identity import PeerIdentity, peercred_identity
 __all__ = ["StreamFrameTransport", "UnixFrameTransport"]
 
 _HEADER = FRAME_HEADER.size
+#: A send that completes at once takes a scheduler pass only once per this many frames.
+_YIELD_EVERY = 16
 
 _RECEIVE_CHUNK = 65536
 
@@ -66,6 +68,12 @@ class StreamFrameTransport(FrameTransport):
         self._limits = None if options is None else options.receive_limits(self._name)
         # Stays idle (busy is False) on transports that cannot receive fds.
         self._fd_tracker = FdTracker(self._name, limit=None if options is None else options.max_fds)
+        # A plain socket (never TLS: its records are not ours to write) is written
+        # directly first, see _send_encoded.
+        self._direct: trio.socket.SocketType | None = (
+            stream.socket if type(stream) is trio.SocketStream else None
+        )
+        self._sends = 0
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -114,6 +122,27 @@ class StreamFrameTransport(FrameTransport):
     async def _send_encoded(self, data: bytes) -> None:
         self._send_busy = True
         try:
+            direct = self._direct
+            if direct is not None:
+                # One non-blocking write, then a cancellation point but no schedule
+                # point: trio's send_all always ends with a pass through the
+                # scheduler, in which the reader task would start reading the reply
+                # the caller wants to read itself (one more pass per request). Only
+                # when the socket buffer is full do we wait, through send_all.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    sent = os.write(direct.fileno(), data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._broken = f"socket send failed: {exc.strerror or exc}"
+                    raise _translate(exc, "send") from exc
+                self._sends += 1
+                if sent == len(data):
+                    if self._sends % _YIELD_EVERY == 0:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                data = data[sent:]  # a torn frame from here on if cancelled (below)
             await self._stream.send_all(data)
         except trio.Cancelled:
             # A cancelled send_all may have written part of the frame; the byte stream

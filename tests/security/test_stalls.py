@@ -29,7 +29,7 @@ import pcifront
 from pciback._accept import ACCEPT_BACKOFF, AcceptStatistics, accept_loop
 from pciback.testing import TEST_TOKEN, running_backend
 from shared.evtchn import GUARD_SECONDS
-from shared.evtchn._guard import ffi, lib
+from shared.evtchn._guard import ffi, guarded_read, lib
 from shared.protocol import (
     IRQ_MODE_INTX,
     Connection,
@@ -98,6 +98,32 @@ def test_guarded_write_is_cut_short_when_the_fd_blocks() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_read_of_a_blocking_empty_eventfd_returns_at_once() -> None:
+    # The guest cleared O_NONBLOCK and drained the counter: a plain read would block
+    # the event loop until someone writes. preadv2(RWF_NOWAIT) (or, on kernels without
+    # it for eventfds, the timer guard) returns "nothing" instead, and a value written
+    # meanwhile is still read whole.
+    fd = os.eventfd(0)  # blocking
+    try:
+        # Unfixed code: a write after 3 s unblocks the read; fail on latency, never hang.
+        rescue = threading.Timer(3.0, lambda: os.eventfd_write(fd, 1))
+        rescue.start()
+        try:
+            start = time.monotonic()
+            assert guarded_read(fd) == 0
+            assert time.monotonic() - start < 0.5
+        finally:
+            rescue.cancel()
+        os.eventfd_write(fd, 5)
+        assert guarded_read(fd) == 5
+        assert guarded_read(fd) == 0
+        buf = ffi.new("uint64_t *")
+        # The fast path itself: EAGAIN here, or EOPNOTSUPP where the kernel lacks it.
+        assert lib.pcisplit_nowait_read(fd, buf, 8) in (-errno.EAGAIN, -errno.EOPNOTSUPP)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("kind", ["unix", "shm"])
