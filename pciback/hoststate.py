@@ -130,6 +130,15 @@ class HostStateFile:
             self.remove()
         return restored
 
+    def record(self, devices: Iterable[HostDevice]) -> None:
+        """Record the writable host devices served now (after a reload changed them)."""
+        writable = [dev for dev in devices if dev.writable]
+        if writable:
+            self._write({str(dev.address): dev.saved_config for dev in writable})
+            self.owned = True
+        elif self.owned:
+            self.remove()
+
     def _write(self, configs: dict[str, bytes]) -> None:
         data = {
             "version": STATE_VERSION,

@@ -6,12 +6,15 @@
   notices.
 * :func:`reload` reads the config file again and applies what can change
   while guests are connected: ``[[guest]]`` identities (new connections use
-  them), new guests, ``hide``, and device assignments, which move as
-  hot-plug operations (unassign first, then assign) so connected guests see
-  device-removed/added events and devices are reset on the way out. A
-  config that does not validate, or that changes something only a restart
-  can change (listen addresses, TLS, a device's definition, removing a
-  guest), is refused as a whole and the running config stays.
+  them), new guests, ``hide``, ``[hotplug]``, and devices: a device whose
+  assignment, definition or existence changed is hot-unplugged from its
+  guest (reset on the way out), replaced, and hot-plugged into its new guest,
+  so connected guests see device-removed/added events; guests owning none of
+  the changed devices notice nothing. A config that does not validate, whose
+  new devices cannot be created, or that changes something only a restart
+  can change (listen addresses, TLS, ``[limits]``, the control socket,
+  ``[transport]``, ``[dma]``, ``[audit]``, quirks, removing a guest), is
+  refused as a whole and the running config stays.
 * :func:`summary` is the one line ``pciback serve`` prints once it is up.
 """
 
@@ -26,8 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pciback.access import make_access
 from pciback.config import BackendConfig, DeviceConfig, load_config
+from pciback.devices import DeviceProvider, HostDevice
+from pciback.registry import build_provider
 from shared.errors import ConfigFileError, PcisplitError
+from shared.pci import PciAddress
 
 if TYPE_CHECKING:
     from pciback.service import Backend
@@ -76,16 +83,27 @@ def summary(backend: Backend) -> str:
 
 @dataclass(frozen=True)
 class ReloadResult:
-    """What a reload changed (``moves``: device, old guest, new guest)."""
+    """What a reload changed.
+
+    ``moves``: (device, old guest, new guest) of devices whose only change is
+    their guest. ``redefined``, ``added``, ``removed``: devices whose
+    definition changed, that are new, that are gone (by id).
+    """
 
     moves: tuple[tuple[str, str | None, str | None], ...]
     guests_added: tuple[str, ...]
     hide_changed: bool
+    redefined: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
     def describe(self) -> str:
         parts = [
             f"{dev}: {old or 'free'} -> {new or 'free'}" for dev, old, new in self.moves
         ]
+        parts += [f"{dev}: redefined" for dev in self.redefined]
+        parts += [f"{dev}: added" for dev in self.added]
+        parts += [f"{dev}: removed" for dev in self.removed]
         if self.guests_added:
             parts.append("new guests " + ", ".join(self.guests_added))
         if self.hide_changed:
@@ -98,44 +116,95 @@ def _shape(dev: DeviceConfig) -> DeviceConfig:
     return dataclasses.replace(dev, guest=None, where="")
 
 
+#: What only a restart can change: (the config key(s) named in the refusal, attributes).
+RESTART_ONLY: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("listen", ("listen",)),
+    ("tls", ("tls",)),
+    ("limits", ("limits", "resources")),
+    ("control", ("control",)),
+    ("listen_mode", ("listen_mode",)),
+    ("listen_group", ("listen_group",)),
+    ("sysfs_root", ("sysfs_root",)),
+    ("transport", ("shm_poll_us", "shm_ring_size")),
+    ("dma", ("dma_call_timeout",)),
+    ("audit", ("audit_rate", "audit_burst")),
+    ("quirk", ("quirks",)),
+)
+
+
 def plan_reload(old: BackendConfig, new: BackendConfig) -> ReloadResult:
-    """Check that ``new`` can replace ``old`` live; raise ConfigFileError naming what cannot."""
-    for key in ("listen", "tls", "limits", "control", "listen_mode", "listen_group", "sysfs_root"):
-        if getattr(old, key) != getattr(new, key):
+    """Check that ``new`` can replace ``old`` live; raise ConfigFileError naming what cannot.
+
+    Listeners, TLS, ``[limits]``, the control socket, socket modes,
+    ``sysfs_root``, ``[transport]``, ``[dma]``, ``[audit]`` and quirks are
+    fixed when the backend starts (connections, buffers and policies already
+    use them), and removing a guest would strand its connections: a change to
+    any of them refuses the whole reload. Devices may change in every way.
+    """
+    for key, attributes in RESTART_ONLY:
+        if any(getattr(old, a) != getattr(new, a) for a in attributes):
             raise ConfigFileError(
                 f"{key}: changed, which needs a restart of the backend; reload refused "
                 "(the running configuration stays)"
             )
-    removed = sorted(set(old.guests) - set(new.guests))
-    if removed:
+    removed_guests = sorted(set(old.guests) - set(new.guests))
+    if removed_guests:
         raise ConfigFileError(
-            f"guest {removed[0]!r} was removed, which needs a restart; reload refused "
+            f"guest {removed_guests[0]!r} was removed, which needs a restart; reload refused "
             "(the running configuration stays)"
         )
     old_devices = {dev.id: dev for dev in old.devices}
     new_devices = {dev.id: dev for dev in new.devices}
-    if set(old_devices) != set(new_devices):
-        changed = sorted(set(old_devices) ^ set(new_devices))[0]
-        raise ConfigFileError(
-            f"device {changed!r} was added or removed, which needs a restart; reload refused "
-            "(the running configuration stays)"
-        )
-    for dev_id, dev in new_devices.items():
-        if _shape(dev) != _shape(old_devices[dev_id]):
-            raise ConfigFileError(
-                f"{dev.where} ({dev_id}): its definition changed, which needs a restart (only "
-                "guest may change on reload); reload refused (the running configuration stays)"
-            )
+    kept = [dev_id for dev_id in new_devices if dev_id in old_devices]
+    redefined = tuple(
+        dev_id for dev_id in kept if _shape(new_devices[dev_id]) != _shape(old_devices[dev_id])
+    )
     moves = tuple(
-        (dev_id, old_devices[dev_id].guest, dev.guest)
-        for dev_id, dev in new_devices.items()
-        if dev.guest != old_devices[dev_id].guest
+        (dev_id, old_devices[dev_id].guest, new_devices[dev_id].guest)
+        for dev_id in kept
+        if dev_id not in redefined and new_devices[dev_id].guest != old_devices[dev_id].guest
     )
     return ReloadResult(
         moves=moves,
         guests_added=tuple(sorted(set(new.guests) - set(old.guests))),
         hide_changed=old.hide != new.hide,
+        redefined=redefined,
+        added=tuple(dev_id for dev_id in new_devices if dev_id not in old_devices),
+        removed=tuple(dev_id for dev_id in old_devices if dev_id not in new_devices),
     )
+
+
+def _build(
+    backend: Backend, new: BackendConfig, ids: tuple[str, ...]
+) -> dict[str, tuple[DeviceProvider, PciAddress | None]]:
+    """The providers of new and redefined devices, each checked with its policy.
+
+    Raises ConfigFileError (and closes what it built) if any cannot be made:
+    the reload is then refused before anything changed.
+    """
+    by_id = {dev.id: dev for dev in new.devices}
+    built: dict[str, tuple[DeviceProvider, PciAddress | None]] = {}
+    try:
+        for dev_id in ids:
+            cfg = by_id[dev_id]
+            provider, physical = build_provider(cfg, new.sysfs_root)
+            built[dev_id] = provider, physical
+            # The policy compiles now, not half-way through the reload.
+            make_access(
+                provider, cfg, guest=cfg.guest or "-", quirks=new.quirks,
+                audit=backend.registry.audit,
+            )
+    except BaseException:
+        for provider, _ in built.values():
+            _close(provider)
+        raise
+    return built
+
+
+def _close(provider: DeviceProvider) -> None:
+    close = getattr(provider, "close", None)
+    if callable(close):
+        close()
 
 
 async def reload(backend: Backend, path: str | Path) -> ReloadResult:
@@ -143,7 +212,8 @@ async def reload(backend: Backend, path: str | Path) -> ReloadResult:
 
     Raises :class:`ConfigFileError` (nothing changed) when the file does not
     validate or cannot be applied live; a hot-plug step that fails is logged
-    and the others still run.
+    and the others still run. Devices that were not changed, and guests that
+    own none of the changed devices, notice nothing.
     """
     new = load_config(path)
     plan = plan_reload(backend.config, new)
@@ -153,24 +223,64 @@ async def reload(backend: Backend, path: str | Path) -> ReloadResult:
         dev = registry.get(dev_id)
         if guest is not None and new.is_hidden(dev.physical) is not None:
             raise ConfigFileError(f"device {dev_id} is hidden by the new config's hide")
+    built = _build(backend, new, plan.redefined + plan.added)
     backend.config = new
     registry.config = new
+    backend.hotplug.ack_timeout = new.hotplug_ack_timeout
     for name in plan.guests_added:
         registry.add_guest(name, new.guests[name].bus)
     for dev in registry:
         if dev.state in ("free", "hidden") and dev.physical is not None:
             dev.hidden = new.is_hidden(dev.physical) is not None
-    for dev_id, old_guest, _new in plan.moves:
-        if old_guest is not None and registry.get(dev_id).guest is not None:
+    # 1. Take every affected device away from its guest (hot-unplug: reset on the way out).
+    leaving = [dev_id for dev_id, old_guest, _ in plan.moves if old_guest is not None]
+    for dev_id in (*plan.removed, *plan.redefined, *leaving):
+        if registry.get(dev_id).guest is not None:
+            why = "moved" if dev_id in leaving else "removed or redefined"
             try:
-                await backend.unassign(dev_id, reason="moved by a configuration reload")
+                await backend.unassign(dev_id, reason=f"{why} by a configuration reload")
             except PcisplitError as exc:
                 log.error("reload: could not unassign %s: %s", dev_id, exc)
-    for dev_id, _old, new_guest in plan.moves:
-        if new_guest is not None:
-            try:
-                await backend.assign(dev_id, new_guest)
-            except PcisplitError as exc:
-                log.error("reload: could not assign %s to %s: %s", dev_id, new_guest, exc)
+    # 2. Replace the definitions.
+    saved: dict[str, bytes] = {}
+    for dev_id in (*plan.removed, *plan.redefined):
+        try:
+            old = registry.remove_device(dev_id)
+        except PcisplitError as exc:
+            log.error("reload: could not remove %s: %s", dev_id, exc)
+            continue
+        backend.irq.forget_device(old)
+        if isinstance(old.provider, HostDevice) and old.provider.writable:
+            saved[str(old.provider.address)] = old.provider.saved_config
+    by_id = {dev.id: dev for dev in new.devices}
+    for dev_id in (*plan.redefined, *plan.added):
+        provider, physical = built[dev_id]
+        previous = saved.get(str(physical)) if isinstance(provider, HostDevice) else None
+        if previous is not None and provider.writable and len(previous) == provider.config_size:
+            # Opened while the old definition's guest still held it: the clean config is
+            # the one saved by the old definition, not what was read at open time.
+            provider.saved_config = previous
+        try:
+            dev = registry.add_device(by_id[dev_id], provider, physical)
+        except PcisplitError as exc:
+            log.error("reload: could not add %s: %s", dev_id, exc)
+            _close(provider)
+            continue
+        backend.start_device(dev)
+    if backend.host_state is not None and backend.host_state.owned | bool(saved) | bool(built):
+        backend.host_state.record(backend.writable_host_devices())
+    # 3. Assign (hot-plug: the guests see device-added).
+    assign = [(dev_id, guest) for dev_id, _old, guest in plan.moves if guest is not None]
+    assign += [
+        (dev_id, by_id[dev_id].guest)
+        for dev_id in (*plan.redefined, *plan.added)
+        if by_id[dev_id].guest is not None
+    ]
+    for dev_id, guest in assign:
+        assert guest is not None
+        try:
+            await backend.assign(dev_id, guest)
+        except PcisplitError as exc:
+            log.error("reload: could not assign %s to %s: %s", dev_id, guest, exc)
     log.info("configuration reloaded from %s: %s", path, plan.describe())
     return plan

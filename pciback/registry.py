@@ -368,6 +368,38 @@ class DeviceRegistry:
             self.reset_failures += 1
         return ok
 
+    def add_device(
+        self, cfg: DeviceConfig, provider: DeviceProvider, physical: PciAddress | None
+    ) -> ServedDevice:
+        """Serve a new device (a reload added or redefined it); free, or hidden by ``hide``."""
+        if cfg.id in self._devices:
+            raise PcisplitError(
+                f"device {cfg.id} is already served; remove it first", code=ErrorCode.BUSY
+            )
+        hidden = self.config.is_hidden(physical) is not None
+        dev = self._devices[cfg.id] = ServedDevice(cfg, provider, physical, hidden=hidden)
+        return dev
+
+    def remove_device(self, device_id: str) -> ServedDevice:
+        """Stop serving a free device (a reload removed or redefined it); close its provider.
+
+        Refused while it is assigned or leaving: unassign it first (that resets it).
+        """
+        dev = self.get(device_id)
+        if dev.state in ("assigned", "leaving"):
+            owner = dev.guest or dev.leaving
+            raise PcisplitError(
+                f"device {device_id} is still {dev.state} (guest {owner!r}); unassign it first",
+                code=ErrorCode.INVALID_STATE,
+            )
+        if dev.runtime is not None:
+            dev.runtime.cancel_background()
+        del self._devices[device_id]
+        close = getattr(dev.provider, "close", None)
+        if callable(close):
+            close()  # a host device's sysfs file
+        return dev
+
     def add_guest(self, name: str, bus: str = "virtual") -> None:
         """A guest declared by a config reload: an empty bus of its own."""
         if name in self._buses:

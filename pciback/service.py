@@ -242,6 +242,8 @@ class Backend:
         self.receive_budget = ReceiveBudget(resources.max_buffered_total)
         self.listeners: list[FrameListener] = []
         self._ssl = server_ssl_context(config)
+        #: The nursery device runtimes run in, while serving (devices a reload adds start there).
+        self._nursery: trio.Nursery | None = None
 
     def statistics(self) -> BackendStatistics:
         self.stats.log_lines_suppressed = sum(self.log_statistics().suppressed.values())
@@ -363,11 +365,9 @@ class Backend:
                 log.info("listening on %s", listener.address)
             self._adopt_host_state()
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for dev in self.registry:
-                    if dev.runtime is None:
-                        dev.start(
-                            nursery, interrupts=self.irq.device(dev), dma=self.dma.device(dev)
-                        )
+                    self.start_device(dev)
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 nursery.start_soon(self._tick_logs_forever, name="rate-limited log summaries")
@@ -378,6 +378,7 @@ class Backend:
                 self.started_at = trio.current_time()
                 task_status.started([lst.address for lst in self.listeners])
         finally:
+            self._nursery = None
             with trio.CancelScope(shield=True):
                 # First stop listening: a guest reconnecting must not reach a backend
                 # that is going away. A listener that fails to close skips nothing.
@@ -394,6 +395,11 @@ class Backend:
                         await self.reset_device(dev, "the backend stopped")
                 if self.host_state is not None:
                     self.host_state.release(self.writable_host_devices())
+
+    def start_device(self, dev: ServedDevice) -> None:
+        """Give ``dev`` its runtime (tasks, IRQ sink, DMA path) if serving and not yet done."""
+        if dev.runtime is None and self._nursery is not None:
+            dev.start(self._nursery, interrupts=self.irq.device(dev), dma=self.dma.device(dev))
 
     def writable_host_devices(self) -> list[HostDevice]:
         """The host devices guests may write to (their saved config is restored on release)."""

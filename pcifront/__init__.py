@@ -28,6 +28,7 @@ from pcifront._errors import (
     OperationFailedError,
     OutcomeUnknownError,
     RequestError,
+    ResourceLostError,
     error_for_code,
 )
 from pcifront._interrupts import (
@@ -79,6 +80,7 @@ __all__ = [
     "NotImplementedOpError",
     "OperationFailedError",
     "OutcomeUnknownError",
+    "ResourceLostError",
     "error_for_code",
     "LspciOptionError",
     "PciIds",

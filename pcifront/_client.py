@@ -569,6 +569,15 @@ class Bus:
             self._stop_caller_read()
         self._reader_idle.unpark_all()
         self._lost_event.set()
+        # What lived in the backend session ends now, loudly (ResourceLostError), also
+        # for tasks waiting in irqs.receive(): a reconnect does not bring it back.
+        blocks = self._link.close_all_interrupts(reason)
+        buffers = self._dma.release_all(reason)
+        if blocks or buffers:
+            log.warning(
+                "connection lost (%s): %d interrupts() block(s) and %d DMA buffer(s) ended; "
+                "re-enable and re-map them once connected again", reason, blocks, buffers,
+            )
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -667,8 +676,8 @@ class Bus:
         """The connection is gone: close it, end what lived in its backend session."""
         with trio.CancelScope(shield=True):
             await self._transport.aclose()
-        self._link.close_all_interrupts()
-        self._dma.release_all()
+        self._link.close_all_interrupts(self._lost or "the connection ended")
+        self._dma.release_all(self._lost or "the connection ended")
         # Requests woken by _fail_all leave the call table as they run; the next
         # connection numbers its requests from 1 again, so wait for them to go.
         for _ in range(1000):
@@ -703,7 +712,7 @@ class Bus:
                     pass  # already gone: nothing to say goodbye to
         self._fail_all("the connection was closed by the guest")
         await self._transport.aclose()
-        self._dma.release_all()
+        self._dma.release_all("the guest closed the bus")
         self._faults_send.close()
 
 

@@ -15,6 +15,10 @@ write at ``buf.bus_address`` (like a buffer mapped through an IOMMU).
   call is bounds-checked against the buffers mapped on this bus: anything
   outside them, or a write into a read-only buffer, gets ``DMA_FAULT`` and
   touches nothing.
+
+When the connection is lost the backend unmaps every buffer; here they are
+released too, and any later use raises :class:`~pcifront.ResourceLostError`
+(a reconnect does not re-map them: see that error).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 
 import trio
 
+from pcifront._errors import ResourceLostError
 from pcifront._link import BusLink
 from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import (
@@ -76,6 +81,8 @@ class DmaBuffer:
         #: True: a memfd the backend maps too (zero copy); False: answered by messages.
         self.shared = shared
         self._unmapping = False
+        #: Why the connection this buffer was mapped on was lost (None: it was not).
+        self._lost: str | None = None
 
     @property
     def end(self) -> int:
@@ -90,6 +97,14 @@ class DmaBuffer:
     def view(self) -> memoryview:
         """The buffer's bytes, writable by the guest."""
         if self._view is None:
+            if self._lost is not None:
+                raise ResourceLostError(
+                    f"DMA buffer at {self.bus_address:#x}: the connection to the backend was "
+                    f"lost ({self._lost}); the backend unmapped it and reset the device, so it "
+                    "is not re-mapped behind your back (the device would not know its new bus "
+                    "address): map a new buffer with bus.dma_map() once the bus is connected "
+                    "again, and program the device with its bus_address"
+                )
             raise DmaError(f"DMA buffer at {self.bus_address:#x} was unmapped")
         return self._view
 
@@ -178,12 +193,20 @@ class DmaSpace:
             del self._starts[i]
             del self._buffers[i]
 
-    def release_all(self) -> None:
-        """The connection ended: nothing is served any more."""
-        for buf in self._buffers:
+    def release_all(self, reason: str) -> int:
+        """The connection ended (``reason``): nothing is served any more.
+
+        Each buffer's later use raises :class:`~pcifront.ResourceLostError`
+        naming ``reason``; ``unmap()`` is a no-op. Returns how many were mapped.
+        """
+        buffers = list(self._buffers)
+        for buf in buffers:
+            if buf.mapped:
+                buf._lost = reason
             buf._release()
         self._starts.clear()
         self._buffers.clear()
+        return len(buffers)
 
     def find(self, address: int, length: int) -> DmaBuffer | None:
         """The buffer holding all of ``address .. address+length``, or None."""

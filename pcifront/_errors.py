@@ -16,6 +16,7 @@ __all__ = [
     "HandshakeError",
     "ConnectionLostError",
     "OutcomeUnknownError",
+    "ResourceLostError",
     "error_for_code",
 ]
 
@@ -86,6 +87,24 @@ class OutcomeUnknownError(ConnectionLostError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, request_sent=True)
+
+
+class ResourceLostError(ConnectionLostError):
+    """An ``interrupts()`` block or a :class:`~pcifront.DmaBuffer` outlived its connection.
+
+    Both live in the backend's session of the connection they were made on.
+    When that connection is lost the backend releases them, and resets the
+    device (the guest's last connection ended, or the backend restarted), so
+    even ``connect(..., reconnect=True)`` cannot bring them back: the device
+    has forgotten its MSI set-up and the DMA addresses it was programmed
+    with. Every task waiting in :meth:`Interrupts.receive` gets this error, and
+    so does every later use of the block or buffer. Leave the block (drop the
+    buffer), re-initialise the device, then enter ``interrupts()`` again and
+    map new buffers.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, request_sent=None)
 
 
 _BY_CODE: dict[ErrorCode, type[RequestError]] = {

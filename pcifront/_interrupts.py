@@ -15,6 +15,11 @@ How an interrupt reaches the guest depends on the transport:
 Either way :meth:`Interrupts.receive` returns :class:`Interrupt` values whose
 ``count`` adds up to every time the vector fired. Interrupts for a device
 whose ``interrupts()`` block is not active are counted (``stray``) and logged.
+
+When the connection is lost, every active block ends: tasks waiting in
+``receive()`` (and ``async for``, ``serve()``, ``eoi()``, ``mask()``) get
+:class:`~pcifront.ResourceLostError`, never a silent end. A reconnect does
+not re-enable them: the backend reset the device (see that error).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from pcifront._errors import NotImplementedOpError
+from pcifront._errors import NotImplementedOpError, ResourceLostError
 from pcifront._link import BusLink, InterruptRoutes
 from shared.errors import ErrorCode, PcisplitError
 from shared.evtchn import EventfdPort
@@ -121,10 +126,29 @@ class VectorCounts:
         self._coalesced = 0
         self._eois = 0
         self._closed = False
+        #: Why the connection this block lived on was lost (None: it was not).
+        self._lost: str | None = None
 
     def _close(self) -> None:
         """The block ended (or its connection did): receiving raises from now on."""
         self._closed = True
+
+    def _lose(self, reason: str) -> None:
+        """The connection was lost: the backend released these interrupts (see below)."""
+        if not self._closed:
+            self._lost = reason
+        self._close()
+
+    def _check_live(self) -> None:
+        """Raise :class:`ResourceLostError` if this block's connection was lost."""
+        if self._lost is not None:
+            raise ResourceLostError(
+                f"{self._address}: the connection to the backend was lost ({self._lost}); the "
+                f"backend released this device's {self.mode} interrupts and reset the device, so "
+                "this interrupts() block is dead and is not re-enabled behind your back: leave "
+                "it, re-initialise the device once the bus is connected again, and enter "
+                "interrupts() again"
+            )
 
     def _wake(self) -> None:
         """A vector became pending (the trio block wakes its receiver)."""
@@ -202,6 +226,7 @@ class Interrupts(VectorCounts):
     def receive_nowait(self) -> Interrupt:
         """The next pending interrupt, or :class:`trio.WouldBlock` if none is pending."""
         if self._closed:
+            self._check_live()
             raise trio.ClosedResourceError("this interrupts() block has ended")
         irq = self._take()
         if irq is None:
@@ -235,6 +260,7 @@ class Interrupts(VectorCounts):
         MSI and MSI-X are edge-triggered, so this is a no-op for them.
         """
         vector = irq.vector if isinstance(irq, Interrupt) else irq
+        self._check_live()
         if self._mode_code != IRQ_MODE_INTX:
             await trio.lowlevel.checkpoint()
             return
@@ -251,7 +277,8 @@ class Interrupts(VectorCounts):
         """Run ``handler`` (plain or async) for every interrupt, then EOI it; forever.
 
         Cancel the surrounding scope (or leave the ``interrupts()`` block) to stop.
-        An exception from the handler propagates and ends the loop.
+        An exception from the handler propagates and ends the loop; so does
+        :class:`~pcifront.ResourceLostError` when the connection is lost.
         """
         while True:
             try:
@@ -281,6 +308,7 @@ class Interrupts(VectorCounts):
         await self._mask(FUNCTION_MASK_VECTOR, False)
 
     async def _mask(self, vector: int, masked: bool) -> None:
+        self._check_live()
         check_mask_args(self._mode_code, vector, self.vectors)
         packed = self._packed
         await self._link.call(lambda rid: InterruptMaskRequest(rid, packed, vector, masked))
@@ -394,10 +422,12 @@ async def open_interrupts(
         for port in ports:
             port.close()
         # Disable even when the block was cancelled or failed; shielded, with a bound.
-        # A hot-unplugged device has nothing left to disable (the backend released it).
+        # A hot-unplugged device has nothing left to disable (the backend released it),
+        # nor has a block whose connection was lost: a disable sent on a newer connection
+        # would switch off whatever a newer block enabled there.
         with trio.CancelScope(shield=True), trio.move_on_after(link.disable_timeout):
             try:
-                if not getattr(device, "removed", False):
+                if not getattr(device, "removed", False) and irqs._lost is None:
                     await link.call(lambda rid: InterruptDisableRequest(rid, packed, code))
             except PcisplitError as exc:
                 log.warning("%s: disabling %s interrupts failed: %s", address, mode, exc)

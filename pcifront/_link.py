@@ -54,6 +54,8 @@ class InterruptSink(Protocol):
 
     def _close(self) -> None: ...
 
+    def _lose(self, reason: str) -> None: ...
+
 
 class CallFunction(Protocol):
     """``await call(make, fds=...)``: send ``make(request_id)`` and return its reply."""
@@ -81,12 +83,18 @@ class InterruptRoutes:
         """The active interrupts blocks by packed device address (do not modify)."""
         return self._active
 
-    def close_all_interrupts(self) -> None:
-        """The connection is gone: every interrupts block ends (its device's session did)."""
-        for sink in list(self._active.values()):
-            sink._close()
+    def close_all_interrupts(self, reason: str) -> int:
+        """The connection is gone: every interrupts block ends (its device's session did).
+
+        Each block's waiters and later calls get :class:`~pcifront.ResourceLostError`
+        naming ``reason``. Returns how many blocks ended.
+        """
+        sinks = list(self._active.values())
+        for sink in sinks:
+            sink._lose(reason)
         self._active.clear()
         self._stray_logged.clear()
+        return len(sinks)
 
     def attach_interrupts(self, packed: int, sink: InterruptSink) -> None:
         self._active[packed] = sink

@@ -18,10 +18,14 @@ What happens to requests across a reconnect:
   the backend may or may not have applied it, and replaying it blindly could
   apply it twice. It is never reported as a success.
 
-State that lived in the old backend session does not survive: active
-``interrupts()`` blocks end (their ``receive()`` raises
-``trio.ClosedResourceError``) and DMA buffers are unmapped. Enter the block
-or map the buffer again after the reconnect.
+State that lived in the old backend session does not survive, and is not
+re-established behind the guest's back: the backend reset the device when
+the old connection ended (or restarted), so the device has forgotten its MSI
+set-up and the DMA bus addresses it was programmed with. At the moment the
+connection is lost, active ``interrupts()`` blocks end, every task waiting
+in their ``receive()`` gets :class:`~pcifront.ResourceLostError`, and DMA
+buffers are unmapped (using one raises the same error). Re-initialise the
+device, then enter ``interrupts()`` again and map new buffers.
 """
 
 from __future__ import annotations

@@ -506,6 +506,12 @@ class IrqRouter:
         if state is not None:
             state._clear()
 
+    def forget_device(self, served: ServedDevice) -> None:
+        """The backend stopped serving ``served`` (a reload removed it): drop its state."""
+        state = self._devices.pop(id(served), None)
+        if state is not None:
+            state._clear()
+
     def release_outbox(self, outbox: InterruptOutbox) -> None:
         """A session ended: every device bound to it stops delivering and is disabled."""
         for state in self._devices.values():

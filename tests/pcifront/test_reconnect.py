@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import trio
@@ -248,3 +253,187 @@ def test_policy_delays_grow_exponentially_up_to_the_cap() -> None:
     assert policy.delays() == pytest.approx([0.0, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="initial_delay"):
         pcifront.ReconnectPolicy(initial_delay=0)
+
+
+# --------------------------------------------------------------------------- interrupts and DMA
+
+IRQ_RAISE, IRQ_ACK, IRQ_DMA = 0x60, 0x64, 0x100
+DMA_SRC, DMA_DST, DMA_COUNT, DMA_CMD = 0x80, 0x88, 0x90, 0x98
+DMA_TO_DEVICE_WITH_IRQ = 0x05  # start, RAM -> edu, raise an interrupt when done
+EDU_BUFFER = 0x40000
+
+
+async def test_interrupt_waiters_and_dma_buffers_fail_loudly_when_the_connection_is_lost(
+    autojump_clock: trio.testing.MockClock, config: BackendConfig
+) -> None:
+    """In-band interrupts and message DMA (memory:): the lost session's state ends loudly."""
+    links: list[pcifront.LinkEvent] = []
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery, config)
+        await server.start()
+        async with pcifront.connect(
+            server.address, guest="alpha", reconnect=fast_policy(links)
+        ) as bus:
+            dev = bus.devices[0]
+            errors: list[BaseException] = []
+            async with dev.interrupts(mode="intx") as irqs:
+                buf = await bus.dma_map(4096)
+                assert irqs.delivery == "inband" and not buf.shared
+
+                async def wait() -> None:
+                    try:
+                        await irqs.receive()
+                    except pcifront.ConnectionLostError as exc:
+                        errors.append(exc)
+
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await server.kill()
+                (error,) = errors
+                assert isinstance(error, pcifront.ResourceLostError)
+                assert "enter interrupts() again" in str(error)
+                with pytest.raises(pcifront.ResourceLostError, match=r"bus\.dma_map\(\)"):
+                    buf.write(0, b"x")
+                await server.start()
+                await buf.unmap()  # a no-op: nothing is mapped any more
+                assert await dev.config_read(0, 4) == EDU_ID  # connected again
+            # Leaving the dead block sent nothing: a new block enables at once.
+            async with dev.interrupts(mode="intx") as again:
+                await dev.bar_write(0, IRQ_RAISE, 4, 1)
+                assert (await again.receive()).vector == 0
+        nursery.cancel_scope.cancel()
+
+
+PROCESS_CONFIG = """
+listen = ["unix:{sock}"]
+[[guest]]
+name = "alpha"
+[[device]]
+id = "edu0"
+model = "edu"
+guest = "alpha"
+"""
+PROCESS_TIMEOUT = 30.0  # a stall guard for real processes, not a speed target
+
+
+class BackendProcess:
+    """``pciback serve`` as a real process on a fixed unix: socket (eventfds, shared DMA)."""
+
+    def __init__(self, tmp: Path) -> None:
+        config = tmp / "backend.toml"
+        config.write_text(PROCESS_CONFIG.format(sock=tmp / "pciback.sock"))
+        self.address = f"unix:{tmp / 'pciback.sock'}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pciback.cli", "serve", "--config", str(config)],
+            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+
+    async def started(self) -> BackendProcess:
+        assert self.proc.stdout is not None
+        with trio.fail_after(PROCESS_TIMEOUT):
+            line = await trio.to_thread.run_sync(self.proc.stdout.readline)
+        assert line.startswith(b"pciback: listening on unix:"), line
+        return self
+
+    async def kill_9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        with trio.fail_after(PROCESS_TIMEOUT):
+            assert await trio.to_thread.run_sync(self.proc.wait) == -signal.SIGKILL
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+@pytest.mark.slow
+async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Path) -> None:
+    """Eventfd MSI and memfd DMA: waiters fail at once, then re-enabled they work again."""
+    up = trio.Event()
+
+    def on_link(event: pcifront.LinkEvent) -> None:
+        if event.state == "up":
+            up.set()
+
+    policy = pcifront.ReconnectPolicy(initial_delay=0.05, max_delay=0.5, on_link=on_link)
+    backends = [await BackendProcess(tmp_path).started()]
+    try:
+        async with pcifront.connect(
+            backends[0].address, guest="alpha", reconnect=policy, timeout=PROCESS_TIMEOUT
+        ) as bus, trio.open_nursery() as nursery:
+            edu = bus.devices[0]
+            await edu.config_write(0x04, 2, 0x6)  # memory decode and bus master
+            lost: list[BaseException] = []
+            entered, leave, left = trio.Event(), trio.Event(), trio.Event()
+            blocks: list[pcifront.Interrupts] = []
+
+            async def old_block() -> None:
+                # The guest's old interrupts() block: open until after the reconnect.
+                async with edu.interrupts(mode="msi", vectors=1) as old:
+                    blocks.append(old)
+                    entered.set()
+                    await leave.wait()
+                left.set()
+
+            async def receive() -> None:
+                try:
+                    await blocks[0].receive()
+                except pcifront.ConnectionLostError as exc:
+                    lost.append(exc)
+
+            async def iterate() -> None:
+                try:
+                    async for _ in blocks[0]:
+                        pass
+                except pcifront.ConnectionLostError as exc:
+                    lost.append(exc)  # not a silent StopAsyncIteration
+
+            nursery.start_soon(old_block)
+            await entered.wait()
+            old = blocks[0]
+            buf = await bus.dma_map(4096)
+            assert old.delivery == "eventfd" and buf.shared
+            await edu.bar_write(0, IRQ_RAISE, 4, 1)
+            assert (await old.receive()).vector == 0  # live before the kill
+            await edu.bar_write(0, IRQ_ACK, 4, 1)
+
+            with trio.fail_after(PROCESS_TIMEOUT):
+                async with trio.open_nursery() as waiters:
+                    waiters.start_soon(receive)
+                    waiters.start_soon(iterate)
+                    await trio.testing.wait_all_tasks_blocked()
+                    await backends[0].kill_9()
+            assert [type(e) for e in lost] == [pcifront.ResourceLostError] * 2
+            assert "interrupts() block is dead" in str(lost[0])
+            with pytest.raises(pcifront.ResourceLostError, match="map a new buffer"):
+                buf.read(0, 4)
+            with pytest.raises(pcifront.ResourceLostError):
+                await old.eoi(0)
+
+            backends.append(await BackendProcess(tmp_path).started())
+            with trio.fail_after(PROCESS_TIMEOUT):
+                await up.wait()
+            # The new backend has a freshly reset device: the driver sets it up again.
+            await edu.config_write(0x04, 2, 0x6)
+            async with edu.interrupts(mode="msi", vectors=1) as irqs:
+                # Leaving the dead block now must not disable the new one.
+                leave.set()
+                await left.wait()
+                async with await bus.dma_map(4096) as fresh:
+                    fresh.write(0, b"after the kill!!")
+                    await edu.bar_write(0, DMA_SRC, 8, fresh.bus_address)
+                    await edu.bar_write(0, DMA_DST, 8, EDU_BUFFER)
+                    await edu.bar_write(0, DMA_COUNT, 8, 16)
+                    await edu.bar_write(0, DMA_CMD, 8, DMA_TO_DEVICE_WITH_IRQ)
+                    with trio.fail_after(PROCESS_TIMEOUT):
+                        assert (await irqs.receive()).vector == 0
+                    await edu.bar_write(0, IRQ_ACK, 4, IRQ_DMA)
+                    copied = await edu.bar_read(0, EDU_BUFFER, 8)
+                    assert copied.to_bytes(8, "little") == b"after th"
+            assert bus.statistics().reconnects == 1
+    finally:
+        for backend in backends:
+            backend.close()
