@@ -191,7 +191,9 @@ def check_config(path: str | Path) -> BackendConfig:
     config = config_from(args)
     check_listen(config.listen, config.tls)
     server_ssl_context(config)
-    DeviceRegistry(config)  # opens dumps and host devices, builds every policy
+    # Opens dumps and host devices and builds every policy, never writing a host device
+    # (firmware set-up would set a writable one's decode bits); then lets the files go.
+    DeviceRegistry(config, dry_run=True).close()
     return config
 
 

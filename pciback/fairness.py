@@ -9,20 +9,26 @@ behind a random share of everyone else's bursts. With 64 busy guests that was
 :class:`FairTurns` orders the bursts by start-time fair queuing, and only when
 it matters:
 
-* **Uncontended** (no other guest was served within ``window`` seconds) a
-  session takes no turn at all: no checkpoint, no bookkeeping beyond one clock
-  read. A single busy guest pays nothing.
+* **Uncontended** (the last two bursts served were this guest's own, and
+  nobody waits) a session takes no turn at all: no checkpoint, no clock read.
+  A single busy guest pays two method calls per burst.
 * **Contended**, a session registers with a start tag ``max(V, F)``: ``V`` is
   the start tag of the burst served last, ``F`` this guest's own finish tag (its
-  start tag plus the requests its last burst had). It then takes one
+  start tag plus the requests its last burst had). Sessions are served in order
+  of start tag plus the size of their last burst (an estimate of this burst's
+  finish), so among the many busy guests that share the current start tag, a
+  guest with one request goes first. A session registers, then takes one
   checkpoint, so that every session woken in the same scheduler batch is
-  registered before anyone is chosen, and waits until it has the smallest tag.
-  A guest that was quiet starts at ``V``, so it goes next; busy guests
-  alternate by how much they were served.
-* **Advisory, never blocking**: a turn only orders. A session waits for its
-  turn at most ``max_wait`` seconds and then goes ahead anyway (counted in
+  registered before anyone is chosen. A guest that was quiet starts at ``V``
+  with a small burst, so it goes next; busy guests alternate by how much they
+  were served.
+* **Advisory, never blocking**: a turn only orders. Sessions behind others
+  wait their turn (a full round while many guests are busy: that is the
+  sharing), but the first in line waits for the session holding the turn at
+  most ``max_wait`` seconds of its hold and then goes ahead anyway (counted in
   :attr:`FairStatistics.waits_cut_short`), so a session that keeps its turn
-  while it waits for something (a device lock) delays others by at most that.
+  while it waits for something (a device lock) delays the others by at most
+  that.
   The turn covers reading and dispatching a burst, never sending its replies:
   a guest that does not read what we send cannot hold it.
 """
@@ -38,8 +44,6 @@ import trio
 
 __all__ = ["FairStatistics", "FairTurns"]
 
-#: Another guest served within this many seconds means the backend is contended.
-DEFAULT_WINDOW = 0.002
 #: The longest a session waits for its turn before it goes ahead anyway (s).
 DEFAULT_MAX_WAIT = 0.005
 
@@ -52,22 +56,24 @@ class FairStatistics:
     turns: int = 0
     #: Bursts served at once (no other guest was served recently).
     uncontended: int = 0
-    #: Sessions that went ahead after ``max_wait`` without their turn.
+    #: Sessions that went ahead because the holder kept its turn over ``max_wait``.
     waits_cut_short: int = 0
 
 
 class _Entry:
-    __slots__ = ("key", "seq", "start", "task")
+    __slots__ = ("finish", "key", "seq", "start", "task")
 
-    def __init__(self, start: float, seq: int, key: object) -> None:
+    def __init__(self, start: float, finish: float, seq: int, key: object) -> None:
         self.start = start
+        #: The start tag plus the size of this guest's last burst: the order of service.
+        self.finish = finish
         self.seq = seq
         self.key = key
         #: Set only while the session is parked waiting for its turn.
         self.task: trio.lowlevel.Task | None = None
 
     def __lt__(self, other: _Entry) -> bool:
-        return (self.start, self.seq) < (other.start, other.seq)
+        return (self.finish, self.seq) < (other.finish, other.seq)
 
 
 class FairTurns:
@@ -79,27 +85,28 @@ class FairTurns:
     """
 
     def __init__(
-        self, *, window: float = DEFAULT_WINDOW, max_wait: float = DEFAULT_MAX_WAIT
+        self, *, max_wait: float = DEFAULT_MAX_WAIT
     ) -> None:
-        if window < 0 or max_wait <= 0:
-            raise ValueError(f"window must be >= 0 and max_wait > 0, not {window}, {max_wait}")
-        self.window = window
+        if max_wait <= 0:
+            raise ValueError(f"max_wait must be > 0, not {max_wait}")
         self.max_wait = max_wait
         self.stats = FairStatistics()
         self._heap: list[_Entry] = []
         self._seq = itertools.count()
         self._vtime = 0.0  # start tag of the burst served last
         self._finish: dict[object, float] = {}
+        self._burst: dict[object, int] = {}  # each guest's last burst (requests)
         self._holder: object | None = None
         self._holder_start = 0.0
-        # The guest served last and when; and when a different guest was served before it.
+        self._held_since = 0.0
+        # The guests whose bursts were served last and the one before.
         self._last_key: object | None = None
-        self._last_time = -float("inf")
-        self._other_time = -float("inf")
+        self._prev_key: object | None = None
 
     def forget(self, key: object) -> None:
         """``key``'s session ended: drop its tag (its waits, if any, end by cancellation)."""
         self._finish.pop(key, None)
+        self._burst.pop(key, None)
         if self._holder is key:
             self._holder = None
             self._wake_first()
@@ -109,32 +116,41 @@ class FairTurns:
 
         A checkpoint only when contended; cancellation leaves no trace.
         """
-        now = trio.current_time()
-        # When another guest was served last (or, if we were, before us).
-        other = self._last_time if self._last_key is not key else self._other_time
-        contended = self._holder is not None or bool(self._heap) or now - other <= self.window
+        contended = (
+            self._last_key is not key
+            or self._prev_key is not key
+            or self._holder is not None
+            or bool(self._heap)
+        )
         if not contended:
             self.stats.uncontended += 1
             return False
         start = max(self._vtime, self._finish.get(key, 0.0))
-        entry = _Entry(start, next(self._seq), key)
+        entry = _Entry(start, start + self._burst.get(key, 1), next(self._seq), key)
         heapq.heappush(self._heap, entry)
         granted = False
         try:
             # Everyone woken in this scheduler batch registers before anyone is chosen.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            if not self._my_turn(entry):
-                with trio.move_on_after(self.max_wait) as waited:
-                    while not self._my_turn(entry):
-                        entry.task = trio.lowlevel.current_task()
+            while not self._my_turn(entry):
+                entry.task = trio.lowlevel.current_task()
+                if self._heap[0] is entry:
+                    # Next in line: wait for the holder, but never past max_wait of its
+                    # hold (it may be waiting for something; the turn only orders).
+                    with trio.move_on_at(self._held_since + self.max_wait) as waited:
                         await trio.lowlevel.wait_task_rescheduled(_abort_wait(entry))
-                if waited.cancelled_caught:
-                    self.stats.waits_cut_short += 1
+                    if waited.cancelled_caught:
+                        self.stats.waits_cut_short += 1
+                        break
+                else:
+                    # Behind others: woken when we become the first (release or removal).
+                    await trio.lowlevel.wait_task_rescheduled(_abort_wait(entry))
             granted = True
         finally:
             entry.task = None
             if granted:
                 self._holder = key  # before leaving the queue: nobody else is woken for it
+                self._held_since = trio.current_time()
             self._remove(entry)
         self._holder_start = entry.start
         self._vtime = max(self._vtime, entry.start)
@@ -143,15 +159,14 @@ class FairTurns:
 
     def release(self, key: object, served: int) -> None:
         """``key`` answered ``served`` requests (with or without a turn)."""
+        self._burst[key] = max(served, 1)
         if self._holder is key:
             self._finish[key] = self._holder_start + max(served, 1)
             self._holder = None
             self._wake_first()
         else:
             self._finish[key] = max(self._vtime, self._finish.get(key, 0.0)) + max(served, 1)
-        if key is not self._last_key:
-            self._other_time = self._last_time  # the last time a guest other than key was
-        self._last_key, self._last_time = key, trio.current_time()
+        self._prev_key, self._last_key = self._last_key, key
 
     # -- internals ---------------------------------------------------------------------
 
@@ -164,8 +179,8 @@ class FairTurns:
         except ValueError:
             return
         heapq.heapify(self._heap)
-        if self._holder is None:
-            self._wake_first()
+        # The new first waits for the holder with a time limit, or takes a free turn.
+        self._wake_first()
 
     def _wake_first(self) -> None:
         if self._heap:

@@ -137,9 +137,12 @@ class ServedDevice:
 
 
 def build_provider(
-    cfg: DeviceConfig, sysfs_root: Path = SYSFS_PCI_DEVICES
+    cfg: DeviceConfig, sysfs_root: Path = SYSFS_PCI_DEVICES, *, dry_run: bool = False
 ) -> tuple[DeviceProvider, PciAddress | None]:
-    """Instantiate the provider a ``[[device]]`` table describes."""
+    """Instantiate the provider a ``[[device]]`` table describes.
+
+    ``dry_run`` (``pciback check``): host devices are opened read-only and never written.
+    """
     try:
         if cfg.kind == "emulated":
             assert cfg.model is not None
@@ -151,7 +154,10 @@ def build_provider(
             )
             return dev, dev.address
         assert cfg.address is not None
-        return HostDevice(cfg.address, writable=cfg.writable, sysfs_root=sysfs_root), cfg.address
+        host = HostDevice(
+            cfg.address, writable=cfg.writable, sysfs_root=sysfs_root, dry_run=dry_run
+        )
+        return host, cfg.address
     except ConfigFileError:
         raise
     except (PcisplitError, OSError, ValueError) as exc:
@@ -161,12 +167,14 @@ def build_provider(
 class DeviceRegistry:
     """All served devices, and which guest owns which."""
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, *, dry_run: bool = False) -> None:
+        """``dry_run``: build everything as ``serve`` would, but never write a host device
+        (``pciback check``)."""
         self.config = config
         self._devices: dict[str, ServedDevice] = {}
         self.audit = AuditLog(rate=config.audit_rate, burst=config.audit_burst)
         for cfg in config.devices:
-            provider, physical = build_provider(cfg, config.sysfs_root)
+            provider, physical = build_provider(cfg, config.sysfs_root, dry_run=dry_run)
             hidden = config.is_hidden(physical) is not None
             self._devices[cfg.id] = ServedDevice(cfg, provider, physical, hidden=hidden)
         self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}
@@ -190,6 +198,13 @@ class DeviceRegistry:
 
     def __iter__(self) -> Iterator[ServedDevice]:
         return iter(self._devices.values())
+
+    def close(self) -> None:
+        """Close what the providers hold open (host devices' sysfs files)."""
+        for dev in self._devices.values():
+            close = getattr(dev.provider, "close", None)
+            if callable(close):
+                close()
 
     def get(self, device_id: str) -> ServedDevice:
         try:

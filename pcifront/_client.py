@@ -395,10 +395,12 @@ class Bus:
         calls = self._calls
         if calls.failed is not None:
             raise ConnectionLostError(calls.failed, request_sent=False)
-        # Parking only when full keeps the common path free of scheduler passes.
-        await calls.wait_slot()
-        if calls.failed is not None:
-            raise ConnectionLostError(calls.failed, request_sent=False)
+        # Parking only when full keeps the common path free of scheduler passes (and,
+        # tested here first, of a coroutine call).
+        if self._full():
+            await calls.wait_slot()
+            if calls.failed is not None:
+                raise ConnectionLostError(calls.failed, request_sent=False)
         conn = self._conn
         rid = conn.next_request_id()
         try:
@@ -544,7 +546,10 @@ class Bus:
 
     async def _send(self, frame: bytes, fds: list[int] | None = None) -> None:
         lock = self._send_lock
-        await lock.acquire()
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()  # free: no coroutine, no checkpoint
         try:
             if fds:
                 await self._transport.send_frame_with_fds(frame, fds)

@@ -236,13 +236,18 @@ class Interrupts(VectorCounts):
     async def receive(self) -> Interrupt:
         """Wait for the next interrupt: its vector and how many times it fired."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        parked = False
         while True:
             try:
                 irq = self.receive_nowait()
             except trio.WouldBlock:
                 await self._lot.park()
+                parked = True
                 continue
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not parked:
+                # Parking was a full checkpoint already; a second pass through the
+                # scheduler would be one more on every interrupt's critical path.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return irq
 
     def __aiter__(self) -> Interrupts:

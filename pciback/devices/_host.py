@@ -102,12 +102,17 @@ class HostDevice(DeviceProvider):
         *,
         writable: bool = False,
         sysfs_root: Path = SYSFS_PCI_DEVICES,
+        dry_run: bool = False,
     ) -> None:
         self.address = address if isinstance(address, PciAddress) else PciAddress.parse(address)
         self.writable = writable
+        #: ``pciback check``: the device is opened read-only whatever ``writable`` says,
+        #: and config writes are checked and recorded in :attr:`dry_run_writes`, never made.
+        self.dry_run = dry_run
+        self.dry_run_writes: list[tuple[int, int, int]] = []
         self.path = Path(sysfs_root) / str(self.address)
         config = self.path / "config"
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        flags = (os.O_RDWR if writable and not dry_run else os.O_RDONLY) | os.O_CLOEXEC
         try:
             self._fd = os.open(config, flags)
         except OSError as exc:
@@ -179,6 +184,9 @@ class HostDevice(DeviceProvider):
                 f"value {value:#x} does not fit in a {size}-byte config write",
                 code=ErrorCode.INVALID_SIZE,
             )
+        if self.dry_run:
+            self.dry_run_writes.append((offset, size, value))
+            return
         try:
             written = os.pwrite(self._checked_fd(), value.to_bytes(size, "little"), offset)
         except OSError as exc:

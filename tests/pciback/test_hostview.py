@@ -23,11 +23,12 @@ import pytest
 import trio
 
 import pcifront
-from pciback.cli import main
+from pciback.cli import check_config, main
 from pciback.config import parse_config
 from pciback.control import _not_served
 from pciback.devices import SYSFS_PCI_DEVICES
 from pciback.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
+from pciback.registry import DeviceRegistry
 from pciback.service import Backend
 from pciback.testing import listen_address
 from shared.pci import PciAddress
@@ -302,3 +303,48 @@ def test_the_real_host_is_read_only_and_agrees_with_lspci() -> None:
         if f.ids is not None
     }
     assert ours == theirs
+
+
+def test_check_config_closes_the_host_devices_it_opened(tmp_path: Path) -> None:
+    # `pciback check` (and the docs runner, which calls check_config once per block)
+    # opens every host device to validate it; nothing may stay open afterwards.
+    _fake_host(tmp_path / "devices")
+    config = tmp_path / "host.toml"
+    config.write_text(HOST_CONFIG)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        check_config(config)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def _host_with_a_memory_bar(root: Path) -> Path:
+    """A writable-looking host function whose memory decode is off (firmware would set it)."""
+    image = bytearray(256)
+    image[0:4] = (0x10C9_8086).to_bytes(4, "little")
+    image[0x08:0x0C] = (0x0200_0001).to_bytes(4, "little")
+    image[0x10:0x14] = (0xFE00_0000).to_bytes(4, "little")  # BAR0: 32-bit memory
+    path = root / "0000:05:00.0"
+    path.mkdir(parents=True)
+    (path / "config").write_bytes(bytes(image))
+    (path / "resource").write_text(
+        "0x00000000fe000000 0x00000000fe000fff 0x0000000000040200\n"
+        + "0x0000000000000000 0x0000000000000000 0x0000000000000000\n" * 6
+    )
+    return path / "config"
+
+
+def test_check_never_writes_a_writable_host_device(tmp_path: Path) -> None:
+    config_file = _host_with_a_memory_bar(tmp_path / "devices")
+    original = config_file.read_bytes()
+    config = tmp_path / "host.toml"
+    config.write_text(
+        'sysfs_root = "devices"\n[[guest]]\nname = "g"\n'
+        '[[device]]\nid = "h"\nkind = "host"\naddress = "0000:05:00.0"\nwritable = true\n'
+        'policy = "permissive"\nguest = "g"\n'
+    )
+    check_config(config)
+    assert config_file.read_bytes() == original  # pciback check: nothing written
+    # Serving it does program the decode bits (so the check above could have written).
+    registry = DeviceRegistry(parse_config(config.read_text(), base=tmp_path))
+    registry.close()
+    assert config_file.read_bytes()[4] & 0x02 and config_file.read_bytes() != original
