@@ -7,10 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 from _irqdma_support import EDU, raw_guest
 
-from pciback._ratelog import GUEST_LOG_BURST
+from pciback._ratelog import GUEST_LOG_BURST, SUMMARY_INTERVAL
 from pciback.control import ControlApi
+from pciback.service import LOG_TICK
 from pciback.testing import running_backend
 from shared.errors import ErrorCode
 from shared.protocol import (
@@ -87,3 +90,29 @@ async def test_a_device_model_dma_fault_loop_is_rate_limited(
     # MODEL_LOG is one per process: earlier tests may have spent some of the burst already.
     lines = [r for r in caplog.records if "edu DMA fault" in r.getMessage()]
     assert len(lines) <= GUEST_LOG_BURST
+
+
+async def test_the_backend_summarises_a_flood_that_stopped_while_the_guest_stays(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pcisplit.backend")
+    async with (
+        running_backend(CONFIG) as rb,
+        raw_guest(rb.address("memory"), "mallory") as g,
+    ):
+        for _ in range(25):
+            await g.request(lambda rid: ConfigReadRequest(rid, NOWHERE, 0, 4))
+
+        def summaries() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "more refused" in r.getMessage()]
+
+        assert summaries() == []
+        await trio.sleep(SUMMARY_INTERVAL - 1)
+        assert summaries() == []  # not due yet
+        await trio.sleep(1 + 2 * LOG_TICK)  # the backend's next tick finds it due
+        (summary,) = summaries()
+        head = "guest mallory (connection 1): 15 more refused ConfigReadRequests suppressed "
+        assert summary.startswith(head + "in the last ") and summary.endswith(" s")
+        seconds = float(summary.removeprefix(head + "in the last ").removesuffix(" s"))
+        assert SUMMARY_INTERVAL <= seconds <= SUMMARY_INTERVAL + LOG_TICK
+        await g.ok(lambda rid: ConfigReadRequest(rid, EDU, 0, 4))  # still connected
