@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import grp
-import json
 import os
 import shutil
 import socket
@@ -20,6 +19,8 @@ import trustme
 
 import pcifront
 from pciback.config import parse_config
+from pciback.ctl import ControlUnreachableError
+from pciback.ctl import request as ctl_request
 from pciback.identity import GuestConfig, authorize
 from pciback.service import Backend
 from pciback.testing import TEST_TOKEN, running_backend
@@ -278,21 +279,14 @@ def _handshake_as(uid: int, path: str, guest: str) -> str:
 
 
 def _control_as(uid: int, path: str, guest: str) -> str:
-    """In a forked child running as ``uid``: ask the control socket for ``status``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        try:
-            sock.connect(path)
-        except PermissionError:
+    """In a forked child running as ``uid``: ask the control socket for ``status``
+    the way ``pciback ctl`` does."""
+    try:
+        answer = ctl_request(Path(path), {"command": "status"}, timeout=10)
+    except ControlUnreachableError as exc:
+        if isinstance(exc.__cause__, PermissionError):
             return "EACCES"
-        sock.sendall(b'{"command": "status"}\n')
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    answer = json.loads(data)
+        raise
     return "ok" if answer["ok"] else str(answer["code"])
 
 
