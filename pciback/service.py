@@ -457,10 +457,19 @@ class Backend:
         """
         self.stats.connections_active += 1
         peer = f"connection {self.stats.connections_accepted} on {address}"
+        scope = f"source {address}"
         ticket: GateTicket | None = None
+
+        def note(level: int, msg: str, *args: object) -> None:
+            # What a peer's comings and goings cause is rate-limited per source, so a
+            # peer connecting and leaving in a loop cannot grow the log (counted).
+            self.guest_log.log(scope, "connections", level, msg, *args)
+
         try:
             peer = transport.describe()  # a plugin's describe() may fail: inside the net
-            ticket = self.gate.admit(source_of(transport.peer_identity()))
+            source = source_of(transport.peer_identity())
+            scope = f"source {source}"
+            ticket = self.gate.admit(source)
             if ticket is None:
                 await trio.aclose_forcefully(transport)
                 return
@@ -475,15 +484,15 @@ class Backend:
             ):
                 # The transport caught the peer lying about framing (e.g. a 1 GiB length).
                 self.stats.disconnects_for_misbehaviour += 1
-                log.warning("%s: disconnected: %s", peer, exc)
+                note(logging.WARNING, "%s: disconnected: %s", peer, exc)
             elif isinstance(cause, ssl.SSLError):
                 # Say which TLS failure it was (no client certificate, an unknown CA, ...).
-                log.warning("%s: TLS handshake failed: %s", peer, reason(cause))
+                note(logging.WARNING, "%s: TLS handshake failed: %s", peer, reason(cause))
             else:
-                log.info("%s: peer went away: %s", peer, reason(cause or exc))
+                note(logging.INFO, "%s: peer went away: %s", peer, reason(cause or exc))
         except RemoteProtocolError as exc:
             self.stats.disconnects_for_misbehaviour += 1
-            log.warning("%s: disconnected for a protocol violation: %s", peer, exc)
+            note(logging.WARNING, "%s: disconnected for a protocol violation: %s", peer, exc)
         except trio.TooSlowError:
             self.stats.disconnects_for_misbehaviour += 1
             self.gate.exceeded(
@@ -520,7 +529,10 @@ class Backend:
         hello = conn.receive(frame)
         if not isinstance(hello, Hello):
             # The table lets a Goodbye come first: the peer left before its handshake.
-            log.info("%s: left before the handshake (%s)", transport.describe(), hello)
+            self.guest_log.log(
+                f"source {source_of(transport.peer_identity())}", "connections", logging.INFO,
+                "%s: left before the handshake (%s)", transport.describe(), hello,
+            )
             return None
         refusal = self._refusal(hello, transport, address)
         if refusal is None:
@@ -583,7 +595,11 @@ class Backend:
             return
         guest = conn.guest
         assert guest is not None
-        log.info("%s: guest %s connected", transport.describe(), guest)
+        # A guest reconnecting in a loop: rate-limited per guest like its other lines.
+        self.guest_log.log(
+            f"guest {guest}", "connections", logging.INFO,
+            "%s: guest %s connected", transport.describe(), guest,
+        )
         session = GuestSession(
             transport,
             conn,

@@ -122,6 +122,9 @@ class GuestSession:
         #: Guest-triggered log lines of this connection: rate-limited per kind, counted,
         #: summarised (pciback/_ratelog.py).
         limiter = guest_log if guest_log is not None else RateLimitedLog(log)
+        #: Lines about the guest's connections, rate-limited per guest (not per connection,
+        #: so a guest reconnecting in a loop cannot grow the log either).
+        self.guest_events: ScopedLog = limiter.scoped(f"guest {self.guest}")
         self.events: ScopedLog = limiter.scoped(
             f"guest {self.guest} (connection {number})"
         )
@@ -298,7 +301,9 @@ class GuestSession:
                             self.changes.acknowledged(msg)
                         elif isinstance(msg, Goodbye):
                             await self._flush(replies)
-                            log.info(
+                            self.guest_events.log(
+                                "connections",
+                                logging.INFO,
                                 "%s: guest %s said goodbye: %s",
                                 transport.describe(),
                                 self.guest,

@@ -116,3 +116,27 @@ async def test_the_backend_summarises_a_flood_that_stopped_while_the_guest_stays
         seconds = float(summary.removeprefix(head + "in the last ").removesuffix(" s"))
         assert SUMMARY_INTERVAL <= seconds <= SUMMARY_INTERVAL + LOG_TICK
         await g.ok(lambda rid: ConfigReadRequest(rid, EDU, 0, 4))  # still connected
+
+
+async def test_a_guest_reconnecting_in_a_loop_cannot_grow_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pcisplit.backend")
+    cycles = 60
+    async with running_backend(CONFIG, transports=("unix",), tmp=tmp_path) as rb:
+        for _ in range(cycles):
+            async with raw_guest(rb.address("unix"), "mallory"):
+                pass  # handshake, then goodbye
+        for _ in range(cycles):
+            stream = await trio.open_unix_socket(rb.address("unix").partition(":")[2])
+            await stream.aclose()  # connects and leaves before any handshake
+        await trio.testing.wait_all_tasks_blocked()
+        stats = rb.backend.guest_log.statistics()
+    messages = [r.getMessage() for r in caplog.records]
+    connected = [m for m in messages if "guest mallory connected" in m]
+    gone = [m for m in messages if "peer went away" in m or "before the handshake" in m]
+    # Each source and guest gets its burst; the rest are counted, none is dropped silently.
+    assert len(connected) <= GUEST_LOG_BURST + 1
+    assert len(gone) <= 2 * GUEST_LOG_BURST + 2
+    assert stats.logged["connections"] + stats.suppressed["connections"] >= 3 * cycles
+    assert stats.suppressed["connections"] >= 3 * cycles - 4 * GUEST_LOG_BURST - 4
