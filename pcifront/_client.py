@@ -25,7 +25,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import trio
 
 from pcifront._changes import ChangeTracker, DeviceChanges, removed_error
-from pcifront._device import DeviceView
+from pcifront._device import BusView, DeviceView
 from pcifront._dma import DmaBuffer, DmaSpace, map_buffer
 from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
 from pcifront._interrupts import Interrupts, open_interrupts
@@ -191,7 +191,7 @@ class Device(DeviceView):
 _READER = object()
 
 
-class Bus:
+class Bus(BusView["Device"]):
     """A connected guest's virtual PCI bus."""
 
     def __init__(
@@ -236,18 +236,8 @@ class Bus:
         self._reconnect: Reconnector | None = None
 
     @property
-    def guest(self) -> str:
-        assert self._conn.guest is not None
-        return self._conn.guest
-
-    @property
     def transport(self) -> FrameTransport:
         return self._transport
-
-    @property
-    def features(self) -> tuple[str, ...]:
-        """The optional features both sides support (``"interrupts"``, ``"dma"``...)."""
-        return self._conn.features
 
     @property
     def _lost(self) -> str | None:
@@ -259,9 +249,7 @@ class Bus:
         return self._link.active
 
     def statistics(self) -> BusStatistics:
-        stats = self.stats
-        stats.dma_calls_answered = self._dma.calls_answered
-        stats.dma_calls_faulted = self._dma.calls_faulted
+        stats = super().statistics()
         if self._reconnect is not None:
             stats.reconnects = self._reconnect.reconnects
         return stats
@@ -312,14 +300,6 @@ class Bus:
             self._faults_send.send_nowait(event)
         except trio.WouldBlock:
             self.stats.dma_faults_unread += 1
-
-    def device(self, address: str | PciAddress) -> Device:
-        """The device at ``address`` (``0000:00:01.0`` or ``00:01.0``)."""
-        wanted = address if isinstance(address, PciAddress) else PciAddress.parse(address)
-        for dev in self.devices:
-            if dev.pci_address == wanted:
-                return dev
-        raise error_for_code(ErrorCode.NOT_FOUND, f"no device at {wanted} on this bus")
 
     async def refresh(self, *, include_config: bool = False) -> list[Device]:
         """Take a bus snapshot and bring :attr:`devices` up to date.

@@ -1,11 +1,18 @@
-"""What the trio and the blocking ``Device`` share: the identity read from the snapshot."""
+"""What the trio and the blocking client share: a ``Device``'s identity read from the
+snapshot, and a ``Bus``'s accessors that need no I/O."""
 
 from __future__ import annotations
 
-from shared.pci import PciAddress
-from shared.protocol import DeviceInfo
+from typing import Generic, TypeVar
 
-__all__ = ["DeviceView"]
+from pcifront._dma import DmaSpace
+from pcifront._errors import error_for_code
+from pcifront._link import BusStatistics
+from shared.errors import ErrorCode
+from shared.pci import PciAddress
+from shared.protocol import Connection, DeviceInfo
+
+__all__ = ["BusView", "DeviceView"]
 
 
 class DeviceView:
@@ -48,3 +55,42 @@ class DeviceView:
             f"<{type(self).__name__} {self.address} {self.vendor_id:04x}:{self.device_id:04x} "
             f"class {self.class_code:06x}>"
         )
+
+
+D = TypeVar("D", bound=DeviceView)
+
+
+class BusView(Generic[D]):
+    """The accessors of a connected guest's bus that both clients share.
+
+    Subclasses set ``_conn``, ``_dma``, ``stats`` and ``devices``.
+    """
+
+    _conn: Connection
+    _dma: DmaSpace
+    stats: BusStatistics
+    devices: list[D]
+
+    @property
+    def guest(self) -> str:
+        assert self._conn.guest is not None
+        return self._conn.guest
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The optional features both sides support (``"interrupts"``, ``"dma"``...)."""
+        return self._conn.features
+
+    def statistics(self) -> BusStatistics:
+        stats = self.stats
+        stats.dma_calls_answered = self._dma.calls_answered
+        stats.dma_calls_faulted = self._dma.calls_faulted
+        return stats
+
+    def device(self, address: str | PciAddress) -> D:
+        """The device at ``address`` (``0000:00:01.0`` or ``00:01.0``)."""
+        wanted = address if isinstance(address, PciAddress) else PciAddress.parse(address)
+        for dev in self.devices:
+            if dev.pci_address == wanted:
+                return dev
+        raise error_for_code(ErrorCode.NOT_FOUND, f"no device at {wanted} on this bus")

@@ -35,7 +35,7 @@ from types import TracebackType
 
 import trio
 
-from pcifront._device import DeviceView
+from pcifront._device import BusView, DeviceView
 from pcifront._dma import DmaSpace
 from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
 from pcifront._interrupts import (
@@ -237,7 +237,7 @@ class Device(DeviceView):
                                     self.address, mode, exc)
 
 
-class Bus:
+class Bus(BusView["Device"]):
     """A connected guest's virtual PCI bus, driven from the calling thread."""
 
     def __init__(
@@ -257,38 +257,14 @@ class Bus:
         self.devices: list[Device] = []
 
     @property
-    def guest(self) -> str:
-        assert self._conn.guest is not None
-        return self._conn.guest
-
-    @property
     def transport(self) -> BlockingTransport:
         return self._transport
-
-    @property
-    def features(self) -> tuple[str, ...]:
-        """The optional features both sides support."""
-        return self._conn.features
-
-    def statistics(self) -> BusStatistics:
-        stats = self.stats
-        stats.dma_calls_answered = self._dma.calls_answered
-        stats.dma_calls_faulted = self._dma.calls_faulted
-        return stats
 
     def take_events(self) -> list[Event]:
         """Events other than interrupts and DMA that arrived so far (and forget them)."""
         with self._lock:
             events, self._events = self._events, []
         return events
-
-    def device(self, address: str | PciAddress) -> Device:
-        """The device at ``address`` (``0000:00:01.0`` or ``00:01.0``)."""
-        wanted = address if isinstance(address, PciAddress) else PciAddress.parse(address)
-        for dev in self.devices:
-            if dev.pci_address == wanted:
-                return dev
-        raise error_for_code(ErrorCode.NOT_FOUND, f"no device at {wanted} on this bus")
 
     def refresh(self, *, include_config: bool = False) -> list[Device]:
         """Take a bus snapshot and rebuild :attr:`devices`."""
