@@ -28,7 +28,7 @@ import time
 import trio
 
 from pciback.devices import EmulatedDevice
-from pciback.registry import register_model
+from pciback.plane.registry import register_model
 
 MAX_SAMPLES = 20000
 _REG_SAMPLES = 0x20

@@ -1,7 +1,7 @@
 """pciback: the backend service that owns PCI devices and serves them to guests."""
 
 from pciback.config import BackendConfig, default_config, load_config, parse_config
-from pciback.registry import MODELS, DeviceRegistry, register_model
+from pciback.plane.registry import MODELS, DeviceRegistry, register_model
 from pciback.service import Backend
 from shared.cli import package_version
 

@@ -3,10 +3,10 @@
 pciback serve                       # embedded default: edu for guest0 on unix:./pciback.sock
 pciback serve --config backend.toml --listen tcp://127.0.0.1:7070
 pciback check --config backend.toml # validate everything, start nothing (exit 0 or 2)
-pciback ctl list                    # the control socket: see pciback/ctl.py
+pciback ctl list                    # the control socket: see pciback/ops/control_client.py
 
 ``serve`` runs until SIGTERM or SIGINT (guests are told, devices reset, exit
-0); SIGHUP reloads ``--config`` (see :mod:`pciback.lifecycle`). Under systemd
+0); SIGHUP reloads ``--config`` (see :mod:`pciback.ops.lifecycle`). Under systemd
 (``Type=notify``) it reports READY=1, RELOADING=1 and STOPPING=1.
 
 Every subcommand is registered on :data:`CLI` (a :class:`shared.cli.Cli`), so it
@@ -34,9 +34,9 @@ from pciback.config import (
     default_config,
     load_config,
 )
-from pciback.ctl import add_ctl_arguments, run_ctl
-from pciback.lifecycle import notify_reloading, reload, sd_notify, summary
-from pciback.registry import DeviceRegistry
+from pciback.ops.control_client import add_ctl_arguments, run_ctl
+from pciback.ops.lifecycle import notify_reloading, reload, sd_notify, summary
+from pciback.plane.registry import DeviceRegistry
 from pciback.service import Backend, server_ssl_context
 from shared.cli import Cli
 from shared.errors import ConfigFileError, PcisplitError, UsageError

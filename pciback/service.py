@@ -31,19 +31,19 @@ from typing import Any
 
 import trio
 
-from pciback._accept import AcceptStatistics, accept_loop
 from pciback._ratelog import MODEL_LOG, RateLimitedLog, RateLogStatistics
 from pciback.config import BackendConfig, check_listen
 from pciback.devices import HostDevice
-from pciback.dma import DmaHub
-from pciback.fairness import FairTurns
-from pciback.hoststate import HostStateFile, state_path_for
-from pciback.hotplug import Hotplug, HotplugResult
-from pciback.identity import authorize
-from pciback.irq import InterruptLimits, IrqRouter
-from pciback.limits import ConnectionGate, GateTicket, source_of
-from pciback.registry import DeviceRegistry, ServedDevice
-from pciback.session import GuestSession
+from pciback.guests._accept import AcceptStatistics, accept_loop
+from pciback.guests.fairness import FairTurns
+from pciback.guests.identity import authorize
+from pciback.guests.limits import ConnectionGate, GateTicket, source_of
+from pciback.guests.session import GuestSession
+from pciback.plane.dma import DmaHub
+from pciback.plane.hoststate import HostStateFile, state_path_for
+from pciback.plane.hotplug import Hotplug, HotplugResult
+from pciback.plane.irq import InterruptLimits, IrqRouter
+from pciback.plane.registry import DeviceRegistry, ServedDevice
 from shared.errors import (
     ConfigFileError,
     ErrorCode,
@@ -102,7 +102,7 @@ class BackendStatistics:
     protocol_errors: int = 0
     disconnects_for_misbehaviour: int = 0
     per_guest_requests: dict[str, int] = field(default_factory=dict)
-    #: ``[limits]`` key -> times a peer went over that limit (see pciback.limits).
+    #: ``[limits]`` key -> times a peer went over that limit (see pciback.guests.limits).
     limits_exceeded: Counter[str] = field(default_factory=Counter)
     accept: AcceptStatistics = field(default_factory=AcceptStatistics)
     #: Connections ended by an unexpected exception (a backend or plugin bug), contained:
@@ -196,7 +196,7 @@ class Backend:
         #: The admin socket ``serve`` opens (``pciback ctl``); None: no control socket.
         self.control_path = control
         #: The saved config of writable host devices, for the backend after a SIGKILL
-        #: (``pciback.hoststate``); kept beside the control socket, so none without one.
+        #: (``pciback.plane.hoststate``); kept beside the control socket, so none without one.
         self.host_state = None if control is None else HostStateFile(state_path_for(control))
         self.started_at: float | None = None
         resources = config.resources
@@ -217,7 +217,7 @@ class Backend:
             limit_events=self.stats.limits_exceeded,
         )
         self.registry.release_hooks.append(self.irq.reset_device)
-        #: Fair turns between guests busy at the same time (``pciback.fairness``).
+        #: Fair turns between guests busy at the same time (``pciback.guests.fairness``).
         self.fair = FairTurns()
         self.sessions: list[GuestSession] = []
         #: Guest-triggered log lines of sessions: counted, rate-limited per connection and
@@ -280,7 +280,7 @@ class Backend:
         return [s for s in self.sessions if s.guest == guest]
 
     async def assign(self, device_id: str, guest: str) -> HotplugResult:
-        """Hot-plug ``device_id`` into ``guest`` (see :class:`pciback.hotplug.Hotplug`)."""
+        """Hot-plug ``device_id`` into ``guest`` (see :class:`pciback.plane.hotplug.Hotplug`)."""
         return await self.hotplug.assign(device_id, guest)
 
     async def unassign(
@@ -372,7 +372,7 @@ class Backend:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 nursery.start_soon(self._tick_logs_forever, name="rate-limited log summaries")
                 if self.control_path is not None:
-                    from pciback.control import serve_control
+                    from pciback.ops.control_server import serve_control
 
                     await nursery.start(serve_control, self, self.control_path)
                 self.started_at = trio.current_time()

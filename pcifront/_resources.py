@@ -1,6 +1,6 @@
 """A device's resources as the guest sees them, and guest-physical address routing.
 
-Firmware-like assignment (``pciback.firmware``) gives every BAR an address in
+Firmware-like assignment (``pciback.plane.firmware``) gives every BAR an address in
 the guest's windows; the guest may re-program them. :func:`read_resources`
 reads the BAR registers the guest currently sees and pairs them with the BAR
 sizes the backend reported (:attr:`pcifront.Device.bar_sizes`), which is what

@@ -252,7 +252,7 @@ class HostDevice(DeviceProvider):
         """Restore ``saved`` now and keep it as the config every later reset puts back.
 
         ``saved`` is what an earlier backend recorded when it opened this
-        device (``pciback.hoststate``): that backend was killed before it
+        device (``pciback.plane.hoststate``): that backend was killed before it
         could restore it, so the config space may still hold what its guest
         wrote, and the image read at open time is not the one to trust.
         Refused (:class:`DeviceSetupError`, nothing written) when ``saved``

@@ -26,7 +26,7 @@ memory BARs, 256 bytes for I/O BARs and 64 KiB for the ROM; an unassigned base
 reads 0 cannot be told from an unimplemented one, so it is implemented only
 when ``bar_sizes`` names it; a ROM register that reads 0 likewise.
 
-At assignment, firmware (``pciback.firmware``) places the BARs sized by
+At assignment, firmware (``pciback.plane.firmware``) places the BARs sized by
 ``bar_sizes`` in the guest's windows and keeps the dump's programmed address
 for the others (:meth:`SnapshotDevice.firmware_addresses`).
 

@@ -1,7 +1,7 @@
 """What a transport knows about the peer at the other end: :class:`PeerIdentity`.
 
 The backend decides whether a connection may act as the guest it names from
-this object alone (``pciback.identity``), so every transport reports the same
+this object alone (``pciback.guests.identity``), so every transport reports the same
 typed fields instead of a dict read by string key:
 
 * ``unix:`` and ``shm:``: the kernel's ``SO_PEERCRED`` (pid, uid, gid of the

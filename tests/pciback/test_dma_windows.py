@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from pciback.devices import DmaFaultError
-from pciback.dma import (
+from pciback.plane.dma import (
     IOVA_BASE,
     PAGE_SIZE,
     DmaMapError,
@@ -336,7 +336,7 @@ async def test_teardown_finishes_an_interrupted_unmap(
 
 
 async def test_too_many_windows(space: GuestDma, guest: FakeGuest) -> None:
-    import pciback.dma as dma
+    import pciback.plane.dma as dma
 
     limit = dma.MAX_WINDOWS
     dma.MAX_WINDOWS = 3

@@ -1,4 +1,4 @@
-"""Fair turns between busy guests (``pciback.fairness``)."""
+"""Fair turns between busy guests (``pciback.guests.fairness``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 import pcifront
-from pciback.fairness import FairTurns
+from pciback.guests.fairness import FairTurns
 from pciback.testing import running_backend
 
 

@@ -12,7 +12,7 @@ import trio.testing
 from _irqdma_support import EDU, raw_guest
 
 from pciback._ratelog import GUEST_LOG_BURST, SUMMARY_INTERVAL
-from pciback.control import ControlApi
+from pciback.ops.control_server import ControlApi
 from pciback.service import LOG_TICK
 from pciback.testing import running_backend
 from shared.errors import ErrorCode

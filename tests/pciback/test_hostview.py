@@ -25,10 +25,10 @@ import trio
 import pcifront
 from pciback.cli import check_config, main
 from pciback.config import parse_config
-from pciback.control import _not_served
 from pciback.devices import SYSFS_PCI_DEVICES
-from pciback.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
-from pciback.registry import DeviceRegistry
+from pciback.ops.control_server import _not_served
+from pciback.ops.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
+from pciback.plane.registry import DeviceRegistry
 from pciback.service import Backend
 from pciback.testing import listen_address
 from shared.pci import PciAddress

@@ -19,9 +19,9 @@ import trustme
 
 import pcifront
 from pciback.config import parse_config
-from pciback.ctl import ControlUnreachableError
-from pciback.ctl import request as ctl_request
-from pciback.identity import GuestConfig, authorize
+from pciback.guests.identity import GuestConfig, authorize
+from pciback.ops.control_client import ControlUnreachableError
+from pciback.ops.control_client import request as ctl_request
 from pciback.service import Backend
 from pciback.testing import TEST_TOKEN, running_backend
 from shared.errors import ConfigFileError, ErrorCode
@@ -375,7 +375,7 @@ async def test_a_supplementary_group_proves_a_gid_guest(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to fork a process with another uid")
 async def test_the_control_socket_answers_root_and_the_service_uid_only(world_dir: Path) -> None:
-    from pciback.control import serve_control
+    from pciback.ops.control_server import serve_control
 
     config = parse_config(f"listen = ['unix:{world_dir / 'b.sock'}']\n[[guest]]\nname='g'\n")
     backend = Backend(config)
@@ -419,7 +419,7 @@ async def test_listen_mode_and_group_set_the_socket_file(
 async def test_listen_mode_defaults_to_0600_and_never_widens_the_control_socket(
     tmp_path: Path,
 ) -> None:
-    from pciback.control import serve_control
+    from pciback.ops.control_server import serve_control
 
     for mode, expected in (("", 0o600), ("listen_mode = '0666'\n", 0o666)):
         config = parse_config(f"listen = ['unix:{tmp_path / 'b.sock'}']\n{mode}")

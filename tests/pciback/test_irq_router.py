@@ -12,8 +12,14 @@ import trio.testing
 
 from pciback.config import parse_config
 from pciback.devices import EmulatedDevice
-from pciback.irq import InterruptError, InterruptLimits, InterruptOutbox, IrqRouter, TokenBucket
-from pciback.registry import MODELS, DeviceRegistry, ServedDevice
+from pciback.plane.irq import (
+    InterruptError,
+    InterruptLimits,
+    InterruptOutbox,
+    IrqRouter,
+    TokenBucket,
+)
+from pciback.plane.registry import MODELS, DeviceRegistry, ServedDevice
 from shared.errors import ErrorCode
 from shared.pci import CapId, Command, MsiControl, Reg
 from shared.protocol import (

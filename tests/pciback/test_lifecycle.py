@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pciback.cli import JsonLogFormatter, main
-from pciback.lifecycle import sd_notify
+from pciback.ops.lifecycle import sd_notify
 
 PCIBACK = Path(sys.executable).parent / "pciback"
 TIMEOUT = 30.0  # a stall guard for a real process, not a speed target

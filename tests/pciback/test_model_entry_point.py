@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import pciback.registry as registry
+import pciback.plane.registry as registry
 from pciback.config import parse_config
-from pciback.registry import MODEL_ENTRY_POINT_GROUP, build_provider
+from pciback.plane.registry import MODEL_ENTRY_POINT_GROUP, build_provider
 from shared.errors import ConfigFileError
 
 CONFIG = '[[device]]\nid = "t"\nmodel = "{model}"\n'

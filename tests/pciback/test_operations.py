@@ -20,7 +20,7 @@ import trio.testing
 import pcifront
 from pciback.cli import main
 from pciback.config import parse_config
-from pciback.lifecycle import reload
+from pciback.ops.lifecycle import reload
 from pciback.service import Backend
 from pciback.testing import listen_address
 from shared.errors import ConfigFileError

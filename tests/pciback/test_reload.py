@@ -12,8 +12,8 @@ import trio.testing
 import pcifront
 from pciback.config import parse_config
 from pciback.devices import HostDevice
-from pciback.lifecycle import reload
-from pciback.registry import NotAssignedError
+from pciback.ops.lifecycle import reload
+from pciback.plane.registry import NotAssignedError
 from pciback.service import Backend
 from pciback.testing import listen_address
 from shared.errors import ConfigFileError

@@ -7,7 +7,7 @@
   never written, and the next backend serves the dump's bytes.
 * ``SIGKILL`` of the backend restores nothing; the state file beside the
   control socket lets the next start restore the writable host device before
-  any guest connects (``pciback.hoststate``).
+  any guest connects (``pciback.plane.hoststate``).
 * One device whose reset fails (a model raising anything) never skips the
   reset of the others, on shutdown, disconnect and unassign; it is counted,
   logged, and (on unassign) hidden.
@@ -30,8 +30,8 @@ import trio.testing
 import pcifront
 from pciback.config import parse_config
 from pciback.devices import EduDevice, HostDevice
-from pciback.hoststate import HostStateFile, state_path_for
-from pciback.registry import MODELS
+from pciback.plane.hoststate import HostStateFile, state_path_for
+from pciback.plane.registry import MODELS
 from pciback.service import Backend
 from pciback.testing import listen_address
 from shared.errors import ConfigFileError

@@ -16,7 +16,7 @@ import trio.testing
 
 import pcifront
 from pciback.devices import EmulatedDevice
-from pciback.registry import MODELS
+from pciback.plane.registry import MODELS
 from pciback.testing import RunningBackend, running_backend
 from shared.pci import CapId
 

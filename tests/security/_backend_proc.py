@@ -25,7 +25,7 @@ import trio
 
 from pciback.config import load_config
 from pciback.devices import EmulatedDevice
-from pciback.registry import MODELS
+from pciback.plane.registry import MODELS
 from pciback.service import Backend
 from shared.pci import CapId
 

@@ -21,7 +21,7 @@ import _backend_proc  # noqa: F401 - registers the sec-msix model (a 16-entry MS
 import pytest
 from _limits_support import EDU, raw_guest
 
-from pciback.control import ControlApi
+from pciback.ops.control_server import ControlApi
 from pciback.testing import running_backend
 from shared.errors import ErrorCode
 from shared.protocol import (

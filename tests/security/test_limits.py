@@ -13,7 +13,7 @@ from _limits_support import TWO_GUESTS, raw_guest, worst_latency
 
 import pcifront
 from pciback.config import parse_config
-from pciback.limits import ResourceLimits
+from pciback.guests.limits import ResourceLimits
 from pciback.testing import TEST_TOKEN, running_backend
 from shared.errors import ConfigFileError, ErrorCode
 from shared.protocol import DmaMapRequest, ErrorReply, ValueReply

@@ -26,7 +26,7 @@ import trustme
 from _limits_support import EDU, IRQ_ACK, IRQ_RAISE, TWO_GUESTS, bar_write, raw_guest, worst_latency
 
 import pcifront
-from pciback._accept import ACCEPT_BACKOFF, AcceptStatistics, accept_loop
+from pciback.guests._accept import ACCEPT_BACKOFF, AcceptStatistics, accept_loop
 from pciback.testing import TEST_TOKEN, running_backend
 from shared.evtchn import GUARD_SECONDS
 from shared.evtchn._guard import ffi, guarded_read, lib

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import trio
 
-from pciback.access import DeviceAccess, make_access
 from pciback.config import BackendConfig, DeviceConfig
 from pciback.devices import (
     SYSFS_PCI_DEVICES,
@@ -26,9 +25,10 @@ from pciback.devices import (
     InterruptSink,
     SnapshotDevice,
 )
-from pciback.firmware import GuestFirmware
+from pciback.plane.access import DeviceAccess, make_access
+from pciback.plane.firmware import GuestFirmware
+from pciback.plane.runtime import DeviceDmaPort, DeviceRuntime
 from pciback.policy import AuditLog
-from pciback.runtime import DeviceDmaPort, DeviceRuntime
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError, did_you_mean
 from shared.pci import PciAddress
 from shared.sync import FastLock
@@ -280,7 +280,7 @@ class DeviceRegistry:
         """Take a device off its guest's bus and reset it before anyone else may get it.
 
         :meth:`detach` then :meth:`release`, with nothing in between; hot-plug
-        (``pciback.hotplug``) waits for the guest's acknowledgement between the two.
+        (``pciback.plane.hotplug``) waits for the guest's acknowledgement between the two.
         """
         self.detach(device_id)
         self.release(device_id)

@@ -41,7 +41,7 @@ from shared.protocol import (
 from ._delivery import InterruptLimits, InterruptOutbox, TokenBucket
 
 if TYPE_CHECKING:
-    from pciback.registry import ServedDevice
+    from pciback.plane.registry import ServedDevice
 
 __all__ = [
     "MODE_NAMES",

@@ -42,7 +42,7 @@ from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import MAX_DMA_CHUNK, DmaFaultEvent
 
 if TYPE_CHECKING:
-    from pciback.registry import ServedDevice
+    from pciback.plane.registry import ServedDevice
 
 __all__ = [
     "PAGE_SIZE",
@@ -123,7 +123,7 @@ class IovaAllocator:
 
 
 class DmaCaller(Protocol):
-    """The session side of message-based DMA and fault reports (see ``pciback.session``)."""
+    """The session side of message-based DMA and fault reports (see ``pciback.guests.session``)."""
 
     async def dma_read_call(self, bus_address: int, length: int, timeout: float) -> bytes:
         """Ask the frontend for ``length`` bytes at ``bus_address`` (one chunk)."""

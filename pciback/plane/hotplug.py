@@ -26,8 +26,8 @@ from typing import Literal, Protocol
 
 import trio
 
-from pciback.dispatch import device_info
-from pciback.registry import DeviceRegistry
+from pciback.guests.dispatch import device_info
+from pciback.plane.registry import DeviceRegistry
 from shared.errors import LocalProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (

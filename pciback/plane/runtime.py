@@ -18,7 +18,7 @@ log = logging.getLogger("pcisplit.backend")
 
 
 class DeviceDmaPort(Protocol):
-    """The device's DMA path (``pciback.dma.DeviceDma``): the owning guest's windows."""
+    """The device's DMA path (``pciback.plane.dma.DeviceDma``): the owning guest's windows."""
 
     async def read(self, address: int, length: int) -> bytes: ...
 

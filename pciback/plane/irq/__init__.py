@@ -23,8 +23,13 @@ Everything on the device side is synchronous and never blocks: the sink is
 called from register handlers under the device lock.
 """
 
-from pciback.irq._delivery import InterruptLimits, InterruptOutbox, OutboxStatistics, TokenBucket
-from pciback.irq._router import (
+from pciback.plane.irq._delivery import (
+    InterruptLimits,
+    InterruptOutbox,
+    OutboxStatistics,
+    TokenBucket,
+)
+from pciback.plane.irq._router import (
     MODE_NAMES,
     DeviceInterrupts,
     InterruptError,

@@ -1,4 +1,6 @@
-"""``pciback ctl``: the operator's client of the control socket (see :mod:`pciback.control`).
+"""``pciback ctl``: the operator's client of the control socket.
+
+The server side is :mod:`pciback.ops.control_server`.
 
     pciback ctl [--control PATH] [--json] status|list
     pciback ctl assign DEVICE GUEST | unassign DEVICE | hide DEVICE | unhide DEVICE | reset DEVICE

@@ -57,7 +57,7 @@ from shared.pci import PciAddress
 
 if TYPE_CHECKING:
     from pciback.config import BackendConfig
-    from pciback.registry import ServedDevice
+    from pciback.plane.registry import ServedDevice
 
 __all__ = [
     "HOST_VIEW_KEYS",

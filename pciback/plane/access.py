@@ -7,7 +7,7 @@ from typing import Protocol
 
 from pciback.config import DeviceConfig
 from pciback.devices import DeviceProvider
-from pciback.firmware import FirmwareSetup, resource_sizes
+from pciback.plane.firmware import FirmwareSetup, resource_sizes
 from pciback.policy import AuditLog, PolicedDevice, QuirkConfig
 from shared.errors import ConfigFileError, PcisplitError
 from shared.pci import Reg

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pciback._ratelog import RateLimitedLog, ScopedLog
+from pciback.plane.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
 from pciback.policy import AccessDeniedError
-from pciback.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
 from shared.errors import ErrorCode, LimitExceededError, PcisplitError
 from shared.evtchn import EventfdPort, Port
 from shared.protocol import (
@@ -58,8 +58,8 @@ from shared.protocol import (
 )
 
 if TYPE_CHECKING:
-    from pciback.dma import DmaCaller, GuestDma
-    from pciback.irq import InterruptOutbox, IrqRouter
+    from pciback.plane.dma import DmaCaller, GuestDma
+    from pciback.plane.irq import InterruptOutbox, IrqRouter
 
 __all__ = ["Dispatcher", "FdPassing", "FdPassingError", "Handler"]
 
@@ -146,7 +146,7 @@ class Dispatcher:
     The dispatcher gets what it works with directly: the IRQ ``router`` and
     the guest's interrupt ``outbox``, its ``dma`` space and the ``dma_owner``
     that performs message-based DMA and takes fault reports (the session, seen
-    only through the :class:`~pciback.dma.DmaCaller` interface), and the
+    only through the :class:`~pciback.plane.dma.DmaCaller` interface), and the
     transport's ``fd_passing`` capability. Without them it serves
     configuration, BAR and reset requests only (interrupt and DMA requests
     get ``NOT_IMPLEMENTED``). ``events`` is the connection's rate-limited log

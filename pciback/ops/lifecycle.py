@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pciback.access import make_access
 from pciback.config import BackendConfig, DeviceConfig, load_config
 from pciback.devices import DeviceProvider, HostDevice
-from pciback.registry import build_provider
+from pciback.plane.access import make_access
+from pciback.plane.registry import build_provider
 from shared.errors import ConfigFileError, PcisplitError
 from shared.pci import PciAddress
 

@@ -13,7 +13,7 @@ the client likes on one connection::
     {"ok": false, "error": "device edu9 ...", "code": "NOT_FOUND"}
 
 Commands: ``status``, ``list`` (the host view: every PCI device of the host and
-every device served, see :mod:`pciback.hostview`), ``assign``,
+every device served, see :mod:`pciback.ops.hostview`), ``assign``,
 ``unassign``, ``hide``, ``unhide``, ``reset``. ``device`` is a device id or a
 host address. Assign and unassign are the hot-plug operations of
 :class:`pciback.service.Backend`, the same ones a config reload (SIGHUP) uses.
@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from pciback.hostview import DeviceIds, HostScan, format_table, host_view, scan_host, served_row
+from pciback.ops.hostview import DeviceIds, HostScan, format_table, host_view, scan_host, served_row
 from shared.errors import ErrorCode, PcisplitError
 from shared.pci import PciAddress
 from shared.transport._identity import peercred_identity
 
 if TYPE_CHECKING:
-    from pciback.registry import ServedDevice
+    from pciback.plane.registry import ServedDevice
     from pciback.service import Backend
 
 __all__ = ["serve_control", "ControlApi", "ControlError", "COMMANDS", "MAX_REQUEST"]

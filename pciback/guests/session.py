@@ -44,11 +44,11 @@ import trio
 
 from pciback._ratelog import RateLimitedLog, ScopedLog
 from pciback.devices import DmaFaultError
-from pciback.dispatch import Dispatcher, FdPassing
-from pciback.dma import DmaTimeoutError, GuestDma
-from pciback.fairness import FairTurns
-from pciback.hotplug import SessionChanges
-from pciback.irq import InterruptOutbox, IrqRouter
+from pciback.guests.dispatch import Dispatcher, FdPassing
+from pciback.guests.fairness import FairTurns
+from pciback.plane.dma import DmaTimeoutError, GuestDma
+from pciback.plane.hotplug import SessionChanges
+from pciback.plane.irq import InterruptOutbox, IrqRouter
 from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
 from shared.evtchn import EventfdStalledError
 from shared.protocol import (
@@ -68,7 +68,7 @@ from shared.sync import CallTable, FastLock
 from shared.transport import FrameTransport
 
 if TYPE_CHECKING:
-    from pciback.registry import DeviceRegistry
+    from pciback.plane.registry import DeviceRegistry
     from pciback.service import BackendStatistics
 
 __all__ = ["GuestSession", "SessionStatistics"]
