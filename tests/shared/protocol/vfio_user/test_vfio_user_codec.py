@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import errno
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -216,7 +217,7 @@ def test_write_multi_round_trips_when_agreed(writes: vu.WriteMulti) -> None:
 
 
 def test_write_multi_refused_unless_agreed() -> None:
-    client, server = handshake()
+    _client, server = handshake()
     # The client may build it (it is the server's refusal that matters here).
     body = vu.WriteMulti((vu.MultiWrite(2, 0, b"\1"),))
     payload = body.encode()
@@ -230,7 +231,7 @@ def test_write_multi_refused_unless_agreed() -> None:
 @given(address=u32, data=small)
 def test_server_to_client_dma_round_trips(address: int, data: bytes) -> None:
     client, server = handshake()
-    msg_id, wire = server.send_command(vu.DmaAccess(address, len(data)))
+    _msg_id, wire = server.send_command(vu.DmaAccess(address, len(data)))
     client.receive_data(wire)
     got = client.next_event()
     assert got is not None and got.body == vu.DmaAccess(address, len(data))
@@ -258,7 +259,7 @@ def test_region_info_sparse_and_type_capabilities_chain() -> None:
         (vu.SparseArea(0x1000, 0x1000), vu.SparseArea(0x3000, 0x1000)), (3, 1),
     )
     wire = info.encode()
-    argsz, flags, index, cap_offset = struct.unpack_from("<IIII", wire)
+    argsz, _flags, _index, cap_offset = struct.unpack_from("<IIII", wire)
     assert argsz == len(wire) == 32 + 8 + 8 + 32 + 8 + 8 and cap_offset == 32
     assert struct.unpack_from("<HHI", wire, 32) == (vu.CAP_SPARSE_MMAP, 1, 32 + 8 + 8 + 32)
     back = vu.RegionInfo.decode(wire, LIMITS)
@@ -297,7 +298,7 @@ def test_messages_reassemble_from_any_pieces(cuts: list[int]) -> None:
     wire = b"".join(client.send_command(b, no_reply=i == 1)[1] for i, b in enumerate(sent))
     points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
     got = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         server.receive_data(wire[a:b])
         while (event := server.next_event()) is not None:
             got.append(event)
