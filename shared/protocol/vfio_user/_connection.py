@@ -211,6 +211,16 @@ class VfioUserConnection:
         """Bytes received that do not yet form a complete message."""
         return len(self._buf)
 
+    def take_held_fds(self) -> tuple[int, ...]:
+        """Descriptors received with bytes of a message not yet complete.
+
+        When the socket closes, the caller takes these and closes them (the
+        codec never closes a descriptor).
+        """
+        fds = tuple(fd for _, fd in self._fds)
+        self._fds.clear()
+        return fds
+
     def _step(self, event: str) -> None:
         new = _TRANSITIONS.get((self.role, self._state, event))
         if new is None:
