@@ -69,7 +69,7 @@ class GpioServer:
 
 @contextmanager
 def gpio_server(tmp: Path, name: str = "gpio.sock") -> Iterator[GpioServer]:
-    """Run the sample on ``tmp/name`` until the block ends."""
+    """Run the sample on ``tmp/name`` until the block ends (its log is removed then)."""
     sample = gpio_sample()
     sock = tmp / name
     log = tmp / f"{name}.log"
@@ -89,3 +89,4 @@ def gpio_server(tmp: Path, name: str = "gpio.sock") -> Iterator[GpioServer]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+        log.unlink(missing_ok=True)
