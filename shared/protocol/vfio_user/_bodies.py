@@ -67,11 +67,11 @@ PCI_NUM_REGIONS = 9
 
 
 def _u32(value: int, name: str) -> None:
-    check(type(value) is int and 0 <= value <= _U32, f"{name} {value!r} is not a u32")
+    check(isinstance(value, int) and 0 <= value <= _U32, f"{name} {value!r} is not a u32")
 
 
 def _u64(value: int, name: str) -> None:
-    check(type(value) is int and 0 <= value <= _U64, f"{name} {value!r} is not a u64")
+    check(isinstance(value, int) and 0 <= value <= _U64, f"{name} {value!r} is not a u64")
 
 
 def _exact(payload: bytes, size: int, what: str) -> None:

@@ -49,7 +49,7 @@ def _exact(payload: bytes, size: int, what: str) -> None:
 
 
 def _u32(value: int, name: str) -> None:
-    check(type(value) is int and 0 <= value <= _U32, f"{name} {value!r} is not a u32")
+    check(isinstance(value, int) and 0 <= value <= _U32, f"{name} {value!r} is not a u32")
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,8 @@ _DMA_WRITE_REPLY = struct.Struct("<QI")
 
 
 def _range(offset: int, count: int, what: str, count_max: int) -> None:
-    check(type(offset) is int and 0 <= offset <= _U64, f"{what} offset {offset!r} is not a u64")
-    check(type(count) is int and 0 <= count <= count_max, f"{what} count {count!r} is out of range")
+    check(isinstance(offset, int) and 0 <= offset <= _U64, f"{what} offset {offset!r} is not a u64")
+    check(isinstance(count, int) and 0 <= count <= count_max, f"{what} count {count!r} is out of range")
     check(offset + count - 1 <= _U64 or count == 0, f"{what} wraps around the address space")
 
 
@@ -54,7 +54,7 @@ class RegionAccess:
     count: int
 
     def __post_init__(self) -> None:
-        check(type(self.region) is int and 0 <= self.region <= _U32, "region is not a u32")
+        check(isinstance(self.region, int) and 0 <= self.region <= _U32, "region is not a u32")
         _range(self.offset, self.count, "region access", _U32)
 
     def encode(self) -> bytes:
@@ -78,7 +78,7 @@ class RegionData:
     data: bytes
 
     def __post_init__(self) -> None:
-        check(type(self.region) is int and 0 <= self.region <= _U32, "region is not a u32")
+        check(isinstance(self.region, int) and 0 <= self.region <= _U32, "region is not a u32")
         check(isinstance(self.data, bytes), "region data must be bytes")
         _range(self.offset, len(self.data), "region access", _U32)
 
@@ -183,7 +183,7 @@ class MultiWrite:
     data: bytes
 
     def __post_init__(self) -> None:
-        check(type(self.region) is int and 0 <= self.region <= _U32, "region is not a u32")
+        check(isinstance(self.region, int) and 0 <= self.region <= _U32, "region is not a u32")
         check(isinstance(self.data, bytes) and 1 <= len(self.data) <= 8,
               "a coalesced write carries 1 to 8 bytes")
         _range(self.offset, len(self.data), "coalesced write", 8)
@@ -229,7 +229,7 @@ class WriteMultiReply:
     count: int
 
     def __post_init__(self) -> None:
-        check(type(self.count) is int and 0 <= self.count <= _U64, "wr_cnt is not a u64")
+        check(isinstance(self.count, int) and 0 <= self.count <= _U64, "wr_cnt is not a u64")
 
     def encode(self) -> bytes:
         return _MULTI_HEAD.pack(self.count)
@@ -269,7 +269,7 @@ class DeviceFeature:
     argsz: int = 0  # 0: exactly the payload's size
 
     def __post_init__(self) -> None:
-        check(type(self.flags) is int and 0 <= self.flags <= _U32, "flags is not a u32")
+        check(isinstance(self.flags, int) and 0 <= self.flags <= _U32, "flags is not a u32")
         check(self.flags & ~(FEATURE_MASK | FEATURE_GET | FEATURE_SET | FEATURE_PROBE) == 0,
               f"DEVICE_FEATURE flags {self.flags:#x} set unknown bits")
         check(not (self.flags & FEATURE_GET and self.flags & FEATURE_SET)
@@ -277,7 +277,7 @@ class DeviceFeature:
               "DEVICE_FEATURE GET and SET exclude each other except with PROBE")
         check(bool(self.flags & (FEATURE_GET | FEATURE_SET | FEATURE_PROBE)),
               "DEVICE_FEATURE needs GET, SET or PROBE")
-        check(type(self.argsz) is int and 0 <= self.argsz <= _U32, "argsz is not a u32")
+        check(isinstance(self.argsz, int) and 0 <= self.argsz <= _U32, "argsz is not a u32")
 
     @property
     def feature(self) -> int:
@@ -327,8 +327,8 @@ class MigDataRead:
     argsz: int = 0  # 0: room for the header and ``size`` bytes
 
     def __post_init__(self) -> None:
-        check(type(self.size) is int and 0 <= self.size <= _U32, "size is not a u32")
-        check(type(self.argsz) is int and 0 <= self.argsz <= _U32, "argsz is not a u32")
+        check(isinstance(self.size, int) and 0 <= self.size <= _U32, "size is not a u32")
+        check(isinstance(self.argsz, int) and 0 <= self.argsz <= _U32, "argsz is not a u32")
 
     def encode(self) -> bytes:
         return _MIG.pack(self.argsz or _MIG.size + self.size, self.size)
@@ -349,7 +349,7 @@ class MigData:
 
     def __post_init__(self) -> None:
         check(isinstance(self.data, bytes) and len(self.data) <= _U32, "migration data too long")
-        check(type(self.argsz) is int and 0 <= self.argsz <= _U32, "argsz is not a u32")
+        check(isinstance(self.argsz, int) and 0 <= self.argsz <= _U32, "argsz is not a u32")
 
     def encode(self) -> bytes:
         return _MIG.pack(self.argsz or _MIG.size + len(self.data), len(self.data)) + self.data
