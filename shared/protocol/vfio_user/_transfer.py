@@ -40,7 +40,8 @@ _DMA_WRITE_REPLY = struct.Struct("<QI")
 
 def _range(offset: int, count: int, what: str, count_max: int) -> None:
     check(isinstance(offset, int) and 0 <= offset <= _U64, f"{what} offset {offset!r} is not a u64")
-    check(isinstance(count, int) and 0 <= count <= count_max, f"{what} count {count!r} is out of range")
+    check(isinstance(count, int) and 0 <= count <= count_max,
+          f"{what} count {count!r} is out of range")
     check(offset + count - 1 <= _U64 or count == 0, f"{what} wraps around the address space")
 
 
