@@ -8,6 +8,7 @@ reads the way each test asks.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -35,6 +36,8 @@ class ScriptedServer:
         self.config = bytearray(CONFIG_SPACE)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.stalled = threading.Event()
+        #: Replies the server got to its own commands (DMA_READ).
+        self.replies: list[vu.Received] = []
 
     def start(self) -> ScriptedServer:
         self.thread.start()
@@ -78,11 +81,18 @@ class ScriptedServer:
             if self.behaviour == "garbage":
                 self.sock.sendall(b"\xff" * 16)
                 return False
-            if self.behaviour == "wrong":
+            if self.behaviour == "dma":
+                # Ask for client memory first (the client mapped none), then answer.
+                _, ask = self.conn.send_command(vu.DmaAccess(0x1000, 8))
+                self.sock.sendall(ask)
+                reply = vu.RegionData(0, body.offset, b"\x5a" * body.count)
+            elif self.behaviour == "wrong":
                 reply = vu.RegionData(0, body.offset + 4, bytes(body.count))
             else:  # "close"
                 return False
         elif event.is_reply or header.no_reply:
+            if event.is_reply:
+                self.replies.append(event)
             return True
         else:
             self.sock.sendall(self.conn.send_error(header, 22))
@@ -118,6 +128,17 @@ def test_a_misbehaving_server_fails_the_device_typed(behaviour: str, match: str)
     # From now on every access fails at once, with the same reason.
     with pytest.raises(VfioUserServerLost, match=match):
         device.config_read(0, 4)
+    device.close()
+
+
+def test_a_server_asking_for_dma_is_refused_and_goes_on() -> None:
+    device, server = scripted_device("dma")
+    assert device.bar_read(0, 0, 4) == 0x5A5A5A5A
+    assert device.config_read(0, 2) == 0x1AF4  # the server has read our answer by now
+    (answer,) = server.replies
+    assert answer.command is vu.Command.DMA_READ and answer.is_error
+    assert answer.header.error_no == errno.EFAULT
+    assert device.lost is None
     device.close()
 
 
