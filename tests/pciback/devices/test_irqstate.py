@@ -17,14 +17,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pciback.devices import (
     STATE_FIELDS,
+    EmulatedDevice,
     InterruptState,
     InterruptStateError,
     MsiRegisters,
     MsixRegisters,
     Signal,
+    SnapshotDevice,
 )
+from pciback.policy import PolicedDevice
 from shared.errors import ErrorCode
-from shared.pci import MsiControl, MsixControl
+from shared.pci import CapId, MsiControl, MsixControl, walk_capabilities
 from shared.protocol import IRQ_MODE_INTX, IRQ_MODE_MSI, IRQ_MODE_MSIX
 
 # -- the reference model --------------------------------------------------------------------
@@ -411,3 +414,51 @@ def test_config_writes_to_enables_and_masks_are_ignored_while_a_router_manages_i
     assert state.msi_data == 0xFFFF and state.msi_address == (1 << 64) - 1
     state.enable(IRQ_MODE_MSIX, 4, table_size=16)
     assert regs.shown(state, regs.MSIX + 2, 2) & 0xC000 == 0x8000
+
+
+# -- one object, seen by the model and the policy -----------------------------------------------
+
+
+def test_model_and_policy_show_one_state() -> None:
+    model = EmulatedDevice(vendor_id=0x1234, device_id=0x11, class_code=0xFF0000)
+    body = (7).to_bytes(2, "little") + bytes(8)
+    msix = model.add_capability(CapId.MSIX, body, writable_mask=b"\x00\xc0" + bytes(8))
+    msi = model.add_msi_capability(4, per_vector_mask=True)
+    policed = PolicedDevice(model, guest="g", device="d")
+    state = model.interrupt_state
+    policed.config_write(msi + 2, 2, 0x0021)  # the guest enables MSI, 4 vectors
+    assert model.msi_enabled and state.vectors == 4
+    assert model.config_read(msi + 2, 2) & 0x71 == 0x21  # the model's register shows it
+    policed.config_write(msi + 0x10, 4, 0b10)
+    assert model.config_read(msi + 0x10, 4) == 0b10 and state.masked == 0b10
+    model.config_write(msi + 2, 2, 0)  # the model's own register turns it off
+    assert policed.msi_state() is not None and not policed.msi_state().enabled  # type: ignore[union-attr]
+    assert policed.config_read(msi + 2, 2) & MsiControl.ENABLE == 0
+    state.managed = True
+    state.enable(IRQ_MODE_MSIX, 8, table_size=8)
+    assert policed.config_read(msix + 2, 2) == 0x8007
+    assert model.config_read(msix + 2, 2) == 0x8007
+    model.reset()
+    assert state.mode is None and state.managed
+
+
+def test_a_clipped_msi_capability_never_overwrites_its_neighbour() -> None:
+    """A malformed list: a 24-byte maskable MSI at 0x50 whose mask and pending bytes are
+    where the next capability (PM, at 0x60) starts. The policy gives those bytes to PM,
+    and showing the interrupt state must leave them alone."""
+    image = bytearray(256)
+    image[0:4] = (0x1234 | 0x5678 << 16).to_bytes(4, "little")
+    image[0x06] = 0x10  # Status: capability list
+    image[0x34] = 0x50
+    image[0x50:0x54] = bytes([CapId.MSI, 0x60]) + (0x0180).to_bytes(2, "little")
+    image[0x60:0x64] = bytes([CapId.PM, 0x00, 0x03, 0x00])
+    policed = PolicedDevice(SnapshotDevice(bytes(image)), guest="g", device="d")
+    policed.provider.interrupt_state.set_masks(0)
+    assert policed.config_read(0x60, 2) == CapId.PM  # header intact, next pointer 0
+    policed.config_write(0x52, 2, 0x0001)  # the guest enables MSI
+    assert policed.config_read(0x60, 4) & 0xFFFF == CapId.PM
+    assert policed.msi_state() is not None and policed.msi_state().enabled  # type: ignore[union-attr]
+    assert [c.id for c in walk_capabilities(policed.guest_config_image()).standard] == [
+        CapId.MSI,
+        CapId.PM,
+    ]
