@@ -25,41 +25,38 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import trio
 
 from pcifront.client.changes import ChangeTracker, DeviceChanges, removed_error
-from pcifront.client.dma import DmaBuffer, DmaSpace, map_buffer
+from pcifront.client.dma import DmaBuffer, map_buffer
 from pcifront.client.interrupts import Interrupts, open_interrupts
 from pcifront.client.reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
 from pcifront.client.resources import DecodedResources, Resource, decode_device, route
-from pcifront.core.errors import ConnectionLostError, HandshakeError, error_for_code
+from pcifront.core.dma import DmaSpace
+from pcifront.core.errors import ConnectionLostError, error_for_code
 from pcifront.core.routes import BusLink, BusStatistics, InterruptSink
+from pcifront.core.session import (
+    CLOSED_BY_GUEST,
+    ClientCore,
+    ConnectionEnded,
+    handshake_closed,
+    handshake_timed_out,
+    transport_ended,
+)
 from pcifront.core.views import BusView, DeviceView
-from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
-from shared.pci import PciAddress
+from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import (
     HOTPLUG_FEATURE,
-    TERMINAL_STATES,
     BarReadRequest,
     BarWriteRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
-    Connection,
-    DeviceAddedEvent,
-    DeviceChangeAck,
     DeviceInfo,
-    DeviceRemovedEvent,
     DmaFaultEvent,
-    DmaReadCall,
-    DmaWriteCall,
     ErrorReply,
     Event,
-    Goodbye,
-    HandshakeRejected,
-    InterruptEvent,
     Limits,
     PingRequest,
     Reply,
     Request,
     ResetRequest,
-    Role,
     SnapshotReply,
     SnapshotRequest,
     ValueReply,
@@ -195,13 +192,12 @@ class Bus(BusView["Device"]):
     """A connected guest's virtual PCI bus."""
 
     def __init__(
-        self, transport: FrameTransport, conn: Connection, *, timeout: float | None
+        self, transport: FrameTransport, core: ClientCore, *, timeout: float | None
     ) -> None:
         self._transport = transport
-        self._conn = conn
+        self._core = core
         self._timeout = timeout
-        self._max_in_flight = conn.peer_limits.max_in_flight
-        self._calls: CallTable[Reply] = CallTable(self._full)
+        self._calls: CallTable[Reply] = CallTable(core.full)
         self._send_lock = FastLock()
         # Who reads the transport: the reader task (_READER), a caller (its Call) or
         # nobody yet (None). See _await_reply for why callers read for themselves.
@@ -226,12 +222,13 @@ class Bus(BusView["Device"]):
         self._dma = DmaSpace()
         self._link = BusLink(
             self._call,
-            features=conn.features,
+            features=core.features,
             can_pass_fds=transport.can_pass_fds,
             disable_timeout=10.0 if timeout is None else timeout,
             stats=self.stats,
         )
         self._changes = ChangeTracker(self, lambda info: Device(self, info))
+        self._route_to_me(core)
         #: Set by ``connect(..., reconnect=True)``.
         self._reconnect: Reconnector | None = None
 
@@ -289,17 +286,28 @@ class Bus(BusView["Device"]):
             )
         return await map_buffer(self._link, self._dma, size, writable=writable)
 
-    def _on_fault(self, event: DmaFaultEvent) -> None:
-        self.stats.dma_faults += 1
-        log.warning(
-            "device %s DMA fault: %s %d bytes at %#x: %s",
-            PciAddress.unpack(event.device), "write" if event.is_write else "read",
-            event.length, event.bus_address, event.message,
+    # -- what the core routes here ------------------------------------------------------
+
+    def _route_to_me(self, core: ClientCore) -> None:
+        """Make this bus where ``core`` (a new connection's) delivers what it receives."""
+        core.attach(
+            stats=self.stats, resolve=self._calls.resolve, routes=self._link, dma=self._dma,
+            event=self._keep_event, fault=self._keep_fault, apply_change=self._changes.apply_event,
         )
+
+    def _keep_fault(self, event: DmaFaultEvent) -> None:
         try:
             self._faults_send.send_nowait(event)
         except trio.WouldBlock:
             self.stats.dma_faults_unread += 1
+
+    def _keep_event(self, event: Event) -> None:
+        try:
+            self._events_send.send_nowait(event)
+        except trio.WouldBlock:
+            raise ConnectionEnded(
+                "events arrived faster than the guest consumed them (256 buffered)"
+            ) from None
 
     async def refresh(self, *, include_config: bool = False) -> list[Device]:
         """Take a bus snapshot and bring :attr:`devices` up to date.
@@ -364,11 +372,6 @@ class Bus(BusView["Device"]):
 
     # -- requests -------------------------------------------------------------------------
 
-    def _full(self) -> bool:
-        # The Connection counts a request until its reply comes, also after its caller
-        # gave up, so the backend's in-flight limit is never exceeded.
-        return self._conn.requests_in_flight >= self._max_in_flight
-
     async def _call(
         self, make: Callable[[int], Request], *, fds: list[int] | None = None
     ) -> Reply:
@@ -377,22 +380,14 @@ class Bus(BusView["Device"]):
             raise ConnectionLostError(calls.failed, request_sent=False)
         # Parking only when full keeps the common path free of scheduler passes (and,
         # tested here first, of a coroutine call).
-        if self._full():
+        core = self._core
+        if core.full():
             await calls.wait_slot()
             if calls.failed is not None:
                 raise ConnectionLostError(calls.failed, request_sent=False)
-        conn = self._conn
-        rid = conn.next_request_id()
-        try:
-            request = make(rid)
-        except LocalProtocolError as exc:
-            # A bad argument (offset 0x1000, size 3, ...): the message cannot even be
-            # built, so nothing is sent. The protocol's own checks are the one rule.
-            raise error_for_code(exc.code, str(exc)) from exc
-        frame = conn.send(request)
+        rid, frame = core.request(make)  # a bad argument raises here: nothing is sent
         call = calls.open(rid, trio.current_time())
         stats = self.stats
-        stats.requests_sent += 1
         if len(calls) > stats.max_in_flight_seen:
             stats.max_in_flight_seen = len(calls)
         try:
@@ -569,65 +564,27 @@ class Bus(BusView["Device"]):
     # -- receiving ------------------------------------------------------------------------
 
     async def _on_frames(self, frame: bytes) -> int:
-        """Route ``frame`` and every frame already buffered after it (no pass each).
-
-        Returns how many replies were handed to their callers.
+        """Let the core route ``frame`` and every frame already buffered after it (no
+        pass each), sending what it answers. Returns how many replies it handed out.
         """
         transport = self._transport
+        receive = self._core.receive
         before = self.stats.replies_received
         try:
             next_frame: bytes | None = frame
             while next_frame is not None:
-                if not await self._route(next_frame):
-                    break
+                answer = receive(next_frame)
+                if answer is not None:
+                    await self._send(answer)  # a DMA result or hot-plug ack, in order
                 next_frame = transport.receive_frame_nowait()
-        except trio.WouldBlock:
-            self._fail_all("events arrived faster than the guest consumed them (256 buffered)")
-        except RemoteProtocolError as exc:
-            self._fail_all(f"the backend violated the protocol: {exc}")
-            log.error("backend protocol violation: %s", exc)
+        except ConnectionEnded as exc:
+            self._fail_all(exc.reason)
         except ConnectionLostError:
-            pass  # answering a DMA call found the connection gone; _send recorded why
+            pass  # sending an answer found the connection gone; _send recorded why
         return self.stats.replies_received - before
 
-    async def _route(self, frame: bytes) -> bool:
-        """Apply one frame. False when the backend said goodbye (or we did)."""
-        if self._conn.state in TERMINAL_STATES:
-            # We said Goodbye while replies were on their way: nothing more is read.
-            return False
-        msg = self._conn.receive(frame)
-        stats = self.stats
-        if isinstance(msg, Reply):
-            stats.replies_received += 1
-            if self._calls.resolve(msg.request_id, msg) is None:
-                stats.late_replies += 1
-                log.debug("reply to request %d arrived after it was cancelled", msg.request_id)
-        elif isinstance(msg, Event):
-            stats.events_received += 1
-            if isinstance(msg, InterruptEvent):
-                self._link.route_interrupt(msg.device, msg.vector, msg.count)
-            elif isinstance(msg, (DmaReadCall, DmaWriteCall)):
-                # A memory copy: answered inline, in order, via the one send path.
-                await self._send(self._conn.send(self._dma.answer(msg)))
-            elif isinstance(msg, DmaFaultEvent):
-                self._on_fault(msg)
-            elif isinstance(msg, (DeviceAddedEvent, DeviceRemovedEvent)):
-                # Applied at once (never blocks), then acknowledged in order.
-                stats.hotplug_events += 1
-                self._changes.apply_event(msg)
-                await self._send(self._conn.send(DeviceChangeAck(msg.change_id)))
-            else:
-                self._events_send.send_nowait(msg)
-        elif isinstance(msg, Goodbye):
-            self._fail_all(f"backend closed the connection ({msg.code.name}): {msg.message}")
-            return False
-        return True
-
     def _receive_failed(self, exc: BaseException) -> None:
-        if isinstance(exc, trio.EndOfChannel):
-            self._fail_all("the backend closed the connection")
-        else:
-            self._fail_all(f"connection to the backend broke: {exc}")
+        self._fail_all(transport_ended(isinstance(exc, trio.EndOfChannel), exc))
 
     async def _receive_loop(self) -> None:
         """The reader task: reads while no caller does (events flow between requests)."""
@@ -676,69 +633,47 @@ class Bus(BusView["Device"]):
                 "%d requests did not leave after the connection was lost", len(self._calls)
             )
 
-    def _attach_connection(self, transport: FrameTransport, conn: Connection) -> None:
+    def _attach_connection(self, transport: FrameTransport, core: ClientCore) -> None:
         self._transport = transport
-        self._conn = conn
-        self._max_in_flight = conn.peer_limits.max_in_flight
-        self._calls = CallTable(self._full)  # a fresh table: not failed, no calls
+        self._core = core
+        self._calls = CallTable(core.full)  # a fresh table: not failed, no calls
+        self._route_to_me(core)
         self._owner, self._read_scope, self._reader_busy = None, None, False
         self._caller_reading = False
         self._want.clear()
-        self._link.rebind(features=conn.features, can_pass_fds=transport.can_pass_fds)
+        self._link.rebind(features=core.features, can_pass_fds=transport.can_pass_fds)
 
     async def aclose(self) -> None:
         """Say goodbye and close the transport. Idempotent."""
         self._changes.end("the guest closed the bus", lost=False)
         if self._reconnect is not None:
             self._reconnect.closing = True
-        if self._lost is None:
+        goodbye = self._core.goodbye() if self._lost is None else None
+        if goodbye is not None:
             with trio.move_on_after(1):
                 try:
-                    await self._send(self._conn.close(ErrorCode.OK, "guest closing"))
+                    await self._send(goodbye)
                 except (ConnectionLostError, PcisplitError):
                     pass  # already gone: nothing to say goodbye to
-        self._fail_all("the connection was closed by the guest")
+        self._fail_all(CLOSED_BY_GUEST)
         await self._transport.aclose()
         self._dma.release_all("the guest closed the bus")
         self._faults_send.close()
 
 
 async def _handshake(
-    transport: FrameTransport,
-    guest: str,
-    limits: Limits,
-    timeout: float | None,
-    token: bytes,
-    *,
-    tls: bool,
-) -> Connection:
-    conn = Connection(Role.CLIENT, limits=limits, features=FRONTEND_FEATURES, guest=guest)
+    transport: FrameTransport, core: ClientCore, timeout: float | None, token: bytes, *, tls: bool
+) -> None:
     try:
-        await transport.send_frame(conn.hello(token))
+        await transport.send_frame(core.hello(token))
         with trio.fail_after(timeout if timeout is not None else float("inf")):
             frame = await transport.receive_frame()
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
-        cause = exc.__cause__ or exc.__context__
-        detail = f" ({cause})" if cause is not None else ""
-        hint = (
-            "; over tls:// this usually means it refused our client certificate (pass "
-            "--cert/--key naming the guest)"
-            if tls
-            else "; is the address a pcisplit backend?"
-        )
-        raise ConnectionLostError(
-            f"the backend closed the connection during the handshake{detail}{hint}"
-        ) from exc
+        raise handshake_closed(exc.__cause__ or exc.__context__, tls=tls) from exc
     except trio.TooSlowError as exc:
-        raise ConnectionLostError(
-            f"the backend did not answer the handshake within {timeout} s"
-        ) from exc
-    reply = conn.receive(frame)
-    if isinstance(reply, HandshakeRejected):
-        raise HandshakeError(reply.code, reply.message)
-    transport.set_max_frame_size(conn.frame_size)
+        raise handshake_timed_out(timeout) from exc
+    transport.set_max_frame_size(core.welcome(frame))
     await transport.start_session(is_server=False, max_frame_size=transport.max_frame_size)
-    return conn
 
 
 @asynccontextmanager
@@ -779,7 +714,7 @@ async def connect(
     if poll_us is not None:
         opts.poll_us = poll_us
 
-    async def dial() -> tuple[FrameTransport, Connection]:
+    async def dial() -> tuple[FrameTransport, ClientCore]:
         try:
             with trio.fail_after(timeout if timeout is not None else float("inf")):
                 transport = await open_transport(address, opts)
@@ -789,10 +724,11 @@ async def connect(
                 "right and the backend running?"
             ) from None
         try:
-            conn = await _handshake(
-                transport, guest, limits, timeout, secret.strip(), tls=address.startswith("tls:")
+            core = ClientCore(guest, limits=limits, features=FRONTEND_FEATURES)
+            await _handshake(
+                transport, core, timeout, secret.strip(), tls=address.startswith("tls:")
             )
-            return transport, conn
+            return transport, core
         except BaseException:
             with trio.CancelScope(shield=True):
                 await transport.aclose()
@@ -800,10 +736,10 @@ async def connect(
 
     policy = ReconnectPolicy() if reconnect is True else reconnect or None
     if policy is None:
-        transport, conn = await dial()
+        transport, core = await dial()
     else:
-        transport, conn, _ = await dial_with_backoff(dial, policy)
-    bus = Bus(transport, conn, timeout=timeout)
+        transport, core, _ = await dial_with_backoff(dial, policy)
+    bus = Bus(transport, core, timeout=timeout)
     bus._polling = bool(opts.poll_us)
     if policy is not None:
         bus._reconnect = Reconnector(bus, dial, policy)

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from pcifront.core.errors import ConnectionLostError, HandshakeError, OutcomeUnknownError
+from pcifront.core.session import ClientCore
 from shared.errors import ErrorCode, RemoteProtocolError
-from shared.protocol import Connection, Reply, Request
+from shared.protocol import Reply, Request
 from shared.transport import FrameTransport, TransportConnectError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ naming the refusal), except a ``BUSY`` refusal, which is retried. ``on_link`` is
         return out
 
 
-Dial = Callable[[], Awaitable[tuple[FrameTransport, Connection]]]
+Dial = Callable[[], Awaitable[tuple[FrameTransport, ClientCore]]]
 
 
 class Reconnector:
@@ -212,14 +213,14 @@ class Reconnector:
             reenumerate = True
 
     async def _reconnect(self) -> int:
-        transport, conn, attempt = await dial_with_backoff(self._dial, self.policy)
-        self._bus._attach_connection(transport, conn)
+        transport, core, attempt = await dial_with_backoff(self._dial, self.policy)
+        self._bus._attach_connection(transport, core)
         return attempt
 
 
 async def dial_with_backoff(
     dial: Dial, policy: ReconnectPolicy
-) -> tuple[FrameTransport, Connection, int]:
+) -> tuple[FrameTransport, ClientCore, int]:
     """Call ``dial()`` until it connects, sleeping ``policy``'s back-off between attempts.
 
     Returns the transport, the connection and the number of attempts. A
@@ -233,7 +234,7 @@ async def dial_with_backoff(
             await trio.sleep(delay)
         attempt += 1
         try:
-            transport, conn = await dial()
+            transport, core = await dial()
         except HandshakeError as exc:
             if exc.code is not ErrorCode.BUSY:
                 raise
@@ -248,5 +249,5 @@ async def dial_with_backoff(
         ) as exc:
             log.info("connection attempt %d failed: %s", attempt, exc)
         else:
-            return transport, conn, attempt
+            return transport, core, attempt
         delay = policy.initial_delay if not delay else min(delay * policy.factor, policy.max_delay)
