@@ -235,6 +235,9 @@ class Bus(BusView["Device"]):
             event=self._keep_event,
         )
 
+    def _current_core(self) -> ClientCore:
+        return self._core
+
     @property
     def transport(self) -> BlockingTransport:
         return self._transport

@@ -64,23 +64,25 @@ D = TypeVar("D", bound=DeviceView)
 class BusView(Generic[D]):
     """The accessors of a connected guest's bus that both clients share.
 
-    Subclasses set ``_core`` (the connection's :class:`ClientCore`), ``_dma``,
-    ``stats`` and ``devices``.
+    Subclasses set ``_dma``, ``stats`` and ``devices``, and say which
+    :class:`ClientCore` is the current connection's (:meth:`_current_core`).
     """
 
-    _core: ClientCore
     _dma: DmaSpace
     stats: BusStatistics
     devices: list[D]
 
+    def _current_core(self) -> ClientCore:
+        raise NotImplementedError
+
     @property
     def guest(self) -> str:
-        return self._core.guest
+        return self._current_core().guest
 
     @property
     def features(self) -> tuple[str, ...]:
         """The optional features both sides support (``"interrupts"``, ``"dma"``...)."""
-        return self._core.features
+        return self._current_core().features
 
     def statistics(self) -> BusStatistics:
         stats = self.stats
