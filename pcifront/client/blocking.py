@@ -11,13 +11,6 @@ from types import TracebackType
 
 import trio
 
-from pcifront.client.interrupts import (
-    Interrupt,
-    VectorCounts,
-    check_free,
-    check_interrupt_args,
-    check_mask_args,
-)
 from pcifront.core.dma import DmaSpace
 from pcifront.core.errors import ConnectionLostError, error_for_code
 from pcifront.core.routes import BusStatistics, InterruptRoutes
@@ -28,6 +21,13 @@ from pcifront.core.session import (
     handshake_closed,
     handshake_timed_out,
     transport_ended,
+)
+from pcifront.core.vectors import (
+    Interrupt,
+    VectorCounts,
+    check_free,
+    check_interrupt_args,
+    check_mask_args,
 )
 from pcifront.core.views import BusView, DeviceView
 from shared.errors import ErrorCode, PcisplitError
