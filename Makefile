@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSPKGS := pciutils pci.ids fuse3 libfuse3-dev pkg-config
 
-.PHONY: install sysdeps vm-image vm demo test lint typecheck bench fuzz dist clean
+.PHONY: install sysdeps peers vm-image vm demo test lint typecheck bench fuzz dist clean
 
 install: sysdeps $(STAMP)
 
@@ -30,6 +30,12 @@ $(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h \
 	$(PY) -m pip install -q -e '.[fuzz]' || \
 	  echo "warning: atheris (extra 'fuzz') could not be installed; fuzz smoke tests will skip" >&2
 	touch $(STAMP)
+
+# Real peers to test against: libvfio-user's C sample servers, built from the pinned source in
+# ../shared/peers (PEERS_TARBALL overrides) into .cache/peers (about 30 s once; then a no-op).
+# Not part of `install`; the tests that need a peer build it through the same script.
+peers:
+	tools/build_peers.sh
 
 # The test VM (vm/): a Debian trixie root with QEMU >= 10.1 from trixie-backports, the trixie
 # kernel and an initramfs we build, all under .vm/ (about 1 min and 460 MB once, as root; then
