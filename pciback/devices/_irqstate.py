@@ -4,7 +4,8 @@
 exclude each other), how many vectors it has, the MSI-X table size, the
 per-vector masks, the MSI-X function mask, the pending bits (MSI's pending
 register, MSI-X's PBA), the MSI message address and data, the MSI-X
-table's messages, the INTx line level and the INTx in-service latch. Every device provider has exactly one
+table's messages, the INTx line level and the INTx in-service latch. Every
+device provider has exactly one
 (:attr:`pciback.devices.DeviceProvider.interrupt_state`):
 
 - a model's MSI and MSI-X capability registers, and the MSI-X table and PBA
