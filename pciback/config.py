@@ -23,6 +23,7 @@ Schema (later issues extend it)::
     socket = "/run/gpio.sock"   # vfio-user: the server's socket (relative to this file)
     timeout = 5.0               # vfio-user: seconds one access may take before the device fails
     guest = "guest0"            # optional: assigned at start
+    vfio_user = "vm1-edu0.sock" # optional: also serve it over vfio-user, to its guest
     policy = "default"          # "default" | "transparent-readonly" | "permissive"
     allow = ["command.bus_master"]   deny = [...]   hide = ["msix"]   quirks = [...]
     [[quirk]]                   # global quirks (masks that ARE enforced); see docs/policy.md
@@ -87,6 +88,8 @@ class DeviceConfig:
     socket: Path | None = None
     timeout: float = 5.0
     guest: str | None = None
+    #: ``vfio_user``: serve this device over vfio-user on its own socket, to its guest.
+    vfio_user: Path | None = None
     function: int | None = None
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig.from_mapping({}, where="-"))
 
@@ -209,6 +212,7 @@ _DEVICE_KEYS = {
     "socket",
     "timeout",
     "guest",
+    "vfio_user",
     "function",
     "policy",
     "allow",
@@ -241,8 +245,17 @@ def _device(raw: Any, where: str, base: Path, guests: dict[str, GuestConfig]) ->
         if not 0 <= function <= 7:
             raise ConfigFileError(f"{where}.function: {function} is out of range 0-7")
     policy = PolicyConfig.from_mapping(raw, where=where)
+    vfio_user: Path | None = None
+    if "vfio_user" in raw:
+        vfio_user = _path(raw["vfio_user"], f"{where}.vfio_user", base)
+        if guest is None:
+            raise ConfigFileError(
+                f"{where}.vfio_user: a device served over vfio-user needs key 'guest' (the "
+                "guest whose peer credentials may connect to the socket)"
+            )
     common: dict[str, Any] = dict(
-        id=dev_id, kind=kind, where=where, guest=guest, function=function, policy=policy
+        id=dev_id, kind=kind, where=where, guest=guest, function=function, policy=policy,
+        vfio_user=vfio_user,
     )
     if kind == "emulated":
         if "model" not in raw:
@@ -404,11 +417,20 @@ def _devices(
     devices: list[DeviceConfig] = []
     ids: set[str] = set()
     hosts: dict[PciAddress, str] = {}
+    sockets: dict[Path, str] = {}
     for i, draw in enumerate(_expect(raw.get("device", []), list, "device", "[[device]] tables")):
         dev = _device(draw, f"device[{i}]", base, guests)
         if dev.id in ids:
             raise ConfigFileError(f"device[{i}].id: device id {dev.id!r} is used twice")
         ids.add(dev.id)
+        if dev.vfio_user is not None:
+            if dev.vfio_user in sockets:
+                raise ConfigFileError(
+                    f"device[{i}].vfio_user: {dev.vfio_user} already serves "
+                    f"{sockets[dev.vfio_user]}; vfio-user serves one device per socket, give "
+                    "each its own path"
+                )
+            sockets[dev.vfio_user] = f"{dev.where} ({dev.id})"
         if dev.address is not None:
             if dev.address in hosts:
                 raise ConfigFileError(
