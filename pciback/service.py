@@ -39,6 +39,7 @@ from pciback.guests.fairness import FairTurns
 from pciback.guests.identity import authorize
 from pciback.guests.limits import ConnectionGate, GateTicket, source_of
 from pciback.guests.session import GuestSession
+from pciback.guests.vfio_user import VfioUserDoor, open_doors
 from pciback.plane.dma import DmaHub
 from pciback.plane.hoststate import HostStateFile, state_path_for
 from pciback.plane.hotplug import Hotplug, HotplugResult
@@ -241,6 +242,8 @@ class Backend:
         #: Receive-buffer bytes beyond each connection's reserve, shared by all of them.
         self.receive_budget = ReceiveBudget(resources.max_buffered_total)
         self.listeners: list[FrameListener] = []
+        #: The vfio-user front doors, by device id (``pciback.guests.vfio_user``).
+        self.vfio_doors: dict[str, VfioUserDoor] = {}
         self._ssl = server_ssl_context(config)
         #: The nursery device runtimes run in, while serving (devices a reload adds start there).
         self._nursery: trio.Nursery | None = None
@@ -345,7 +348,7 @@ class Backend:
     async def serve(
         self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        if not self.addresses:
+        if not self.addresses and not any(d.vfio_user for d in self.config.devices):
             raise PcisplitError(
                 "nothing to listen on: give --listen ADDR or `listen` in the config"
             )
@@ -364,10 +367,15 @@ class Backend:
                 self._set_socket_mode(listener.address)
                 log.info("listening on %s", listener.address)
             self._adopt_host_state()
+            self.vfio_doors = await open_doors(
+                self.config, self.registry, self.reset_device, self.guest_log
+            )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for dev in self.registry:
                     self.start_device(dev)
+                for door in self.vfio_doors.values():
+                    nursery.start_soon(door.serve, name=f"vfio-user {door.dev.id}")
                 for listener in self.listeners:
                     nursery.start_soon(self._accept_loop, listener, nursery)
                 nursery.start_soon(self._tick_logs_forever, name="rate-limited log summaries")
@@ -387,6 +395,8 @@ class Backend:
                         await listener.aclose()
                     except Exception:  # logged with its traceback
                         log.exception("closing the listener on %s failed", listener.address)
+                for door in self.vfio_doors.values():
+                    door.close()
                 # Shutdown is a release too: nothing a guest wrote outlives the service
                 # (a writable host device gets its saved config back). Every device is
                 # reset even if another's reset fails (reset_device never raises).
