@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import trio
 
 from pciback._ratelog import ScopedLog
+from pciback.guests.vfio_user._errors import CommandRefusedError
 from pciback.guests.vfio_user._regions import CONFIG, pieces, region_info, region_size
 from pciback.plane.registry import DeviceRegistry, ServedDevice
 from pciback.policy import AccessDeniedError
@@ -87,14 +88,6 @@ def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(data) - len(data) % 4
             fds.extend(int.from_bytes(data[i:i + 4], "little") for i in range(0, usable, 4))
     return fds
-
-
-class _Refused(Exception):
-    """A command this session answers with ``errno`` (its reason logged, rate-limited)."""
-
-    def __init__(self, errno_value: int, why: str) -> None:
-        super().__init__(why)
-        self.errno = errno_value
 
 
 class VfioUserSession:
@@ -184,18 +177,18 @@ class VfioUserSession:
         try:
             if handler is None:
                 _close_all(received.fds)
-                raise _Refused(
+                raise CommandRefusedError(
                     errno.ENOTSUP, f"{received.command.name} is not supported by this server"
                 )
             if received.fds:
                 _close_all(received.fds)
             reply = await handler(received.body)
-        except _Refused as exc:
+        except CommandRefusedError as exc:
             self.stats.errors += 1
             self.events.log(
                 f"refused {received.command.name}", logging.INFO,
                 "guest %s: vfio-user %s on %s refused (%s): %s", self.guest,
-                received.command.name, self.dev.id, errno.errorcode.get(exc.errno, exc.errno), exc,
+                received.command.name, self.dev.id, exc.errno_name, exc.message,
             )
             if not header.no_reply:
                 await self._send(self.conn.send_error(header, exc.errno))
@@ -230,13 +223,13 @@ class VfioUserSession:
             )
         return dev
 
-    def _model_failed(self, what: str) -> _Refused:
+    def _model_failed(self, what: str) -> CommandRefusedError:
         self.stats.model_failures += 1
         self.events.log(
             "device model failures", logging.ERROR, "device %s failed on vfio-user %s of "
             "guest %s", self.dev.id, what, self.guest, exc_info=True,
         )
-        return _Refused(errno.EIO, f"the device model failed on {what}")
+        return CommandRefusedError(errno.EIO, f"the device model failed on {what}")
 
     def _check_range(self, region: int, offset: int, count: int) -> int:
         """The region's size; refuses an access outside it."""
@@ -244,9 +237,11 @@ class VfioUserSession:
         size = region_size(region, len(access.config_image()) if region == CONFIG else 0,
                            access.bar_sizes() if region != CONFIG else ())
         if size == 0:
-            raise _Refused(errno.EINVAL, f"region {region} is not implemented by {self.dev.id}")
+            raise CommandRefusedError(
+                errno.EINVAL, f"region {region} is not implemented by {self.dev.id}"
+            )
         if offset + count > size:
-            raise _Refused(
+            raise CommandRefusedError(
                 errno.EINVAL, f"{count} bytes at {offset:#x} of region {region} pass its end "
                 f"({size:#x} bytes)",
             )
@@ -260,7 +255,7 @@ class VfioUserSession:
         try:
             return vu.negotiate(body, ours)
         except PcisplitError as exc:
-            raise _Refused(errno.ENOTSUP, str(exc)) from None
+            raise CommandRefusedError(errno.ENOTSUP, str(exc)) from None
 
     async def _device_info(self, body: vu.Body | None) -> vu.Body:
         return vu.DeviceInfo(
@@ -292,7 +287,7 @@ class VfioUserSession:
                     for at, size in pieces(offset, count, BAR_WIDEST):
                         out += access.bar_read(region, at, size).to_bytes(size, "little")
             except PcisplitError as exc:
-                raise _Refused(errno.EINVAL, exc.message) from None
+                raise CommandRefusedError(errno.EINVAL, exc.message) from None
             except Exception:  # noqa: BLE001 - a model bug ends nothing; logged in _model_failed
                 raise self._model_failed(f"a read of region {region}") from None
         finally:
@@ -319,7 +314,7 @@ class VfioUserSession:
                     else:
                         access.bar_write(region, at, size, value)
             except PcisplitError as exc:
-                raise _Refused(errno.EINVAL, exc.message) from None
+                raise CommandRefusedError(errno.EINVAL, exc.message) from None
             except Exception:  # noqa: BLE001 - a model bug ends nothing; logged in _model_failed
                 raise self._model_failed(f"a write of region {region}") from None
         finally:
@@ -335,5 +330,7 @@ class VfioUserSession:
         finally:
             dev.lock.release()
         if not ok:
-            raise _Refused(errno.EIO, f"resetting {dev.id} failed (the backend log says why)")
+            raise CommandRefusedError(
+                errno.EIO, f"resetting {dev.id} failed (the backend log says why)"
+            )
         return vu.Empty()
