@@ -117,6 +117,26 @@ class IovaAllocator:
         self._ends[candidate] = candidate + need
         return candidate
 
+    def reserve(self, address: int, size: int) -> None:
+        """Reserve exactly ``[address, address + size)``, where the guest chose it (vfio-user's
+        ``DMA_MAP``): page aligned, inside the space, overlapping no window (nor its guard)."""
+        end = address + size
+        i = bisect.bisect_right(self._starts, address)
+        if address % PAGE_SIZE or size % PAGE_SIZE or address < PAGE_SIZE or end > self.limit:
+            raise DmaMapError(
+                f"a DMA window at {address:#x}..{end:#x} must be page aligned ({PAGE_SIZE}) "
+                f"and inside {PAGE_SIZE:#x}..{self.limit:#x}", code=ErrorCode.INVALID_OFFSET,
+            )
+        if (i and self._ends[self._starts[i - 1]] > address) or (
+            i < len(self._starts) and self._starts[i] < end
+        ):
+            raise DmaMapError(
+                f"a DMA window at {address:#x}..{end:#x} overlaps one already mapped; unmap it "
+                "first", code=ErrorCode.BUSY,
+            )
+        bisect.insort(self._starts, address)
+        self._ends[address] = end
+
     def free(self, address: int) -> None:
         self._starts.remove(address)
         del self._ends[address]
@@ -213,7 +233,7 @@ class DmaStatistics:
     limit_refusals: int = 0  # maps refused by limits.max_dma_windows/bytes_per_guest
 
 
-def _validate_memfd(fd: int, size: int, writable: bool) -> mmap.mmap:
+def _validate_memfd(fd: int, size: int, writable: bool, offset: int = 0) -> mmap.mmap:
     """Map a guest's memfd after checking it cannot shrink under us (else SIGBUS)."""
     try:
         info = os.fstat(fd)
@@ -223,10 +243,10 @@ def _validate_memfd(fd: int, size: int, writable: bool) -> mmap.mmap:
         raise DmaMapError(
             "the shared DMA buffer must be a memfd (memfd_create), not a pipe, socket or device"
         )
-    if info.st_size < size:
+    if info.st_size < offset + size:
         raise DmaMapError(
-            f"the shared DMA buffer holds {info.st_size} bytes but the window asks for {size}; "
-            "ftruncate the memfd to at least the window size before mapping"
+            f"the shared DMA buffer holds {info.st_size} bytes but the window asks for {size} "
+            f"from offset {offset}; ftruncate the memfd to at least that before mapping"
         )
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -244,7 +264,7 @@ def _validate_memfd(fd: int, size: int, writable: bool) -> mmap.mmap:
         )
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     try:
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
     except OSError as exc:
         raise DmaMapError(
             f"cannot map the shared DMA buffer ({exc.strerror}); a writable window needs a "
@@ -304,8 +324,19 @@ class GuestDma:
 
     # -- mapping ------------------------------------------------------------------------
 
-    def map(self, size: int, writable: bool, owner: DmaCaller, fd: int | None = None) -> int:
-        """Map a window and return its bus address. With ``fd`` it is a shared memfd.
+    def map(
+        self,
+        size: int,
+        writable: bool,
+        owner: DmaCaller,
+        fd: int | None = None,
+        *,
+        bus_address: int | None = None,
+        offset: int = 0,
+    ) -> int:
+        """Map a window and return its bus address. With ``fd`` it is a shared memfd
+        (from ``offset``, page aligned). ``bus_address``: the guest chose where
+        (vfio-user's ``DMA_MAP``); otherwise the backend picks it.
 
         On failure ``fd`` is closed (it was the guest's; keeping it would leak).
         """
@@ -333,14 +364,23 @@ class GuestDma:
                 raise DmaMapError(
                     "a DMA window needs at least one byte", code=ErrorCode.INVALID_SIZE
                 )
-            memory = _validate_memfd(fd, size, writable) if fd is not None else None
+            if offset % PAGE_SIZE:
+                raise DmaMapError(
+                    f"a DMA window's file offset must be page aligned, not {offset:#x}",
+                    code=ErrorCode.INVALID_OFFSET,
+                )
+            memory = _validate_memfd(fd, size, writable, offset) if fd is not None else None
         except DmaMapError:
             self.stats.refused_maps += 1
             if fd is not None:
                 os.close(fd)
             raise
         try:
-            address = self._iova.allocate(size)
+            if bus_address is None:
+                address = self._iova.allocate(size)
+            else:
+                self._iova.reserve(bus_address, size)
+                address = bus_address
         except DmaMapError:
             self.stats.refused_maps += 1
             if memory is not None:
