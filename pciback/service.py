@@ -368,7 +368,7 @@ class Backend:
                 log.info("listening on %s", listener.address)
             self._adopt_host_state()
             self.vfio_doors = await open_doors(
-                self.config, self.registry, self.reset_device, self.guest_log
+                self.config, self.registry, self.irq, self.dma, self.reset_device, self.guest_log
             )
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

@@ -6,13 +6,9 @@ reset). See ``docs/vfio-user.md``.
 """
 
 from pciback.guests.vfio_user._door import VfioUserDoor, open_doors
+from pciback.guests.vfio_user._errors import ClientStalledError, CommandRefusedError
 from pciback.guests.vfio_user._regions import pieces, region_info
-from pciback.guests.vfio_user._session import (
-    SEND_TIMEOUT,
-    ClientStalledError,
-    VfioUserSession,
-    VfioUserStatistics,
-)
+from pciback.guests.vfio_user._session import SEND_TIMEOUT, VfioUserSession, VfioUserStatistics
 
 __all__ = [
     "VfioUserDoor",
@@ -20,6 +16,7 @@ __all__ = [
     "VfioUserSession",
     "VfioUserStatistics",
     "ClientStalledError",
+    "CommandRefusedError",
     "SEND_TIMEOUT",
     "pieces",
     "region_info",

@@ -27,11 +27,10 @@ import trio
 from pciback._ratelog import RateLimitedLog
 from pciback.config import BackendConfig
 from pciback.guests.identity import GuestConfig, authorize
-from pciback.guests.vfio_user._session import (
-    ClientStalledError,
-    VfioUserSession,
-    VfioUserStatistics,
-)
+from pciback.guests.vfio_user._errors import ClientStalledError
+from pciback.guests.vfio_user._session import VfioUserSession, VfioUserStatistics
+from pciback.plane.dma import DmaHub
+from pciback.plane.irq import IrqRouter
 from pciback.plane.registry import DeviceRegistry, ServedDevice
 from shared.errors import PcisplitError
 from shared.protocol import vfio_user as vu
@@ -53,15 +52,21 @@ class VfioUserDoor:
         guest: GuestConfig,
         *,
         registry: DeviceRegistry,
+        router: IrqRouter,
+        dma: DmaHub,
         reset: Callable[[ServedDevice, str], Awaitable[bool]],
         guest_log: RateLimitedLog,
         mode: int = 0o600,
         group: int | None = None,
+        max_fds: int | None = None,
     ) -> None:
         self.path = path
         self.dev = dev
         self.guest = guest
         self.registry = registry
+        self.router = router
+        self.dma = dma
+        self.max_fds = max_fds
         self._reset = reset
         self.guest_log = guest_log
         self.mode = mode
@@ -155,7 +160,8 @@ class VfioUserDoor:
             "device %s: vfio-user client connected (%s)", self.dev.id, self.client,
         )
         session = VfioUserSession(
-            sock, self.dev, guest, registry=self.registry, stats=self.stats, events=events,
+            sock, self.dev, guest, registry=self.registry, router=self.router,
+            dma=self.dma.space(guest), stats=self.stats, events=events, max_fds=self.max_fds,
         )
         try:
             await session.run()
@@ -187,6 +193,8 @@ class VfioUserDoor:
 async def open_doors(
     config: BackendConfig,
     registry: DeviceRegistry,
+    router: IrqRouter,
+    dma: DmaHub,
     reset: Callable[[ServedDevice, str], Awaitable[bool]],
     guest_log: RateLimitedLog,
 ) -> dict[str, VfioUserDoor]:
@@ -201,8 +209,9 @@ async def open_doors(
                 continue
             door = VfioUserDoor(
                 cfg.vfio_user, registry.get(cfg.id), config.guests[cfg.guest],
-                registry=registry, reset=reset, guest_log=guest_log,
+                registry=registry, router=router, dma=dma, reset=reset, guest_log=guest_log,
                 mode=config.listen_mode, group=config.listen_group,
+                max_fds=config.resources.max_fds_per_connection,
             )
             await door.open()
             doors[cfg.id] = door

@@ -6,7 +6,7 @@ import errno
 
 from shared.errors import ErrorCode, PcisplitError
 
-__all__ = ["CommandRefusedError"]
+__all__ = ["ClientStalledError", "CommandRefusedError"]
 
 
 class CommandRefusedError(PcisplitError):
@@ -21,3 +21,10 @@ class CommandRefusedError(PcisplitError):
     @property
     def errno_name(self) -> str:
         return errno.errorcode.get(self.errno, str(self.errno))
+
+
+class ClientStalledError(PcisplitError):
+    """The client stopped reading its replies, made an eventfd block, or left: its
+    connection ends."""
+
+    code = ErrorCode.OPERATION_FAILED

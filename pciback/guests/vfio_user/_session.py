@@ -28,18 +28,24 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from pciback._ratelog import ScopedLog
-from pciback.guests.vfio_user._errors import CommandRefusedError
+from pciback.guests.vfio_user._dma import ClientDma
+from pciback.guests.vfio_user._errors import ClientStalledError, CommandRefusedError
+from pciback.guests.vfio_user._irqs import ClientInterrupts
 from pciback.guests.vfio_user._regions import CONFIG, pieces, region_info, region_size
+from pciback.plane.dma import GuestDma
+from pciback.plane.irq import IrqRouter
 from pciback.plane.registry import DeviceRegistry, ServedDevice
 from pciback.policy import AccessDeniedError
-from shared.errors import ErrorCode, PcisplitError
+from shared.errors import PcisplitError
+from shared.evtchn import EventfdStalledError
 from shared.protocol import vfio_user as vu
+from shared.sync import FastLock
 
 __all__ = ["VfioUserSession", "VfioUserStatistics", "ClientStalledError", "SEND_TIMEOUT"]
 
@@ -50,12 +56,6 @@ SEND_TIMEOUT = 5.0
 _RECV_SIZE = 256 * 1024
 #: The widest piece a BAR access is split into (config accesses: 4 bytes).
 BAR_WIDEST = 8
-
-
-class ClientStalledError(PcisplitError):
-    """The client stopped reading its replies, or left: its connection ends."""
-
-    code = ErrorCode.OPERATION_FAILED
 
 
 @dataclass
@@ -100,30 +100,67 @@ class VfioUserSession:
         guest: str,
         *,
         registry: DeviceRegistry,
+        router: IrqRouter,
+        dma: GuestDma,
         stats: VfioUserStatistics,
         events: ScopedLog,
         limits: vu.VfioUserLimits | None = None,
+        max_fds: int | None = None,
     ) -> None:
         self.sock = sock
         self.dev = dev
         self.guest = guest
         self.registry = registry
+        self.router = router
         self.stats = stats
         self.events = events
         self.conn = vu.VfioUserConnection(vu.Role.SERVER, limits)
-        self._handlers = {
+        self.max_fds = max_fds
+        self._send_lock = FastLock()
+        self.outbox = router.outbox(guest)
+        self.irqs = ClientInterrupts(dev, guest, router, self.outbox, events)
+        self.dma = ClientDma(dma, self.conn, self._send, events, guest)
+        #: Commands that keep the descriptors that come with them.
+        self._takes_fds = {vu.Command.DEVICE_SET_IRQS, vu.Command.DMA_MAP}
+        self._handlers: dict[vu.Command, Callable[..., Awaitable[vu.Body]]] = {
             vu.Command.VERSION: self._version,
             vu.Command.DEVICE_GET_INFO: self._device_info,
             vu.Command.DEVICE_GET_REGION_INFO: self._region_info,
             vu.Command.REGION_READ: self._region_read,
             vu.Command.REGION_WRITE: self._region_write,
             vu.Command.DEVICE_RESET: self._reset,
+            vu.Command.DEVICE_GET_IRQ_INFO: self._irq_info,
+            vu.Command.DEVICE_SET_IRQS: self._set_irqs,
+            vu.Command.DMA_MAP: self._dma_map,
+            vu.Command.DMA_UNMAP: self._dma_unmap,
         }
 
     # -- the loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until the client leaves; raises what ended the connection otherwise."""
+        """Serve until the client leaves; raises what ended the connection otherwise.
+
+        However it ends, the client's eventfds are closed, the device's interrupts
+        are disabled and its DMA windows unmapped (after their in-flight DMA).
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._deliver_interrupts, name="vfio-user interrupts")
+                await self._receive()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.irqs.close()
+            self.router.release_outbox(self.outbox)
+            with trio.CancelScope(shield=True):
+                await self.dma.close()
+
+    async def _deliver_interrupts(self) -> None:
+        try:
+            await self.outbox.run(self.irqs.deliver)
+        except EventfdStalledError as exc:
+            raise ClientStalledError(f"the client made an interrupt eventfd block: {exc}") from None
+
+    async def _receive(self) -> None:
         conn = self.conn
         room = socket.CMSG_SPACE(max(conn.limits.max_msg_fds, 1) * 4)
         try:
@@ -157,7 +194,10 @@ class VfioUserSession:
                         raise
                     if received is None:
                         break
-                    await self._answer(received)
+                    if received.is_reply:
+                        self.dma.resolve(received)
+                    else:
+                        await self._answer(received)
         finally:
             _close_all(conn.take_held_fds())
 
@@ -180,9 +220,12 @@ class VfioUserSession:
                 raise CommandRefusedError(
                     errno.ENOTSUP, f"{received.command.name} is not supported by this server"
                 )
-            if received.fds:
+            if received.command in self._takes_fds:
+                self._check_fd_budget(received.fds)
+                reply = await handler(received.body, list(received.fds))
+            else:
                 _close_all(received.fds)
-            reply = await handler(received.body)
+                reply = await handler(received.body)
         except CommandRefusedError as exc:
             self.stats.errors += 1
             self.events.log(
@@ -196,7 +239,26 @@ class VfioUserSession:
         if not header.no_reply:
             await self._send(self.conn.send_reply(header, reply))
 
+    def _check_fd_budget(self, fds: Sequence[int]) -> None:
+        if self.max_fds is None or not fds:
+            return
+        held = self.irqs.held_fds + self.dma.held_fds
+        if held + len(fds) > self.max_fds:
+            _close_all(fds)
+            raise CommandRefusedError(
+                errno.ENOSPC, f"the command came with {len(fds)} descriptor(s), but this "
+                f"connection holds {held} and may hold {self.max_fds} "
+                "(limits.max_fds_per_connection)",
+            )
+
     async def _send(self, data: bytes) -> None:
+        await self._send_lock.acquire()
+        try:
+            await self._send_unlocked(data)
+        finally:
+            self._send_lock.release()
+
+    async def _send_unlocked(self, data: bytes) -> None:
         view = memoryview(data)
         try:
             with trio.fail_after(SEND_TIMEOUT):
@@ -334,3 +396,36 @@ class VfioUserSession:
                 errno.EIO, f"resetting {dev.id} failed (the backend log says why)"
             )
         return vu.Empty()
+
+    # -- interrupts and DMA ----------------------------------------------------------------
+
+    async def _irq_info(self, body: vu.Body | None) -> vu.Body:
+        assert isinstance(body, vu.IrqInfoRequest)
+        dev = await self._enter()
+        try:
+            return self.irqs.info(body.index)
+        finally:
+            dev.lock.release()
+
+    async def _set_irqs(self, body: vu.Body | None, fds: list[int]) -> vu.Body:
+        assert isinstance(body, vu.SetIrqs)
+        try:
+            dev = await self._enter()
+        except BaseException:
+            _close_all(fds)
+            raise
+        try:
+            self.irqs.set_irqs(body, fds)
+        finally:
+            dev.lock.release()
+        return vu.Empty()
+
+    async def _dma_map(self, body: vu.Body | None, fds: list[int]) -> vu.Body:
+        assert isinstance(body, vu.DmaMap)
+        self.dma.map(body, fds)
+        return vu.Empty()
+
+    async def _dma_unmap(self, body: vu.Body | None) -> vu.Body:
+        assert isinstance(body, vu.DmaUnmap)
+        await self.dma.unmap(body)
+        return body
