@@ -14,9 +14,11 @@ class CommandRefusedError(PcisplitError):
 
     code = ErrorCode.INVALID_STATE
 
-    def __init__(self, errno_value: int, message: str) -> None:
+    def __init__(self, errno_value: int, message: str, *, fatal: bool = False) -> None:
         super().__init__(message)
         self.errno = errno_value
+        #: After the errno reply the connection ends (a VERSION this server cannot speak).
+        self.fatal = fatal
 
     @property
     def errno_name(self) -> str:

@@ -235,6 +235,8 @@ class VfioUserSession:
             )
             if not header.no_reply:
                 await self._send(self.conn.send_error(header, exc.errno))
+            if exc.fatal:
+                raise vu.StreamBrokenError(f"{received.command.name}: {exc.message}") from None
             return
         if not header.no_reply:
             await self._send(self.conn.send_reply(header, reply))
@@ -317,7 +319,8 @@ class VfioUserSession:
         try:
             return vu.negotiate(body, ours)
         except PcisplitError as exc:
-            raise CommandRefusedError(errno.ENOTSUP, str(exc)) from None
+            # The specification: a server that cannot speak the version closes the socket.
+            raise CommandRefusedError(errno.ENOTSUP, str(exc), fatal=True) from None
 
     async def _device_info(self, body: vu.Body | None) -> vu.Body:
         return vu.DeviceInfo(
