@@ -89,6 +89,18 @@ kind = "emulated"
 model = "sec-msix"
 guest = "guest1"
 
+[[device]]
+id = "edu2"
+model = "edu"
+guest = "guest1"
+vfio_user = "edu2.sock"
+
+[[device]]
+id = "edu3"
+model = "edu"
+guest = "guest0"
+vfio_user = "edu3.sock"
+
 [dma]
 call_timeout = 2.0
 """
