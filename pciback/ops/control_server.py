@@ -193,6 +193,15 @@ class ControlApi:
             ids=lambda dev: ids[dev.id],
         )
         text = format_table(rows)
+        doors = self.backend.vfio_doors
+        for row in rows:
+            door = doors.get(row["id"]) if row["id"] is not None else None
+            if door is not None:
+                row["vfio_user"] = {"socket": str(door.path), "client": door.client}
+                text += (
+                    f"\nvfio-user: {door.dev.id} on {door.path} for guest {door.guest.name}: "
+                    f"{door.client or 'no client'}"
+                )
         if scan.problem is not None:
             text += f"\n(host devices not listed: {scan.problem})"
         return rows, text

@@ -7,7 +7,11 @@ as a separate driver would, while the backend runs in the test's trio loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
+import json
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -215,3 +219,41 @@ def test_config_needs_a_guest_and_one_socket_per_device(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigFileError, match="one device per socket"):
         parse_config(text, base=tmp_path)
+
+
+async def test_ctl_list_shows_who_drives_the_device(tmp_path: Path) -> None:
+    from pciback.cli import main
+    from pciback.service import Backend
+
+    sock = tmp_path / "edu0.sock"
+    config = parse_config(
+        'listen = ["memory:h9-ctl-list"]\n' + edu_config(sock), base=tmp_path
+    )
+    backend = Backend(config, control=tmp_path / "pciback.ctl")
+
+    def ctl_list() -> dict[str, object]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["ctl", "--control", str(tmp_path / "pciback.ctl"), "list"]) == 0
+        text = out.getvalue()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            main(["ctl", "--control", str(tmp_path / "pciback.ctl"), "list", "--json"])
+        row = next(r for r in json.loads(out.getvalue())["result"] if r["id"] == "edu0")
+        return {"text": text, "row": row}
+
+    def while_connected() -> dict[str, object]:
+        with VfioUserClient.connect(sock) as client:
+            assert _word(client, 0, REG_ID) == EDU_IDENTIFICATION
+            return ctl_list()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.serve)
+        idle = await in_thread(ctl_list)
+        busy = await in_thread(while_connected)
+        nursery.cancel_scope.cancel()
+    assert idle["row"]["vfio_user"] == {"socket": str(sock), "client": None}  # type: ignore[index]
+    assert f"vfio-user: edu0 on {sock} for guest vm1: no client" in str(idle["text"])
+    client = busy["row"]["vfio_user"]["client"]  # type: ignore[index]
+    assert client.startswith(f"vfio-user:{sock} pid {os.getpid()} uid {os.getuid()}")
+    assert f"for guest vm1: {client}" in str(busy["text"])
