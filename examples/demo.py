@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`make demo`: start pciback on the embedded default, list the bus, drive the edu device.
 
-1. starts `pciback serve` (one edu device for guest0 on unix:./pciback.sock from
-   the embedded default config, plus `--listen shm:./pciback-shm.sock`);
+1. starts `pciback serve` (one edu device for guest0 from the embedded default
+   config, listening on unix:./pciback.sock and shm:./pciback-shm.sock);
 2. runs `pcifront lspci -nn` against it, then mounts guest0's bus with
    `pcifront mount` and shows the real `lspci -vvv` through the mount (with the
    Region lines of the addresses firmware-like assignment gave the BARs);
@@ -68,9 +68,9 @@ def show_mounted_bus() -> None:
 
 
 def main() -> int:
-    print(f"$ pciback serve --listen {SHM_ADDRESS}", flush=True)
+    print(f"$ pciback serve --listen {ADDRESS} --listen {SHM_ADDRESS}", flush=True)
     backend = subprocess.Popen(
-        [*tool("pciback"), "serve", "--listen", SHM_ADDRESS],
+        [*tool("pciback"), "serve", "--listen", ADDRESS, "--listen", SHM_ADDRESS],
         stdout=subprocess.PIPE, text=True, bufsize=1,
     )
     try:

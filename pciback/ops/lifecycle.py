@@ -282,5 +282,5 @@ async def reload(backend: Backend, path: str | Path) -> ReloadResult:
             await backend.assign(dev_id, guest)
         except PcisplitError as exc:
             log.error("reload: could not assign %s to %s: %s", dev_id, guest, exc)
-    log.info("configuration reloaded from %s: %s", path, plan.describe())
+    log.debug("configuration reloaded from %s: %s", path, plan.describe())
     return plan
