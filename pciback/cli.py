@@ -35,6 +35,7 @@ from pciback.config import (
     default_control_path,
     load_config,
 )
+from pciback.devices import load_plugin
 from pciback.guests.identity import unreachable
 from pciback.ops.control_client import add_ctl_arguments, run_ctl
 from pciback.ops.lifecycle import notify_reloading, reload, sd_notify, summary
@@ -88,8 +89,25 @@ def add_listen_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    """``--plugin FILE`` (repeatable): Python files run before the config is read."""
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="run this Python file first, e.g. one that calls pciback.register_model "
+        "(repeatable); model = \"module:Class\" in a [[device]] needs no plugin",
+    )
+
+
 def config_from(args: argparse.Namespace) -> BackendConfig:
-    """The configuration ``--config`` names, checked (listen addresses included)."""
+    """The configuration ``--config`` names, checked (listen addresses included).
+
+    The ``--plugin`` files (if the command has the option) run first.
+    """
+    for plugin in getattr(args, "plugin", ()):
+        load_plugin(plugin)
     config = load_config(args.config) if args.config else default_config()
     for i, address in enumerate(config.listen):
         problem = _address_problem(address)
@@ -239,6 +257,7 @@ async def _reload(backend: Backend, args: argparse.Namespace, say: Callable[[str
 _serve_parser = CLI.command("serve", _serve, "serve devices to guests")
 add_config_option(_serve_parser)
 add_listen_option(_serve_parser)
+add_plugin_option(_serve_parser)
 _serve_parser.add_argument(
     "--control",
     metavar="PATH",
@@ -259,12 +278,15 @@ _serve_parser.add_argument(
 # ------------------------------------------------------------------------ check
 
 
-def check_config(path: str | Path, listen: Sequence[str] = ()) -> BackendConfig:
+def check_config(
+    path: str | Path, listen: Sequence[str] = (), plugins: Sequence[str] = ()
+) -> BackendConfig:
     """Everything ``serve`` checks before it listens: keys, files, devices, TLS.
 
-    ``listen`` is ``serve``'s ``--listen`` (replacing the config's ``listen``).
+    ``listen`` and ``plugins`` are ``serve``'s ``--listen`` (replacing the
+    config's ``listen``) and ``--plugin``.
     """
-    args = argparse.Namespace(config=str(path))
+    args = argparse.Namespace(config=str(path), plugin=list(plugins))
     config = config_from(args)
     listen_of(config, listen)
     server_ssl_context(config)
@@ -276,7 +298,7 @@ def check_config(path: str | Path, listen: Sequence[str] = ()) -> BackendConfig:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        config = check_config(args.config, args.listen)
+        config = check_config(args.config, args.listen, args.plugin)
     except UsageError:
         raise
     except PcisplitError as exc:
@@ -297,6 +319,7 @@ _check_parser = CLI.command(
 )
 _check_parser.add_argument("--config", metavar="FILE", required=True, help="the TOML config")
 add_listen_option(_check_parser)
+add_plugin_option(_check_parser)
 
 add_ctl_arguments(
     CLI.command("ctl", run_ctl, "inspect and change a running backend (control socket)")

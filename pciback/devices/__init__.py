@@ -22,6 +22,7 @@ from pciback.devices._base import (
 from pciback.devices._edu import EduDevice, edu_factorial
 from pciback.devices._emulated import EmulatedDevice
 from pciback.devices._host import SYSFS_PCI_DEVICES, HostDevice, parse_resource_file
+from pciback.devices._plugins import import_model, load_plugin
 from pciback.devices._regions import (
     BarRegion,
     HandlerRegion,
@@ -59,4 +60,7 @@ __all__ = [
     "HostDevice",
     "parse_resource_file",
     "SYSFS_PCI_DEVICES",
+    # models from the user's own code
+    "import_model",
+    "load_plugin",
 ]

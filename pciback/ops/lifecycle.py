@@ -187,7 +187,7 @@ def _build(
     try:
         for dev_id in ids:
             cfg = by_id[dev_id]
-            provider, physical = build_provider(cfg, new.sysfs_root)
+            provider, physical = build_provider(cfg, new.sysfs_root, base=new.base)
             built[dev_id] = provider, physical
             # The policy compiles now, not half-way through the reload.
             make_access(
