@@ -62,10 +62,11 @@ def _r32(client: VfioUserClient, offset: int) -> int:
 def _wait_interrupt(client: VfioUserClient, efd: int) -> int:
     """Wait for the eventfd, serving the backend's DMA messages meanwhile (bounded)."""
     for _ in range(2000):
+        # A DMA command may already sit in the client's buffer (it came with a reply).
+        client.service_nowait()
         ready, _, _ = select.select([efd, client.fileno()], [], [], 10.0)
         if efd in ready:
             return int.from_bytes(os.read(efd, 8), "little")
-        client.service_nowait()
     raise AssertionError("no interrupt arrived")
 
 
