@@ -1,0 +1,16 @@
+"""Helpers the test suite shares: import them as ``tests.support.<module>``.
+
+``tests/conftest.py`` turns the ones that need a temporary directory or a
+clean-up into fixtures; the modules themselves are plain code:
+
+* ``configs``: backend configurations as TOML text (guests, edu devices, one
+  ``[[device]]`` table, a ``listen`` line);
+* ``fakehost``: a fake ``/sys/bus/pci/devices`` tree for host devices;
+* ``serve``: a real ``pciback serve`` process, started until it serves and
+  stopped cleanly;
+* ``tls``: a test CA, the backend's certificate files and a guest's TLS context.
+
+(A package rather than helpers in ``tests/conftest.py`` itself: test modules
+import from here, and ``import conftest`` in ``tests/security`` must keep meaning
+that directory's conftest.)
+"""
