@@ -28,38 +28,25 @@ from shared.protocol import (
     encode_frame,
 )
 from shared.transport import TransportOptions, open_transport
+from tests.support.configs import ONE_GUEST, device_table, edu_config
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pcidata"
 
-TWO_GUESTS = f"""
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "sata"
-kind = "snapshot"
-dump = "{DATA / "sata_intel_ich10_ahci.txt"}"
-guest = "beta"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-[[device]]
-id = "spare"
-model = "edu"
-"""
+TWO_GUESTS = (
+    edu_config(["alpha", "beta"], {"edu-a": "alpha"})
+    + device_table(
+        "sata", "beta", model=None, kind="snapshot", dump=str(DATA / "sata_intel_ich10_ahci.txt")
+    )
+    + device_table("edu-b", "beta")
+    + device_table("spare")
+)
 
 
 @pytest.mark.parametrize("kind", ["memory", "unix", "tcp"])
 async def test_edu_through_the_whole_stack(kind: str, tmp_path: Path) -> None:
     async with (
         running_backend(
-            "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
+            ONE_GUEST,
             transports=(kind,),
             tmp=tmp_path,
         ) as rb,
@@ -86,7 +73,7 @@ async def test_edu_through_the_whole_stack(kind: str, tmp_path: Path) -> None:
 async def test_many_requests_in_flight_get_one_reply_each(tmp_path: Path) -> None:
     async with (
         running_backend(
-            "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
+            ONE_GUEST,
             transports=("unix",),
             tmp=tmp_path,
         ) as rb,

@@ -39,23 +39,9 @@ from shared.protocol import (
     PingRequest,
     ValueReply,
 )
+from tests.support.configs import TWO_GUESTS
 
-CONFIG = """
-[dma]
-call_timeout = 2.0
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-"""
+CONFIG = "[dma]\ncall_timeout = 2.0\n" + TWO_GUESTS
 
 START, TO_RAM, IRQ = 0x1, 0x2, 0x4
 PATTERN = bytes((i * 7 + 3) & 0xFF for i in range(100))

@@ -23,19 +23,9 @@ from shared.protocol import (
     DmaMapRequest,
     ErrorReply,
 )
+from tests.support.configs import edu_config
 
-CONFIG = """
-[limits]
-max_dma_windows_per_guest = 1
-
-[[guest]]
-name = "mallory"
-
-[[device]]
-id = "edu-m"
-model = "edu"
-guest = "mallory"
-"""
+CONFIG = "[limits]\nmax_dma_windows_per_guest = 1\n" + edu_config(["mallory"], {"edu-m": "mallory"})
 
 #: A packed address with no device on mallory's bus.
 NOWHERE = 0x0010

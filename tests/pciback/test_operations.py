@@ -24,24 +24,14 @@ from pciback.ops.lifecycle import reload
 from pciback.service import Backend
 from pciback.testing import listen_address
 from shared.errors import ConfigFileError
+from tests.support.configs import edu_config
+from tests.support.fakehost import NIC_82576, FakeHost
 
 REPO = Path(__file__).resolve().parents[2]
 LIVENESS = 0x04  # edu BAR0: reads back the complement of what was written (0 at reset)
 MARK = 0x12345678
 
-CONFIG = """
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-"""
+CONFIG = edu_config(["alpha", "beta"], {"edu-a": "alpha", "edu-b": None})
 
 
 @asynccontextmanager
@@ -296,28 +286,18 @@ async def test_reset_on_reload_move(tmp_path: Path) -> None:
             await _assert_clean(beta)
 
 
-def _fake_host(root: Path) -> bytes:
-    image = bytearray(256)
-    image[0:4] = (0x10C9_8086).to_bytes(4, "little")  # an 82576, as a host function
-    image[0x08:0x0C] = (0x0200_0001).to_bytes(4, "little")
-    path = root / "0000:05:00.0"
-    path.mkdir(parents=True)
-    (path / "config").write_bytes(bytes(image))
-    (path / "resource").write_text("")
-    return bytes(image)
-
-
-async def test_writable_host_device_gets_its_saved_config_back(tmp_path: Path) -> None:
-    """Never this machine's devices: a copy of a sysfs tree in tmp_path."""
-    sysfs = tmp_path / "sysfs"
-    original = _fake_host(sysfs)
+async def test_writable_host_device_gets_its_saved_config_back(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
+    """Never this machine's devices: a fake sysfs tree in tmp_path."""
+    original = fake_host.add("0000:05:00.0", *NIC_82576)
     text = (
         f"listen = [{json.dumps(listen_address('memory', tmp_path))}]\n"
-        f"sysfs_root = '{sysfs}'\n[[guest]]\nname='g'\n"
+        f"sysfs_root = '{fake_host.root}'\n[[guest]]\nname='g'\n"
         "[[device]]\nid='h'\nkind='host'\naddress='0000:05:00.0'\nwritable=true\n"
         "policy='permissive'\nguest='g'\n"
     )
-    config_file = sysfs / "0000:05:00.0" / "config"
+    config_file = fake_host.config("0000:05:00.0")
     backend = Backend(parse_config(text, base=tmp_path))
     stop = trio.CancelScope()
 

@@ -17,18 +17,9 @@ import pcifront
 from pciback.config import BackendConfig, GuestConfig
 from pciback.service import Backend
 from pciback.testing._kit import make_test_config
+from tests.support.configs import edu_config
 
-CONFIG = """
-[[guest]]
-name = "alpha"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu1"
-model = "edu"
-"""
+CONFIG = edu_config(["alpha"], {"edu0": "alpha", "edu1": None})
 
 EDU_ID = 0x11E81234
 LIVENESS = 0x04  # edu BAR0 register: reads back the inverse of the last value written

@@ -20,6 +20,7 @@ from _irqdma_support import (
 )
 
 from shared.protocol import BarWriteRequest
+from tests.support.configs import edu_config
 
 __all__ = [
     "EDU",
@@ -33,20 +34,7 @@ __all__ = [
 ]
 
 #: An honest guest ("victim") and a hostile one ("mallory"), one edu device each.
-TWO_GUESTS = """
-[[guest]]
-name = "victim"
-[[guest]]
-name = "mallory"
-[[device]]
-id = "edu-v"
-model = "edu"
-guest = "victim"
-[[device]]
-id = "edu-m"
-model = "edu"
-guest = "mallory"
-"""
+TWO_GUESTS = edu_config(["victim", "mallory"], {"edu-v": "victim", "edu-m": "mallory"})
 
 
 async def bar_write(g: RawGuest, offset: int, value: int) -> None:
