@@ -20,13 +20,13 @@ config a test depends on stays visible in its module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.fakehost import FakeHost
-from tests.support.serve import ServeProcess
+from tests.support.serve import ServeFactory, ServeProcess
 from tests.support.tls import TlsFiles
 
 
@@ -37,7 +37,7 @@ def fake_host(tmp_path: Path) -> FakeHost:
 
 
 @pytest.fixture
-def serve_pciback(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+def serve_pciback(tmp_path: Path) -> Iterator[ServeFactory]:
     """Start real ``pciback serve`` processes: ``serve_pciback(*args, config=..., env=...)``."""
     started: list[ServeProcess] = []
 

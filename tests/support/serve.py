@@ -24,12 +24,13 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 import trio
 
-__all__ = ["TIMEOUT", "Lines", "ServeProcess", "pciback_command"]
+__all__ = ["TIMEOUT", "Lines", "ServeFactory", "ServeProcess", "pciback_command"]
 
 #: A stall guard for real processes, not a speed target.
 TIMEOUT = 30.0
@@ -162,9 +163,16 @@ class ServeProcess:
         return await trio.to_thread.run_sync(self.ready, timeout)
 
     def address(self, kind: str) -> str:
-        """The first address the backend listens on with transport ``kind`` (``"unix"``)."""
+        """The first address the backend listens on with transport ``kind`` (``"unix"``).
+
+        A relative socket path (the default config's ``unix:./pciback.sock``) is
+        made absolute against the backend's working directory, for clients elsewhere.
+        """
         for address in self.addresses:
             if address.startswith(kind + ":"):
+                scheme, _, rest = address.partition(":")
+                if scheme in ("unix", "shm") and not rest.startswith("/"):
+                    return f"{scheme}:{self.tmp / rest}"
                 return address
         raise LookupError(f"the backend listens on {self.addresses}, not on {kind}")
 
@@ -223,3 +231,7 @@ class ServeProcess:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.astop()
+
+
+#: The type of the ``serve_pciback`` fixture: ``(*args, config=..., env=...) -> ServeProcess``.
+ServeFactory = Callable[..., ServeProcess]
