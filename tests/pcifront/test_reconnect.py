@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +14,8 @@ import pcifront
 from pciback.config import BackendConfig, GuestConfig
 from pciback.service import Backend
 from pciback.testing._kit import make_test_config
-from tests.support.configs import edu_config
+from tests.support.configs import edu_config, listen_line
+from tests.support.serve import TIMEOUT, ServeProcess
 
 CONFIG = edu_config(["alpha"], {"edu0": "alpha", "edu1": None})
 
@@ -295,49 +293,10 @@ async def test_interrupt_waiters_and_dma_buffers_fail_loudly_when_the_connection
         nursery.cancel_scope.cancel()
 
 
-PROCESS_CONFIG = """
-listen = ["unix:{sock}"]
-[[guest]]
-name = "alpha"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "alpha"
-"""
-PROCESS_TIMEOUT = 30.0  # a stall guard for real processes, not a speed target
-
-
-class BackendProcess:
+def _backend_process(tmp: Path) -> ServeProcess:
     """``pciback serve`` as a real process on a fixed unix: socket (eventfds, shared DMA)."""
-
-    def __init__(self, tmp: Path) -> None:
-        config = tmp / "backend.toml"
-        config.write_text(PROCESS_CONFIG.format(sock=tmp / "pciback.sock"))
-        self.address = f"unix:{tmp / 'pciback.sock'}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pciback.cli", "serve", "--config", str(config)],
-            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-
-    async def started(self) -> BackendProcess:
-        assert self.proc.stdout is not None
-        with trio.fail_after(PROCESS_TIMEOUT):
-            line = await trio.to_thread.run_sync(self.proc.stdout.readline)
-        assert line.startswith(b"pciback: listening on unix:"), line
-        return self
-
-    async def kill_9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        with trio.fail_after(PROCESS_TIMEOUT):
-            assert await trio.to_thread.run_sync(self.proc.wait) == -signal.SIGKILL
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+    config = listen_line(f"unix:{tmp / 'pciback.sock'}") + edu_config(["alpha"], {"edu0": "alpha"})
+    return ServeProcess(tmp, config=config)
 
 
 @pytest.mark.slow
@@ -350,10 +309,10 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             up.set()
 
     policy = pcifront.ReconnectPolicy(initial_delay=0.05, max_delay=0.5, on_link=on_link)
-    backends = [await BackendProcess(tmp_path).started()]
+    backends = [await _backend_process(tmp_path).aready()]
     try:
         async with pcifront.connect(
-            backends[0].address, guest="alpha", reconnect=policy, timeout=PROCESS_TIMEOUT
+            backends[0].address("unix"), guest="alpha", reconnect=policy, timeout=TIMEOUT
         ) as bus, trio.open_nursery() as nursery:
             edu = bus.devices[0]
             await edu.config_write(0x04, 2, 0x6)  # memory decode and bus master
@@ -391,12 +350,12 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             assert (await old.receive()).vector == 0  # live before the kill
             await edu.bar_write(0, IRQ_ACK, 4, 1)
 
-            with trio.fail_after(PROCESS_TIMEOUT):
+            with trio.fail_after(TIMEOUT):
                 async with trio.open_nursery() as waiters:
                     waiters.start_soon(receive)
                     waiters.start_soon(iterate)
                     await trio.testing.wait_all_tasks_blocked()
-                    await backends[0].kill_9()
+                    assert await backends[0].astop(signal.SIGKILL) == -signal.SIGKILL
             assert [type(e) for e in lost] == [pcifront.ResourceLostError] * 2
             assert "interrupts() block is dead" in str(lost[0])
             with pytest.raises(pcifront.ResourceLostError, match="map a new buffer"):
@@ -404,8 +363,8 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             with pytest.raises(pcifront.ResourceLostError):
                 await old.eoi(0)
 
-            backends.append(await BackendProcess(tmp_path).started())
-            with trio.fail_after(PROCESS_TIMEOUT):
+            backends.append(await _backend_process(tmp_path).aready())
+            with trio.fail_after(TIMEOUT):
                 await up.wait()
             # The new backend has a freshly reset device: the driver sets it up again.
             await edu.config_write(0x04, 2, 0x6)
@@ -419,7 +378,7 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
                     await edu.bar_write(0, DMA_DST, 8, EDU_BUFFER)
                     await edu.bar_write(0, DMA_COUNT, 8, 16)
                     await edu.bar_write(0, DMA_CMD, 8, DMA_TO_DEVICE_WITH_IRQ)
-                    with trio.fail_after(PROCESS_TIMEOUT):
+                    with trio.fail_after(TIMEOUT):
                         assert (await irqs.receive()).vector == 0
                     await edu.bar_write(0, IRQ_ACK, 4, IRQ_DMA)
                     copied = await edu.bar_read(0, EDU_BUFFER, 8)
@@ -427,4 +386,4 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             assert bus.statistics().reconnects == 1
     finally:
         for backend in backends:
-            backend.close()
+            backend.stop(signal.SIGKILL)  # already dead, or at the end of the test
