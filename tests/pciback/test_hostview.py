@@ -7,32 +7,25 @@ for writing), and compares it with pciutils' lspci.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 import pcifront
-from pciback.cli import check_config, main
+from pciback.cli import check_config
 from pciback.config import parse_config
 from pciback.devices import SYSFS_PCI_DEVICES
 from pciback.ops.control_server import _not_served
 from pciback.ops.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
 from pciback.plane.registry import DeviceRegistry
-from pciback.service import Backend
-from pciback.testing import listen_address
 from shared.pci import PciAddress
 from tests.support.fakehost import NIC_82576, FakeHost
+from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
 DUMP = REPO / "tests/data/pcidata/eth_intel_82576_sriov.txt"
@@ -75,39 +68,6 @@ def test_scan_of_a_missing_tree_reports_it(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- ctl list
 
 
-@asynccontextmanager
-async def serving(text: str, tmp: Path) -> AsyncIterator[tuple[Backend, str]]:
-    config = parse_config(
-        f"listen = [{json.dumps(listen_address('memory', tmp))}]\n" + text,
-        source=str(tmp / "backend.toml"),
-        base=tmp,
-    )
-    backend = Backend(config, control=tmp / "pciback.ctl")
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(backend.serve)
-        try:
-            yield backend, addresses[0]
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def ctl(tmp: Path, *argv: str) -> tuple[int, str, str]:
-    """``pciback ctl`` (a blocking client) in a thread while the backend serves."""
-    out, err = io.StringIO(), io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            return main(["ctl", "--control", str(tmp / "pciback.ctl"), *argv])
-
-    code = await trio.to_thread.run_sync(run)
-    return code, out.getvalue(), err.getvalue()
-
-
-async def ctl_json(tmp: Path, *argv: str) -> Any:
-    code, out, err = await ctl(tmp, *argv, "--json")
-    answer = json.loads(out)
-    assert (code == 0) == answer["ok"], (code, out, err)
-    return answer
 
 
 HOST_CONFIG = f"""

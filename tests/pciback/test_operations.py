@@ -8,17 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 import pcifront
-from pciback.cli import main
 from pciback.config import parse_config
 from pciback.ops.lifecycle import reload
 from pciback.service import Backend
@@ -26,6 +22,7 @@ from pciback.testing import listen_address
 from shared.errors import ConfigFileError
 from tests.support.configs import edu_config
 from tests.support.fakehost import NIC_82576, FakeHost
+from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
 LIVENESS = 0x04  # edu BAR0: reads back the complement of what was written (0 at reset)
@@ -34,43 +31,6 @@ MARK = 0x12345678
 CONFIG = edu_config(["alpha", "beta"], {"edu-a": "alpha", "edu-b": None})
 
 
-@asynccontextmanager
-async def serving(
-    text: str, tmp: Path, *, kind: str = "memory", control: bool = True
-) -> AsyncIterator[tuple[Backend, str]]:
-    config = parse_config(f"listen = [{json.dumps(listen_address(kind, tmp))}]\n" + text, base=tmp)
-    backend = Backend(config, control=tmp / "pciback.ctl" if control else None)
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(backend.serve)
-        try:
-            yield backend, addresses[0]
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def ctl(tmp: Path, *argv: str) -> tuple[int, str, str]:
-    """Run ``pciback ctl`` (a blocking client) in a thread while the backend serves."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                return main(["ctl", "--control", str(tmp / "pciback.ctl"), *argv])
-            except SystemExit as exc:  # argparse: usage errors
-                return int(exc.code or 0)
-
-    code = await trio.to_thread.run_sync(run)
-    return code, out.getvalue(), err.getvalue()
-
-
-async def ctl_json(tmp: Path, *argv: str) -> Any:
-    code, out, err = await ctl(tmp, *argv, "--json")
-    answer = json.loads(out)
-    assert (code == 0) == answer["ok"], (code, out, err)
-    return answer
 
 
 # --------------------------------------------------------------------------- pciback ctl
