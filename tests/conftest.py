@@ -1,8 +1,9 @@
-"""Fixtures every test directory shares. The code behind them is in ``tests/support/``.
+"""Fixtures every test directory shares. The code behind them is in ``tests/support/``
+(and, for what users need too, in the public kit ``pciback.testing``).
 
 ``fake_host``
-    A :class:`~tests.support.fakehost.FakeHost`: a fake sysfs PCI tree at
-    ``tmp_path / "sysfs"`` (point ``sysfs_root`` at ``fake_host.root``).
+    A :class:`pciback.testing.FakeHost` (public: ``docs/testing.md``): a fake
+    sysfs PCI tree at ``tmp_path / "sysfs"`` (point ``sysfs_root`` at ``fake_host.root``).
 ``serve_pciback``
     A factory for real ``pciback serve`` processes in ``tmp_path``:
     ``backend = serve_pciback(config=CONFIG)`` returns once the backend serves
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fakehost import FakeHost
+from pciback.testing import FakeHost
 from tests.support.serve import ServeFactory, ServeProcess
 from tests.support.tls import TlsFiles
 

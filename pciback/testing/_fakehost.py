@@ -1,18 +1,16 @@
-"""A fake host: a ``/sys/bus/pci/devices`` tree under a temporary directory.
+"""A fake host: a ``/sys/bus/pci/devices`` tree in a directory of the test's own.
 
-Tests of host devices, the host view and reset on release never touch this
-machine's devices: they point ``sysfs_root`` at a :class:`FakeHost` and read
-back the files the backend wrote.
+A backend whose config says ``sysfs_root = "<FakeHost.root>"`` serves
+``kind = "host"`` devices from these files instead of this machine's devices:
+a test can let a guest write to a writable host device and read back what
+reached the device, and what reset on release put back.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["NIC_82576", "FakeHost"]
-
-#: vendor, device and class code of an Intel 82576 network function (rev 01 in the image).
-NIC_82576 = (0x8086, 0x10C9, 0x020000)
+__all__ = ["FakeHost"]
 
 
 class FakeHost:

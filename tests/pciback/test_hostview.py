@@ -23,8 +23,8 @@ from pciback.devices import SYSFS_PCI_DEVICES
 from pciback.ops.control_server import _not_served
 from pciback.ops.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
 from pciback.plane.registry import DeviceRegistry
+from pciback.testing import FakeHost
 from shared.pci import PciAddress
-from tests.support.fakehost import NIC_82576, FakeHost
 from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ DUMP = REPO / "tests/data/pcidata/eth_intel_82576_sriov.txt"
 
 def _fake_host(host: FakeHost) -> None:
     host.add("0000:00:1f.2", 0x8086, 0x2922, 0x010601, attributes=True, driver="ahci")
-    host.add("0000:05:00.0", *NIC_82576)
+    host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
     host.add("0000:07:00.0", 0x10DE, 0x1DB6, 0x030200, attributes=True, driver="nouveau")
 
 
@@ -257,7 +257,7 @@ def test_check_config_closes_the_host_devices_it_opened(
 def _host_with_a_memory_bar(host: FakeHost) -> Path:
     """A writable-looking host function whose memory decode is off (firmware would set it)."""
     host.add(
-        "0000:05:00.0", *NIC_82576,
+        "0000:05:00.0", 0x8086, 0x10C9, 0x020000,
         resource="0x00000000fe000000 0x00000000fe000fff 0x0000000000040200\n"
         + "0x0000000000000000 0x0000000000000000 0x0000000000000000\n" * 6,
     )

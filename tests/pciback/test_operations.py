@@ -18,10 +18,9 @@ import pcifront
 from pciback.config import parse_config
 from pciback.ops.lifecycle import reload
 from pciback.service import Backend
-from pciback.testing import listen_address
+from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
 from tests.support.configs import edu_config
-from tests.support.fakehost import NIC_82576, FakeHost
 from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -250,7 +249,7 @@ async def test_writable_host_device_gets_its_saved_config_back(
     tmp_path: Path, fake_host: FakeHost
 ) -> None:
     """Never this machine's devices: a fake sysfs tree in tmp_path."""
-    original = fake_host.add("0000:05:00.0", *NIC_82576)
+    original = fake_host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
     text = (
         f"listen = [{json.dumps(listen_address('memory', tmp_path))}]\n"
         f"sysfs_root = '{fake_host.root}'\n[[guest]]\nname='g'\n"

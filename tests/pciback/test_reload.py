@@ -15,10 +15,9 @@ from pciback.devices import HostDevice
 from pciback.ops.lifecycle import reload
 from pciback.plane.registry import NotAssignedError
 from pciback.service import Backend
-from pciback.testing import listen_address
+from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
 from tests.support.configs import device_table, edu_config
-from tests.support.fakehost import NIC_82576, FakeHost
 
 LIVENESS = 0x04  # edu BAR0: reads back the complement of what was written (~0 at reset)
 MARK = 0x12345678
@@ -158,7 +157,7 @@ async def test_a_redefined_writable_host_device_keeps_its_clean_saved_config(
     tmp_path: Path, fake_host: FakeHost
 ) -> None:
     """Never this machine's devices: a fake sysfs tree in tmp_path."""
-    original = fake_host.add("0000:05:00.0", *NIC_82576)
+    original = fake_host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
     host = (
         f"sysfs_root = '{fake_host.root}'\n[[guest]]\nname='g'\n"
         "[[device]]\nid='h'\nkind='host'\naddress='0000:05:00.0'\nwritable=true\n"

@@ -30,9 +30,8 @@ from pciback.devices import EduDevice, HostDevice
 from pciback.plane.hoststate import HostStateFile, state_path_for
 from pciback.plane.registry import MODELS
 from pciback.service import Backend
-from pciback.testing import listen_address
+from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
-from tests.support.fakehost import NIC_82576, FakeHost
 from tests.support.serve import TIMEOUT, ServeProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,7 +78,7 @@ async def _write_both(front: pcifront.Bus) -> None:
 async def test_sigterm_resets_a_held_host_device_and_snapshot_by_content(
     tmp_path: Path, fake_host: FakeHost
 ) -> None:
-    original = fake_host.add(HOST, *NIC_82576)
+    original = fake_host.add(HOST, 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
     config_file = fake_host.config(HOST)
     dump_before = DUMP.read_bytes()
     async with _serve(tmp_path, fake_host) as server:
@@ -112,7 +111,7 @@ async def test_sigterm_resets_a_held_host_device_and_snapshot_by_content(
 async def test_sigkill_of_the_backend_is_repaired_by_the_next_start(
     tmp_path: Path, fake_host: FakeHost
 ) -> None:
-    original = fake_host.add(HOST, *NIC_82576)
+    original = fake_host.add(HOST, 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
     config_file = fake_host.config(HOST)
     state = state_path_for(tmp_path / "pciback.ctl")
     async with _serve(tmp_path, fake_host) as server:
@@ -148,7 +147,7 @@ def _state(state: HostStateFile, configs: dict[str, str]) -> None:
 def test_a_state_file_that_does_not_fit_the_device_stops_the_start(
     tmp_path: Path, fake_host: FakeHost
 ) -> None:
-    original = fake_host.add(HOST, *NIC_82576)
+    original = fake_host.add(HOST, 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
     config = fake_host.config(HOST)
     state = HostStateFile(tmp_path / "pciback.ctl.state")
     with HostDevice(HOST, writable=True, sysfs_root=fake_host.root) as dev:

@@ -1,11 +1,12 @@
 """Helpers the test suite shares: import them as ``tests.support.<module>``.
 
 ``tests/conftest.py`` turns the ones that need a temporary directory or a
-clean-up into fixtures; the modules themselves are plain code:
+clean-up into fixtures; the modules themselves are plain code (a fake host
+tree, which users need too, is ``pciback.testing.FakeHost``):
 
 * ``configs``: backend configurations as TOML text (guests, edu devices, one
   ``[[device]]`` table, a ``listen`` line);
-* ``fakehost``: a fake ``/sys/bus/pci/devices`` tree for host devices;
+* ``inprocess``: an in-process backend with its control socket, and ``pciback ctl``;
 * ``serve``: a real ``pciback serve`` process, started until it serves and
   stopped cleanly;
 * ``tls``: a test CA, the backend's certificate files and a guest's TLS context.
