@@ -36,6 +36,7 @@ from shared.protocol import (
     InterruptEnableRequest,
     ValueReply,
 )
+from tests.support.configs import device_table, edu_config
 
 # _limits_support put tests/pciback on sys.path; its module name sorts before ours.
 sealed_memfd = importlib.import_module("_irqdma_support").sealed_memfd
@@ -46,23 +47,11 @@ COMMAND, MEMORY_DECODE = 0x04, 0x2
 
 
 def config(max_fds: int) -> str:
-    return f"""
-[limits]
-max_fds_per_connection = {max_fds}
-
-[[guest]]
-name = "mallory"
-
-[[device]]
-id = "edu-m"
-model = "edu"
-guest = "mallory"
-
-[[device]]
-id = "msix-m"
-model = "sec-msix"
-guest = "mallory"
-"""
+    return (
+        f"[limits]\nmax_fds_per_connection = {max_fds}\n"
+        + edu_config(["mallory"], {"edu-m": "mallory"})
+        + device_table("msix-m", "mallory", model="sec-msix")
+    )
 
 
 def open_fds() -> int:
