@@ -104,7 +104,8 @@ class ServeProcess:
 
     ``config`` is TOML text (written to ``tmp/backend.toml``) or the path of a
     config file; without it the backend serves its embedded default. ``env``
-    adds environment variables. Its stdout is read as :attr:`out`; its stderr
+    adds environment variables; ``command`` is the ``pciback`` to run (default:
+    :func:`pciback_command`). Its stdout is read as :attr:`out`; its stderr
     (the log) is appended to ``tmp/backend.log`` (:meth:`log_text`), so that
     what it logged before a line on stdout is in the file once the line is read.
     The process starts at once; entering the block (or :meth:`ready` /
@@ -117,6 +118,7 @@ class ServeProcess:
         *args: str,
         config: str | Path | None = None,
         env: dict[str, str] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.tmp = tmp
         if isinstance(config, str):
@@ -125,7 +127,7 @@ class ServeProcess:
             config = path
         self.config = config
         self.log_path = tmp / "backend.log"
-        argv = [*pciback_command(), "serve"]
+        argv = [*(command or pciback_command()), "serve"]
         if config is not None:
             argv += ["--config", str(config)]
         with self.log_path.open("a") as log:
