@@ -25,6 +25,7 @@ from pciback.ops.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
 from pciback.plane.registry import DeviceRegistry
 from pciback.testing import FakeHost
 from shared.pci import PciAddress
+from tests.support.configs import writable_host_config
 from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -272,11 +273,7 @@ def test_check_never_writes_a_writable_host_device(tmp_path: Path, fake_host: Fa
     config_file = _host_with_a_memory_bar(fake_host)
     original = config_file.read_bytes()
     config = tmp_path / "host.toml"
-    config.write_text(
-        'sysfs_root = "sysfs"\n[[guest]]\nname = "g"\n'
-        '[[device]]\nid = "h"\nkind = "host"\naddress = "0000:05:00.0"\nwritable = true\n'
-        'policy = "permissive"\nguest = "g"\n'
-    )
+    config.write_text(writable_host_config(fake_host.root, "0000:05:00.0"))
     check_config(config)
     assert config_file.read_bytes() == original  # pciback check: nothing written
     # Serving it does program the decode bits (so the check above could have written).

@@ -20,7 +20,7 @@ from pciback.ops.lifecycle import reload
 from pciback.service import Backend
 from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
-from tests.support.configs import edu_config
+from tests.support.configs import edu_config, listen_line, writable_host_config
 from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -250,11 +250,8 @@ async def test_writable_host_device_gets_its_saved_config_back(
 ) -> None:
     """Never this machine's devices: a fake sysfs tree in tmp_path."""
     original = fake_host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
-    text = (
-        f"listen = [{json.dumps(listen_address('memory', tmp_path))}]\n"
-        f"sysfs_root = '{fake_host.root}'\n[[guest]]\nname='g'\n"
-        "[[device]]\nid='h'\nkind='host'\naddress='0000:05:00.0'\nwritable=true\n"
-        "policy='permissive'\nguest='g'\n"
+    text = listen_line(listen_address("memory", tmp_path)) + writable_host_config(
+        fake_host.root, "0000:05:00.0"
     )
     config_file = fake_host.config("0000:05:00.0")
     backend = Backend(parse_config(text, base=tmp_path))

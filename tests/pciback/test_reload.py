@@ -17,7 +17,7 @@ from pciback.plane.registry import NotAssignedError
 from pciback.service import Backend
 from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
-from tests.support.configs import device_table, edu_config
+from tests.support.configs import device_table, edu_config, writable_host_config
 
 LIVENESS = 0x04  # edu BAR0: reads back the complement of what was written (~0 at reset)
 MARK = 0x12345678
@@ -158,13 +158,8 @@ async def test_a_redefined_writable_host_device_keeps_its_clean_saved_config(
 ) -> None:
     """Never this machine's devices: a fake sysfs tree in tmp_path."""
     original = fake_host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
-    host = (
-        f"sysfs_root = '{fake_host.root}'\n[[guest]]\nname='g'\n"
-        "[[device]]\nid='h'\nkind='host'\naddress='0000:05:00.0'\nwritable=true\n"
-        "policy='{policy}'\nguest='g'\n"
-    )
     path = tmp_path / "backend.toml"
-    path.write_text(_listen(tmp_path) + host.format(policy="permissive"))
+    path.write_text(_listen(tmp_path) + writable_host_config(fake_host.root, "0000:05:00.0"))
     backend = Backend(parse_config(path.read_text(), base=tmp_path), control=tmp_path / "b.ctl")
     config_file = fake_host.config("0000:05:00.0")
     async with trio.open_nursery() as nursery:
@@ -172,7 +167,10 @@ async def test_a_redefined_writable_host_device_keeps_its_clean_saved_config(
         async with pcifront.connect(address, guest="g") as front:
             await front.devices[0].config_write(0x40, 4, 0xCAFEF00D)
             # Redefined while the guest holds it (and has written to it).
-            path.write_text(_listen(tmp_path) + host.format(policy="default"))
+            path.write_text(
+                _listen(tmp_path)
+                + writable_host_config(fake_host.root, "0000:05:00.0", policy="default")
+            )
             assert (await reload(backend, path)).redefined == ("h",)
             assert config_file.read_bytes() == original  # reset on its way out
             provider = backend.registry.get("h").provider

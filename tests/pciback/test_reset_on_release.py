@@ -32,6 +32,7 @@ from pciback.plane.registry import MODELS
 from pciback.service import Backend
 from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
+from tests.support.configs import device_table, listen_line, writable_host_config
 from tests.support.serve import TIMEOUT, ServeProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,32 +40,17 @@ DUMP = REPO / "tests/data/pcidata/eth_intel_82576_sriov.txt"
 HOST = "0000:05:00.0"
 SNAPSHOT_FREE = 0xF0  # the 82576 dump: past its last capability, plain read/write memory
 
-CONFIG = """
-listen = ["unix:{sock}"]
-sysfs_root = "{sysfs}"
-[[guest]]
-name = "g"
-[[device]]
-id = "h"
-kind = "host"
-address = "0000:05:00.0"
-writable = true
-policy = "permissive"
-guest = "g"
-[[device]]
-id = "nic"
-kind = "snapshot"
-dump = "{dump}"
-policy = "permissive"
-guest = "g"
-"""
 
 
 def _serve(tmp: Path, fake_host: FakeHost) -> ServeProcess:
-    """``pciback serve -v`` for CONFIG: the backend.log that tests read has its info lines."""
-    return ServeProcess(
-        tmp, "-v", config=CONFIG.format(sock=tmp / "pciback.sock", sysfs=fake_host.root, dump=DUMP)
+    """``pciback serve -v`` (the backend.log that tests read has its info lines) serving guest g
+    a writable host device h (at HOST in ``fake_host``) and a snapshot nic of DUMP."""
+    config = (
+        listen_line(f"unix:{tmp / 'pciback.sock'}")
+        + writable_host_config(fake_host.root, HOST)
+        + device_table("nic", "g", model=None, kind="snapshot", dump=str(DUMP), policy="permissive")
     )
+    return ServeProcess(tmp, "-v", config=config)
 
 
 async def _write_both(front: pcifront.Bus) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 __all__ = [
     "ONE_GUEST",
@@ -26,6 +27,7 @@ __all__ = [
     "guest_table",
     "listen_line",
     "toml_value",
+    "writable_host_config",
 ]
 
 TomlValue = str | int | float | bool | list["TomlValue"] | dict[str, "TomlValue"]
@@ -78,6 +80,21 @@ def edu_config(guests: Iterable[str], edus: Mapping[str, str | None]) -> str:
 def listen_line(*addresses: str) -> str:
     """The top-level ``listen = [...]`` line for ``addresses`` (put it first)."""
     return f"listen = {toml_value(list(addresses))}\n"
+
+
+def writable_host_config(sysfs_root: Path, address: str, *, policy: str = "permissive") -> str:
+    """Guest ``g`` with host function ``address`` as device ``h``: writable, ``policy``.
+
+    ``sysfs_root`` is a fake host tree (``pciback.testing.FakeHost.root``): a
+    writable host device is written to, so never this machine's.
+    """
+    return (
+        f"sysfs_root = {toml_value(str(sysfs_root))}\n"
+        + guest_table("g")
+        + device_table(
+            "h", "g", model=None, kind="host", address=address, writable=True, policy=policy
+        )
+    )
 
 
 #: guest0 with one edu device, edu0: the smallest whole backend.
