@@ -10,19 +10,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from _irqdma_support import (
-    DMA_BUFFER,
-    DMA_CMD,
-    DMA_COUNT,
-    DMA_DST,
-    DMA_SRC,
-    EDU,
-    IRQ_ACK,
-    IRQ_STATUS,
-    RawGuest,
-    raw_guest,
-    sealed_memfd,
-)
 
 from pciback.testing import running_backend
 from shared.errors import ErrorCode
@@ -40,6 +27,19 @@ from shared.protocol import (
     ValueReply,
 )
 from tests.support.configs import TWO_GUESTS
+from tests.support.rawguest import (
+    DMA_BUFFER,
+    DMA_CMD,
+    DMA_COUNT,
+    DMA_DST,
+    DMA_SRC,
+    EDU,
+    IRQ_ACK,
+    IRQ_STATUS,
+    RawGuest,
+    raw_guest,
+    sealed_memfd,
+)
 
 CONFIG = "[dma]\ncall_timeout = 2.0\n" + TWO_GUESTS
 

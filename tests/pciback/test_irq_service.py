@@ -1,6 +1,6 @@
 """Interrupts through the whole backend: sessions, the dispatcher and the IRQ router.
 
-A hand-driven frontend (``_irqdma_support.RawGuest``) speaks the protocol so
+A hand-driven frontend (``tests.support.rawguest.RawGuest``) speaks the protocol so
 that every event the backend sends is visible, in order.
 """
 
@@ -12,16 +12,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from _irqdma_support import (
-    EDU,
-    FACTORIAL,
-    IRQ_ACK,
-    IRQ_RAISE,
-    IRQ_STATUS,
-    STATUS,
-    RawGuest,
-    raw_guest,
-)
 
 from pciback.testing import running_backend
 from shared.errors import ErrorCode
@@ -43,6 +33,16 @@ from shared.protocol import (
 )
 from tests.support import configs
 from tests.support.configs import ONE_GUEST
+from tests.support.rawguest import (
+    EDU,
+    FACTORIAL,
+    IRQ_ACK,
+    IRQ_RAISE,
+    IRQ_STATUS,
+    STATUS,
+    RawGuest,
+    raw_guest,
+)
 
 TWO_GUESTS = "[interrupts]\nmax_events_per_second = 10.0\nburst = 5\n" + configs.TWO_GUESTS
 

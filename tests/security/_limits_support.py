@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pcifront
-
-# The hand-driven protocol guest lives with the backend's interrupt and DMA tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pciback"))
-
-from _irqdma_support import (
-    EDU,
-    IRQ_ACK,
-    IRQ_RAISE,
-    RawGuest,
-    raw_guest,
-)
-
 from shared.protocol import BarWriteRequest
 from tests.support.configs import edu_config
+from tests.support.rawguest import EDU, IRQ_ACK, IRQ_RAISE, RawGuest, raw_guest
 
 __all__ = [
     "EDU",

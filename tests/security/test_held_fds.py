@@ -12,7 +12,6 @@ vectors.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +36,7 @@ from shared.protocol import (
     ValueReply,
 )
 from tests.support.configs import device_table, edu_config
-
-# _limits_support put tests/pciback on sys.path; its module name sorts before ours.
-sealed_memfd = importlib.import_module("_irqdma_support").sealed_memfd
+from tests.support.rawguest import sealed_memfd
 
 #: mallory's bus: edu at 00.0, the MSI-X device at 01.0.
 MSIX = 0x0008
