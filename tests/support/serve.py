@@ -143,14 +143,13 @@ class ServeProcess:
         self.out = Lines(self.proc.stdout, "stdout")
         #: The addresses of the ``pciback: listening on ADDRESS`` lines, in order.
         self.addresses: list[str] = []
+        self._serving = False
 
     # ------------------------------------------------------------------ starting
 
     def ready(self, timeout: float = TIMEOUT) -> ServeProcess:
         """Wait for the ``listening on`` lines and the ``pciback: serving`` summary line."""
-        if self.addresses:
-            return self
-        while True:
+        while not self._serving:
             try:
                 line = self.out.next(timeout)
             except AssertionError as exc:
@@ -158,7 +157,8 @@ class ServeProcess:
             if line.startswith("pciback: listening on "):
                 self.addresses.append(line.removeprefix("pciback: listening on "))
             elif line.startswith("pciback: serving "):
-                return self
+                self._serving = True
+        return self
 
     async def aready(self, timeout: float = TIMEOUT) -> ServeProcess:
         """:meth:`ready` for trio tests."""
