@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -296,3 +298,40 @@ async def test_hidden_capability_really_disappears(tmp_path: Path, hide: str) ->
             assert not await dev.config_read(0x06, 2) & 0x10  # Status.CAP_LIST clear
     with pytest.raises(ConfigFileError, match=r"hide_capabilities\[0\]: 4096 is not"):
         parse_config(text + "hide_capabilities=[0x1000]\n")
+
+
+def test_ctl_reads_a_refusal_sent_before_its_request_went_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend that refuses a peer answers and closes at once, maybe before the request
+    is sent: the request then fails with EPIPE, and the refusal must still be read."""
+    from pciback.ops import control_client
+
+    path = tmp_path / "pciback.ctl"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    refusal = {"ok": False, "error": "not authorized", "code": "NOT_AUTHORIZED"}
+    closed = threading.Event()
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        with conn:  # send, not sendall: accept() made it a LateSender too
+            conn.send(json.dumps(refusal).encode() + b"\n")
+        closed.set()
+
+    class LateSender(socket.socket):
+        """A real socket whose request goes out only after the backend has closed."""
+
+        def sendall(self, data: bytes, flags: int = 0) -> None:  # type: ignore[override]
+            assert closed.wait(10)
+            super().sendall(data, flags)
+
+    server = threading.Thread(target=refuse)
+    server.start()
+    monkeypatch.setattr(control_client.socket, "socket", LateSender)
+    try:
+        assert control_client.request(path, {"command": "status"}, timeout=10) == refusal
+    finally:
+        server.join(10)
+        listener.close()
