@@ -43,7 +43,7 @@ from shared.transport._base import (
 )
 from shared.transport._fdpass import close_fds, rights_message
 from shared.transport._shm_setup import _GOODBYE, _Session, check_setup_reply, offer_session
-from shared.transport._sockets import parse_host_port
+from shared.transport._sockets import parse_host_port, unix_connect_problem
 
 __all__ = [
     "BlockingTransport",
@@ -307,7 +307,10 @@ class BlockingShmTransport(BlockingStreamTransport):
             )
         producer = session.producer
         while True:
-            self._check_peer()
+            if self._peer_gone is not None:
+                # Gone, even cleanly: for a sender that is a broken connection (as on
+                # the trio transports), not the end of what it receives.
+                raise trio.BrokenResourceError(self._peer_gone or "peer closed the connection")
             try:
                 notify = producer.send_nowait(frame)
             except RingFullError:
@@ -400,10 +403,7 @@ def open_blocking_transport(address: str, options: TransportOptions) -> Blocking
             sock.connect(rest)
         except OSError as exc:
             sock.close()
-            raise TransportConnectError(
-                f"cannot connect to {address}: {exc.strerror or exc}; is `pciback serve` "
-                "running and listening there?"
-            ) from exc
+            raise TransportConnectError(unix_connect_problem(address, rest, exc)) from exc
         if scheme == "shm":
             return BlockingShmTransport(sock, options, name=address)
         return BlockingStreamTransport(sock, limit, name=address)

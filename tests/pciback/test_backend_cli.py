@@ -27,9 +27,10 @@ def _tool(name: str) -> list[str]:
 
 @pytest.fixture
 def backend(serve_pciback: ServeFactory, tmp_path: Path) -> ServeProcess:
-    """The embedded default config, plus ``--listen unix:tmp_path/b.sock``."""
-    backend = serve_pciback("--listen", f"unix:{tmp_path / 'b.sock'}")
-    assert f"unix:{tmp_path / 'b.sock'}" in backend.addresses, backend.addresses
+    """The embedded default config on ``unix:tmp_path/b.sock`` and ``unix:./pciback.sock``."""
+    sock = tmp_path / "b.sock"
+    backend = serve_pciback("--listen", f"unix:{sock}", "--listen", "unix:./pciback.sock")
+    assert f"unix:{sock}" in backend.addresses, backend.addresses
     return backend
 
 
@@ -41,7 +42,7 @@ def test_serve_default_prints_both_addresses_and_lspci_lists_edu(
     backend: ServeProcess, tmp_path: Path
 ) -> None:
     address = f"unix:{tmp_path / 'b.sock'}"
-    # The embedded default also listens on ./pciback.sock (cwd is tmp_path).
+    # Both --listen addresses (./pciback.sock is relative to cwd, tmp_path).
     assert (tmp_path / "pciback.sock").exists()
     out = _pcifront("lspci", "--connect", address, "--guest", "guest0", "-n")
     assert out.returncode == 0, out.stderr

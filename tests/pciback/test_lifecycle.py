@@ -81,10 +81,21 @@ def test_sighup_reassigns_refuses_a_bad_config_and_sigterm_stops_cleanly(
     )
     config, out = backend.config, backend.out
     assert config is not None
-    listening, summary = out.seen
-    assert listening == f"pciback: listening on unix:{sock}"
-    assert summary.startswith("pciback: serving 2 guest(s), 1 device(s) (1 assigned, 0 hidden)")
-    assert summary.endswith(f"control socket {tmp_path / 'pciback.ctl'}")
+
+    def message(line: str) -> str:
+        """A line on stdout: a JSON object (--log-format json); its message."""
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= set(entry)
+        assert (entry["level"], entry["logger"]) == ("INFO", "pciback")
+        return str(entry["message"])
+
+    def said() -> str:
+        return message(out.next())
+
+    listening, summary = (message(line) for line in out.seen)
+    assert listening == f"listening on unix:{sock}"
+    assert summary.startswith("serving 2 guest(s), 1 device(s) (1 assigned, 0 hidden)")
+    assert summary.rstrip().endswith(f"control socket {tmp_path / 'pciback.ctl'}")
     assert notify.next() == "READY=1"
     assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "alpha"
 
@@ -92,7 +103,7 @@ def test_sighup_reassigns_refuses_a_bad_config_and_sigterm_stops_cleanly(
     config.write_text(_config(sock, owner="beta"))
     backend.send_signal(signal.SIGHUP)
     assert notify.next().startswith("RELOADING=1\nMONOTONIC_USEC=")
-    assert out.next() == f"pciback: reloaded {config}: edu-a: alpha -> beta"
+    assert said() == f"reloaded {config}: edu-a: alpha -> beta"
     assert notify.next() == "READY=1"
     assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
 
@@ -100,21 +111,25 @@ def test_sighup_reassigns_refuses_a_bad_config_and_sigterm_stops_cleanly(
     config.write_text(_config(sock, owner="gamma"))
     backend.send_signal(signal.SIGHUP)
     assert notify.next().startswith("RELOADING=1")
-    assert notify.next() == "READY=1"  # sent after the refusal is on stderr (the log)
-    log = backend.log_text().splitlines()
-    refused = [line for line in log if line.startswith("pciback: reload refused")]
-    assert len(refused) == 1, log
-    assert "device[0].guest: guest 'gamma' is not declared" in refused[0]
-    for line in log:  # every other line is a JSON log entry
-        if line not in refused:
-            assert {"time", "level", "logger", "message"} <= set(json.loads(line))
+    assert notify.next() == "READY=1"  # sent after the refusal is in the log (stderr)
+    # Every stderr line is JSON too; the refusal is said once, as an error.
+    entries = [json.loads(line) for line in backend.log_text().splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    (refused,) = (e for e in entries if "refused" in e["message"])
+    assert refused["message"].startswith("reload refused")
+    assert (refused["level"], refused["logger"]) == ("ERROR", "pciback")
+    assert "device[0].guest: guest 'gamma' is not declared" in refused["message"]
     assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
 
     backend.send_signal(signal.SIGTERM)
-    assert out.next() == "pciback: SIGTERM received, shutting down"
+    assert said() == "SIGTERM received, shutting down"
     assert notify.next() == "STOPPING=1"
     assert backend.wait() == 0
-    assert out.next() == "pciback: stopped"
+    assert said() == "stopped"
+    # Nothing said twice: the refusal was on stderr only, and stderr was all JSON.
+    log = backend.log_text().splitlines()
+    assert all(json.loads(line) for line in log)
+    assert sum("reload refused" in line for line in log) == 1
     assert not sock.exists() and not (tmp_path / "pciback.ctl").exists()
 
 

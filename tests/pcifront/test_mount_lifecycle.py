@@ -197,7 +197,7 @@ def test_setpci_denied_write_exits_non_zero_with_the_reason(
 ) -> None:
     # The exit status is the point: both sides run as the real commands (the default
     # configuration serves one edu device to guest0).
-    sock = tmp_path / "b.sock"  # the default configuration listens on ./pciback.sock too
+    sock = tmp_path / "pciback.sock"
     serve_pciback("--listen", f"unix:{sock}")
     out = subprocess.run(
         [sys.executable, "-m", "pcifront.cli", "setpci", "--connect", f"unix:{sock}",

@@ -18,6 +18,7 @@ does not stop in time) unless the test already stopped it.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -141,24 +142,33 @@ class ServeProcess:
             )
         assert self.proc.stdout is not None
         self.out = Lines(self.proc.stdout, "stdout")
-        #: The addresses of the ``pciback: listening on ADDRESS`` lines, in order.
+        #: The addresses of the ``listening on ADDRESS`` lines, in order.
         self.addresses: list[str] = []
         self._serving = False
 
     # ------------------------------------------------------------------ starting
 
     def ready(self, timeout: float = TIMEOUT) -> ServeProcess:
-        """Wait for the ``listening on`` lines and the ``pciback: serving`` summary line."""
+        """Wait for the ``listening on`` lines and the ``serving ...`` summary line."""
         while not self._serving:
             try:
                 line = self.out.next(timeout)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\nthe backend's log:\n{self.log_text()}") from None
-            if line.startswith("pciback: listening on "):
-                self.addresses.append(line.removeprefix("pciback: listening on "))
-            elif line.startswith("pciback: serving "):
+            said = self.message(line)
+            if said.startswith("listening on "):
+                self.addresses.append(said.removeprefix("listening on "))
+            elif said.startswith("serving "):
                 self._serving = True
         return self
+
+    @staticmethod
+    def message(line: str) -> str:
+        """What a line of ``serve``'s stdout says: ``pciback: TEXT``, or a JSON object's
+        ``message`` (``--log-format json``)."""
+        if line.startswith("{"):
+            return str(json.loads(line)["message"])
+        return line.removeprefix("pciback: ")
 
     async def aready(self, timeout: float = TIMEOUT) -> ServeProcess:
         """:meth:`ready` for trio tests."""
