@@ -54,6 +54,8 @@ log = logging.getLogger("pcisplit.backend")
 #: Seconds a reply may wait for the client to read before the connection ends.
 SEND_TIMEOUT = 5.0
 _RECV_SIZE = 256 * 1024
+#: Most replies held back while more commands are already buffered (bounds reply latency).
+REPLY_BATCH = 32
 #: The widest piece a BAR access is split into (config accesses: 4 bytes).
 BAR_WIDEST = 8
 
@@ -117,6 +119,10 @@ class VfioUserSession:
         self.conn = vu.VfioUserConnection(vu.Role.SERVER, limits)
         self.max_fds = max_fds
         self._send_lock = FastLock()
+        #: Replies of the current burst of commands, sent together (:meth:`_flush`).
+        self._out: list[bytes] = []
+        #: Region sizes by index, read once (a device's regions do not change while served).
+        self._sizes: dict[int, int] | None = None
         self.outbox = router.outbox(guest)
         self.irqs = ClientInterrupts(dev, guest, router, self.outbox, events)
         self.dma = ClientDma(dma, self.conn, self._send, events, guest)
@@ -194,10 +200,13 @@ class VfioUserSession:
                         raise
                     if received is None:
                         break
+                    if len(self._out) >= REPLY_BATCH:
+                        await self._flush()
                     if received.is_reply:
                         self.dma.resolve(received)
                     else:
                         await self._answer(received)
+                await self._flush()
         finally:
             _close_all(conn.take_held_fds())
 
@@ -208,7 +217,7 @@ class VfioUserSession:
             "malformed message: %s", self.guest, self.dev.id, exc,
         )
         if exc.reply_expected:
-            await self._send(self.conn.send_error(exc.header, exc.errno))
+            self._out.append(self.conn.send_error(exc.header, exc.errno))
 
     async def _answer(self, received: vu.Received) -> None:
         header = received.header
@@ -220,6 +229,8 @@ class VfioUserSession:
                 raise CommandRefusedError(
                     errno.ENOTSUP, f"{received.command.name} is not supported by this server"
                 )
+            if received.command is vu.Command.DMA_UNMAP:
+                await self._flush()  # it may wait for DMA that needs the client's answer
             if received.command in self._takes_fds:
                 self._check_fd_budget(received.fds)
                 reply = await handler(received.body, list(received.fds))
@@ -234,12 +245,13 @@ class VfioUserSession:
                 received.command.name, self.dev.id, exc.errno_name, exc.message,
             )
             if not header.no_reply:
-                await self._send(self.conn.send_error(header, exc.errno))
+                self._out.append(self.conn.send_error(header, exc.errno))
             if exc.fatal:
+                await self._flush()
                 raise vu.StreamBrokenError(f"{received.command.name}: {exc.message}") from None
             return
         if not header.no_reply:
-            await self._send(self.conn.send_reply(header, reply))
+            self._out.append(self.conn.send_reply(header, reply))
 
     def _check_fd_budget(self, fds: Sequence[int]) -> None:
         if self.max_fds is None or not fds:
@@ -252,6 +264,13 @@ class VfioUserSession:
                 f"connection holds {held} and may hold {self.max_fds} "
                 "(limits.max_fds_per_connection)",
             )
+
+    async def _flush(self) -> None:
+        """Send the replies of one burst of commands at once (one system call)."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            await self._send(data)
 
     async def _send(self, data: bytes) -> None:
         await self._send_lock.acquire()
@@ -295,11 +314,18 @@ class VfioUserSession:
         )
         return CommandRefusedError(errno.EIO, f"the device model failed on {what}")
 
+    def _region_sizes(self) -> dict[int, int]:
+        if self._sizes is None:
+            access = self.dev.access
+            config, resources = len(access.config_image()), access.bar_sizes()
+            self._sizes = {
+                i: region_size(i, config, resources) for i in range(vu.PCI_NUM_REGIONS)
+            }
+        return self._sizes
+
     def _check_range(self, region: int, offset: int, count: int) -> int:
         """The region's size; refuses an access outside it."""
-        access = self.dev.access
-        size = region_size(region, len(access.config_image()) if region == CONFIG else 0,
-                           access.bar_sizes() if region != CONFIG else ())
+        size = self._region_sizes().get(region, 0)
         if size == 0:
             raise CommandRefusedError(
                 errno.EINVAL, f"region {region} is not implemented by {self.dev.id}"
@@ -331,7 +357,8 @@ class VfioUserSession:
         assert isinstance(body, vu.RegionInfoRequest)
         dev = await self._enter()
         try:
-            info = region_info(body.index, len(dev.access.config_image()), dev.access.bar_sizes())
+            sizes = self._region_sizes()
+            info = region_info(body.index, sizes[CONFIG], dev.access.bar_sizes())
         finally:
             dev.lock.release()
         return info.fitted(body.argsz)
