@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from benchmarks import guests, interrupts, passes, transports
+from benchmarks import guests, interrupts, passes, transports, vfio_user
 from benchmarks._report import Floors, measure_floors, print_ratios, write_results
 
 
@@ -26,6 +26,7 @@ def summary(
     irq: dict[str, Any],
     gs: dict[str, Any],
     ps: dict[str, Any],
+    vf: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The issue's target table, each row a ratio from this run."""
     res = tr["results"]
@@ -82,6 +83,15 @@ def summary(
     if 8 in thr:
         rows.append(_row("8 guests aggregate throughput / 1 guest", thr[8] / thr[1], "(info)",
                          None))
+    if vf and "pcisplit" in vf and "libvfio-user" in vf:
+        ours, theirs = vf["pcisplit"], vf["libvfio-user"]
+        rows.append(_row("vfio-user QD1 p50 config read, pcisplit front door / libvfio-user "
+                         "sample", ours["qd1_p50_us"] / theirs["qd1_p50_us"], "(info)", None))
+        rows.append(_row("vfio-user pipelined throughput, pcisplit front door / libvfio-user "
+                         "sample", ours["pipelined_ops_per_s"] / theirs["pipelined_ops_per_s"],
+                         "(info)", None))
+        rows.append(_row("vfio-user QD1 p50 config read, pcisplit front door / trio floor",
+                         ours["qd1_p50_us"] / floors.trio_p50, "(info)", None))
     for kind, row in ps.items():
         rows.append(_row(f"run-loop passes per QD1 read over {kind}, both ends, one process",
                          row["passes"], "(info)", None))
@@ -97,12 +107,13 @@ def main() -> int:
     irq = interrupts.run(floors, quick=args.quick)
     gs = guests.run(floors, quick=args.quick)
     ps = passes.run(quick=args.quick)
-    rows = summary(floors, tr, irq, gs, ps)
+    vf = vfio_user.run(quick=args.quick)
+    rows = summary(floors, tr, irq, gs, ps, vf)
     print_ratios(rows)
     write_results(
         "summary",
         {"quick": args.quick, "floors": asdict(floors), "transports": tr, "interrupts": irq,
-         "guests": gs, "passes": ps, "ratios": rows},
+         "guests": gs, "passes": ps, "vfio_user": vf, "ratios": rows},
     )
     return 0
 
