@@ -71,6 +71,14 @@ name = "guest1"
 allow_plain_tcp = true
 token_file = "guest1.token"
 
+# guest2 and guest3 drive edu2 and edu3 over vfio-user only (test_sec_vfio_user.py): a
+# guest of their own each, so the native guests' buses stay as the other tests expect.
+[[guest]]
+name = "guest2"
+
+[[guest]]
+name = "guest3"
+
 [[device]]
 id = "edu0"
 kind = "emulated"
@@ -92,13 +100,13 @@ guest = "guest1"
 [[device]]
 id = "edu2"
 model = "edu"
-guest = "guest1"
+guest = "guest2"
 vfio_user = "edu2.sock"
 
 [[device]]
 id = "edu3"
 model = "edu"
-guest = "guest0"
+guest = "guest3"
 vfio_user = "edu3.sock"
 
 [dma]

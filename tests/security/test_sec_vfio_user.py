@@ -73,6 +73,33 @@ async def _recv_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
     return got
 
 
+async def _first_answer(
+    path: Path, message: bytes
+) -> tuple[trio.socket.SocketType, tuple[int, ...]]:
+    """Connect and send ``message``; returns the socket and the answer's header. A client
+    that comes while the previous one is still being closed is refused (one client at a
+    time): then try again, bounded."""
+    for _ in range(200):
+        sock = await _raw(path)
+        await sock.send(message)
+        try:
+            data = await _recv_exactly(sock, HEADER.size)
+        except (ConnectionResetError, AssertionError):  # refused: closed at once
+            sock.close()
+            await trio.sleep(0.05)
+            continue
+        return sock, HEADER.unpack(data)
+    raise AssertionError(f"{path} refused every client")
+
+
+async def _raw_ready(path: Path) -> trio.socket.SocketType:
+    """A raw connection that completed the VERSION handshake."""
+    sock, head = await _first_answer(path, _frame(0, vu.Command.VERSION, VERSION_OK))
+    assert not head[3] & vu.FLAG_ERROR, head
+    await _recv_exactly(sock, head[2] - HEADER.size)
+    return sock
+
+
 async def _handshake(sock: trio.socket.SocketType) -> None:
     await sock.send(_frame(0, vu.Command.VERSION, VERSION_OK))
     head = HEADER.unpack(await _recv_exactly(sock, HEADER.size))
@@ -117,9 +144,9 @@ async def test_abandoned_and_failed_handshakes(backend):
                 await _until_closed(sock)
             sock.close()
         # A VERSION whose JSON is broken gets an errno; the client may propose again.
-        sock = await _raw(path)
-        await sock.send(_frame(0, vu.Command.VERSION, b"\x00\x00\x00\x00{\"x\":\x00"))
-        head = HEADER.unpack(await _recv_exactly(sock, HEADER.size))
+        sock, head = await _first_answer(
+            path, _frame(0, vu.Command.VERSION, b"\x00\x00\x00\x00{\"x\":\x00")
+        )
         assert head[3] & vu.FLAG_ERROR and head[4] == errno.EINVAL, head
         await _handshake(sock)
         sock.close()
@@ -128,8 +155,7 @@ async def test_abandoned_and_failed_handshakes(backend):
 
 async def test_message_in_pieces_and_pipelined(backend):
     async with sentinel(backend, KIND):
-        sock = await _raw(backend.workdir / "edu2.sock")
-        await _handshake(sock)
+        sock = await _raw_ready(backend.workdir / "edu2.sock")
         data = _read_cfg(1) + _read_cfg(2, 2, 2)
         for piece in (data[:3], data[3:17], data[17:40], data[40:]):
             await sock.send(piece)
@@ -145,8 +171,7 @@ async def test_message_in_pieces_and_pipelined(backend):
 @pytest.mark.parametrize("size", [0, 8, 15, 0xFFFFFFFF, (1 << 20) + 4096])
 async def test_impossible_sizes_end_the_connection(backend, size):
     async with sentinel(backend, KIND):
-        sock = await _raw(backend.workdir / "edu2.sock")
-        await _handshake(sock)
+        sock = await _raw_ready(backend.workdir / "edu2.sock")
         await sock.send(HEADER.pack(1, vu.Command.REGION_READ, size, 0, 0))
         await _until_closed(sock)
         sock.close()
@@ -155,8 +180,7 @@ async def test_impossible_sizes_end_the_connection(backend, size):
 
 async def test_malformed_commands_get_errnos(backend):
     async with sentinel(backend, KIND):
-        sock = await _raw(backend.workdir / "edu2.sock")
-        await _handshake(sock)
+        sock = await _raw_ready(backend.workdir / "edu2.sock")
         bad = (
             _frame(1, vu.Command.REGION_READ, b"\x00" * 5),  # short payload
             _frame(2, 0x7777),  # unknown command
@@ -173,8 +197,7 @@ async def test_malformed_commands_get_errnos(backend):
 
 async def test_client_that_never_reads(backend):
     async with sentinel(backend, KIND):
-        sock = await _raw(backend.workdir / "edu2.sock")
-        await _handshake(sock)
+        sock = await _raw_ready(backend.workdir / "edu2.sock")
         big = _frame(1, vu.Command.REGION_READ, ACCESS.pack(0, 0, 1 << 16))
         with trio.move_on_after(2.0):
             for _ in range(10_000):  # until the socket buffers are full both ways
@@ -186,8 +209,7 @@ async def test_client_that_never_reads(backend):
 
 async def test_no_reply_flood(backend):
     async with sentinel(backend, KIND):
-        sock = await _raw(backend.workdir / "edu2.sock")
-        await _handshake(sock)
+        sock = await _raw_ready(backend.workdir / "edu2.sock")
         flood = b"".join(_posted_write(i & 0xFFFF) for i in range(20_000))
         view = memoryview(flood)
         while view:
@@ -201,8 +223,7 @@ async def test_no_reply_flood(backend):
 
 async def test_fd_floods(backend):
     async with sentinel(backend, KIND):
-        sock = await _raw(backend.workdir / "edu2.sock")
-        await _handshake(sock)
+        sock = await _raw_ready(backend.workdir / "edu2.sock")
         r, w = os.pipe()
         try:
             fds = [r] * 8
