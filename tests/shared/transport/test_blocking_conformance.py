@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from _tls_support import tls_options
 
 from shared.transport import (
     BlockingTransport,
@@ -18,6 +17,7 @@ from shared.transport import (
     open_listener,
 )
 from shared.transport.blocking_conformance import BlockingTransportConformance
+from tests.support.tls import transport_options
 
 
 @asynccontextmanager
@@ -100,7 +100,7 @@ class TestBlockingTcpConformance(BlockingTransportConformance):
 class TestBlockingTlsConformance(BlockingTransportConformance):
     @pytest.fixture(autouse=True)
     def _certs(self) -> None:
-        self.server_opts, self.client_opts = tls_options()
+        self.server_opts, self.client_opts = transport_options()
 
     def make_pair(self, max_frame_size: int):  # type: ignore[no-untyped-def]
         return _blocking_pair(

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from _tls_support import tls_options
 
 from shared.transport import (
     FrameTransport,
@@ -19,6 +18,7 @@ from shared.transport import (
     open_transport,
 )
 from shared.transport.conformance import TransportConformance
+from tests.support.tls import transport_options
 
 
 @asynccontextmanager
@@ -92,7 +92,7 @@ class TestTcpConformance(TransportConformance):
 class TestTlsConformance(TransportConformance):
     @pytest.fixture(autouse=True)
     def _certs(self) -> None:
-        self.server_opts, self.client_opts = tls_options()
+        self.server_opts, self.client_opts = transport_options()
 
     def make_pair(self, max_frame_size: int):  # type: ignore[no-untyped-def]
         return _listener_pair(
