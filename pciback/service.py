@@ -642,4 +642,7 @@ class Backend:
                 # The guest's last connection ended (goodbye, crash, kill -9): whatever it
                 # wrote must not reach whoever connects next (XSA-306).
                 for dev in self.registry.devices_of(guest):
+                    door = self.vfio_doors.get(dev.id)
+                    if door is not None and door.client is not None:
+                        continue  # a vfio-user client drives it; it resets when that leaves
                     await self.reset_device(dev, f"guest {guest} disconnected")
