@@ -257,3 +257,27 @@ async def test_ctl_list_shows_who_drives_the_device(tmp_path: Path) -> None:
     client = busy["row"]["vfio_user"]["client"]  # type: ignore[index]
     assert client.startswith(f"vfio-user:{sock} pid {os.getpid()} uid {os.getuid()}")
     assert f"for guest vm1: {client}" in str(busy["text"])
+
+
+async def test_a_native_session_ending_does_not_reset_what_a_vfio_user_client_drives(
+    tmp_path: Path,
+) -> None:
+    import pcifront
+    from pciback.testing import TEST_TOKEN
+
+    sock = tmp_path / "edu0.sock"
+    async with running_backend(edu_config(sock), tmp=tmp_path) as running:
+        client = await in_thread(lambda: VfioUserClient.connect(sock))
+        with client:
+            await in_thread(
+                lambda: client.region_write(0, REG_LIVENESS, struct.pack("<I", 0x77))
+            )
+            # The same guest connects natively and leaves: its last native connection ended.
+            async with pcifront.connect(
+                running.address("memory"), guest="vm1", token=TEST_TOKEN
+            ) as bus:
+                assert len(bus.devices) == 1
+            while running.backend.sessions:  # the backend finishes with that session
+                await trio.testing.wait_all_tasks_blocked()
+            await trio.testing.wait_all_tasks_blocked()
+            assert await in_thread(lambda: _word(client, 0, REG_LIVENESS)) == 0x77 ^ 0xFFFFFFFF
