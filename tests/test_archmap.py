@@ -53,7 +53,8 @@ def test_every_import_is_read_also_hidden_ones(tmp_path: Path) -> None:
     known = archmap.modules(root)
     path = root / "pciback/plane/registry.py"
     targets = {
-        imp.target for imp in archmap.imports_of(path.read_text(), "pciback.plane.registry", path, known)
+        imp.target
+        for imp in archmap.imports_of(path.read_text(), "pciback.plane.registry", path, known)
     }
     assert targets == {"typing", "pciback.guests.session", "pciback.service"}
 

@@ -33,8 +33,14 @@ PACKAGES = ("shared", "pcifront", "pciback")
 LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "shared": (
         ("shared.errors",),
-        ("shared.pci", "shared.sync", "shared.protocol", "shared.ring", "shared.evtchn",
-         "shared.cli"),
+        (
+            "shared.pci",
+            "shared.sync",
+            "shared.protocol",
+            "shared.ring",
+            "shared.evtchn",
+            "shared.cli",
+        ),
         ("shared.transport",),
         ("shared",),
     ),
@@ -111,7 +117,9 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 def modules(root: Path = ROOT) -> dict[str, Path]:
     """Every module of our packages, by dotted name."""
     return {
-        module_name(p, root): p for package in PACKAGES for p in sorted((root / package).rglob("*.py"))
+        module_name(p, root): p
+        for package in PACKAGES
+        for p in sorted((root / package).rglob("*.py"))
     }
 
 
@@ -124,7 +132,9 @@ def imports_of(source: str, module: str, path: Path, known: dict[str, Path]) -> 
     found: list[Import] = []
     for node in ast.walk(ast.parse(source, filename=str(path))):
         if isinstance(node, ast.Import):
-            found += [Import(module, path, node.lineno, a.name, f"import {a.name}") for a in node.names]
+            found += [
+                Import(module, path, node.lineno, a.name, f"import {a.name}") for a in node.names
+            ]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -133,7 +143,9 @@ def imports_of(source: str, module: str, path: Path, known: dict[str, Path]) -> 
                 base = ".".join([*parts, base] if base else parts)
             names = ", ".join(alias.name for alias in node.names)
             text = f"from {'.' * node.level}{node.module or ''} import {names}"
-            targets = {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
+            targets = {
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            }
             found += [Import(module, path, node.lineno, t, text) for t in sorted(targets)]
     return found
 
@@ -201,7 +213,9 @@ def wrong_arrows(edges: list[Import]) -> list[str]:
         if low > high:
             wrong.append(f"{imp.where()}  ({mine} must not import {theirs}, a layer above it)")
         elif low == high and mine != theirs:
-            wrong.append(f"{imp.where()}  ({mine} and {theirs} are siblings: neither imports the other)")
+            wrong.append(
+                f"{imp.where()}  ({mine} and {theirs} are siblings: neither imports the other)"
+            )
     return wrong
 
 
