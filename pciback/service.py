@@ -224,6 +224,8 @@ class Backend:
         #: kind, summarised (pciback/_ratelog.py; the IRQ router, the connection gate and
         #: the audit log have their own instances of the same rule).
         self.guest_log = RateLimitedLog(log, clock=clock)
+        #: Lines control-socket clients cause (pciback.ops.control_server), by the same rule.
+        self.control_log = RateLimitedLog(log, clock=clock)
         self._session_numbers = itertools.count(1)
         #: Live assign/unassign with acknowledgement (``assign``/``unassign`` below).
         self.hotplug = Hotplug(
@@ -252,6 +254,7 @@ class Backend:
     def _rate_logs(self) -> list[RateLimitedLog]:
         return [
             self.guest_log,
+            self.control_log,
             self.irq.guest_log,
             self.gate.log,
             self.registry.audit.limiter,
