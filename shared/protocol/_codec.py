@@ -41,10 +41,7 @@ import msgpack
 
 from shared.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from shared.protocol._messages import (
-    MAX_DEVICES,
     MAX_DMA_CHUNK,
-    MAX_FEATURES,
-    MAX_TEXT_LEN,
     MESSAGE_TYPES,
     U32,
     DeviceInfo,
@@ -52,6 +49,7 @@ from shared.protocol._messages import (
     Message,
     declared_fields,
 )
+from shared.protocol._schema import MAX_DEVICES, MAX_FEATURES, MAX_TEXT_LEN
 
 __all__ = [
     "encode",

@@ -19,13 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from shared.errors import ErrorCode, LocalProtocolError
-from shared.protocol._messages import (
-    MAX_TEXT_LEN,
-    HandshakeRejected,
-    Hello,
-    Limits,
-    Welcome,
-)
+from shared.protocol._messages import HandshakeRejected, Hello, Limits, Welcome
+from shared.protocol._schema import MAX_TEXT_LEN
 from shared.protocol._state import Role
 
 __all__ = ["Handshake", "version_mismatch_message", "clip_text"]

@@ -14,16 +14,65 @@ Every concrete message class has a stable wire ``TAG``. Tags are grouped:
   backend call such as :class:`DmaReadCall` by its ``call_id``, or a hot-plug
   event by its ``change_id``; outside the request range so a malformed one is
   never mistaken for an answerable request)
+
+The interrupt and DMA messages are in ``_messages_irq_dma``, and the base
+classes, field declarations and checks every message is built from are in
+``_schema``; this module is the catalogue's one index (:data:`MESSAGE_TYPES`)
+and re-exports them, so every message is importable from here.
 """
 
 from __future__ import annotations
 
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
 
 from shared.errors import ErrorCode, LocalProtocolError
+from shared.protocol._messages_irq_dma import (
+    FUNCTION_MASK_VECTOR,
+    IRQ_MODE_INTX,
+    IRQ_MODE_MSI,
+    IRQ_MODE_MSIX,
+    IRQ_MODES,
+    MAX_DMA_CHUNK,
+    MAX_DMA_WINDOW,
+    MAX_MSIX_VECTORS,
+    DmaCallResult,
+    DmaFaultEvent,
+    DmaMapRequest,
+    DmaReadCall,
+    DmaUnmapRequest,
+    DmaWriteCall,
+    InterruptDisableRequest,
+    InterruptEnableRequest,
+    InterruptEoiRequest,
+    InterruptEvent,
+    InterruptMaskRequest,
+)
+from shared.protocol._schema import (
+    _BAR_INDEX,
+    _CONFIG_OFFSET,
+    _U32_FIELD,
+    _U64_FIELD,
+    _VALUE,
+    MAX_DEVICES,
+    MAX_TEXT_LEN,
+    MAX_TOKEN_LEN,
+    U8,
+    U16,
+    U32,
+    U64,
+    Event,
+    IntField,
+    Message,
+    Reply,
+    Request,
+    _code,
+    _features,
+    _int,
+    _name,
+    _str,
+    declared_fields,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -83,190 +132,9 @@ __all__ = [
 #: (major, minor). A different major is incompatible; minors negotiate down.
 PROTOCOL_VERSION: tuple[int, int] = (1, 0)
 
-U8 = 0xFF
-U16 = 0xFFFF
-U32 = 0xFFFF_FFFF
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-
-MAX_NAME_LEN = 64
-MAX_TEXT_LEN = 1024
-MAX_FEATURES = 64
-#: Longest guest token a Hello may carry (a token file holds one secret line).
-MAX_TOKEN_LEN = 256
-MAX_DEVICES = 256
-MAX_BAR_INDEX = 5
-
 #: The feature name both sides offer in the handshake to use hot-plug events;
 #: a backend sends DeviceAddedEvent/DeviceRemovedEvent only when it was granted.
 HOTPLUG_FEATURE = "hotplug"
-
-
-def _int(
-    owner: object,
-    name: str,
-    value: object,
-    top: int,
-    bottom: int = 0,
-    *,
-    code: ErrorCode | None = None,
-) -> None:
-    # ``code`` lets a range error map to a precise wire code (INVALID_OFFSET ...)
-    # when the backend answers a request that failed this check.
-    if not isinstance(value, int) or isinstance(value, bool) or not bottom <= value <= top:
-        raise LocalProtocolError(
-            f"{type(owner).__name__}.{name} must be an integer in {bottom}..{top:#x}, "
-            f"got {value!r}",
-            code=code,
-        )
-
-
-def _str(owner: object, name: str, value: object, max_len: int) -> None:
-    if not isinstance(value, str) or len(value) > max_len:
-        raise LocalProtocolError(
-            f"{type(owner).__name__}.{name} must be a string of at most {max_len} characters, "
-            f"got {value!r:.80}"
-        )
-
-
-def _name(owner: object, name: str, value: object) -> None:
-    _str(owner, name, value, MAX_NAME_LEN)
-    assert isinstance(value, str)
-    if not value or not all(c.isalnum() or c in "-_." for c in value):
-        raise LocalProtocolError(
-            f"{type(owner).__name__}.{name} {value!r} must be 1-{MAX_NAME_LEN} characters "
-            "of letters, digits, '-', '_' or '.'"
-        )
-
-
-def _access_size(owner: object, value: object, allowed: tuple[int, ...]) -> None:
-    if value not in allowed or isinstance(value, bool):
-        raise LocalProtocolError(
-            f"{type(owner).__name__}.size must be one of {allowed}, got {value!r}",
-            code=ErrorCode.INVALID_SIZE,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class IntField:
-    """How one integer field of a message is checked, declared once in its annotation.
-
-    ``Annotated[int, IntField(top, bottom, code=...)]``: an integer in
-    ``bottom..top`` (``code`` is the wire code a backend answers with when a
-    request breaks it). ``IntField(sizes=(1, 2, 4))``: one of these access
-    sizes (``INVALID_SIZE``). ``IntField(width_of="size")``: fits in as many
-    bytes as the field ``size`` says. A message whose fields are all declared
-    this way is validated by code generated from the declarations, and the
-    codec decodes it through a fast path generated from the same declarations
-    (``shared.protocol._codec``), so the rule is written once.
-    """
-
-    top: int = 0
-    bottom: int = 0
-    code: ErrorCode | None = None
-    sizes: tuple[int, ...] = ()
-    width_of: str | None = None
-
-    def accepts(self, var: str, other: Callable[[str], str]) -> str:
-        """A Python expression, true when ``var`` (known to be an exact int) passes.
-
-        ``other(name)`` is the expression for another field (for ``width_of``).
-        """
-        if self.sizes:
-            return f"{var} in {self.sizes!r}"
-        if self.width_of is not None:
-            return f"0 <= {var} <= (1 << (8 * {other(self.width_of)})) - 1"
-        return f"{self.bottom} <= {var} <= {self.top}"
-
-    def refuse(self, owner: str, name: str, var: str, code: str) -> str:
-        """A statement raising this field's error for ``var`` (or passing, if it is valid)."""
-        if self.sizes:
-            return f"_access_size({owner}, {var}, {self.sizes!r})"
-        if self.width_of is not None:
-            return f"_int({owner}, {name!r}, {var}, (1 << (8 * {owner}.{self.width_of})) - 1)"
-        return f"_int({owner}, {name!r}, {var}, {self.top}, {self.bottom}, code={code})"
-
-
-def declared_fields(cls: type) -> tuple[tuple[str, IntField], ...]:
-    """The ``(name, IntField)`` declarations of ``cls``'s fields, in declaration order."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    out = []
-    for f in fields(cls):
-        for meta in getattr(hints[f.name], "__metadata__", ()):
-            if isinstance(meta, IntField):
-                out.append((f.name, meta))
-                break
-    return tuple(out)
-
-
-_CHECKS: dict[type, Callable[[Any], None]] = {}
-
-
-def _make_check(cls: type) -> Callable[[Any], None]:
-    """Generate the validation of ``cls``'s declared fields (in order, first error wins).
-
-    Each field costs one inline comparison when it is valid; only an invalid
-    value reaches ``_int``/``_access_size``, which raise the error text.
-    """
-    env: dict[str, Any] = {"_int": _int, "_access_size": _access_size}
-    lines = ["def check(self):"]
-    for i, (name, spec) in enumerate(declared_fields(cls)):
-        env[f"_c{i}"] = spec.code
-        test = spec.accepts("v", lambda other: f"self.{other}")
-        lines.append(f"    v = self.{name}")
-        lines.append(f"    if not (type(v) is int and {test}):")
-        lines.append(f"        {spec.refuse('self', name, 'v', f'_c{i}')}")
-    lines.append("    return None")
-    exec("\n".join(lines), env)  # generated from the declarations above, not from input
-    check: Callable[[Any], None] = env["check"]
-    return check
-
-
-def _check_declared(msg: Any) -> None:
-    cls = type(msg)
-    check = _CHECKS.get(cls)
-    if check is None:
-        check = _CHECKS[cls] = _make_check(cls)
-    check(msg)
-
-
-_U32_FIELD = IntField(U32)
-_U64_FIELD = IntField(U64)
-_CONFIG_OFFSET = IntField(0xFFF, code=ErrorCode.INVALID_OFFSET)
-_BAR_INDEX = IntField(MAX_BAR_INDEX, code=ErrorCode.NOT_FOUND)
-_VALUE = IntField(width_of="size")
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """Base class. ``TAG`` is the wire type; subclasses validate in ``__post_init__``."""
-
-    TAG: ClassVar[int] = 0
-
-    def wire_fields(self) -> list[Any]:
-        """Field values in declaration order (what the codec puts on the wire)."""
-        return [getattr(self, f.name) for f in fields(self)]
-
-
-@dataclass(frozen=True, slots=True)
-class Request(Message):
-    request_id: Annotated[int, _U32_FIELD]
-
-    def __post_init__(self) -> None:
-        # The declared fields of type(self); subclasses with more rules call this first.
-        _check_declared(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply(Message):
-    request_id: Annotated[int, _U32_FIELD]
-
-    def __post_init__(self) -> None:
-        _check_declared(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Event(Message):
-    """Backend-to-frontend notification. Later issues add interrupts, hot-plug, faults."""
 
 
 # --------------------------------------------------------------------------- handshake
@@ -367,20 +235,6 @@ class Goodbye(Message):
         _str(self, "message", self.message, MAX_TEXT_LEN)
 
 
-def _features(owner: object, value: object) -> None:
-    if not isinstance(value, tuple) or len(value) > MAX_FEATURES:
-        raise LocalProtocolError(
-            f"{type(owner).__name__}.features must be a tuple of at most {MAX_FEATURES} names"
-        )
-    for item in value:
-        _name(owner, "features[]", item)
-
-
-def _code(owner: object, value: object) -> None:
-    if not isinstance(value, ErrorCode):
-        raise LocalProtocolError(f"{type(owner).__name__}.code must be an ErrorCode, got {value!r}")
-
-
 # --------------------------------------------------------------------------- requests
 
 
@@ -448,219 +302,6 @@ class BarWriteRequest(Request):
 class ResetRequest(Request):
     TAG: ClassVar[int] = 0x16
     device: Annotated[int, _U32_FIELD]
-
-
-# --------------------------------------------------------------------------- interrupts and DMA
-#
-# Interrupt modes on the wire: 0 = INTx, 1 = MSI, 2 = MSI-X.
-IRQ_MODE_INTX = 0
-IRQ_MODE_MSI = 1
-IRQ_MODE_MSIX = 2
-IRQ_MODES = (IRQ_MODE_INTX, IRQ_MODE_MSI, IRQ_MODE_MSIX)
-#: PCIe allows 2048 MSI-X vectors (Xen stops at 128).
-MAX_MSIX_VECTORS = 2048
-#: ``InterruptMaskRequest.vector`` value naming the MSI-X *function* mask.
-FUNCTION_MASK_VECTOR = 0xFFFF
-#: Largest single DMA window and largest DMA data chunk carried in one message.
-MAX_DMA_WINDOW = 1 << 30
-MAX_DMA_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class InterruptEnableRequest(Request):
-    """Enable ``mode`` with ``vectors`` vectors on ``device``.
-
-    When ``eventfds`` is true the frontend sends one eventfd per vector with
-    this frame (SCM_RIGHTS) and the backend signals them; otherwise interrupts
-    arrive as in-band :class:`InterruptEvent` messages. Reply: ``ValueReply``
-    with the number of vectors granted.
-    """
-
-    TAG: ClassVar[int] = 0x17
-    device: int
-    mode: int
-    vectors: int
-    eventfds: bool = False
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        _int(self, "mode", self.mode, IRQ_MODE_MSIX)
-        _int(self, "vectors", self.vectors, MAX_MSIX_VECTORS, 1)
-        if not isinstance(self.eventfds, bool):
-            raise LocalProtocolError("InterruptEnableRequest.eventfds must be a bool")
-
-
-@dataclass(frozen=True, slots=True)
-class InterruptDisableRequest(Request):
-    """Disable ``mode`` on ``device``. Disabling a mode that is off is harmless."""
-
-    TAG: ClassVar[int] = 0x18
-    device: int
-    mode: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        _int(self, "mode", self.mode, IRQ_MODE_MSIX)
-
-
-@dataclass(frozen=True, slots=True)
-class InterruptEoiRequest(Request):
-    """End of interrupt for ``vector``: for INTx it unmasks the line (late EOI)."""
-
-    TAG: ClassVar[int] = 0x19
-    device: int
-    vector: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        _int(self, "vector", self.vector, MAX_MSIX_VECTORS - 1)
-
-
-@dataclass(frozen=True, slots=True)
-class InterruptMaskRequest(Request):
-    """Mask or unmask one MSI-X vector, or the function (``FUNCTION_MASK_VECTOR``)."""
-
-    TAG: ClassVar[int] = 0x1A
-    device: int
-    vector: int
-    masked: bool
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "device", self.device, U32)
-        if self.vector != FUNCTION_MASK_VECTOR:
-            _int(self, "vector", self.vector, MAX_MSIX_VECTORS - 1)
-        if not isinstance(self.masked, bool):
-            raise LocalProtocolError("InterruptMaskRequest.masked must be a bool")
-
-
-@dataclass(frozen=True, slots=True)
-class DmaMapRequest(Request):
-    """Map ``size`` bytes of guest memory for device DMA. Reply: ValueReply(bus address).
-
-    With ``shared`` the frontend sends the memory as a memfd with this frame
-    (SCM_RIGHTS, zero copy); otherwise the backend reaches it through
-    :class:`DmaReadCall` / :class:`DmaWriteCall` messages.
-    """
-
-    TAG: ClassVar[int] = 0x1B
-    size: int
-    writable: bool = True
-    shared: bool = False
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "size", self.size, MAX_DMA_WINDOW, 1)
-        if not isinstance(self.writable, bool) or not isinstance(self.shared, bool):
-            raise LocalProtocolError("DmaMapRequest.writable and .shared must be bools")
-
-
-@dataclass(frozen=True, slots=True)
-class DmaUnmapRequest(Request):
-    """Unmap the window at ``bus_address``; answered once in-flight DMA has finished."""
-
-    TAG: ClassVar[int] = 0x1C
-    bus_address: int
-
-    def __post_init__(self) -> None:
-        Request.__post_init__(self)
-        _int(self, "bus_address", self.bus_address, U64)
-
-
-# --------------------------------------------------------------------------- events and calls
-
-
-@dataclass(frozen=True, slots=True)
-class InterruptEvent(Event):
-    """Backend -> frontend: ``vector`` of ``device`` fired ``count`` times (coalesced)."""
-
-    TAG: ClassVar[int] = 0x60
-    device: int
-    vector: int
-    count: int
-
-    def __post_init__(self) -> None:
-        _int(self, "device", self.device, U32)
-        _int(self, "vector", self.vector, MAX_MSIX_VECTORS - 1)
-        _int(self, "count", self.count, U32, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class DmaFaultEvent(Event):
-    """Backend -> frontend: ``device`` tried DMA outside the guest's windows."""
-
-    TAG: ClassVar[int] = 0x61
-    device: int
-    bus_address: int
-    length: int
-    is_write: bool
-    message: str
-
-    def __post_init__(self) -> None:
-        _int(self, "device", self.device, U32)
-        _int(self, "bus_address", self.bus_address, U64)
-        _int(self, "length", self.length, U64)
-        if not isinstance(self.is_write, bool):
-            raise LocalProtocolError("DmaFaultEvent.is_write must be a bool")
-        _str(self, "message", self.message, MAX_TEXT_LEN)
-
-
-@dataclass(frozen=True, slots=True)
-class DmaReadCall(Event):
-    """Backend -> frontend: read ``length`` bytes at ``bus_address`` (message-based DMA).
-
-    The frontend answers with exactly one :class:`DmaCallResult` carrying ``call_id``.
-    """
-
-    TAG: ClassVar[int] = 0x62
-    call_id: int
-    bus_address: int
-    length: int
-
-    def __post_init__(self) -> None:
-        _int(self, "call_id", self.call_id, U32)
-        _int(self, "bus_address", self.bus_address, U64)
-        _int(self, "length", self.length, MAX_DMA_CHUNK, 1)
-
-
-@dataclass(frozen=True, slots=True)
-class DmaWriteCall(Event):
-    """Backend -> frontend: write ``data`` at ``bus_address`` (message-based DMA)."""
-
-    TAG: ClassVar[int] = 0x63
-    call_id: int
-    bus_address: int
-    data: bytes
-
-    def __post_init__(self) -> None:
-        _int(self, "call_id", self.call_id, U32)
-        _int(self, "bus_address", self.bus_address, U64)
-        if not isinstance(self.data, bytes) or not 1 <= len(self.data) <= MAX_DMA_CHUNK:
-            raise LocalProtocolError(f"DmaWriteCall.data must be 1..{MAX_DMA_CHUNK} bytes")
-
-
-@dataclass(frozen=True, slots=True)
-class DmaCallResult(Message):
-    """Frontend -> backend: the one answer to a DmaReadCall/DmaWriteCall.
-
-    ``code`` is OK on success (``data`` holds what was read; empty for writes),
-    or the error (e.g. ``DMA_FAULT`` when the address is outside the guest's
-    buffers) with ``data`` empty.
-    """
-
-    TAG: ClassVar[int] = 0x80
-    call_id: int
-    code: ErrorCode
-    data: bytes
-
-    def __post_init__(self) -> None:
-        _int(self, "call_id", self.call_id, U32)
-        _code(self, self.code)
-        if not isinstance(self.data, bytes) or len(self.data) > MAX_DMA_CHUNK:
-            raise LocalProtocolError(f"DmaCallResult.data must be 0..{MAX_DMA_CHUNK} bytes")
 
 
 # --------------------------------------------------------------------------- replies
