@@ -26,8 +26,7 @@ from typing import Literal, Protocol
 
 import trio
 
-from pciback.guests.dispatch import device_info
-from pciback.plane.registry import DeviceRegistry
+from pciback.plane.registry import DeviceRegistry, device_info
 from shared.errors import LocalProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
