@@ -29,14 +29,15 @@ from pathlib import Path
 import trio
 
 from pciback._ratelog import MODEL_LOG, RateLimitedLog, RateLogStatistics
-from pciback.config import BackendConfig, check_listen
-from pciback.devices import HostDevice
+from pciback.config import BackendConfig, DeviceConfig, check_listen
+from pciback.devices import DeviceProvider, HostDevice
 from pciback.guests._accept import accept_loop
 from pciback.guests.fairness import FairTurns
 from pciback.guests.identity import authorize
 from pciback.guests.limits import ConnectionGate, GateTicket, source_of
 from pciback.guests.session import GuestSession
 from pciback.guests.statistics import BackendStatistics
+from pciback.ops.interface import ConnectionInfo
 from pciback.plane.dma import DmaHub
 from pciback.plane.hoststate import HostStateFile, state_path_for
 from pciback.plane.hotplug import Hotplug, HotplugResult
@@ -51,6 +52,7 @@ from shared.errors import (
     reason,
 )
 from shared.evtchn import EventfdStalledError
+from shared.pci import PciAddress
 from shared.protocol import (
     HOTPLUG_FEATURE,
     Connection,
@@ -240,6 +242,71 @@ class Backend:
     def sessions_of(self, guest: str) -> list[GuestSession]:
         """The guest's connected sessions (a guest may hold several connections)."""
         return [s for s in self.sessions if s.guest == guest]
+
+    # --- what operations use (pciback.ops.interface.OperatedBackend) -------------------
+
+    def connection_count(self, guest: str) -> int:
+        """How many sessions ``guest`` has connected."""
+        return sum(1 for s in self.sessions if s.guest == guest)
+
+    def connections(self) -> list[ConnectionInfo]:
+        """Every connected guest session, as ``ctl status`` shows it."""
+        return [
+            ConnectionInfo(
+                guest=s.guest,
+                number=s.number,
+                transport=s.transport.describe(),
+                requests=s.stats.requests,
+                fds_held=s.held_fds(),
+            )
+            for s in self.sessions
+        ]
+
+    def bound_addresses(self) -> list[str]:
+        """The addresses the backend listens on, as bound."""
+        return [lst.address for lst in self.listeners]
+
+    @property
+    def forced_removals(self) -> int:
+        """Hot-unplugs completed without every acknowledgement (after ``ack_timeout``)."""
+        return self.hotplug.forced_removals
+
+    def adopt_config(self, new: BackendConfig) -> None:
+        """Make ``new`` the running configuration: what a reload changes first.
+
+        The registry and hot-plug read it from now on, new guests get their
+        bus, and free devices are hidden or offered as ``new.hide`` says.
+        Devices whose definition or owner changed are moved by the caller
+        (:func:`pciback.ops.lifecycle.reload`), through the methods below.
+        """
+        added = sorted(set(new.guests) - set(self.config.guests))
+        self.config = new
+        self.registry.config = new
+        self.hotplug.ack_timeout = new.hotplug_ack_timeout
+        for name in added:
+            self.registry.add_guest(name, new.guests[name].bus)
+        for dev in self.registry:
+            if dev.state in ("free", "hidden") and dev.physical is not None:
+                dev.hidden = new.is_hidden(dev.physical) is not None
+
+    def remove_device(self, device_id: str) -> ServedDevice:
+        """Stop serving the free device ``device_id`` (its interrupt state goes too)."""
+        dev = self.registry.remove_device(device_id)
+        self.irq.forget_device(dev)
+        return dev
+
+    def add_device(
+        self, config: DeviceConfig, provider: DeviceProvider, physical: PciAddress | None
+    ) -> ServedDevice:
+        """Serve a new device, free, with its runtime started (assign it with :meth:`assign`)."""
+        dev = self.registry.add_device(config, provider, physical)
+        self.start_device(dev)
+        return dev
+
+    def record_host_state(self, *, devices_changed: bool) -> None:
+        """Record the writable host devices in the state file (if one is kept and matters)."""
+        if self.host_state is not None and (self.host_state.owned or devices_changed):
+            self.host_state.record(self.writable_host_devices())
 
     async def assign(self, device_id: str, guest: str) -> HotplugResult:
         """Hot-plug ``device_id`` into ``guest`` (see :class:`pciback.plane.hotplug.Hotplug`)."""

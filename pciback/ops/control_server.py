@@ -16,7 +16,8 @@ Commands: ``status``, ``list`` (the host view: every PCI device of the host and
 every device served, see :mod:`pciback.ops.hostview`), ``assign``,
 ``unassign``, ``hide``, ``unhide``, ``reset``. ``device`` is a device id or a
 host address. Assign and unassign are the hot-plug operations of
-:class:`pciback.service.Backend`, the same ones a config reload (SIGHUP) uses.
+the backend (:class:`pciback.ops.interface.OperatedBackend`), the same ones
+a config reload (SIGHUP) uses.
 
 Each connection is contained like a guest's (:class:`ControlServer`): any
 failure, a client leaving before its answer or a bug alike, ends that
@@ -42,13 +43,13 @@ import trio
 
 from pciback._ratelog import RateLimitedLog
 from pciback.ops.hostview import DeviceIds, HostScan, format_table, host_view, scan_host, served_row
+from pciback.ops.interface import OperatedBackend
 from shared.errors import ErrorCode, PcisplitError, reason
 from shared.pci import PciAddress
 from shared.transport._identity import peercred_identity
 
 if TYPE_CHECKING:
     from pciback.plane.registry import ServedDevice
-    from pciback.service import Backend
 
 __all__ = [
     "serve_control",
@@ -95,9 +96,9 @@ def _served_ids(dev: ServedDevice) -> DeviceIds | None:
 
 
 class ControlApi:
-    """Answers control requests against one running :class:`Backend`."""
+    """Answers control requests against one running backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: OperatedBackend) -> None:
         self.backend = backend
         #: The control socket's own counters (its :class:`ControlServer` keeps them).
         self.control_stats = ControlStatistics()
@@ -135,7 +136,7 @@ class ControlApi:
         guests = {}
         for name in backend.config.guests:
             guests[name] = {
-                "connections": len(backend.sessions_of(name)),
+                "connections": backend.connection_count(name),
                 "devices": [dev.id for dev in backend.registry.devices_of(name)],
             }
         stats = backend.statistics().as_dict()
@@ -143,29 +144,29 @@ class ControlApi:
         # Guest-triggered log lines by kind: what the rate limit let through and what it
         # only counted (each suppressed run was logged as one summary line).
         stats["log_lines"] = {"logged": dict(logs.logged), "suppressed": dict(logs.suppressed)}
-        stats["forced_removals"] = backend.hotplug.forced_removals
+        stats["forced_removals"] = backend.forced_removals
         stats["reset_failures"] = backend.reset_failures
         sessions = [
             {
-                "guest": s.guest,
-                "connection": s.number,
-                "transport": s.transport.describe(),
-                "requests": s.stats.requests,
-                "fds_held": s.held_fds(),
+                "guest": c.guest,
+                "connection": c.number,
+                "transport": c.transport,
+                "requests": c.requests,
+                "fds_held": c.fds_held,
             }
-            for s in backend.sessions
+            for c in backend.connections()
         ]
         result = {
             "uptime": round(uptime, 3),
-            "listen": [lst.address for lst in backend.listeners],
-            "connections": len(backend.sessions),
+            "listen": backend.bound_addresses(),
+            "connections": len(sessions),
             "guests": guests,
             "sessions": sessions,
             "counters": stats,
             "control": self.control_stats.as_dict(),
         }
         lines = [
-            f"uptime {uptime:.0f} s, {len(backend.sessions)} connection(s) on "
+            f"uptime {uptime:.0f} s, {len(sessions)} connection(s) on "
             + (", ".join(result["listen"]) or "nothing")
         ]
         for name, info in guests.items():
@@ -205,7 +206,7 @@ class ControlApi:
         found = scan.get(dev.physical) if scan is not None else None
         return served_row(
             dev,
-            connected=dev.guest is not None and bool(self.backend.sessions_of(dev.guest)),
+            connected=dev.guest is not None and self.backend.connection_count(dev.guest) > 0,
             ids=ids[dev.id],
             driver=found.driver if found is not None else None,
         )
@@ -218,7 +219,7 @@ class ControlApi:
             devices,
             scan,
             self.backend.config,
-            connected=lambda guest: bool(self.backend.sessions_of(guest)),
+            connected=lambda guest: self.backend.connection_count(guest) > 0,
             ids=lambda dev: ids[dev.id],
         )
         text = format_table(rows)
@@ -491,7 +492,10 @@ class ControlServer:
 
 
 async def serve_control(
-    backend: Backend, path: Path, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    backend: OperatedBackend,
+    path: Path,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control API on the UNIX socket ``path`` (mode 0600) until cancelled."""
     from shared.transport._sockets import open_unix_listener_socket
