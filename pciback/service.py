@@ -17,7 +17,6 @@ from becoming a denial of service for every guest.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import math
@@ -33,8 +32,9 @@ from pciback.config import BackendConfig, DeviceConfig, check_listen
 from pciback.devices import DeviceProvider, HostDevice
 from pciback.guests._accept import accept_loop
 from pciback.guests.fairness import FairTurns
-from pciback.guests.identity import authorize
+from pciback.guests.handshake import server_handshake
 from pciback.guests.limits import ConnectionGate, GateTicket, source_of
+from pciback.guests.listen import listen_hint, server_ssl_context
 from pciback.guests.session import GuestSession
 from pciback.guests.statistics import BackendStatistics
 from pciback.ops.interface import ConnectionInfo
@@ -54,11 +54,7 @@ from shared.errors import (
 from shared.evtchn import EventfdStalledError
 from shared.pci import PciAddress
 from shared.protocol import (
-    HOTPLUG_FEATURE,
-    Connection,
     Goodbye,
-    Hello,
-    Role,
 )
 from shared.transport import (
     FrameListener,
@@ -66,7 +62,6 @@ from shared.transport import (
     ReceiveBudget,
     TransportConnectError,
     TransportOptions,
-    get_scheme,
     open_listener,
     split_address,
 )
@@ -77,62 +72,6 @@ log = logging.getLogger("pcisplit.backend")
 
 #: Seconds between checks for due "N more ... suppressed" summaries.
 LOG_TICK = 1.0
-
-#: Features this backend offers in the handshake.
-BACKEND_FEATURES = (
-    "bus-snapshot",
-    "config-access",
-    "bar-access",
-    "reset",
-    "ping",
-    "interrupts",
-    "dma",
-    HOTPLUG_FEATURE,
-)
-
-
-def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
-    """TLS server context: guests must present a certificate signed by ``tls.ca``.
-
-    Without ``tls.ca`` there is no context at all, so no ``tls://`` listener
-    can exist that accepts any client (:func:`check_listen` says so first).
-    """
-    if config.tls is None or config.tls.ca is None:
-        return None
-    tls = config.tls
-    for key, path in (("cert", tls.cert), ("key", tls.key), ("ca", tls.ca)):
-        if not path.is_file():
-            raise ConfigFileError(f"{config.source}: tls.{key}: {path}: no such file")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(
-            f"{config.source}: tls.cert {tls.cert} / tls.key {tls.key}: cannot load them "
-            f"({reason(exc)}); both must be PEM files and the key must match the certificate"
-        ) from exc
-    try:
-        ctx.load_verify_locations(str(tls.ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(
-            f"{config.source}: tls.ca {tls.ca}: not a PEM CA certificate ({reason(exc)})"
-        ) from exc
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _listen_hint(exc: OSError) -> str:
-    """What to do when ``address`` cannot be bound."""
-    if exc.errno == errno.EADDRINUSE:
-        return "something already listens there (another pciback?); stop it or pick another address"
-    if exc.errno == errno.ENOENT:
-        return "its directory does not exist; create it or pick another path"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied; run as a user allowed to listen there or pick another address"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "this machine has no such address; use one of its own or 0.0.0.0"
-    return "check the address"
-
 
 class Backend:
     """Serves the configured devices to guests on every listen address.
@@ -387,7 +326,7 @@ class Backend:
                     if not isinstance(cause, OSError):
                         raise  # already says what to do
                     raise TransportConnectError(
-                        f"cannot listen on {address}: {reason(cause)}; {_listen_hint(cause)}"
+                        f"cannot listen on {address}: {reason(cause)}; {listen_hint(cause)}"
                     ) from exc
                 self.listeners.append(listener)
                 self._set_socket_mode(listener.address)
@@ -550,76 +489,20 @@ class Backend:
             what,
         )
 
-    async def _handshake(
-        self, transport: FrameTransport, address: str, ticket: GateTicket
-    ) -> Connection | None:
-        conn = Connection(Role.SERVER, limits=self.config.limits, features=BACKEND_FEATURES)
-        frame = await transport.receive_frame()
-        hello = conn.receive(frame)
-        if not isinstance(hello, Hello):
-            # The table lets a Goodbye come first: the peer left before its handshake.
-            self.guest_log.log(
-                f"source {source_of(transport.peer_identity())}", "connections", logging.INFO,
-                "%s: left before the handshake (%s)", transport.describe(), hello,
-            )
-            return None
-        refusal = self._refusal(hello, transport, address)
-        if refusal is None:
-            crowded = self.gate.authenticate(ticket, hello.guest)
-            if crowded is not None:
-                refusal = ErrorCode.BUSY, crowded
-        problem: str | None
-        if refusal is None:
-            problem = conn.check_version()
-            code = ErrorCode.VERSION_MISMATCH
-        else:
-            code, problem = refusal
-        if problem is not None:
-            self.stats.handshakes_rejected += 1
-            # A peer can retry a refused Hello in a loop: rate-limited per source like
-            # every other line a peer can cause (the guest name it sent is only shown).
-            identity = transport.peer_identity()
-            self.guest_log.log(
-                f"source {source_of(identity)}",
-                "refused handshakes",
-                logging.WARNING,
-                "%s: handshake refused (%s) for guest %r: %s",
-                identity.describe(),
-                code.name,
-                hello.guest,
-                problem,
-            )
-            await transport.send_frame(conn.reject(code, problem))
-            return None
-        await transport.send_frame(conn.accept())
-        transport.set_max_frame_size(conn.frame_size)
-        await transport.start_session(is_server=True, max_frame_size=conn.frame_size)
-        return conn
-
-    def _refusal(
-        self, hello: Hello, transport: FrameTransport, address: str
-    ) -> tuple[ErrorCode, str] | None:
-        guest = self.config.guests.get(hello.guest)
-        if guest is None:
-            return ErrorCode.UNKNOWN_GUEST, (
-                f"guest {hello.guest!r} is not known to this backend; known guests are declared "
-                "with [[guest]] in the backend config"
-            )
-        scheme, _ = split_address(address)
-        if not get_scheme(scheme.name).secure and not guest.allow_plain_tcp:
-            return ErrorCode.ACCESS_DENIED, (
-                f"guest {hello.guest!r} may not connect over {scheme.name}:// without TLS; "
-                "use tls:// or set allow_plain_tcp = true for this guest in the backend config"
-            )
-        refusal = authorize(guest, transport.peer_identity(), scheme=scheme.name, token=hello.token)
-        return None if refusal is None else (refusal.code, refusal.message)
-
     async def _run_connection(
         self, transport: FrameTransport, address: str, ticket: GateTicket
     ) -> None:
         # The whole handshake (TLS, Hello, shm setup) is one time budget.
         with trio.fail_after(self.handshake_timeout):
-            conn = await self._handshake(transport, address, ticket)
+            conn = await server_handshake(
+                transport,
+                address,
+                ticket,
+                config=self.config,
+                gate=self.gate,
+                guest_log=self.guest_log,
+                stats=self.stats,
+            )
         if conn is None:
             return
         guest = conn.guest
