@@ -307,7 +307,10 @@ class BlockingShmTransport(BlockingStreamTransport):
             )
         producer = session.producer
         while True:
-            self._check_peer()
+            if self._peer_gone is not None:
+                # Gone, even cleanly: for a sender that is a broken connection (as on
+                # the trio transports), not the end of what it receives.
+                raise trio.BrokenResourceError(self._peer_gone or "peer closed the connection")
             try:
                 notify = producer.send_nowait(frame)
             except RingFullError:
