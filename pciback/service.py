@@ -1,5 +1,11 @@
 """The backend service: listeners, one trio task tree per connection, clean shutdown.
 
+This is the one composition root of the backend: it builds the device plane
+(registry, IRQ router, DMA hub, hot-plug), the guest side's gate and
+listeners, and starts the control socket. Operations reach it only through
+:class:`pciback.ops.interface.OperatedBackend`, which :class:`Backend`
+satisfies; only the command line (``pciback.cli``) sits above it.
+
 Containment
 -----------
 Every accepted connection runs in its own task tree under
@@ -53,9 +59,7 @@ from shared.errors import (
 )
 from shared.evtchn import EventfdStalledError
 from shared.pci import PciAddress
-from shared.protocol import (
-    Goodbye,
-)
+from shared.protocol import Goodbye
 from shared.transport import (
     FrameListener,
     FrameTransport,
