@@ -77,13 +77,16 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps(message).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            try:
+                sock.sendall(json.dumps(message).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # The backend may refuse a connection at once (NOT_AUTHORIZED, BUSY) and
+                # close it before our request arrives: its answer is still there to read.
+                data = _receive_answer(sock)
+                if not data:
+                    raise exc
+            else:
+                data = _receive_answer(sock)
     except OSError as exc:
         raise ControlUnreachableError(
             f"cannot reach the control socket {path}: {exc.strerror or exc}; is `pciback serve` "
@@ -95,6 +98,17 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
         raise ControlUnreachableError(
             f"the control socket {path} answered something that is not JSON"
         ) from exc
+
+
+def _receive_answer(sock: socket.socket) -> bytes:
+    """Read one answer line (or what came before the backend closed the connection)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def run_ctl(args: argparse.Namespace) -> int:
