@@ -77,6 +77,7 @@ log = logging.getLogger("pcisplit.backend")
 #: Seconds between checks for due "N more ... suppressed" summaries.
 LOG_TICK = 1.0
 
+
 class Backend:
     """Serves the configured devices to guests on every listen address.
 
@@ -91,6 +92,7 @@ class Backend:
         config: BackendConfig,
         *,
         extra_listen: Sequence[str] = (),
+        listen: Sequence[str] | None = None,
         registry: DeviceRegistry | None = None,
         handshake_timeout: float | None = None,
         clock: Callable[[], float] = trio.current_time,
@@ -135,7 +137,9 @@ class Backend:
         self.hotplug = Hotplug(
             self.registry, self.sessions_of, ack_timeout=config.hotplug_ack_timeout
         )
-        self.addresses = list(dict.fromkeys([*config.listen, *extra_listen]))
+        # ``listen`` (pciback serve --listen) replaces the config's addresses.
+        chosen = config.listen if listen is None else listen
+        self.addresses = list(dict.fromkeys([*chosen, *extra_listen]))
         check_listen(self.addresses, config.tls)
         #: Seconds a connection gets to complete its handshake (``limits.handshake_timeout``).
         self.handshake_timeout = (
@@ -296,7 +300,9 @@ class Backend:
             async with dev.lock:
                 ok = self.registry.reset(dev, why)
         if ok:
-            log.info("device %s reset (%s)", dev.id, why)
+            # Before serving began no guest could have touched it: housekeeping, not news.
+            level = logging.INFO if self.started_at is not None else logging.DEBUG
+            log.log(level, "device %s reset (%s)", dev.id, why)
         return ok
 
     def _options(self, address: str) -> TransportOptions:
@@ -334,7 +340,7 @@ class Backend:
                     ) from exc
                 self.listeners.append(listener)
                 self._set_socket_mode(listener.address)
-                log.info("listening on %s", listener.address)
+                log.debug("listening on %s", listener.address)
             self._adopt_host_state()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

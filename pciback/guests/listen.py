@@ -4,6 +4,7 @@ what to do when a listen address cannot be bound."""
 from __future__ import annotations
 
 import errno
+import os
 import ssl
 
 from pciback.config import BackendConfig
@@ -49,7 +50,10 @@ def listen_hint(exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         return "its directory does not exist; create it or pick another path"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied; run as a user allowed to listen there or pick another address"
+        return (
+            f"uid {os.geteuid()} may not create it there (or, below port 1024, bind the port); "
+            "run as a user who may, or pick another address"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
         return "this machine has no such address; use one of its own or 0.0.0.0"
     return "check the address"
