@@ -81,14 +81,14 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
             sock.connect(str(path))
             try:
                 sock.sendall(json.dumps(message).encode() + b"\n")
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                # The backend may refuse a connection at once (NOT_AUTHORIZED, BUSY) and
-                # close it before our request arrives: its answer is still there to read.
-                data = _receive_answer(sock)
-                if not data:
-                    raise exc
-            else:
-                data = _receive_answer(sock)
+            except BrokenPipeError:
+                pass  # the backend answered (a refusal) and closed before reading: read it
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise ControlUnreachableError(
@@ -100,23 +100,17 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
             f"cannot reach the control socket {path}: {exc.strerror or exc}; is `pciback serve` "
             "running there? (--control PATH or --config FILE say where its control socket is)"
         ) from exc
+    if not data:
+        raise ControlUnreachableError(
+            f"the control socket {path} closed the connection without an answer; is "
+            "`pciback serve` still running?"
+        )
     try:
         return json.loads(data)
     except ValueError as exc:
         raise ControlUnreachableError(
             f"the control socket {path} answered something that is not JSON"
         ) from exc
-
-
-def _receive_answer(sock: socket.socket) -> bytes:
-    """Read one answer line (or what came before the backend closed the connection)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def run_ctl(args: argparse.Namespace) -> int:
