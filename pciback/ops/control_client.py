@@ -11,7 +11,9 @@ Exit status: 0 done, 1 refused or unreachable (the reason on stderr), 2 usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -77,7 +79,10 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps(message).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(message).encode() + b"\n")
+            except BrokenPipeError:
+                pass  # the backend answered (a refusal) and closed before reading: read it
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -85,10 +90,21 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
                     break
                 data += chunk
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise ControlUnreachableError(
+                f"cannot reach the control socket {path}: permission denied: it is only for the "
+                f"backend's own user and root (mode 0600), and this is uid {os.geteuid()}; run "
+                "pciback ctl as that user or as root"
+            ) from exc
         raise ControlUnreachableError(
             f"cannot reach the control socket {path}: {exc.strerror or exc}; is `pciback serve` "
-            "running, and are you its user or root? (--control PATH or --config FILE)"
+            "running there? (--control PATH or --config FILE say where its control socket is)"
         ) from exc
+    if not data:
+        raise ControlUnreachableError(
+            f"the control socket {path} closed the connection without an answer; is "
+            "`pciback serve` still running?"
+        )
     try:
         return json.loads(data)
     except ValueError as exc:
