@@ -219,8 +219,8 @@ def wrong_arrows(edges: list[Import]) -> list[str]:
     return wrong
 
 
-def find_cycles(edges: list[Import]) -> list[list[str]]:
-    """The strongly connected groups of modules (each an import cycle), sorted."""
+def find_cycles(edges: list[Import]) -> list[list[Import]]:
+    """Each import cycle (a strongly connected set of modules) once, as the imports inside it."""
     graph: dict[str, set[str]] = defaultdict(set)
     for imp in edges:
         graph[imp.module].add(imp.target)
@@ -228,7 +228,7 @@ def find_cycles(edges: list[Import]) -> list[list[str]]:
     low: dict[str, int] = {}
     stack: list[str] = []
     on_stack: set[str] = set()
-    cycles: list[list[str]] = []
+    components: list[set[str]] = []
 
     def visit(node: str) -> None:
         # Tarjan's algorithm; the graph is a few hundred nodes, recursion is fine.
@@ -242,20 +242,29 @@ def find_cycles(edges: list[Import]) -> list[list[str]]:
             elif nxt in on_stack:
                 low[node] = min(low[node], index[nxt])
         if low[node] == index[node]:
-            component = []
+            component: set[str] = set()
             while True:
                 top = stack.pop()
                 on_stack.discard(top)
-                component.append(top)
+                component.add(top)
                 if top == node:
                     break
             if len(component) > 1:
-                cycles.append(sorted(component))
+                components.append(component)
 
     for node in sorted(graph):
         if node not in index:
             visit(node)
-    return sorted(cycles)
+    return sorted(
+        (
+            sorted(
+                (imp for imp in edges if imp.module in members and imp.target in members),
+                key=lambda imp: (imp.module, imp.line),
+            )
+            for members in components
+        ),
+        key=lambda cycle: cycle[0].module,
+    )
 
 
 def _node(group: str) -> str:
