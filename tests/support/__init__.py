@@ -9,6 +9,7 @@ tree, which users need too, is ``pciback.testing.FakeHost``):
 * ``inprocess``: an in-process backend with its control socket, and ``pciback ctl``;
 * ``rawguest``: a hand-driven guest speaking the protocol, for interrupt, DMA and
   limit tests that must see every event the backend sends;
+* ``sinks``: ``RecordingSink``, an interrupt sink that records what a model raised;
 * ``serve``: a real ``pciback serve`` process, started until it serves and
   stopped cleanly;
 * ``tls``: a test CA, the backend's certificate files and a guest's TLS context.

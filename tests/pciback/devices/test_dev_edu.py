@@ -17,20 +17,7 @@ from pciback.devices import (
 )
 from shared.errors import ConfigAccessError, ErrorCode, PcisplitError
 from shared.pci import CapId, Reg, Status, walk_capabilities
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int]] = []
-
-    def assert_intx(self) -> None:
-        self.events.append(("assert", 0))
-
-    def deassert_intx(self) -> None:
-        self.events.append(("deassert", 0))
-
-    def signal_msi(self, vector: int) -> None:
-        self.events.append(("msi", vector))
+from tests.support.sinks import RecordingSink
 
 
 class FakeContext(DeviceContext):

@@ -13,22 +13,7 @@ from pciback.devices import (
 )
 from shared.errors import CapabilityError, ConfigAccessError, ErrorCode, PcisplitError
 from shared.pci import CapId, Command, Reg, Status, walk_capabilities
-
-
-class RecordingSink:
-    """An InterruptSink that records what the device told it."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int]] = []
-
-    def assert_intx(self) -> None:
-        self.events.append(("assert", 0))
-
-    def deassert_intx(self) -> None:
-        self.events.append(("deassert", 0))
-
-    def signal_msi(self, vector: int) -> None:
-        self.events.append(("msi", vector))
+from tests.support.sinks import RecordingSink
 
 
 class SinkContext:

@@ -30,6 +30,7 @@ from pciback.policy import PolicedDevice
 from shared.errors import ErrorCode, PcisplitError
 from shared.pci import CapId, MsiControl, MsixControl, walk_capabilities
 from shared.protocol import IRQ_MODE_INTX, IRQ_MODE_MSI, IRQ_MODE_MSIX
+from tests.support.sinks import RecordingSink
 
 # -- the reference model --------------------------------------------------------------------
 
@@ -468,29 +469,12 @@ def test_a_clipped_msi_capability_never_overwrites_its_neighbour() -> None:
 # -- an MSI-X table and PBA in a model's BAR ----------------------------------------------------
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int]] = []
-
-    def assert_intx(self) -> None:
-        self.events.append(("assert", 0))
-
-    def deassert_intx(self) -> None:
-        self.events.append(("deassert", 0))
-
-    def signal_msi(self, vector: int) -> None:
-        self.events.append(("msi", vector))
-
-    def signal_msix(self, vector: int) -> None:
-        self.events.append(("msix", vector))
-
-
 class RecorderContext:
     def __init__(self) -> None:
-        self.interrupts = Recorder()
+        self.interrupts = RecordingSink()
 
 
-def msix_model() -> tuple[EmulatedDevice, int, Recorder]:
+def msix_model() -> tuple[EmulatedDevice, int, RecordingSink]:
     dev = EmulatedDevice(vendor_id=0x1234, device_id=0x22, class_code=0xFF0000)
     dev.add_bar(0, 0x4000)
     cap = dev.add_msix_capability(70, bar=0, table_offset=0x1000)
