@@ -13,10 +13,18 @@
 """
 
 from pcifront import blocking
-from pcifront._changes import ChangeKind, ChangesOverflowError, DeviceChange, DeviceChanges
-from pcifront._client import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
-from pcifront._dma import DmaBuffer, DmaError
-from pcifront._errors import (
+from pcifront.client.bus import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
+from pcifront.client.changes import ChangeKind, ChangesOverflowError, DeviceChange, DeviceChanges
+from pcifront.client.dma import DmaBuffer, DmaError
+from pcifront.client.interrupts import (
+    Interrupt,
+    InterruptModeError,
+    Interrupts,
+    InterruptStatistics,
+)
+from pcifront.client.reconnect import LinkEvent, ReconnectPolicy
+from pcifront.client.resources import Resource, UnclaimedAddressError
+from pcifront.core.errors import (
     AccessDeniedError,
     BackendBusyError,
     ConnectionLostError,
@@ -31,17 +39,9 @@ from pcifront._errors import (
     ResourceLostError,
     error_for_code,
 )
-from pcifront._interrupts import (
-    Interrupt,
-    InterruptModeError,
-    Interrupts,
-    InterruptStatistics,
-)
-from pcifront._legacy import Ecam, LegacyAccessError, PortIO, PortIOSession
-from pcifront._lspci import LspciOptionError, filter_devices, format_listing, render_lspci
-from pcifront._pciids import PciIds
-from pcifront._reconnect import LinkEvent, ReconnectPolicy
-from pcifront._resources import Resource, UnclaimedAddressError
+from pcifront.tools.legacy import Ecam, LegacyAccessError, PortIO, PortIOSession
+from pcifront.tools.lspci import LspciOptionError, filter_devices, format_listing, render_lspci
+from pcifront.tools.pciids import PciIds
 from shared.cli import package_version
 from shared.errors import ErrorCode
 

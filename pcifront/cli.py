@@ -25,14 +25,14 @@ from typing import Any
 
 import trio
 
-from pcifront._agent import AGENT_HELP, add_agent_options, agent_main
-from pcifront._client import Bus, connect
-from pcifront._lspci import DeviceFilter, render_lspci
-from pcifront._mount_cli import add_mount_options, mount_main
-from pcifront._pciids import PciIds
-from pcifront._pciutils import find_tool, json_listing, require_tool, run_lspci
-from pcifront._setpci import add_setpci_options, setpci_main
-from pcifront._sysfs import DeviceView
+from pcifront.client.bus import Bus, connect
+from pcifront.tools.agent import AGENT_HELP, add_agent_options, agent_main
+from pcifront.tools.lspci import DeviceFilter, render_lspci
+from pcifront.tools.mount_cli import add_mount_options, mount_main
+from pcifront.tools.pciids import PciIds
+from pcifront.tools.pciutils import find_tool, json_listing, require_tool, run_lspci
+from pcifront.tools.setpci import add_setpci_options, setpci_main
+from pcifront.tools.sysfs import DeviceView
 from shared.cli import Cli
 from shared.errors import UsageError, reason
 from shared.transport import TransportOptions

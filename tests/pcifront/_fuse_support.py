@@ -14,7 +14,7 @@ import pytest
 
 import pcifront
 from pciback.testing import running_backend
-from pcifront._mount import GuestFs, mounted
+from pcifront.tools.mount import GuestFs, mounted
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pcidata"
 DUMPS = sorted(p for p in DATA.glob("*.txt") if not p.name.endswith("vvv.txt"))

@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 import pcifront
-from pcifront._changes import CHANGE_BUFFER, ChangeTracker
+from pcifront.client.changes import CHANGE_BUFFER, ChangeTracker
 from shared.protocol import DeviceAddedEvent, DeviceInfo, DeviceRemovedEvent
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from pciback.testing import running_backend
 from pcifront import cli
-from pcifront._pciutils import PciutilsMissingError
+from pcifront.tools.pciutils import PciutilsMissingError
 
 EDU = "[[guest]]\nname = 'guest0'\n[[device]]\nid = 'edu'\nkind = 'emulated'\nmodel = 'edu'\n" \
     "guest = 'guest0'\n"
@@ -46,7 +46,7 @@ async def test_without_pciutils_decoding_options_say_so_and_basics_still_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cli, "find_tool", lambda name: None)
-    monkeypatch.setattr("pcifront._pciutils.find_tool", lambda name: None)
+    monkeypatch.setattr("pcifront.tools.pciutils.find_tool", lambda name: None)
     async with running_backend(EDU, tmp=tmp_path) as rb:
         with pytest.raises(PciutilsMissingError, match="not installed") as info:
             await _lspci(rb.address("memory"), "-vv")

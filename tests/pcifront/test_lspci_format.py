@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pcifront._lspci import (
+from pcifront.tools.lspci import (
     DeviceFilter,
     LspciOptionError,
     filter_devices,
@@ -26,7 +26,7 @@ from pcifront._lspci import (
     needs_domains,
     render_lspci,
 )
-from pcifront._pciids import PciIds
+from pcifront.tools.pciids import PciIds
 from shared.errors import PciError
 from shared.pci import PciAddress, parse_dump
 

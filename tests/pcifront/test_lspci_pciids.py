@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pcifront._pciids import PciIds, PciIdsError
+from pcifront.tools.pciids import PciIds, PciIdsError
 
 REAL_PCI_IDS = Path("/usr/share/misc/pci.ids")
 

@@ -20,9 +20,9 @@ from _fuse_support import EDU, config, force_unmount, mounted_guest, needs_fuse
 
 import pcifront
 from pciback.testing import running_backend
-from pcifront import _mount
-from pcifront._setpci import SetpciError, SetpciSyntaxError, parse_op, setpci_main
 from pcifront.cli import build_parser, main, open_bus
+from pcifront.tools import mount as _mount
+from pcifront.tools.setpci import SetpciError, SetpciSyntaxError, parse_op, setpci_main
 
 pytestmark = needs_fuse
 

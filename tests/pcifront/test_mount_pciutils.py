@@ -31,9 +31,9 @@ from _fuse_support import (
 
 import pcifront
 from pciback.testing import running_backend
-from pcifront._mount import mounted
-from pcifront._resources import ROM_INDEX
 from pcifront.cli import _lspci, build_parser
+from pcifront.client.resources import ROM_INDEX
+from pcifront.tools.mount import mounted
 from shared.pci import DumpEntry, format_dump, parse_dump, virtual_irq
 
 pytestmark = [needs_fuse, pytest.mark.lspci]

@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from pcifront._errors import ConnectionLostError, HandshakeError, OutcomeUnknownError
+from pcifront.core.errors import ConnectionLostError, HandshakeError, OutcomeUnknownError
 from shared.errors import ErrorCode, RemoteProtocolError
 from shared.protocol import Connection, Reply, Request
 from shared.transport import FrameTransport, TransportConnectError
 
 if TYPE_CHECKING:
-    from pcifront._client import Bus, Device
+    from pcifront.client.bus import Bus, Device
 
 __all__ = ["ReconnectPolicy", "Reconnector", "LinkEvent", "dial_with_backoff"]
 
@@ -131,7 +131,7 @@ class Reconnector:
         while True:
             await self._wait_up(deadline)
             if device is not None and device._removed is not None:
-                from pcifront._changes import removed_error
+                from pcifront.client.changes import removed_error
 
                 raise removed_error(device)
             try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from pcifront._dma import DmaSpace
-from pcifront._errors import error_for_code
-from pcifront._link import BusStatistics
+from pcifront.client.dma import DmaSpace
+from pcifront.core.errors import error_for_code
+from pcifront.core.routes import BusStatistics
 from shared.errors import ErrorCode
 from shared.pci import PciAddress
 from shared.protocol import Connection, DeviceInfo

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import trio
 
-from pcifront._errors import NotImplementedOpError, ResourceLostError
-from pcifront._link import BusLink, InterruptRoutes
+from pcifront.core.errors import NotImplementedOpError, ResourceLostError
+from pcifront.core.routes import BusLink, InterruptRoutes
 from shared.errors import ErrorCode, PcisplitError
 from shared.evtchn import EventfdPort
 from shared.protocol import (

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from pcifront._errors import ConnectionLostError, DeviceRemovedError
+from pcifront.core.errors import ConnectionLostError, DeviceRemovedError
 from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import DeviceAddedEvent, DeviceInfo, DeviceRemovedEvent
 
 if TYPE_CHECKING:
-    from pcifront._client import Bus, Device
+    from pcifront.client.bus import Bus, Device
 
 __all__ = [
     "ChangeKind",

@@ -2,7 +2,7 @@
 
 ``pcifront lspci`` does not re-implement pciutils' decoders: it writes the
 guest's bus to a temporary directory shaped like ``/sys/bus/pci``
-(:func:`pcifront._sysfs.write_tree`) and runs the system's ``lspci -A
+(:func:`pcifront.tools.sysfs.write_tree`) and runs the system's ``lspci -A
 linux-sysfs -O sysfs.path=DIR`` on it, so every decoder pciutils has comes for
 free and stays current, and the output is what the real lspci prints for the
 same device through the FUSE mirror (apart from the "Kernel driver in use"
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from pcifront._lspci import DeviceFilter, needs_domains
-from pcifront._pciids import PciIds
-from pcifront._resources import ROM_INDEX, resources_from_image
-from pcifront._sysfs import DeviceView, irq_of, write_tree
+from pcifront.client.resources import ROM_INDEX, resources_from_image
+from pcifront.tools.lspci import DeviceFilter, needs_domains
+from pcifront.tools.pciids import PciIds
+from pcifront.tools.sysfs import DeviceView, irq_of, write_tree
 from shared.errors import PcisplitError
 
 __all__ = [

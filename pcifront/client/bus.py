@@ -7,12 +7,12 @@ failure in the background surfaces as one :class:`ConnectionLostError` in the
 requests that were waiting, never as a bare exception group.
 
 The same task routes what the backend sends on its own: interrupt events go
-to the device's active ``interrupts()`` block (:mod:`pcifront._interrupts`),
-DMA calls are answered inline from the guest's buffers (:mod:`pcifront._dma`),
+to the device's active ``interrupts()`` block (:mod:`pcifront.client.interrupts`),
+DMA calls are answered inline from the guest's buffers (:mod:`pcifront.client.dma`),
 DMA faults land on :attr:`Bus.dma_faults`, and hot-plug events update
-``bus.devices`` and are acknowledged (:mod:`pcifront._changes`). None of that
+``bus.devices`` and are acknowledged (:mod:`pcifront.client.changes`). None of that
 ever blocks the task on a consumer, so replies keep flowing. With
-``reconnect=True`` the bus survives its connection (:mod:`pcifront._reconnect`).
+``reconnect=True`` the bus survives its connection (:mod:`pcifront.client.reconnect`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import trio
 
-from pcifront._changes import ChangeTracker, DeviceChanges, removed_error
-from pcifront._device import BusView, DeviceView
-from pcifront._dma import DmaBuffer, DmaSpace, map_buffer
-from pcifront._errors import ConnectionLostError, HandshakeError, error_for_code
-from pcifront._interrupts import Interrupts, open_interrupts
-from pcifront._link import BusLink, BusStatistics, InterruptSink
-from pcifront._reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
-from pcifront._resources import DecodedResources, Resource, decode_device, route
+from pcifront.client.changes import ChangeTracker, DeviceChanges, removed_error
+from pcifront.client.dma import DmaBuffer, DmaSpace, map_buffer
+from pcifront.client.interrupts import Interrupts, open_interrupts
+from pcifront.client.reconnect import Reconnector, ReconnectPolicy, dial_with_backoff
+from pcifront.client.resources import DecodedResources, Resource, decode_device, route
+from pcifront.core.errors import ConnectionLostError, HandshakeError, error_for_code
+from pcifront.core.routes import BusLink, BusStatistics, InterruptSink
+from pcifront.core.views import BusView, DeviceView
 from shared.errors import ErrorCode, LocalProtocolError, PcisplitError, RemoteProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
@@ -245,7 +245,7 @@ class Bus(BusView["Device"]):
 
     @property
     def _active_irqs(self) -> dict[int, InterruptSink]:
-        """Active interrupts blocks by packed address (read-only view for pcifront._changes)."""
+        """Active interrupts blocks by packed address (read-only view for .changes)."""
         return self._link.active
 
     def statistics(self) -> BusStatistics:
@@ -657,7 +657,7 @@ class Bus(BusView["Device"]):
             if self._reconnect is None:
                 self._faults_send.close()  # with reconnect: at aclose()
 
-    # -- reconnecting (pcifront._reconnect drives these) ---------------------------------
+    # -- reconnecting (pcifront.client.reconnect drives these) ---------------------------------
 
     async def _detach_connection(self) -> None:
         """The connection is gone: close it, end what lived in its backend session."""

@@ -31,8 +31,8 @@ import os
 
 import trio
 
-from pcifront._errors import ResourceLostError
-from pcifront._link import BusLink
+from pcifront.core.errors import ResourceLostError
+from pcifront.core.routes import BusLink
 from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import (
     MAX_DMA_WINDOW,

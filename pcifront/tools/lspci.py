@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
 
-from pcifront._pciids import PciIds
+from pcifront.tools.pciids import PciIds
 from shared.errors import PciError, UsageError
 from shared.pci import PciAddress, format_hex_lines
 

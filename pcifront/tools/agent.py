@@ -29,10 +29,10 @@ from typing import TextIO
 
 import trio
 
-from pcifront._changes import DeviceChange
-from pcifront._client import Device, connect
-from pcifront._errors import ConnectionLostError
-from pcifront._reconnect import LinkEvent, ReconnectPolicy
+from pcifront.client.bus import Device, connect
+from pcifront.client.changes import DeviceChange
+from pcifront.client.reconnect import LinkEvent, ReconnectPolicy
+from pcifront.core.errors import ConnectionLostError
 from shared.errors import UsageError
 from shared.transport import TransportOptions
 

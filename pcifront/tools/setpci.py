@@ -29,9 +29,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Final
 
-from pcifront._client import Bus, Device
-from pcifront._errors import AccessDeniedError
-from pcifront._lspci import DeviceFilter
+from pcifront.client.bus import Bus, Device
+from pcifront.core.errors import AccessDeniedError
+from pcifront.tools.lspci import DeviceFilter
 from shared.errors import PcisplitError, UsageError
 from shared.pci import walk_capabilities
 

@@ -5,7 +5,7 @@ pciutils' ``linux-sysfs`` access method reads ``DIR/devices/DDDD:BB:DD.F/``:
 any decoding, ``irq`` and ``resource`` for ``-v`` (``resource`` gives the
 ``[size=...]`` of each BAR). This module renders those files exactly as the
 kernel does (``drivers/pci/pci-sysfs.c``), from a device's config image and
-BAR sizes. The FUSE mirror (:mod:`pcifront._mount`) serves them live; the
+BAR sizes. The FUSE mirror (:mod:`pcifront.tools.mount`) serves them live; the
 lspci front-end writes them to a temporary directory (:func:`write_tree`).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from pcifront._resources import ROM_INDEX, Resource, resources_from_image
+from pcifront.client.resources import ROM_INDEX, Resource, resources_from_image
 from shared.errors import PcisplitError
 from shared.pci import CapId, PciAddress, Reg, walk_capabilities
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import trio
 
-from pcifront._mount import check_mountpoint, mounted
-from pcifront._setpci import OpenBus
+from pcifront.tools.mount import check_mountpoint, mounted
+from pcifront.tools.setpci import OpenBus
 
 __all__ = ["add_mount_options", "mount_main"]
 

@@ -25,8 +25,8 @@ from typing import Final
 
 import trio
 
-from pcifront._client import Bus, Device
-from pcifront._errors import InvalidAccessError
+from pcifront.client.bus import Bus, Device
+from pcifront.core.errors import InvalidAccessError
 from shared.errors import ErrorCode, PcisplitError
 from shared.pci import PciAddress
 

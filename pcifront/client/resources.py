@@ -30,7 +30,7 @@ from shared.pci import (
 )
 
 if TYPE_CHECKING:
-    from pcifront._client import Bus, Device
+    from pcifront.client.bus import Bus, Device
 
 __all__ = ["Resource", "UnclaimedAddressError", "read_resources", "route"]
 
