@@ -51,7 +51,10 @@ from shared.ring import (
     RingError,
     RingFullError,
 )
+from shared.sync import ConflictDetector
 from shared.transport._base import (
+    RECEIVE_CONFLICT,
+    SEND_CONFLICT,
     FrameTooLargeError,
     FrameTransport,
     ReceiveInterrupted,
@@ -105,8 +108,11 @@ class ShmTransport(FrameTransport):
         self._fd_ack_event: trio.Event | None = None
         self._closed = False
         self._broken: str | None = None
-        self._sending = False
-        self._receiving = False
+        # One sender and one receiver at a time (shared.sync.ConflictDetector), spelled out
+        # on the detectors' fields (_claim_send, receive_frame): a with block would be two
+        # Python calls per frame on the request path (see shared/sync/_conflict.py).
+        self._send_conflicts = ConflictDetector(SEND_CONFLICT)
+        self._receive_conflicts = ConflictDetector(RECEIVE_CONFLICT)
         self._session: _Session | None = None
         self._peer_gone = False
         self._peer_reason: str | None = None  # None: clean goodbye
@@ -198,9 +204,10 @@ class ShmTransport(FrameTransport):
                     f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit; "
                     "send smaller messages or negotiate a larger max_message_size"
                 )
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this transport")
-        self._sending = True
+        sending = self._send_conflicts
+        if sending.held:
+            raise sending.error()
+        sending.held = True
 
     async def _socket_send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
         """Before the session: one frame on the control socket, exactly as on ``unix:``."""
@@ -211,17 +218,12 @@ class ShmTransport(FrameTransport):
             else:
                 await self._control.send_frame_with_fds(frame, fds)
         finally:
-            self._sending = False
+            self._send_conflicts.held = False
 
     async def _socket_receive_frame(self) -> bytes:
         self._check_usable()
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
-        self._receiving = True
-        try:
+        with self._receive_conflicts:
             return await self._control.receive_frame()
-        finally:
-            self._receiving = False
 
     async def send_frame_with_fds(self, frame: bytes, fds: Sequence[int]) -> None:
         """Send ``frame`` with ``fds`` attached; before or after the session started.
@@ -265,7 +267,7 @@ class ShmTransport(FrameTransport):
             raise
         finally:
             self._fd_ack_wanted = self._fd_ack_event = None
-            self._sending = False
+            self._send_conflicts.held = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def take_received_fds(self) -> list[int]:
@@ -331,10 +333,11 @@ class ShmTransport(FrameTransport):
         self._check_usable()
         if self._session is not None:
             raise trio.BusyResourceError("the shm session was already started")
-        if self._sending or self._receiving:
+        sending, receiving = self._send_conflicts, self._receive_conflicts
+        if sending.held or receiving.held:
             raise trio.BusyResourceError("cannot start the session while a send or receive runs")
         self.set_max_frame_size(max_frame_size)
-        self._sending = self._receiving = True
+        sending.held = receiving.held = True
         try:
             if is_server:
                 session = await self._accept_setup(max_frame_size)
@@ -347,7 +350,7 @@ class ShmTransport(FrameTransport):
             self._broken = str(exc)
             raise
         finally:
-            self._sending = self._receiving = False
+            sending.held = receiving.held = False
             _close_fds(self._control.take_received_fds())  # a hostile ack's fds, say
         self._session = session
         trio.lowlevel.spawn_system_task(self._watch_peer, name=f"{self._name} liveness")
@@ -442,7 +445,7 @@ class ShmTransport(FrameTransport):
 
     def interrupt_receive(self) -> None:
         """Make a blocked :meth:`receive_frame` raise :class:`ReceiveInterrupted`."""
-        if self._receiving:
+        if self._receive_conflicts.held:
             self._interrupt = True
             self._wake_waiters()
 
@@ -498,7 +501,7 @@ class ShmTransport(FrameTransport):
             await trio.lowlevel.checkpoint_if_cancelled()
             await self._ring_send(session, frame)
         finally:
-            self._sending = False
+            self._send_conflicts.held = False
         # Always a cancellation point (above); a schedule point only every
         # _YIELD_EVERY frames: a scheduler round trip per frame doubled the QD1
         # round trip in measurements, and a full ring makes us sleep anyway.
@@ -506,7 +509,7 @@ class ShmTransport(FrameTransport):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _ring_send(self, session: _Session, frame: bytes) -> None:
-        """Put one frame on the ring, waiting for space. The caller holds ``_sending``."""
+        """Put one frame on the ring, waiting for space. The caller holds the send side."""
         length = len(frame)
         producer = session.producer
         deadline: float | None = None
@@ -585,7 +588,7 @@ class ShmTransport(FrameTransport):
                     self._space_waits += 1
                     await self._wait_doorbell(session)
         finally:
-            self._sending = False
+            self._send_conflicts.held = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _take_ring_frame(self, session: _Session) -> bytes | None:
@@ -606,7 +609,12 @@ class ShmTransport(FrameTransport):
 
     def receive_frame_nowait(self) -> bytes | None:
         session = self._session
-        if session is None or self._receiving or self._closed or self._broken is not None:
+        if (
+            session is None
+            or self._receive_conflicts.held
+            or self._closed
+            or self._broken is not None
+        ):
             return None
         try:
             return self._take_ring_frame(session)
@@ -618,9 +626,10 @@ class ShmTransport(FrameTransport):
         if session is None:
             return await self._socket_receive_frame()
         self._check_usable()
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
-        self._receiving = True
+        receiving = self._receive_conflicts
+        if receiving.held:
+            raise receiving.error()
+        receiving.held = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             consumer = session.consumer
@@ -654,7 +663,7 @@ class ShmTransport(FrameTransport):
                     raise ReceiveInterrupted("receive_frame was interrupted; nothing was consumed")
         finally:
             self._interrupt = False
-            self._receiving = False
+            receiving.held = False
         if not slept and self._frames_received % _YIELD_EVERY == 0:
             # Sleeping on the doorbell was already a full checkpoint. A frame that was
             # already there (a pipelined burst, or one a polling spin caught) costs a
