@@ -22,6 +22,14 @@ from pciback.devices._base import (
 from pciback.devices._edu import EduDevice, edu_factorial
 from pciback.devices._emulated import EmulatedDevice
 from pciback.devices._host import SYSFS_PCI_DEVICES, HostDevice, parse_resource_file
+from pciback.devices._irqstate import (
+    STATE_FIELDS,
+    InterruptState,
+    InterruptStateError,
+    MsiRegisters,
+    MsixRegisters,
+    Signal,
+)
 from pciback.devices._regions import (
     BarRegion,
     HandlerRegion,
@@ -42,6 +50,13 @@ __all__ = [
     "DeviceSetupError",
     "DmaUnavailableError",
     "DmaFaultError",
+    # interrupt state
+    "InterruptState",
+    "InterruptStateError",
+    "Signal",
+    "STATE_FIELDS",
+    "MsiRegisters",
+    "MsixRegisters",
     # emulated devices
     "EmulatedDevice",
     "BarRegion",

@@ -22,6 +22,8 @@ from typing import Protocol, runtime_checkable
 from shared.errors import ErrorCode, PcisplitError
 from shared.pci import BarKind
 
+from ._irqstate import InterruptState
+
 __all__ = [
     "BarKind",
     "BarSpec",
@@ -182,6 +184,28 @@ class DeviceProvider(abc.ABC):
 
     #: "emulated", "snapshot" or "host".
     kind: str = "emulated"
+    _interrupt_state: InterruptState | None = None
+
+    @property
+    def interrupt_state(self) -> InterruptState:
+        """The device's one :class:`InterruptState` (modes, masks, pending bits, INTx).
+
+        Created on first use. The model's capability registers, the guest's
+        policy and the IRQ router all read and change this object; a reset of
+        the device returns it to power-on.
+        """
+        state = self._interrupt_state
+        if state is None:
+            state = self._interrupt_state = InterruptState()
+        return state
+
+    def signal_unmasked(self, mode: int, vectors: int) -> None:  # noqa: B027
+        """Software unmasked pending vectors through config space (bit per vector): send them.
+
+        Called only while no IRQ router manages the device (a router delivers
+        what its own operations unmask). The default sends nothing: the
+        provider has no interrupt sink.
+        """
 
     @property
     @abc.abstractmethod

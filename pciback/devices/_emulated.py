@@ -32,9 +32,9 @@ from shared.pci import (
     Status,
     check_access,
     msi_layout,
-    msi_vectors_enabled,
     walk_capabilities,
 )
+from shared.protocol import IRQ_MODE_MSI, IRQ_MODE_MSIX
 
 from ._base import (
     BarKind,
@@ -45,6 +45,7 @@ from ._base import (
     InterruptSink,
     NullInterruptSink,
 )
+from ._irqstate import MsiRegisters, MsixRegisters, Signal
 from ._regfile import RegisterFile, apply_header_masks, bar_masks, rom_mask
 from ._regions import BarRegion, HandlerRegion, MemoryRegion, ReadHandler, WriteHandler
 
@@ -115,9 +116,13 @@ class EmulatedDevice(DeviceProvider):
         self._last_cap: int | None = None
         self._last_ext_cap: int | None = None
         self._msi_offset = 0
+        # The MSI and MSI-X registers the model declared show its InterruptState; reads
+        # and writes of bytes [_irq_start, _irq_end) go through these views.
+        self._msi_regs: MsiRegisters | None = None
+        self._msix_regs: MsixRegisters | None = None
+        self._irq_start = self._irq_end = 0
         self._ctx: DeviceContext | None = None
         self._intx_level = False
-        self._intx_line = False  # what the sink was last told (level gated by INTx disable)
         self._generation = 0
 
     # -- declaring the device ------------------------------------------------------------
@@ -212,6 +217,10 @@ class EmulatedDevice(DeviceProvider):
         self._sync_from_builder(Reg.STATUS, 2)
         self._apply_body_masks(offset + 2, writable_mask, w1c_mask)
         self._last_cap = offset
+        if cap_id == CapId.MSIX and len(body) >= 2:
+            # Its enable and function-mask bits are the device's interrupt state.
+            self._msix_regs = MsixRegisters(offset, int.from_bytes(body[:2], "little"))
+            self._irq_span(self._msix_regs.start, self._msix_regs.end)
         return offset
 
     def add_extended_capability(
@@ -266,6 +275,9 @@ class EmulatedDevice(DeviceProvider):
             put(wmask, layout.mask, 4, (1 << vectors) - 1)
         # The pending bits are the device's to set, so they stay read-only.
         self._msi_offset = self.add_capability(CapId.MSI, bytes(body), writable_mask=bytes(wmask))
+        # Enable, vectors, message, masks and pending bits are the device's interrupt state.
+        self._msi_regs = MsiRegisters(self._msi_offset, control)
+        self._irq_span(self._msi_regs.start, self._msi_regs.end)
         return self._msi_offset
 
     # -- running: the context, interrupts ------------------------------------------------
@@ -309,54 +321,52 @@ class EmulatedDevice(DeviceProvider):
 
     @property
     def msi_enabled(self) -> bool:
-        """Whether software enabled MSI in the capability."""
-        if not self._msi_offset:
-            return False
-        return bool(self._regs.read(self._msi_offset + 2, 2) & MsiControl.ENABLE)
+        """Whether MSI is on (the device's :attr:`interrupt_state`)."""
+        return bool(self._msi_offset) and self.interrupt_state.mode == IRQ_MODE_MSI
 
     def msi_message(self, vector: int) -> tuple[int, int]:
         """The ``(address, data)`` MSI message for ``vector``, as software programmed it."""
-        control = self._msi_control()
-        layout = msi_layout(control)
-        base = self._msi_offset
-        address = self._regs.read(base + 4, 4)
-        if layout.address_hi is not None:
-            address |= self._regs.read(base + layout.address_hi, 4) << 32
-        enabled = msi_vectors_enabled(control)
-        data = self._regs.read(base + layout.data, 2)
-        return address, (data & ~(enabled - 1)) | vector
+        self._msi_control()
+        state = self.interrupt_state
+        enabled = state.vectors if state.mode == IRQ_MODE_MSI else 1
+        return state.msi_address, (state.msi_data & ~(enabled - 1)) | vector
 
     def signal_msi(self, vector: int = 0) -> None:
         """Send MSI ``vector``; a masked vector sets its pending bit instead."""
-        control = self._msi_control()
-        if not control & MsiControl.ENABLE:
+        self._msi_control()
+        state = self.interrupt_state
+        if state.mode != IRQ_MODE_MSI:
             raise PcisplitError(
                 "the model signalled MSI while software has MSI disabled; check msi_enabled first",
                 code=ErrorCode.INVALID_STATE,
             )
-        enabled = msi_vectors_enabled(control)
-        if not 0 <= vector < enabled:
+        if not 0 <= vector < state.vectors:
             raise PcisplitError(
-                f"MSI vector {vector} is outside the {enabled} vector(s) software enabled",
+                f"MSI vector {vector} is outside the {state.vectors} vector(s) software enabled",
                 code=ErrorCode.INVALID_STATE,
             )
-        layout = msi_layout(control)
-        masked = layout.mask is not None and bool(
-            self._regs.read(self._msi_offset + layout.mask, 4) & (1 << vector)
-        )
-        if masked and layout.pending is not None:
-            self._regs.set_bits(self._msi_offset + layout.pending, 4, 1 << vector, True)
-            return
-        self.interrupt_sink.signal_msi(vector)
+        # With an IRQ router the sink applies the state's masks (and counts what it
+        # does); on its own the model applies them.
+        if state.managed or state.signal(IRQ_MODE_MSI, vector) is Signal.DELIVER:
+            self.interrupt_sink.signal_msi(vector)
 
     def signal_msix(self, vector: int) -> None:
         """Signal MSI-X table entry ``vector``.
 
-        The IRQ router owns MSI-X enable, masks and pending bits (the guest sets
-        them through interrupt operations) and checks ``vector`` against the
-        table size, so a model only says which entry fired.
+        The sink (the IRQ router) applies the device's interrupt state (enable,
+        masks, pending bits) and checks ``vector`` against the table size, so a
+        model only says which entry fired.
         """
         self.interrupt_sink.signal_msix(vector)
+
+    def signal_unmasked(self, mode: int, vectors: int) -> None:
+        """Send the vectors (bit per vector) that software unmasked while they were pending."""
+        sink = self.interrupt_sink
+        send = sink.signal_msix if mode == IRQ_MODE_MSIX else sink.signal_msi
+        while vectors:
+            low = vectors & -vectors
+            send(low.bit_length() - 1)
+            vectors ^= low
 
     # -- DeviceProvider ------------------------------------------------------------------
 
@@ -365,21 +375,27 @@ class EmulatedDevice(DeviceProvider):
         return self._regs.size
 
     def config_read(self, offset: int, size: int) -> int:
+        if offset < self._irq_end and offset + size > self._irq_start:
+            self._show_interrupt_state()
         return self._regs.read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
+        irq = offset < self._irq_end and offset + size > self._irq_start
+        if irq:
+            self._show_interrupt_state()
         self._regs.write(offset, size, value)
         if offset <= Reg.COMMAND + 1 and offset + size > Reg.COMMAND + 1:
             self._update_intx_line()
-        if self._msi_offset and offset < self._msi_offset + 24 and offset + size > self._msi_offset:
-            self._update_intx_line()
-            self._deliver_unmasked_msi()
+        if irq:
+            self._store_interrupt_state(offset, size)
         self.config_written(offset, size)
 
     def config_written(self, offset: int, size: int) -> None:
         """Hook: called after every config write has been applied. Models may override."""
 
     def config_image(self) -> bytes:
+        if self._irq_end:
+            self._show_interrupt_state()
         return self._regs.image()
 
     def bars(self) -> list[BarSpec]:
@@ -407,6 +423,7 @@ class EmulatedDevice(DeviceProvider):
         self._regs.reset()
         self._intx_level = False
         self._update_intx_line()
+        self.interrupt_state.reset()
         for _, region in self._bars.values():
             region.reset()
         self.reset_state()
@@ -502,29 +519,50 @@ class EmulatedDevice(DeviceProvider):
 
     def _update_intx_line(self) -> None:
         # INTx reaches the sink only while software allows it: Command.INTX_DISABLE is
-        # clear and MSI is off (a function using MSI must not signal INTx).
+        # clear and MSI is off (a function using MSI must not signal INTx). The line
+        # level lives in the interrupt state; with an IRQ router the sink records it
+        # (and delivers), on its own the model does.
         disabled = bool(self._regs.read(Reg.COMMAND, 2) & Command.INTX_DISABLE)
         line = self._intx_level and not disabled and not self.msi_enabled
-        if line == self._intx_line:
+        state = self.interrupt_state
+        if line == state.intx_level:
             return
-        self._intx_line = line
+        if not state.managed:
+            state.set_intx_level(line)
         if line:
             self.interrupt_sink.assert_intx()
         else:
             self.interrupt_sink.deassert_intx()
 
-    def _deliver_unmasked_msi(self) -> None:
-        """Send vectors whose pending bit is set and that software just unmasked."""
-        control = self._msi_control()
-        layout = msi_layout(control)
-        if layout.mask is None or layout.pending is None or not control & MsiControl.ENABLE:
-            return
-        base = self._msi_offset
-        ready = self._regs.read(base + layout.pending, 4) & ~self._regs.read(base + layout.mask, 4)
-        ready &= (1 << msi_vectors_enabled(control)) - 1
-        if not ready:
-            return
-        self._regs.set_bits(base + layout.pending, 4, ready, False)
-        for vector in range(32):
-            if ready & (1 << vector):
-                self.interrupt_sink.signal_msi(vector)
+    def _irq_span(self, start: int, end: int) -> None:
+        if self._irq_end:
+            start, end = min(start, self._irq_start), max(end, self._irq_end)
+        self._irq_start, self._irq_end = start, end
+
+    def _show_interrupt_state(self) -> None:
+        """Lay the interrupt state over the capability registers that show it."""
+        state = self.interrupt_state
+        overlays = []
+        if self._msi_regs is not None:
+            overlays += self._msi_regs.overlays(state, pending=True)
+        if self._msix_regs is not None:
+            overlays += self._msix_regs.overlays(state)
+        regs = self._regs
+        for offset, width, bits, value in overlays:
+            regs.set_bits(offset, width, bits, False)
+            regs.set_bits(offset, width, value & bits, True)
+
+    def _store_interrupt_state(self, offset: int, size: int) -> None:
+        """A config write touched the interrupt registers: the state takes what changed."""
+        state = self.interrupt_state
+        read = self._regs.read
+        if self._msi_regs is not None:
+            ready = self._msi_regs.store(state, read, offset, size)
+            self._update_intx_line()
+            if ready:
+                self.signal_unmasked(IRQ_MODE_MSI, ready)
+        if self._msix_regs is not None:
+            ready = self._msix_regs.store(state, read, offset, size)
+            if ready:
+                self.signal_unmasked(IRQ_MODE_MSIX, ready)
+        self._show_interrupt_state()

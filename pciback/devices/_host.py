@@ -224,13 +224,15 @@ class HostDevice(DeviceProvider):
     def reset(self) -> None:
         """Put back the config space saved when the device was opened.
 
-        A read-only device needs nothing: no guest write ever reached it (the
-        policy's virtual registers are reset by the policy). A writable one
+        The interrupt state returns to power-on. A read-only device needs
+        nothing more: no guest write ever reached it (the policy's virtual
+        registers are reset by the policy). A writable one
         gets every dword that differs from the saved image written back, the
         command register last so decoding is re-enabled only once the BARs
         and capabilities hold their saved values. This never uses the sysfs
         ``reset`` file (a function-level reset is the kernel's business).
         """
+        self.interrupt_state.reset()
         if not self.writable:
             return
         current = self.config_image()

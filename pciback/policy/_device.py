@@ -5,7 +5,11 @@ compose device bits, virtual bits and zeros per the field table; writes are
 checked against it and either refused (:class:`~shared.pci.AccessDeniedError`,
 code ``ACCESS_DENIED``, plus an audit-log entry) or carried out: device-bound
 bits go to the provider, virtual bits to this object's state. BARs, the ROM,
-the interrupt line, MSI/MSI-X and capability links live only here.
+the interrupt line and capability links live only here. The MSI and MSI-X
+enable bits, MSI's vector count, message and mask register are the device's
+one :class:`~pciback.devices.InterruptState`: reads show it and writes change
+it (while no IRQ router manages the device; then only the router's interrupt
+operations change the enable and mask bits, and such writes are ignored).
 
 Not thread- or task-safe by itself: the service serialises accesses to one
 device (its per-device lock), as it does for the provider.
@@ -17,20 +21,21 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pciback.devices import BarKind, DeviceProvider
+from pciback.devices import BarKind, DeviceProvider, MsiRegisters, MsixRegisters
 from shared.pci import (
     AccessDeniedError,
     CapId,
     Field,
     FieldTable,
-    MsiControl,
     apply_read,
     apply_write,
     check_access,
     msi_layout,
 )
+from shared.protocol import IRQ_MODE_MSI, IRQ_MODE_MSIX
 
 from ._audit import AuditLog
+from ._capregs import CapInstance
 from ._compile import CompiledPolicy, compile_policy
 from ._config import PolicyConfig, QuirkConfig
 from ._rules import Register
@@ -42,7 +47,7 @@ _log = logging.getLogger("pcisplit.policy")
 
 @dataclass(frozen=True, slots=True)
 class MsiState:
-    """The guest's virtual MSI programming (acted on by the interrupt operations)."""
+    """The guest's view of MSI: where the capability is, and the device's interrupt state."""
 
     offset: int
     enabled: bool
@@ -54,7 +59,7 @@ class MsiState:
 
 @dataclass(frozen=True, slots=True)
 class MsixState:
-    """The guest's virtual MSI-X control bits."""
+    """The guest's view of MSI-X: where the capability is, and the device's interrupt state."""
 
     offset: int
     enabled: bool
@@ -88,6 +93,7 @@ class PolicedDevice:
         self._audit = audit if audit is not None else AuditLog()
         self._compiled = self._compile()
         self._virtual = bytearray(self._compiled.virtual)
+        self._interrupt_registers()
 
     def _compile(self) -> CompiledPolicy:
         compiled = compile_policy(
@@ -138,6 +144,8 @@ class PolicedDevice:
         """A guest config read (aligned 1/2/4 bytes)."""
         table = self._compiled.table
         check_access(offset, size, table.size)
+        if offset < self._irq_end and offset + size > self._irq_start:
+            self._show_interrupt_state()
         device_value = (
             self._provider.config_read(offset, size) if table.device_read_mask(offset, size) else 0
         )
@@ -147,6 +155,9 @@ class PolicedDevice:
         """A guest config write. Raises :class:`AccessDeniedError` when the policy refuses it."""
         table = self._compiled.table
         check_access(offset, size, table.size)
+        irq = offset < self._irq_end and offset + size > self._irq_start
+        if irq:
+            self._show_interrupt_state()
         device_value = self._provider.config_read(offset, size)
         try:
             plan = apply_write(table, offset, size, value, device_value, self._virtual)
@@ -163,6 +174,8 @@ class PolicedDevice:
         for write in plan.device_writes:
             self._provider.config_write(write.offset, write.size, write.value)
         plan.apply_virtual(self._virtual)
+        if irq:
+            self._store_interrupt_state(offset, size)
 
     def program_firmware(
         self,
@@ -222,6 +235,75 @@ class PolicedDevice:
         """Forget the guest's virtual state (call after the provider was reset or reassigned)."""
         self._compiled = self._compile()
         self._virtual = bytearray(self._compiled.virtual)
+        self._interrupt_registers()
+
+    # ------------------------------------------------------------------ interrupt state
+    def _interrupt_registers(self) -> None:
+        """Find the visible MSI and MSI-X capabilities whose registers show the state."""
+        self._msi_regs: MsiRegisters | None = None
+        self._msix_regs: MsixRegisters | None = None
+        spans: list[tuple[int, int]] = []
+        prefixes: list[str] = []
+        inst = self._cap_instance(CapId.MSI)
+        if inst is not None:
+            off = inst.cap.offset
+            self._msi_regs = MsiRegisters(off, self._provider.config_read(off + 2, 2))
+            spans.append((self._msi_regs.start, self._msi_regs.end))
+            prefixes.append(inst.prefix + ".")
+        inst = self._cap_instance(CapId.MSIX)
+        if inst is not None:
+            off = inst.cap.offset
+            self._msix_regs = MsixRegisters(off, self._provider.config_read(off + 2, 2))
+            spans.append((self._msix_regs.start, self._msix_regs.end))
+            prefixes.append(inst.prefix + ".")
+        # Accesses to bytes [_irq_start, _irq_end) involve the interrupt state.
+        self._irq_start = min((s for s, _ in spans), default=0)
+        self._irq_end = max((e for _, e in spans), default=0)
+        # The (offset, width) of the capabilities' own registers: a malformed list can
+        # clip a capability, and the bytes it lost belong to someone else.
+        self._irq_own = frozenset(
+            (f.offset, f.width)
+            for f in self._compiled.table.fields
+            if f.name.startswith(tuple(prefixes))
+        )
+
+    def _interrupt_overlays(self) -> list[tuple[int, int, int, int]]:
+        state = self._provider.interrupt_state
+        overlays = []
+        if self._msi_regs is not None:
+            overlays += self._msi_regs.overlays(state, pending=False)
+        if self._msix_regs is not None:
+            overlays += self._msix_regs.overlays(state)
+        return overlays
+
+    def _show_interrupt_state(self) -> None:
+        """Lay the device's interrupt state over the virtual registers that show it."""
+        own = self._irq_own
+        for offset, width, bits, value in self._interrupt_overlays():
+            if (offset, width) in own:
+                self._set_virtual(offset, bits, value, size=width)
+
+    def _store_interrupt_state(self, offset: int, size: int) -> None:
+        """A guest write touched the interrupt registers: the state takes what changed."""
+        state = self._provider.interrupt_state
+        own = self._irq_own
+        # A register the capability lost to a malformed list reads as the state has it.
+        current = {(o, w): v for o, w, _, v in self._interrupt_overlays()}
+
+        def read(off: int, width: int) -> int:
+            if (off, width) in own:
+                return self._virtual_int(off, width)
+            return current.get((off, width), 0)
+
+        if self._msi_regs is not None:
+            ready = self._msi_regs.store(state, read, offset, size)
+            if ready:
+                self._provider.signal_unmasked(IRQ_MODE_MSI, ready)
+        if self._msix_regs is not None:
+            ready = self._msix_regs.store(state, read, offset, size)
+            if ready:
+                self._provider.signal_unmasked(IRQ_MODE_MSIX, ready)
+        self._show_interrupt_state()
 
     # ------------------------------------------------------------------ virtual state
     def _virtual_int(self, offset: int, size: int) -> int:
@@ -239,38 +321,43 @@ class PolicedDevice:
             return low
         return None
 
-    def _cap_offset(self, cap_id: int) -> int | None:
+    def _cap_instance(self, cap_id: int) -> CapInstance | None:
         for inst in self._compiled.capabilities:
             if not inst.cap.extended and inst.cap.id == cap_id:
                 if inst in self._compiled.hidden:
                     return None
-                return inst.cap.offset
+                return inst
         return None
 
     def msi_state(self) -> MsiState | None:
-        """The guest's MSI programming, or None without a (visible) MSI capability."""
-        off = self._cap_offset(CapId.MSI)
-        if off is None:
+        """MSI as the guest sees it, or None without a (visible) MSI capability.
+
+        A read-only view of the device's :class:`~pciback.devices.InterruptState`.
+        """
+        regs = self._msi_regs
+        if regs is None:
             return None
-        control = self._virtual_int(off + 2, 2)
-        layout = msi_layout(control)
-        address = self._virtual_int(off + 4, 4)
-        if layout.address_hi is not None:
-            address |= self._virtual_int(off + layout.address_hi, 4) << 32
-        mask = self._virtual_int(off + layout.mask, 4) if layout.mask is not None else None
+        off = regs.offset
+        state = self._provider.interrupt_state
+        layout = msi_layout(self._provider.config_read(off + 2, 2))
+        on = state.mode == IRQ_MODE_MSI
         return MsiState(
             off,
-            bool(control & MsiControl.ENABLE),
-            1 << min((control & MsiControl.MULTIPLE_ENABLE_MASK) >> 4, 5),
-            address,
-            self._virtual_int(off + layout.data, 2),
-            mask,
+            on,
+            1 << min(state.msi_mme, 5),
+            state.msi_address,
+            state.msi_data,
+            state.masked & 0xFFFF_FFFF if layout.mask is not None else None,
         )
 
     def msix_state(self) -> MsixState | None:
-        """The guest's MSI-X control bits, or None without a (visible) MSI-X capability."""
-        off = self._cap_offset(CapId.MSIX)
-        if off is None:
+        """MSI-X as the guest sees it, or None without a (visible) MSI-X capability.
+
+        A read-only view of the device's :class:`~pciback.devices.InterruptState`.
+        """
+        regs = self._msix_regs
+        if regs is None:
             return None
-        control = self._virtual_int(off + 2, 2)
-        return MsixState(off, bool(control & 0x8000), bool(control & 0x4000), (control & 0x7FF) + 1)
+        state = self._provider.interrupt_state
+        on = state.mode == IRQ_MODE_MSIX
+        return MsixState(regs.offset, on, state.function_masked, regs.table_size)

@@ -4,8 +4,10 @@ Three pieces:
 
 - :class:`DeviceInterrupts`, one per served device: the device model's
   interrupt sink (``assert_intx``/``deassert_intx``/``signal_msi``/
-  ``signal_msix``) and the guest-controlled state (mode, vectors, masks,
-  pending bits, the INTx in-service latch).
+  ``signal_msix``) and the binding to the receiving session. The state the
+  guest controls (mode, vectors, masks, pending bits, the INTx in-service
+  latch) is the device's one :class:`~pciback.devices.InterruptState`, which
+  it changes only through that object's operations.
 - :class:`InterruptOutbox`, one per guest session: the delivery queue. It
   coalesces per ``(device, vector)`` while an event is not yet delivered, and
   spends one token of the guest's :class:`TokenBucket` per delivery, so a

@@ -1,17 +1,19 @@
-"""The IRQ router: device interrupt state, the XSA-157 rules, ownership on every delivery.
+"""The IRQ router: the guest's interrupt operations, the XSA-157 rules, ownership on every delivery.
 
 :class:`DeviceInterrupts` (one per served device) is the device model's
-interrupt sink and holds what the guest set: mode, vectors, masks, pending
-bits and the INTx in-service latch. :class:`IrqRouter` (one per backend)
-carries out the guest's interrupt operations and owns the per-guest rate
-limits. Everything on the device side is synchronous and never blocks: the
-sink is called from register handlers under the device lock.
+interrupt sink and the binding to the session that receives the device's
+interrupts. The interrupt state itself (mode, vectors, masks, pending bits,
+the INTx line and in-service latch) is the device's one
+:class:`~pciback.devices.InterruptState`, which the router changes only
+through its operations. :class:`IrqRouter` (one per backend) carries out the
+guest's interrupt operations and owns the per-guest rate limits. Everything
+on the device side is synchronous and never blocks: the sink is called from
+register handlers under the device lock.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from pciback._ratelog import RateLimitedLog
-from pciback.devices import EmulatedDevice
+from pciback.devices import InterruptState, Signal
 from shared.errors import ErrorCode, PcisplitError
 from shared.evtchn import Port
 from shared.pci import (
@@ -92,23 +94,20 @@ class _CapInfo:
 
 
 class DeviceInterrupts:
-    """One device's interrupt state; the device model's :class:`InterruptSink`.
+    """One device's interrupt sink and binding, over the device's :class:`InterruptState`.
 
-    Mode, vectors, masks and pending bits are what the guest set through the
-    interrupt operations; the binding says which session receives them.
+    The state (mode, vectors, masks, pending bits, INTx line and latch) is the
+    device's own (``provider.interrupt_state``); this object applies it to what
+    the model signals, delivers to the bound session, and counts. The binding
+    says which session receives the device's interrupts.
     """
 
     def __init__(self, served: ServedDevice) -> None:
         self._served = served
-        self.mode: int | None = None
-        self.vectors = 0
-        self.table_size = 0
+        self.state: InterruptState = served.provider.interrupt_state
+        # From now on only the router's operations enable modes and change masks.
+        self.state.managed = True
         self._binding: _Binding | None = None
-        self._level = False
-        self._in_service = False
-        self._masked = 0  # bit per vector (MSI-X / maskable MSI)
-        self._pending = 0
-        self._function_masked = False
         self.stats = InterruptStatistics()
 
     def statistics(self) -> InterruptStatistics:
@@ -119,45 +118,36 @@ class DeviceInterrupts:
     def assert_intx(self) -> None:
         """Level-triggered: one event per assertion until the guest EOIs (late EOI)."""
         self.stats.intx_asserts += 1
-        self._level = True
-        if self.mode == IRQ_MODE_INTX and not self._in_service:
-            self._in_service = True
+        if self.state.set_intx_level(True):
             self._deliver(0)
 
     def deassert_intx(self) -> None:
-        self._level = False
+        self.state.set_intx_level(False)
 
     def signal_msi(self, vector: int) -> None:
         self.stats.msi_signals += 1
-        if self.mode != IRQ_MODE_MSI or not 0 <= vector < self.vectors:
-            self.stats.dropped_disabled += 1
-            return
-        self._fire(vector)
+        self._signalled(IRQ_MODE_MSI, vector)
 
     def signal_msix(self, vector: int) -> None:
         """Signal MSI-X table entry ``vector``; it must lie inside the table (XSA-164)."""
         self.stats.msix_signals += 1
-        if self.mode != IRQ_MODE_MSIX:
+        self._signalled(IRQ_MODE_MSIX, vector)
+
+    def _signalled(self, mode: int, vector: int) -> None:
+        result = self.state.signal(mode, vector)
+        if result is Signal.DELIVER:
+            self._deliver(vector)
+        elif result is Signal.PENDING:
+            self.stats.pending_set += 1
+        elif result is Signal.OFF:
             self.stats.dropped_disabled += 1
-            return
-        if not 0 <= vector < self.table_size:
+        else:
             raise InterruptError(
-                f"MSI-X vector {vector} is outside the device's table of {self.table_size} "
-                "entries; the model signalled an entry that does not exist",
+                f"MSI-X vector {vector} is outside the device's table of "
+                f"{self.state.table_size} entries; the model signalled an entry that does not "
+                "exist",
                 code=ErrorCode.INVALID_OFFSET,
             )
-        if vector >= self.vectors:
-            self.stats.dropped_disabled += 1
-            return
-        self._fire(vector)
-
-    def _fire(self, vector: int) -> None:
-        bit = 1 << vector
-        if self._function_masked or self._masked & bit:
-            self._pending |= bit
-            self.stats.pending_set += 1
-            return
-        self._deliver(vector)
 
     def _deliver(self, vector: int) -> None:
         binding = self._binding
@@ -173,12 +163,42 @@ class DeviceInterrupts:
             or served.address.pack() != binding.device
         ):
             self.stats.dropped_not_owner += 1
-            self._clear()
+            self.clear()
             return
         self.stats.delivered += 1
         binding.outbox.post(binding.device, vector)
 
-    # -- state --------------------------------------------------------------------------
+    def _deliver_all(self, vectors: int) -> None:
+        """Deliver every vector of the bit set ``vectors``, lowest first."""
+        while vectors:
+            low = vectors & -vectors
+            self._deliver(low.bit_length() - 1)
+            vectors ^= low
+
+    # -- state (read through; ``mode`` and ``vectors`` are settable for tests) -----------
+
+    @property
+    def mode(self) -> int | None:
+        """The enabled mode (IRQ_MODE_INTX/MSI/MSIX), or None."""
+        return self.state.mode
+
+    @mode.setter
+    def mode(self, mode: int | None) -> None:
+        self.state.mode = mode
+
+    @property
+    def vectors(self) -> int:
+        """Vectors of the enabled mode."""
+        return self.state.vectors
+
+    @vectors.setter
+    def vectors(self, vectors: int) -> None:
+        self.state.vectors = vectors
+
+    @property
+    def table_size(self) -> int:
+        """MSI-X: entries in the device's table (0 unless MSI-X is on)."""
+        return self.state.table_size
 
     @property
     def bound_guest(self) -> str | None:
@@ -188,38 +208,64 @@ class DeviceInterrupts:
     @property
     def level(self) -> bool:
         """The INTx line level the model last drove."""
-        return self._level
+        return self.state.intx_level
 
     @property
     def in_service(self) -> bool:
         """INTx: an event was delivered and the guest has not EOI'd it yet."""
-        return self._in_service
+        return self.state.intx_in_service
 
     def pending_bits(self) -> int:
         """The PBA: a bit per vector that fired while masked."""
-        return self._pending
+        return self.state.pending
 
     def masked_bits(self) -> int:
-        return self._masked
+        return self.state.masked
 
     @property
     def function_masked(self) -> bool:
-        return self._function_masked
+        return self.state.function_masked
+
+    # -- the router's side ----------------------------------------------------------------
+
+    def bind(self, outbox: InterruptOutbox, device: int, ports: Sequence[Port] = ()) -> None:
+        """Deliver to ``outbox`` as ``device`` (packed guest address), eventfds ``ports``."""
+        self._unbind()
+        self._binding = _Binding(outbox.guest, device, outbox)
+        if ports:
+            outbox.bind_ports(device, ports)
+
+    def bound_to(self, outbox: InterruptOutbox) -> bool:
+        """Whether ``outbox`` receives this device's interrupts."""
+        return self._binding is not None and self._binding.outbox is outbox
+
+    def enable(self, mode: int, vectors: int, table_size: int) -> None:
+        """Turn ``mode`` on in the state; a line already asserted interrupts at once (INTx)."""
+        if self.state.enable(mode, vectors, table_size=table_size):
+            self._deliver(0)
+
+    def eoi_intx(self) -> None:
+        """INTx EOI of the line in service: a line still asserted fires again."""
+        if self.state.eoi_intx():
+            self._deliver(0)
+
+    def mask(self, vector: int, masked: bool) -> None:
+        """Mask or unmask one vector; unmasking delivers it if it was pending."""
+        self._deliver_all(self.state.set_mask(vector, masked))
+
+    def mask_function(self, masked: bool) -> None:
+        """MSI-X function mask; unmasking delivers every pending, unmasked vector."""
+        self._deliver_all(self.state.set_function_mask(masked))
+
+    def clear(self) -> None:
+        """Unbind and turn the mode off (masks, pending bits and the latch clear)."""
+        self._unbind()
+        self.state.disable()
 
     def _unbind(self) -> None:
         binding, self._binding = self._binding, None
         if binding is not None:
             binding.outbox.unbind(binding.device)
-
-    def _clear(self) -> None:
-        self._unbind()
-        self.mode = None
-        self.vectors = 0
-        self.table_size = 0
-        self._in_service = False
-        self._masked = 0
-        self._pending = 0
-        self._function_masked = False
 
 
 # --------------------------------------------------------------------------- the router
@@ -321,24 +367,16 @@ class IrqRouter:
                 exc.message,
             )
             raise
-        state = self.device(served)
-        state._clear()
+        device = self.device(served)
+        device.clear()
         assert served.address is not None
-        packed = served.address.pack()
-        state._binding = _Binding(outbox.guest, packed, outbox)
-        if ports:
-            outbox.bind_ports(packed, ports)
-        state.mode = mode
-        state.vectors = granted
+        device.bind(outbox, served.address.pack(), ports)
+        table = 0
         if mode == IRQ_MODE_MSIX:
             assert cap is not None
-            state.table_size = (cap.control & MsixControl.TABLE_SIZE_MASK) + 1
-        self._write_control(served, mode, cap, enable=True, vectors=granted)
+            table = (cap.control & MsixControl.TABLE_SIZE_MASK) + 1
         self.stats.enables += 1
-        if mode == IRQ_MODE_INTX and state._level:
-            # Level-triggered: a line that is already asserted interrupts at once.
-            state._in_service = True
-            state._deliver(0)
+        device.enable(mode, granted, table)
         return granted
 
     def _check_enable(
@@ -406,11 +444,7 @@ class IrqRouter:
                 served.id,
             )
             return False
-        cap = None
-        if mode != IRQ_MODE_INTX:
-            cap = self._capability(served, CapId.MSI if mode == IRQ_MODE_MSI else CapId.MSIX)
-        state._clear()
-        self._write_control(served, mode, cap, enable=False, vectors=1)
+        state.clear()
         self.stats.disables += 1
         return True
 
@@ -420,7 +454,7 @@ class IrqRouter:
         if state.mode == IRQ_MODE_INTX:
             if vector != 0:
                 raise InterruptError(f"INTx has only vector 0; EOI of vector {vector} refused")
-            if not state._in_service:
+            if not state.in_service:
                 state.stats.spurious_eoi += 1
                 self.warn(
                     guest,
@@ -429,10 +463,7 @@ class IrqRouter:
                     served.id,
                 )
                 return
-            state._in_service = False
-            if state._level:
-                state._in_service = True
-                state._deliver(0)
+            state.eoi_intx()
             return
         if state.mode is None:
             state.stats.spurious_eoi += 1
@@ -453,9 +484,7 @@ class IrqRouter:
         state = self.device(served)
         if state.mode == IRQ_MODE_MSIX:
             if vector == FUNCTION_MASK_VECTOR:
-                state._function_masked = masked
-                cap = self._capability(served, CapId.MSIX)
-                self._write_control(served, IRQ_MODE_MSIX, cap, enable=True, vectors=state.vectors)
+                state.mask_function(masked)
             else:
                 if not 0 <= vector < state.table_size:
                     raise InterruptError(
@@ -463,9 +492,7 @@ class IrqRouter:
                         f"{state.table_size} entries",
                         code=ErrorCode.INVALID_OFFSET,
                     )
-                state._masked = (
-                    state._masked | (1 << vector) if masked else state._masked & ~(1 << vector)
-                )
+                state.mask(vector, masked)
         elif state.mode == IRQ_MODE_MSI:
             cap = self._capability(served, CapId.MSI)
             if cap is None or not cap.control & MsiControl.PER_VECTOR_MASK:
@@ -475,53 +502,31 @@ class IrqRouter:
                     f"MSI vector {vector} is outside the {state.vectors} enabled vector(s)",
                     code=ErrorCode.INVALID_OFFSET,
                 )
-            state._masked = (
-                state._masked | (1 << vector) if masked else state._masked & ~(1 << vector)
-            )
+            state.mask(vector, masked)
         else:
             name = "INTx" if state.mode == IRQ_MODE_INTX else "no interrupt mode"
             raise InterruptError(
                 f"masking needs MSI-X (or maskable MSI) enabled on {served.address}; it has "
                 f"{name} (INTx is masked by not sending its EOI)"
             )
-        if not masked:
-            self._deliver_unmasked(state)
-
-    @staticmethod
-    def _deliver_unmasked(state: DeviceInterrupts) -> None:
-        if state._function_masked:
-            return
-        ready = state._pending & ~state._masked
-        if not ready:
-            return
-        state._pending &= ~ready
-        while ready:
-            low = ready & -ready
-            state._deliver(low.bit_length() - 1)
-            ready ^= low
 
     def reset_device(self, served: ServedDevice) -> None:
         """Forget all interrupt state (the device was reset or left its guest)."""
         state = self._devices.get(id(served))
         if state is not None:
-            state._clear()
+            state.clear()
 
     def forget_device(self, served: ServedDevice) -> None:
         """The backend stopped serving ``served`` (a reload removed it): drop its state."""
         state = self._devices.pop(id(served), None)
         if state is not None:
-            state._clear()
+            state.clear()
 
     def release_outbox(self, outbox: InterruptOutbox) -> None:
         """A session ended: every device bound to it stops delivering and is disabled."""
         for state in self._devices.values():
-            binding = state._binding
-            if binding is not None and binding.outbox is outbox:
-                served = state._served
-                mode = state.mode
-                state._clear()
-                if mode is not None and served.guest == outbox.guest:
-                    self._restore_control(served, mode)
+            if state.bound_to(outbox):
+                state.clear()
         outbox.close()
 
     # -- capability state ----------------------------------------------------------------
@@ -540,43 +545,3 @@ class IrqRouter:
         if offset is None:
             return None
         return _CapInfo(offset, served.access.config_read(offset + 2, 2))
-
-    def _restore_control(self, served: ServedDevice, mode: int) -> None:
-        if mode == IRQ_MODE_INTX:
-            return
-        cap = self._capability(served, CapId.MSI if mode == IRQ_MODE_MSI else CapId.MSIX)
-        self._write_control(served, mode, cap, enable=False, vectors=1)
-
-    def _write_control(
-        self, served: ServedDevice, mode: int, cap: _CapInfo | None, *, enable: bool, vectors: int
-    ) -> None:
-        """Mirror the mode into the capability's control register.
-
-        The guest's view (the policy's virtual MSI/MSI-X control) is written
-        through the access path so config reads of the capability show it, and
-        an emulated model's own register so its ``msi_enabled`` sees it. Real
-        host devices are never written.
-        """
-        if cap is None or mode == IRQ_MODE_INTX:
-            return
-        state = self.device(served)
-        current = served.access.config_read(cap.offset + 2, 2)
-        if mode == IRQ_MODE_MSI:
-            bits = int(MsiControl.ENABLE | MsiControl.MULTIPLE_ENABLE_MASK)
-            value = (int(math.log2(vectors)) << 4) | MsiControl.ENABLE if enable else 0
-        else:
-            bits = int(MsixControl.ENABLE | MsixControl.FUNCTION_MASK)
-            value = MsixControl.ENABLE if enable else 0
-            if enable and state._function_masked:
-                value |= MsixControl.FUNCTION_MASK
-        new = (current & ~bits) | int(value)
-        try:
-            served.access.config_write(cap.offset + 2, 2, new)
-        except PcisplitError as exc:
-            # A read-only policy preset refuses guest writes to the control register;
-            # the router's state is authoritative, so only the mirror is missing.
-            log.debug("%s: control register mirror refused: %s", served.id, exc)
-        provider = served.provider
-        if isinstance(provider, EmulatedDevice) and served.access is not provider:
-            raw = provider.config_read(cap.offset + 2, 2)
-            provider.config_write(cap.offset + 2, 2, (raw & ~bits) | int(value))
