@@ -184,6 +184,11 @@ class BlockingStreamTransport(BlockingTransport):
     def _send_stream(self, frame: bytes, fds: list[int] | None) -> None:
         """One frame on the socket; the caller holds the send side."""
         self._check_open()
+        if fds and not self.can_pass_fds:
+            raise FdPassingUnsupportedError(
+                f"{self._name} cannot pass file descriptors (only unix: and shm: before its "
+                "session starts can); send the frame without them"
+            )
         if len(frame) > self.max_frame_size:
             raise FrameTooLargeError(
                 f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
@@ -263,8 +268,16 @@ class BlockingStreamTransport(BlockingTransport):
         if self._closed:
             return
         self._closed = True
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket):
+            # A clean TLS end is a close_notify: without it the peer sees a truncated
+            # stream (a broken connection), not the end of one. Sent without waiting
+            # for the peer's own close_notify (SSLWantReadError), which may never come.
+            with contextlib.suppress(OSError, ValueError):
+                sock.setblocking(False)
+                sock.unwrap()
         with contextlib.suppress(OSError):
-            self._sock.close()
+            sock.close()
 
 
 class BlockingShmTransport(BlockingStreamTransport):
@@ -395,7 +408,12 @@ class BlockingShmTransport(BlockingStreamTransport):
                 )
             producer = session.producer
             while True:
-                self._check_peer()
+                if self._peer_gone is not None:
+                    # A send never reports a goodbye as the end of the stream: the
+                    # frame cannot arrive, so the connection is broken for us.
+                    raise trio.BrokenResourceError(
+                        self._peer_gone or "peer closed the connection; cannot send"
+                    )
                 try:
                     notify = producer.send_nowait(frame)
                 except RingFullError:
