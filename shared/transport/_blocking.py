@@ -1,7 +1,7 @@
 """Blocking frame transports for code that runs without trio (``pcifront.blocking``).
 
 The same wire formats as the trio transports, driven from the calling thread:
-``unix:``, ``tcp://`` and ``tls://`` carry length-prefixed frames
+``unix:``, ``tcp://``, ``tls://`` and ``vsock://`` carry length-prefixed frames
 (``shared.protocol._framing``) on a socket; ``shm:`` runs the same bootstrap
 as :mod:`shared.transport._shm` (handshake on the UNIX socket, then one sealed
 memfd with a ring per direction and an eventfd doorbell per side) and then
@@ -51,7 +51,7 @@ from shared.transport._base import (
 from shared.transport._fdpass import close_fds, rights_message
 from shared.transport._identity import PeerIdentity, peercred_identity
 from shared.transport._shm_setup import _GOODBYE, _Session, check_setup_reply, offer_session
-from shared.transport._sockets import parse_host_port
+from shared.transport._sockets import parse_host_port, parse_vsock, vsock_family
 
 __all__ = [
     "BlockingTransport",
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 #: Address schemes :func:`open_blocking_transport` understands.
-BLOCKING_SCHEMES = ("unix", "shm", "tcp", "tls")
+BLOCKING_SCHEMES = ("unix", "shm", "tcp", "tls", "vsock")
 _CHUNK = 65536
 
 
@@ -498,7 +498,7 @@ class BlockingShmTransport(BlockingStreamTransport):
 
 
 def open_blocking_transport(address: str, options: TransportOptions) -> BlockingTransport:
-    """Connect to ``address`` (``unix:``, ``shm:``, ``tcp://``, ``tls://``) from this thread.
+    """Connect to ``address`` (``unix:``, ``shm:``, ``tcp://``, ``tls://``, ``vsock://``).
 
     Raises :class:`TransportAddressError` for another scheme or a malformed
     address and :class:`TransportConnectError` when nothing answers there.
@@ -525,6 +525,8 @@ def open_blocking_transport(address: str, options: TransportOptions) -> Blocking
         if scheme == "shm":
             return BlockingShmTransport(sock, options, name=address)
         return BlockingStreamTransport(sock, limit, name=address)
+    if scheme == "vsock":
+        return _connect_vsock(address, rest, limit)
     if not rest.startswith("//"):
         raise TransportAddressError(f"address {address!r} needs the form {scheme}://HOST:PORT")
     host, port = parse_host_port(rest[2:], scheme)
@@ -547,3 +549,20 @@ def open_blocking_transport(address: str, options: TransportOptions) -> Blocking
         tcp.close()
         raise TransportConnectError(f"cannot connect to {address}: {exc}") from exc
     return BlockingStreamTransport(tls, limit, name=address)
+
+
+def _connect_vsock(address: str, rest: str, limit: int) -> BlockingStreamTransport:
+    """``vsock://CID:PORT``: frames on an AF_VSOCK stream socket, as on TCP."""
+    if not rest.startswith("//"):
+        raise TransportAddressError(f"address {address!r} needs the form vsock://CID:PORT")
+    cid, port = parse_vsock(rest[2:])
+    sock = socket.socket(vsock_family(), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect((cid, port))
+    except OSError as exc:
+        sock.close()
+        raise TransportConnectError(
+            f"cannot connect to {address}: {exc.strerror or exc}; is `pciback serve` listening "
+            "there, and does this kernel have a vsock transport for that CID?"
+        ) from exc
+    return BlockingStreamTransport(sock, limit, name=address)

@@ -2,8 +2,7 @@
 
 The client end is the blocking transport (``open_blocking_transport``); the
 other end is the trio listener a backend would run, on its own thread
-(``trio_peer_pair``). ``vsock://`` has no blocking twin (``pcifront.blocking``
-speaks unix, shm, tcp and tls), so there is nothing to run for it.
+(``trio_peer_pair``). ``vsock://`` runs where loopback vsock (CID 1) answers.
 """
 
 from __future__ import annotations
@@ -18,7 +17,14 @@ from pathlib import Path
 import pytest
 import trustme
 
-from shared.transport import BlockingStreamTransport, PeerIdentity, TransportOptions
+from shared.transport import (
+    BlockingStreamTransport,
+    PeerIdentity,
+    TransportAddressError,
+    TransportOptions,
+    open_blocking_transport,
+)
+from shared.transport._sockets import vsock_loopback_problem
 from shared.transport.blocking_conformance import (
     CHECKS,
     BlockingConformanceFailure,
@@ -70,6 +76,25 @@ class _Loopback(BlockingTransportConformance):
 class TestBlockingTcpConformance(_Loopback):
     def make_pair(self, max_frame_size: int):  # type: ignore[no-untyped-def]
         return trio_peer_pair("tcp://127.0.0.1:0", max_frame_size)
+
+
+_VSOCK_SKIP = vsock_loopback_problem()
+
+
+@pytest.mark.skipif(_VSOCK_SKIP is not None, reason=str(_VSOCK_SKIP))
+class TestBlockingVsockConformance(BlockingTransportConformance):
+    def check_peer_identity(self, identity: PeerIdentity) -> None:
+        assert identity.address is not None and identity.address.startswith("1:")
+        assert identity.uid is None
+
+    def make_pair(self, max_frame_size: int):  # type: ignore[no-untyped-def]
+        return trio_peer_pair("vsock://1:0", max_frame_size)
+
+
+def test_blocking_vsock_addresses_are_checked_before_connecting() -> None:
+    for bad in ("vsock:1:5000", "vsock://1", "vsock://one:5000", "vsock://1:port"):
+        with pytest.raises(TransportAddressError, match="vsock"):
+            open_blocking_transport(bad, TransportOptions())
 
 
 class TestBlockingTlsConformance(_Loopback):
