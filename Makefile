@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSPKGS := pciutils pci.ids fuse3 libfuse3-dev pkg-config
 
-.PHONY: install sysdeps demo test lint typecheck bench fuzz dist clean
+.PHONY: install sysdeps peers demo test lint typecheck bench fuzz dist clean
 
 install: sysdeps $(STAMP)
 
@@ -30,6 +30,12 @@ $(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h \
 	$(PY) -m pip install -q -e '.[fuzz]' || \
 	  echo "warning: atheris (extra 'fuzz') could not be installed; fuzz smoke tests will skip" >&2
 	touch $(STAMP)
+
+# Real peers to test against: libvfio-user's C sample servers, built from the pinned source in
+# ../shared/peers (PEERS_TARBALL overrides) into .cache/peers (about 30 s once; then a no-op).
+# Not part of `install`; the tests that need a peer build it through the same script.
+peers:
+	tools/build_peers.sh
 
 demo: install
 	$(VENV)/bin/python examples/demo.py

@@ -20,7 +20,7 @@ FUZZ_DIR = Path(__file__).resolve().parent
 REPO = FUZZ_DIR.parent
 
 #: Target names, in the order ``make fuzz`` runs them.
-TARGETS = ("frames", "codec", "ring", "caps", "policy")
+TARGETS = ("frames", "codec", "ring", "caps", "policy", "vfio_user")
 
 
 def corpus_dir(name: str) -> Path:

@@ -93,6 +93,44 @@ def main() -> None:
         )
         scripts.append(bytes([device]) + body)
     _write("policy", scripts)
+    _write("vfio_user", _vfio_user_seeds())
+
+
+def _vfio_user_seeds() -> list[bytes]:
+    """Streams of real vfio-user messages, prefixed by the target's mode byte."""
+    from shared.protocol import vfio_user as vu
+
+    client = vu.VfioUserConnection(vu.Role.CLIENT)
+    hello = client.send_command(vu.Version(0, 0, client.advertised()))[1]
+    server = vu.VfioUserConnection(vu.Role.SERVER)
+    server.receive_data(hello)
+    proposal = server.next_event()
+    assert proposal is not None and isinstance(proposal.body, vu.Version)
+    client.receive_data(server.send_reply(
+        proposal.header, vu.negotiate(proposal.body, server.advertised())))
+    client.next_event()
+    commands = b"".join(client.send_command(body)[1] for body in (
+        vu.DeviceInfoRequest(), vu.RegionInfoRequest(7), vu.IrqInfoRequest(0),
+        vu.SetIrqs(0, vu.IRQ_DATA_NONE | vu.IRQ_ACTION_UNMASK, 0, 1),
+        vu.RegionAccess(7, 0, 4), vu.RegionData(2, 0, b"\x01"), vu.DmaMap(0x10000, 0x1000),
+        vu.DmaUnmap(0, 0, vu.DMA_UNMAP_ALL), vu.MigDataRead(16),
+    ))
+    # Replies to the commands fuzz_vfio_user's client has outstanding (ids 1, 2, 3).
+    header = vu.Header(2, vu.Command.DEVICE_GET_INFO, 32, vu.MessageType.REPLY)
+    replies = (
+        vu.Header(1, vu.Command.REGION_READ, 36, vu.MessageType.REPLY).pack()
+        + vu.RegionData(7, 0, b"\x4f\x49\xc8\x0d").encode()
+        + header.pack() + vu.DeviceInfo(3, 9, 5).encode()
+        + vu.Header(2, vu.Command.DMA_WRITE, 36, vu.MessageType.COMMAND).pack()
+        + vu.DmaData(0x1000, b"abcd").encode()
+    )
+    region = vu.RegionInfo(0, 0xF, 0x4000, 0, (vu.SparseArea(0x1000, 0x1000),), (1, 2)).encode()
+    region_reply = (
+        vu.Header(3, vu.Command.DEVICE_GET_REGION_INFO, 16 + len(region), vu.MessageType.REPLY)
+        .pack() + region
+    )
+    return [bytes([0]) + hello, bytes([1]) + commands, bytes([5]) + commands,
+            bytes([2]) + replies, bytes([6]) + region_reply, bytes([4 * 7 + 1]) + commands]
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ Schema (later issues extend it)::
     allow_plain_tcp = false     # a guest may use tcp:// (no TLS) only if this is true
     [[device]]
     id = "edu0"                 # unique name
-    kind = "emulated"           # "emulated" | "snapshot" | "host"
+    kind = "emulated"           # "emulated" | "snapshot" | "host" | "vfio-user"
     model = "edu"               # emulated: a registered model
     dump = "nic.txt"            # snapshot: an lspci -x/-xxx/-xxxx dump (relative to this file)
     bar_sizes = { 0 = 0x20000 } # snapshot: optional BAR sizes
     address = "0000:00:03.0"    # host: the real device (read-only unless writable = true)
     writable = false
+    socket = "/run/gpio.sock"   # vfio-user: the server's socket (relative to this file)
+    timeout = 5.0               # vfio-user: seconds one access may take before the device fails
     guest = "guest0"            # optional: assigned at start
     policy = "default"          # "default" | "transparent-readonly" | "permissive"
     allow = ["command.bus_master"]   deny = [...]   hide = ["msix"]   quirks = [...]
@@ -67,7 +69,7 @@ __all__ = [
     "DEFAULT_CONFIG_TEXT",
 ]
 
-DEVICE_KINDS = ("emulated", "snapshot", "host")
+DEVICE_KINDS = ("emulated", "snapshot", "host", "vfio-user")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class DeviceConfig:
     bar_sizes: dict[int, int] = field(default_factory=dict)
     address: PciAddress | None = None
     writable: bool = False
+    #: vfio-user: the server's socket and how long one access may take.
+    socket: Path | None = None
+    timeout: float = 5.0
     guest: str | None = None
     function: int | None = None
     policy: PolicyConfig = field(default_factory=lambda: PolicyConfig.from_mapping({}, where="-"))
@@ -201,6 +206,8 @@ _DEVICE_KEYS = {
     "bar_sizes",
     "address",
     "writable",
+    "socket",
+    "timeout",
     "guest",
     "function",
     "policy",
@@ -257,6 +264,16 @@ def _device(raw: Any, where: str, base: Path, guests: dict[str, GuestConfig]) ->
                 raise ConfigFileError(f"{where}.bar_sizes.{key}: {size:#x} is not a power of two")
             sizes[int(key)] = size
         return DeviceConfig(dump=dump, dump_index=index, bar_sizes=sizes, **common)
+    if kind == "vfio-user":
+        if "socket" not in raw:
+            raise ConfigFileError(
+                f"{where}: kind 'vfio-user' needs key 'socket' (the server's UNIX socket path)"
+            )
+        sock = _path(raw["socket"], f"{where}.socket", base)
+        timeout = _expect(raw.get("timeout", 5.0), (int, float), f"{where}.timeout", "seconds")
+        if isinstance(timeout, bool) or not 0 < timeout <= 600:
+            raise ConfigFileError(f"{where}.timeout: {timeout!r} must be 0 < seconds <= 600")
+        return DeviceConfig(socket=sock, timeout=float(timeout), **common)
     if "address" not in raw:
         raise ConfigFileError(f"{where}: kind 'host' needs key 'address' (e.g. \"0000:00:03.0\")")
     address_text = _expect(raw["address"], str, f"{where}.address", "a PCI address string")

@@ -3,7 +3,9 @@
 - :class:`EmulatedDevice`, the framework for device models written in Python,
   and :class:`EduDevice`, QEMU's ``edu`` device built on it;
 - :class:`SnapshotDevice`, a copy of real hardware loaded from an lspci dump;
-- :class:`HostDevice`, a real device's config space read through sysfs.
+- :class:`HostDevice`, a real device's config space read through sysfs;
+- :class:`VfioUserDevice`, a device imported from a vfio-user server, through
+  the raw :class:`VfioUserClient`.
 
 All implement the :class:`DeviceProvider` contract. See ``docs/devices.md``.
 """
@@ -38,6 +40,13 @@ from pciback.devices._regions import (
     WriteHandler,
 )
 from pciback.devices._snapshot import ROM_BAR_INDEX, SnapshotDevice, default_bar_size
+from pciback.devices._vfio_user import VfioUserDevice
+from pciback.devices._vfio_user_client import (
+    VfioUserClient,
+    VfioUserErrnoError,
+    VfioUserServerError,
+    VfioUserServerLost,
+)
 
 __all__ = [
     # the contract
@@ -74,4 +83,10 @@ __all__ = [
     "HostDevice",
     "parse_resource_file",
     "SYSFS_PCI_DEVICES",
+    # vfio-user servers
+    "VfioUserDevice",
+    "VfioUserClient",
+    "VfioUserServerError",
+    "VfioUserErrnoError",
+    "VfioUserServerLost",
 ]

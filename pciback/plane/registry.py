@@ -24,6 +24,7 @@ from pciback.devices import (
     HostDevice,
     InterruptSink,
     SnapshotDevice,
+    VfioUserDevice,
 )
 from pciback.plane.access import DeviceAccess, make_access
 from pciback.plane.firmware import GuestFirmware
@@ -153,6 +154,9 @@ def build_provider(
                 cfg.dump, bar_sizes=cfg.bar_sizes or None, index=cfg.dump_index
             )
             return dev, dev.address
+        if cfg.kind == "vfio-user":
+            assert cfg.socket is not None
+            return VfioUserDevice(cfg.socket, timeout=cfg.timeout), None
         assert cfg.address is not None
         host = HostDevice(
             cfg.address, writable=cfg.writable, sysfs_root=sysfs_root, dry_run=dry_run

@@ -2,11 +2,13 @@
 
 ``<!-- stand-ins: WORD ... -->`` above a ```toml block: each WORD is a file the
 block names (a ``[tls]`` certificate, key or CA, a snapshot ``dump``, a guest's
-``token_file``) or a host device address (``kind = "host"``). For the check
+``token_file``, a vfio-user server's ``socket``) or a host device address
+(``kind = "host"``). For the check
 only, the runner creates a stand-in for each in the page's scratch directory:
 a CA and a server certificate made for the occasion, a copy of a real dump
 from ``tests/data/pcidata``, a random token (mode 0600), or a function of a
-copied sysfs tree (``sysfs_root`` is pointed at it). Everything the block names
+copied sysfs tree (``sysfs_root`` is pointed at it), or libvfio-user's
+gpio-pci-idio-16 sample serving the socket. Everything the block names
 that is not a stand-in must exist, and a WORD the block does not name fails,
 so the marker cannot go stale. The stand-ins are removed after the check.
 """
@@ -18,13 +20,14 @@ import secrets
 import shutil
 import tomllib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import trustme
 
 from shared.pci import PciAddress, parse_dump
+from tests.pciback.vfio_user._vfio_user_peer import gpio_server
 
 __all__ = ["stand_ins", "StandInError"]
 
@@ -57,6 +60,8 @@ def _roles(raw: dict[str, Any]) -> dict[str, str]:
             continue
         if dev.get("kind") == "snapshot" and isinstance(dev.get("dump"), str):
             roles[dev["dump"]] = "dump"
+        if dev.get("kind") == "vfio-user" and isinstance(dev.get("socket"), str):
+            roles[dev["socket"]] = "vfio-user"
         if dev.get("kind") == "host" and isinstance(dev.get("address"), str):
             roles[str(PciAddress.parse(dev["address"]))] = "host"
     return roles
@@ -89,6 +94,7 @@ def stand_ins(text: str, words: list[str], scratch: Path) -> Iterator[str]:
     raw = tomllib.loads(text)
     roles = _roles(raw)
     made: list[Path] = []
+    servers = ExitStack()
     ca: trustme.CA | None = None
     server: trustme.LeafCert | None = None
     sysfs_text = raw.get("sysfs_root")
@@ -130,6 +136,8 @@ def stand_ins(text: str, words: list[str], scratch: Path) -> Iterator[str]:
                     server.private_key_pem.write_to_path(str(target))
                 else:
                     ca.cert_pem.write_to_path(str(target))
+            elif role == "vfio-user":
+                servers.enter_context(gpio_server(target.parent, target.name))
             elif role == "dump":
                 shutil.copyfile(_dump_for(word), target)
             else:  # token_file
@@ -139,6 +147,7 @@ def stand_ins(text: str, words: list[str], scratch: Path) -> Iterator[str]:
             text = f"sysfs_root = {str(sysfs)!r}\n" + text
         yield text
     finally:
+        servers.close()
         for path in reversed(made):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -24,7 +24,8 @@ from _common import TARGETS, corpus_dir, regressions_dir  # noqa: E402
 
 #: libFuzzer runs per target in the smoke: a few seconds each. The policy target builds and
 #: compiles a device per input (~20 ms), so it gets fewer.
-SMOKE_RUNS = {"frames": 2000, "codec": 2000, "ring": 2000, "caps": 2000, "policy": 40}
+SMOKE_RUNS = {"frames": 2000, "codec": 2000, "ring": 2000, "caps": 2000, "policy": 40,
+             "vfio_user": 2000}
 
 
 def _inputs() -> list[tuple[str, Path]]:
