@@ -16,12 +16,7 @@ from pcifront import blocking
 from pcifront.client.bus import FRONTEND_FEATURES, Bus, BusStatistics, Device, connect
 from pcifront.client.changes import ChangeKind, ChangesOverflowError, DeviceChange, DeviceChanges
 from pcifront.client.dma import DmaBuffer, DmaError
-from pcifront.client.interrupts import (
-    Interrupt,
-    InterruptModeError,
-    Interrupts,
-    InterruptStatistics,
-)
+from pcifront.client.interrupts import Interrupts
 from pcifront.client.reconnect import LinkEvent, ReconnectPolicy
 from pcifront.client.resources import Resource, UnclaimedAddressError
 from pcifront.core.errors import (
@@ -39,6 +34,7 @@ from pcifront.core.errors import (
     ResourceLostError,
     error_for_code,
 )
+from pcifront.core.vectors import Interrupt, InterruptModeError, InterruptStatistics
 from pcifront.tools.legacy import Ecam, LegacyAccessError, PortIO, PortIOSession
 from pcifront.tools.lspci import LspciOptionError, filter_devices, format_listing, render_lspci
 from pcifront.tools.pciids import PciIds

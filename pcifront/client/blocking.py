@@ -11,19 +11,26 @@ from types import TracebackType
 
 import trio
 
-from pcifront.client.dma import DmaSpace
-from pcifront.client.interrupts import (
+from pcifront.core.dma import DmaSpace
+from pcifront.core.errors import ConnectionLostError, error_for_code
+from pcifront.core.routes import BusStatistics, InterruptRoutes
+from pcifront.core.session import (
+    CLOSED_BY_GUEST,
+    ClientCore,
+    ConnectionEnded,
+    handshake_closed,
+    handshake_timed_out,
+    transport_ended,
+)
+from pcifront.core.vectors import (
     Interrupt,
     VectorCounts,
     check_free,
     check_interrupt_args,
     check_mask_args,
 )
-from pcifront.core.errors import ConnectionLostError, HandshakeError, error_for_code
-from pcifront.core.routes import BusStatistics, InterruptRoutes
 from pcifront.core.views import BusView, DeviceView
-from shared.errors import ErrorCode, PcisplitError, RemoteProtocolError
-from shared.pci import PciAddress
+from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import (
     FUNCTION_MASK_VECTOR,
     IRQ_MODE_INTX,
@@ -31,26 +38,18 @@ from shared.protocol import (
     BarWriteRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
-    Connection,
     DeviceInfo,
-    DmaFaultEvent,
-    DmaReadCall,
-    DmaWriteCall,
     ErrorReply,
     Event,
-    Goodbye,
-    HandshakeRejected,
     InterruptDisableRequest,
     InterruptEnableRequest,
     InterruptEoiRequest,
-    InterruptEvent,
     InterruptMaskRequest,
     Limits,
     PingRequest,
     Reply,
     Request,
     ResetRequest,
-    Role,
     SnapshotReply,
     SnapshotRequest,
     ValueReply,
@@ -217,10 +216,10 @@ class Bus(BusView["Device"]):
     """A connected guest's virtual PCI bus, driven from the calling thread."""
 
     def __init__(
-        self, transport: BlockingTransport, conn: Connection, *, timeout: float | None
+        self, transport: BlockingTransport, core: ClientCore, *, timeout: float | None
     ) -> None:
         self._transport = transport
-        self._conn = conn
+        self._core = core
         self._timeout = timeout
         self._lock = threading.RLock()
         self._waiting: set[int] = set()
@@ -231,6 +230,13 @@ class Bus(BusView["Device"]):
         self._dma = DmaSpace()  # stays empty: every DMA call is answered with DMA_FAULT
         self._events: list[Event] = []
         self.devices: list[Device] = []
+        core.attach(
+            stats=self.stats, resolve=self._resolve, routes=self._routes, dma=self._dma,
+            event=self._keep_event,
+        )
+
+    def _current_core(self) -> ClientCore:
+        return self._core
 
     @property
     def transport(self) -> BlockingTransport:
@@ -258,11 +264,8 @@ class Bus(BusView["Device"]):
         with self._lock:
             if self._lost is not None:
                 raise ConnectionLostError(self._lost)
-            conn = self._conn
-            rid = conn.next_request_id()
-            frame = conn.send(make(rid))
+            rid, frame = self._core.request(make)
             self._waiting.add(rid)
-            self.stats.requests_sent += 1
             try:
                 self._send(frame)
                 timeout = self._timeout
@@ -292,59 +295,52 @@ class Bus(BusView["Device"]):
             self._lost = reason
         return ConnectionLostError(self._lost)
 
+    # -- what the core routes here --------------------------------------------------------
+    def _resolve(self, request_id: int, reply: Reply) -> Reply | None:
+        if request_id not in self._waiting:
+            return None  # its caller timed out: late
+        self._replies[request_id] = reply
+        return reply
+
+    def _keep_event(self, event: Event) -> None:
+        if len(self._events) >= EVENT_BUFFER:
+            raise ConnectionEnded(
+                f"events arrived faster than the guest consumed them ({EVENT_BUFFER} "
+                "buffered; call take_events())"
+            )
+        self._events.append(event)
+
     def _pump(self, deadline: float | None) -> bool:
-        """Receive and apply one frame. False: ``deadline`` passed first."""
+        """Receive one frame and let the core route it. False: ``deadline`` passed first."""
         if self._lost is not None:
             raise ConnectionLostError(self._lost)
         try:
             frame = self._transport.receive_frame(deadline)
         except trio.EndOfChannel as exc:
-            raise self._fail("the backend closed the connection") from exc
+            raise self._fail(transport_ended(True)) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise self._fail(f"connection to the backend broke: {exc}") from exc
+            raise self._fail(transport_ended(False, exc)) from exc
         if frame is None:
             return False
         try:
-            msg = self._conn.receive(frame)
-        except RemoteProtocolError as exc:
-            log.error("backend protocol violation: %s", exc)
-            raise self._fail(f"the backend violated the protocol: {exc}") from exc
-        stats = self.stats
-        if isinstance(msg, Reply):
-            stats.replies_received += 1
-            if msg.request_id in self._waiting:
-                self._replies[msg.request_id] = msg
-            else:
-                stats.late_replies += 1
-        elif isinstance(msg, Event):
-            stats.events_received += 1
-            if isinstance(msg, InterruptEvent):
-                self._routes.route_interrupt(msg.device, msg.vector, msg.count)
-            elif isinstance(msg, (DmaReadCall, DmaWriteCall)):
-                self._send(self._conn.send(self._dma.answer(msg)))
-            elif isinstance(msg, DmaFaultEvent):
-                stats.dma_faults += 1
-                log.warning("device %s DMA fault: %s", PciAddress.unpack(msg.device), msg.message)
-            elif len(self._events) >= EVENT_BUFFER:
-                raise self._fail(
-                    f"events arrived faster than the guest consumed them ({EVENT_BUFFER} "
-                    "buffered; call take_events())"
-                )
-            else:
-                self._events.append(msg)
-        elif isinstance(msg, Goodbye):
-            raise self._fail(f"backend closed the connection ({msg.code.name}): {msg.message}")
+            answer = self._core.receive(frame)
+        except ConnectionEnded as exc:
+            raise self._fail(exc.reason) from exc
+        if answer is not None:
+            self._send(answer)  # a DMA call's result: in order, before anything else
         return True
 
     def close(self) -> None:
         """Say goodbye and close the transport. Idempotent."""
         with self._lock:
             if self._lost is None:
+                goodbye = self._core.goodbye()
                 try:
-                    self._transport.send_frame(self._conn.close(ErrorCode.OK, "guest closing"))
+                    if goodbye is not None:
+                        self._transport.send_frame(goodbye)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, PcisplitError):
                     pass  # already gone: nothing to say goodbye to
-                self._lost = "the connection was closed by the guest"
+                self._lost = CLOSED_BY_GUEST
             self._transport.close()
 
     def __enter__(self) -> Bus:
@@ -360,27 +356,20 @@ class Bus(BusView["Device"]):
 
 
 def _handshake(
-    transport: BlockingTransport, guest: str, limits: Limits, timeout: float | None, token: bytes
-) -> Connection:
-    conn = Connection(Role.CLIENT, limits=limits, features=BLOCKING_FEATURES, guest=guest)
+    transport: BlockingTransport, core: ClientCore, timeout: float | None, token: bytes,
+    *, tls: bool,
+) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        transport.send_frame(conn.hello(token))
+        transport.send_frame(core.hello(token))
         frame = transport.receive_frame(deadline)
     except (trio.EndOfChannel, trio.BrokenResourceError) as exc:
-        raise ConnectionLostError(
-            f"the backend closed the connection during the handshake ({exc}); over tls:// this "
-            "usually means it refused our client certificate"
-        ) from exc
+        raise handshake_closed(exc.__cause__ or exc.__context__, tls=tls) from exc
     if frame is None:
-        raise ConnectionLostError(f"the backend did not answer the handshake within {timeout} s")
-    reply = conn.receive(frame)
-    if isinstance(reply, HandshakeRejected):
-        raise HandshakeError(reply.code, reply.message)
-    size = min(limits.max_message_size, conn.peer_limits.max_message_size)
+        raise handshake_timed_out(timeout)
+    size = core.welcome(frame)
     transport.set_max_frame_size(size)
     transport.start_session(size)
-    return conn
 
 
 def connect(
@@ -412,8 +401,9 @@ def connect(
         opts.poll_us = poll_us
     transport = open_blocking_transport(address, opts)
     try:
-        conn = _handshake(transport, guest, limits, timeout, secret.strip())
-        bus = Bus(transport, conn, timeout=timeout)
+        core = ClientCore(guest, limits=limits, features=BLOCKING_FEATURES)
+        _handshake(transport, core, timeout, secret.strip(), tls=address.startswith("tls:"))
+        bus = Bus(transport, core, timeout=timeout)
         bus.refresh(include_config=include_config)
     except BaseException:
         transport.close()

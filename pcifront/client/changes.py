@@ -24,16 +24,14 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
-from pcifront.core.errors import ConnectionLostError, DeviceRemovedError
+from pcifront.core.errors import ConnectionLostError
+from pcifront.core.views import DeviceView
 from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import DeviceAddedEvent, DeviceInfo, DeviceRemovedEvent
-
-if TYPE_CHECKING:
-    from pcifront.client.bus import Bus, Device
 
 __all__ = [
     "ChangeKind",
@@ -43,6 +41,9 @@ __all__ = [
     "ChangesOverflowError",
     "CHANGE_BUFFER",
 ]
+
+#: The bus's device type (:class:`~pcifront.Device`).
+D = TypeVar("D", bound=DeviceView)
 
 #: Changes one ``bus.changes()`` iterator buffers for a consumer that is behind.
 CHANGE_BUFFER = 1024
@@ -56,7 +57,7 @@ class ChangeKind(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceChange:
+class DeviceChange(Generic[D]):
     """One device joined (``ADDED``) or left (``REMOVED``) the guest's bus.
 
     ``reason`` is the backend's text for a removal, or says that the change
@@ -64,7 +65,7 @@ class DeviceChange:
     """
 
     kind: ChangeKind
-    device: Device
+    device: D
     reason: str = ""
 
     @property
@@ -90,7 +91,7 @@ class ChangesOverflowError(PcisplitError):
     code = ErrorCode.BUSY
 
 
-class DeviceChanges:
+class DeviceChanges(Generic[D]):
     """``async for change in bus.changes()``: the changes after the call, in order.
 
     Iteration ends when the guest closes the bus; it raises
@@ -99,13 +100,13 @@ class DeviceChanges:
     finds are reported).
     """
 
-    def __init__(self, tracker: ChangeTracker) -> None:
+    def __init__(self, tracker: ChangeTracker[D]) -> None:
         self._tracker = tracker
-        self._queue: deque[DeviceChange] = deque()
+        self._queue: deque[DeviceChange[D]] = deque()
         self._lot = trio.lowlevel.ParkingLot()
         self._overflowed = 0
 
-    def _push(self, change: DeviceChange) -> None:
+    def _push(self, change: DeviceChange[D]) -> None:
         if len(self._queue) >= CHANGE_BUFFER:
             self._overflowed += 1  # reported to the consumer on its next read
         else:
@@ -115,10 +116,10 @@ class DeviceChanges:
     def _wake(self) -> None:
         self._lot.unpark_all()
 
-    def __aiter__(self) -> DeviceChanges:
+    def __aiter__(self) -> DeviceChanges[D]:
         return self
 
-    async def __anext__(self) -> DeviceChange:
+    async def __anext__(self) -> DeviceChange[D]:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._overflowed:
@@ -151,13 +152,33 @@ class _End:
     lost: bool
 
 
-class ChangeTracker:
-    """Applies device changes to one :class:`~pcifront.Bus` and tells whoever waits."""
+class DeviceList(Protocol[D]):
+    """Where the devices live: a bus's public ``devices`` list."""
 
-    def __init__(self, bus: Bus, make_device: Callable[[DeviceInfo], Device]) -> None:
+    devices: list[D]
+
+
+class ChangeTracker(Generic[D]):
+    """Applies device changes to one bus's ``devices`` and tells whoever waits.
+
+    ``make_device(info)`` builds a new device; ``retire(device, reason)`` marks
+    one that left (its later requests fail, its ``interrupts()`` block ends);
+    ``renew(device, info)`` gives a device that stayed its latest snapshot.
+    """
+
+    def __init__(
+        self,
+        bus: DeviceList[D],
+        make_device: Callable[[DeviceInfo], D],
+        *,
+        retire: Callable[[D, str], None],
+        renew: Callable[[D, DeviceInfo], None],
+    ) -> None:
         self._bus = bus
         self._make_device = make_device
-        self._subscribers: weakref.WeakSet[DeviceChanges] = weakref.WeakSet()
+        self._retire = retire
+        self._renew = renew
+        self._subscribers: weakref.WeakSet[DeviceChanges[D]] = weakref.WeakSet()
         self._changed = trio.Event()
         self._refreshes = 0
         self._replay: list[DeviceAddedEvent | DeviceRemovedEvent] = []
@@ -166,12 +187,12 @@ class ChangeTracker:
         self.count = 0
 
     # ------------------------------------------------------------------ waiting
-    def subscribe(self) -> DeviceChanges:
+    def subscribe(self) -> DeviceChanges[D]:
         stream = DeviceChanges(self)
         self._subscribers.add(stream)
         return stream
 
-    def _unsubscribe(self, stream: DeviceChanges) -> None:
+    def _unsubscribe(self, stream: DeviceChanges[D]) -> None:
         self._subscribers.discard(stream)
 
     async def wait_changed(self) -> None:
@@ -188,7 +209,7 @@ class ChangeTracker:
         if self.count == before and self.ended is not None:
             raise ConnectionLostError(self.ended.reason)
 
-    def _publish(self, changes: Iterable[DeviceChange]) -> None:
+    def _publish(self, changes: Iterable[DeviceChange[D]]) -> None:
         published = False
         for change in changes:
             published = True
@@ -215,7 +236,7 @@ class ChangeTracker:
             self._replay.append(event)
         self._publish(self._apply(event))
 
-    def _apply(self, event: DeviceAddedEvent | DeviceRemovedEvent) -> list[DeviceChange]:
+    def _apply(self, event: DeviceAddedEvent | DeviceRemovedEvent) -> list[DeviceChange[D]]:
         if isinstance(event, DeviceAddedEvent):
             packed = event.info.address
             reason = ""
@@ -223,25 +244,19 @@ class ChangeTracker:
             packed = event.device
             reason = event.message
         bus = self._bus
-        old = [d for d in bus.devices if d._packed == packed]
+        old = [d for d in bus.devices if d.info.address == packed]
         changes = [DeviceChange(ChangeKind.REMOVED, d, reason) for d in old]
         for dev in old:
             self._retire(dev, reason or "a new device took its address")
-        devices = [d for d in bus.devices if d._packed != packed]
+        devices = [d for d in bus.devices if d.info.address != packed]
         if isinstance(event, DeviceAddedEvent):
             dev = self._make_device(event.info)
             devices.append(dev)
-            devices.sort(key=lambda d: d._packed)
+            devices.sort(key=lambda d: d.info.address)
             changes.append(DeviceChange(ChangeKind.ADDED, dev))
         # A new list: code iterating over the old one is not disturbed.
         bus.devices = devices
         return changes
-
-    def _retire(self, dev: Device, reason: str) -> None:
-        dev._removed = reason or "hot-unplugged"
-        irqs = self._bus._active_irqs.get(dev._packed)
-        if irqs is not None and irqs.device is dev:
-            irqs._close()
 
     def begin_refresh(self) -> None:
         """A snapshot request is about to go out: remember the events until its reply."""
@@ -252,7 +267,7 @@ class ChangeTracker:
         if not self._refreshes:
             self._replay.clear()
 
-    def rebase(self, infos: Iterable[DeviceInfo], *, reason: str = "") -> list[DeviceChange]:
+    def rebase(self, infos: Iterable[DeviceInfo], *, reason: str = "") -> list[DeviceChange[D]]:
         """Make ``bus.devices`` the snapshot ``infos`` plus the events received meanwhile.
 
         Devices that are the same as before (address, ids, class, revision)
@@ -268,13 +283,13 @@ class ChangeTracker:
                 target.pop(event.device, None)
                 reasons[event.device] = event.message
         bus = self._bus
-        old = {d._packed: d for d in bus.devices}
-        devices: list[Device] = []
-        changes: list[DeviceChange] = []
+        old = {d.info.address: d for d in bus.devices}
+        devices: list[D] = []
+        changes: list[DeviceChange[D]] = []
         for packed, info in sorted(target.items()):
             prev = old.pop(packed, None)
             if prev is not None and _same_device(prev.info, info):
-                prev._update(info)  # the latest image (include_config)
+                self._renew(prev, info)  # the latest image (include_config)
                 devices.append(prev)
                 continue
             if prev is not None:
@@ -301,13 +316,4 @@ def _same_device(a: DeviceInfo, b: DeviceInfo) -> bool:
         b.class_code,
         b.revision,
         b.header_type,
-    )
-
-
-def removed_error(dev: Device) -> DeviceRemovedError:
-    """The error for a request on a device that left the bus."""
-    return DeviceRemovedError(
-        ErrorCode.DEVICE_REMOVED,
-        f"device {dev.address} was removed from this guest's bus ({dev._removed}); "
-        "bus.devices lists the devices it has now",
     )

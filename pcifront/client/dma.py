@@ -23,7 +23,6 @@ released too, and any later use raises :class:`~pcifront.ResourceLostError`
 
 from __future__ import annotations
 
-import bisect
 import fcntl
 import logging
 import mmap
@@ -31,20 +30,18 @@ import os
 
 import trio
 
+from pcifront.core.dma import DmaSpace
 from pcifront.core.errors import ResourceLostError
 from pcifront.core.routes import BusLink
 from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import (
     MAX_DMA_WINDOW,
-    DmaCallResult,
     DmaMapRequest,
-    DmaReadCall,
     DmaUnmapRequest,
-    DmaWriteCall,
     ValueReply,
 )
 
-__all__ = ["DmaBuffer", "DmaError", "DmaSpace", "map_buffer"]
+__all__ = ["DmaBuffer", "DmaError", "map_buffer"]
 
 log = logging.getLogger("pcisplit.frontend.dma")
 
@@ -139,6 +136,12 @@ class DmaBuffer:
             self._space.remove(self)
             self._release()
 
+    def _lose(self, reason: str) -> None:
+        """The connection it was mapped on is gone (``reason``): release it, remember why."""
+        if self.mapped:
+            self._lost = reason
+        self._release()
+
     def _release(self) -> None:
         view, self._view = self._view, None
         if view is not None:
@@ -162,95 +165,6 @@ class DmaBuffer:
         kind = "shared" if self.shared else "messages"
         state = "" if self.mapped else " unmapped"
         return f"<DmaBuffer {self.bus_address:#x}+{self.size:#x} {kind}{state}>"
-
-
-class DmaSpace:
-    """This bus's DMA buffers by bus address; answers the backend's DMA calls."""
-
-    def __init__(self) -> None:
-        self._starts: list[int] = []
-        self._buffers: list[DmaBuffer] = []
-        self.calls_answered = 0
-        self.calls_faulted = 0
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def add(self, buf: DmaBuffer) -> None:
-        i = bisect.bisect_left(self._starts, buf.bus_address)
-        for other in self._buffers[max(0, i - 1) : i + 1]:
-            if other.bus_address < buf.end and buf.bus_address < other.end:
-                raise PcisplitError(
-                    f"the backend mapped {buf!r} over {other!r}; its IOVA allocator is broken",
-                    code=ErrorCode.OPERATION_FAILED,
-                )
-        self._starts.insert(i, buf.bus_address)
-        self._buffers.insert(i, buf)
-
-    def remove(self, buf: DmaBuffer) -> None:
-        i = bisect.bisect_left(self._starts, buf.bus_address)
-        if i < len(self._buffers) and self._buffers[i] is buf:
-            del self._starts[i]
-            del self._buffers[i]
-
-    def release_all(self, reason: str) -> int:
-        """The connection ended (``reason``): nothing is served any more.
-
-        Each buffer's later use raises :class:`~pcifront.ResourceLostError`
-        naming ``reason``; ``unmap()`` is a no-op. Returns how many were mapped.
-        """
-        buffers = list(self._buffers)
-        for buf in buffers:
-            if buf.mapped:
-                buf._lost = reason
-            buf._release()
-        self._starts.clear()
-        self._buffers.clear()
-        return len(buffers)
-
-    def find(self, address: int, length: int) -> DmaBuffer | None:
-        """The buffer holding all of ``address .. address+length``, or None."""
-        i = bisect.bisect_right(self._starts, address) - 1
-        if i < 0:
-            return None
-        buf = self._buffers[i]
-        if address + length > buf.end or not buf.mapped:
-            return None
-        return buf
-
-    def answer(self, call: DmaReadCall | DmaWriteCall) -> DmaCallResult:
-        """The one result for a backend DMA call, computed from memory (never blocks)."""
-        if isinstance(call, DmaReadCall):
-            buf = self.find(call.bus_address, call.length)
-            if buf is not None:
-                start = call.bus_address - buf.bus_address
-                self.calls_answered += 1
-                return DmaCallResult(
-                    call.call_id, ErrorCode.OK, bytes(buf.view[start : start + call.length])
-                )
-            what = f"read of {call.length} bytes"
-        else:
-            length = len(call.data)
-            buf = self.find(call.bus_address, length)
-            if buf is not None and buf.writable:
-                start = call.bus_address - buf.bus_address
-                buf.view[start : start + length] = call.data
-                self.calls_answered += 1
-                return DmaCallResult(call.call_id, ErrorCode.OK, b"")
-            if buf is not None:
-                self.calls_faulted += 1
-                log.warning(
-                    "refused a device DMA write of %d bytes at %#x: the buffer is read-only",
-                    length, call.bus_address,
-                )
-                return DmaCallResult(call.call_id, ErrorCode.DMA_FAULT, b"")
-            what = f"write of {length} bytes"
-        self.calls_faulted += 1
-        log.warning(
-            "refused a device DMA %s at %#x: outside every buffer this guest mapped",
-            what, call.bus_address,
-        )
-        return DmaCallResult(call.call_id, ErrorCode.DMA_FAULT, b"")
 
 
 def _shared_memory(size: int) -> tuple[int, mmap.mmap]:

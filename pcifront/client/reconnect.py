@@ -34,17 +34,15 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
+from pcifront.client.pump import Pump
 from pcifront.core.errors import ConnectionLostError, HandshakeError, OutcomeUnknownError
+from pcifront.core.session import ClientCore
 from shared.errors import ErrorCode, RemoteProtocolError
-from shared.protocol import Connection, Reply, Request
+from shared.protocol import Reply, Request
 from shared.transport import FrameTransport, TransportConnectError
-
-if TYPE_CHECKING:
-    from pcifront.client.bus import Bus, Device
 
 __all__ = ["ReconnectPolicy", "Reconnector", "LinkEvent", "dial_with_backoff"]
 
@@ -102,15 +100,23 @@ naming the refusal), except a ``BUSY`` refusal, which is retried. ``on_link`` is
         return out
 
 
-Dial = Callable[[], Awaitable[tuple[FrameTransport, Connection]]]
+Dial = Callable[[], Awaitable[tuple[FrameTransport, ClientCore]]]
 
 
 class Reconnector:
-    """Keeps one :class:`~pcifront.Bus` connected; retries its requests by the rules above."""
+    """Keeps one bus's :class:`~pcifront.client.pump.Pump` connected; retries its requests
+    by the rules above.
 
-    def __init__(self, bus: Bus, dial: Dial, policy: ReconnectPolicy) -> None:
-        self._bus = bus
+    ``dial()`` makes a new connection (transport and core, handshake done);
+    ``on_final(reason)`` is called once when reconnecting has failed for good.
+    """
+
+    def __init__(
+        self, pump: Pump, dial: Dial, policy: ReconnectPolicy, on_final: Callable[[str], None]
+    ) -> None:
+        self._pump = pump
         self._dial = dial
+        self._on_final = on_final
         self.policy = policy
         self._up = trio.Event()
         self._up.set()  # connect() hands over a connected bus
@@ -122,20 +128,26 @@ class Reconnector:
     # ------------------------------------------------------------------ requests
 
     async def call(
-        self, make: Callable[[int], Request], *, idempotent: bool, device: Device | None
+        self,
+        make: Callable[[int], Request],
+        *,
+        idempotent: bool,
+        check: Callable[[], None] | None = None,
     ) -> Reply:
-        """``bus._call(make)``, carried across reconnects (see the module docstring)."""
-        bus = self._bus
-        timeout = bus._timeout
+        """``pump.call(make)``, carried across reconnects (see the module docstring).
+
+        ``check()``, called before each attempt, raises when the request must
+        not go out any more (its device left the bus).
+        """
+        pump = self._pump
+        timeout = pump.timeout
         deadline = trio.current_time() + (math.inf if timeout is None else timeout)
         while True:
             await self._wait_up(deadline)
-            if device is not None and device._removed is not None:
-                from pcifront.client.changes import removed_error
-
-                raise removed_error(device)
+            if check is not None:
+                check()
             try:
-                return await bus._call(make)
+                return await pump.call(make)
             except ConnectionLostError as exc:
                 if self.closing or self._final is not None:
                     raise
@@ -153,7 +165,7 @@ class Reconnector:
             self._up = trio.Event()
 
     async def _wait_up(self, deadline: float) -> None:
-        if self._bus._lost is not None and self._final is None and not self.closing:
+        if self._pump.lost is not None and self._final is None and not self.closing:
             self._mark_down()  # lost, and run() has not noticed yet
         while not self._up.is_set():
             if self._final is not None or self.closing:
@@ -162,7 +174,7 @@ class Reconnector:
                 await self._up.wait()
             if not self._up.is_set() and trio.current_time() >= deadline:
                 raise ConnectionLostError(
-                    f"the backend has been unreachable for longer than the {self._bus._timeout} "
+                    f"the backend has been unreachable for longer than the {self._pump.timeout} "
                     "s timeout; still reconnecting (raise timeout= in connect() to wait longer)",
                     request_sent=False,
                 )
@@ -186,17 +198,17 @@ class Reconnector:
         when the connection is gone; after a reconnect (``reenumerate`` True)
         it re-enumerates the bus first and then calls :meth:`mark_up`.
         """
-        bus = self._bus
+        pump = self._pump
         reenumerate = False
         while True:
             await serve(reenumerate)
             if self.closing:
                 return
-            reason = bus._lost or "the connection ended"
+            reason = pump.lost or "the connection ended"
             self._mark_down()
             log.warning("connection to the backend lost (%s); reconnecting", reason)
             self._link(LinkEvent("down", reason))
-            await bus._detach_connection()
+            await pump.detach()
             try:
                 attempt = await self._reconnect()
             except HandshakeError as exc:
@@ -204,22 +216,22 @@ class Reconnector:
                 log.error("reconnecting failed for good: %s", exc)
                 self._final = exc
                 self._link(LinkEvent("failed", str(exc)))
-                bus._changes.end(str(exc), lost=True)
+                self._on_final(str(exc))
                 self._up.set()
                 return
             self.reconnects += 1
-            self._link(LinkEvent("up", bus.transport.describe(), attempt))
+            self._link(LinkEvent("up", pump.transport.describe(), attempt))
             reenumerate = True
 
     async def _reconnect(self) -> int:
-        transport, conn, attempt = await dial_with_backoff(self._dial, self.policy)
-        self._bus._attach_connection(transport, conn)
+        transport, core, attempt = await dial_with_backoff(self._dial, self.policy)
+        self._pump.attach(transport, core)
         return attempt
 
 
 async def dial_with_backoff(
     dial: Dial, policy: ReconnectPolicy
-) -> tuple[FrameTransport, Connection, int]:
+) -> tuple[FrameTransport, ClientCore, int]:
     """Call ``dial()`` until it connects, sleeping ``policy``'s back-off between attempts.
 
     Returns the transport, the connection and the number of attempts. A
@@ -233,7 +245,7 @@ async def dial_with_backoff(
             await trio.sleep(delay)
         attempt += 1
         try:
-            transport, conn = await dial()
+            transport, core = await dial()
         except HandshakeError as exc:
             if exc.code is not ErrorCode.BUSY:
                 raise
@@ -248,5 +260,5 @@ async def dial_with_backoff(
         ) as exc:
             log.info("connection attempt %d failed: %s", attempt, exc)
         else:
-            return transport, conn, attempt
+            return transport, core, attempt
         delay = policy.initial_delay if not delay else min(delay * policy.factor, policy.max_delay)

@@ -14,8 +14,9 @@ for memory BARs, I/O for I/O BARs). An access nobody decodes raises
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol, TypeVar
 
 from shared.errors import ErrorCode, PcisplitError
 from shared.pci import (
@@ -28,9 +29,6 @@ from shared.pci import (
     Reg,
     bar_count,
 )
-
-if TYPE_CHECKING:
-    from pcifront.client.bus import Bus, Device
 
 __all__ = ["Resource", "UnclaimedAddressError", "read_resources", "route"]
 
@@ -89,6 +87,18 @@ class Resource:
         return self.start <= address and address + size <= self.start + self.size
 
 
+class ConfigSpace(Protocol):
+    """What reading a device's resources needs of it (a :class:`~pcifront.Device`)."""
+
+    @property
+    def bar_sizes(self) -> tuple[int, ...]: ...
+
+    async def config_read(self, offset: int, size: int) -> int: ...
+
+
+D = TypeVar("D")
+
+
 def resources_from_image(config: bytes, sizes: tuple[int, ...]) -> list[Resource]:
     """The resources a config image programs, given the BAR sizes (0: not implemented)."""
 
@@ -130,7 +140,7 @@ def resources_from_image(config: bytes, sizes: tuple[int, ...]) -> list[Resource
     return found
 
 
-async def read_resources(device: Device) -> list[Resource]:
+async def read_resources(device: ConfigSpace) -> list[Resource]:
     """Read the device's BAR registers now and return its resources (see module doc)."""
     sizes = device.bar_sizes
     if not any(sizes):
@@ -147,8 +157,20 @@ async def read_resources(device: Device) -> list[Resource]:
     return resources_from_image(bytes(image), sizes)
 
 
-async def route(bus: Bus, address: int, size: int, *, io: bool) -> tuple[Device, Resource]:
-    """The device and BAR that decode ``size`` bytes at ``address`` (see module doc)."""
+async def route(
+    devices: Sequence[D],
+    decoded: Callable[[D], Awaitable[DecodedResources]],
+    guest: str,
+    address: int,
+    size: int,
+    *,
+    io: bool,
+) -> tuple[D, Resource]:
+    """The device of ``devices`` and its BAR that decode ``size`` bytes at ``address``.
+
+    ``decoded(device)`` gives a device's resources with its Command register
+    (cached by the device); ``guest`` names the bus in the error (see module doc).
+    """
     if size not in _ACCESS_SIZES:
         raise UnclaimedAddressError(
             f"access size {size} is invalid; use 1, 2, 4 or 8", code=ErrorCode.INVALID_SIZE
@@ -159,8 +181,8 @@ async def route(bus: Bus, address: int, size: int, *, io: bool) -> tuple[Device,
             code=ErrorCode.INVALID_OFFSET,
         )
     decode_bit = Command.IO if io else Command.MEMORY
-    for device in bus.devices:
-        windows = await device._decoded_resources()
+    for device in devices:
+        windows = await decoded(device)
         for resource in windows:
             if resource.io != io or resource.index == ROM_INDEX:
                 continue
@@ -168,7 +190,7 @@ async def route(bus: Bus, address: int, size: int, *, io: bool) -> tuple[Device,
                 return device, resource
     space = "I/O port" if io else "memory address"
     raise UnclaimedAddressError(
-        f"no device on guest {bus.guest!r}'s bus decodes the {space} {address:#x} "
+        f"no device on guest {guest!r}'s bus decodes the {space} {address:#x} "
         f"({size} bytes): no BAR covers it, or its device has {'I/O' if io else 'memory'} "
         "decode off in Command"
     )
@@ -182,7 +204,7 @@ class DecodedResources(list[Resource]):
         self.command = command
 
 
-async def decode_device(device: Device) -> DecodedResources:
+async def decode_device(device: ConfigSpace) -> DecodedResources:
     """Read a device's resources and Command register (cached by the device)."""
     resources = await read_resources(device)
     command = await device.config_read(Reg.COMMAND, 2)

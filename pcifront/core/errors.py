@@ -18,6 +18,7 @@ __all__ = [
     "OutcomeUnknownError",
     "ResourceLostError",
     "error_for_code",
+    "removed_error",
 ]
 
 
@@ -122,3 +123,12 @@ _BY_CODE: dict[ErrorCode, type[RequestError]] = {
 def error_for_code(code: ErrorCode, message: str) -> RequestError:
     """The most specific exception for an error reply."""
     return _BY_CODE.get(code, RequestError)(code, message)
+
+
+def removed_error(address: str, why: str) -> DeviceRemovedError:
+    """The error for a request on the device at ``address``, which left the bus (``why``)."""
+    return DeviceRemovedError(
+        ErrorCode.DEVICE_REMOVED,
+        f"device {address} was removed from this guest's bus ({why}); "
+        "bus.devices lists the devices it has now",
+    )

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-from pcifront.client.dma import DmaSpace
+from pcifront.core.dma import DmaSpace
 from pcifront.core.errors import error_for_code
 from pcifront.core.routes import BusStatistics
+from pcifront.core.session import ClientCore
 from shared.errors import ErrorCode
 from shared.pci import PciAddress
-from shared.protocol import Connection, DeviceInfo
+from shared.protocol import DeviceInfo
 
 __all__ = ["BusView", "DeviceView"]
 
@@ -63,23 +64,25 @@ D = TypeVar("D", bound=DeviceView)
 class BusView(Generic[D]):
     """The accessors of a connected guest's bus that both clients share.
 
-    Subclasses set ``_conn``, ``_dma``, ``stats`` and ``devices``.
+    Subclasses set ``_dma``, ``stats`` and ``devices``, and say which
+    :class:`ClientCore` is the current connection's (:meth:`_current_core`).
     """
 
-    _conn: Connection
     _dma: DmaSpace
     stats: BusStatistics
     devices: list[D]
 
+    def _current_core(self) -> ClientCore:
+        raise NotImplementedError
+
     @property
     def guest(self) -> str:
-        assert self._conn.guest is not None
-        return self._conn.guest
+        return self._current_core().guest
 
     @property
     def features(self) -> tuple[str, ...]:
         """The optional features both sides support (``"interrupts"``, ``"dma"``...)."""
-        return self._conn.features
+        return self._current_core().features
 
     def statistics(self) -> BusStatistics:
         stats = self.stats

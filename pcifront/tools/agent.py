@@ -83,7 +83,7 @@ class AgentOutput:
         record["event"] = "present"
         self._write(record, f"present {_text(dev)}")
 
-    def change(self, change: DeviceChange) -> None:
+    def change(self, change: DeviceChange[Device]) -> None:
         record = change.as_dict()
         text = f"{change.kind.value} {_text(change.device)}"
         if change.reason:

@@ -17,7 +17,7 @@ Waiting parks the task directly (``wait_task_rescheduled``) rather than on a
 ``trio.Event`` per call: a call costs one small object, and waking it is one
 ``reschedule``. :meth:`wake` lets the receive side hand a waiting caller
 something other than its result (the frontend hands over the right to read
-the transport this way, see ``pcifront.client.bus``).
+the transport this way, see ``pcifront.client.pump``).
 """
 
 from __future__ import annotations

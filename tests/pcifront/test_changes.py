@@ -11,6 +11,7 @@ import trio.testing
 
 import pcifront
 from pcifront.client.changes import CHANGE_BUFFER, ChangeTracker
+from pcifront.core.routes import BusStatistics, InterruptRoutes
 from shared.protocol import DeviceAddedEvent, DeviceInfo, DeviceRemovedEvent
 
 
@@ -18,9 +19,13 @@ def info(slot: int, device_id: int = 0x11E8) -> DeviceInfo:
     return DeviceInfo(slot << 3, 0x1234, device_id, 0x00FF00, 0x10, 0, 0, 0)
 
 
-def tracker(*slots: int) -> tuple[Any, ChangeTracker]:
-    bus: Any = SimpleNamespace(devices=[], _active_irqs={})
-    t = ChangeTracker(bus, lambda i: pcifront.Device(bus, i))
+def tracker(*slots: int) -> tuple[Any, ChangeTracker[pcifront.Device]]:
+    # A bus with no interrupts() block active: all the devices need of it.
+    bus: Any = SimpleNamespace(devices=[], _link=InterruptRoutes(BusStatistics()))
+    t = ChangeTracker(
+        bus, lambda i: pcifront.Device(bus, i),
+        retire=pcifront.Device._retire, renew=pcifront.Device._update,
+    )
     t.rebase([info(s) for s in slots])
     return bus, t
 

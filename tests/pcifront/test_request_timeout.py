@@ -1,7 +1,7 @@
 """A request the backend never answers fails with TIMED_OUT after ``timeout``.
 
 The only caller is the one reading the transport for itself (it reads its own
-reply, see ``pcifront.client.bus``), so the watchdog has to stop that read: over
+reply, see ``pcifront.client.pump``), so the watchdog has to stop that read: over
 ``shm:`` through ``FrameTransport.interrupt_receive`` (no cancel scope per
 read), over ``unix:`` through the caller's cancel scope. The backend here is a
 stub that completes the handshake, answers the bus snapshot and then stays
