@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -211,7 +212,7 @@ class VfioUserDevice(DeviceProvider):
     def _watch(self, ctx: DeviceContext) -> None:
         try:
             if self._intx_fd is not None:
-                ctx.spawn(self._watch_intx, "vfio-user INTx")
+                ctx.spawn(partial(self._watch_intx, self._intx_fd), "vfio-user INTx")
             ctx.spawn(self._watch_socket, "vfio-user socket")
         except RuntimeError:
             # The backend is stopping (its nursery takes no new tasks): the reset
@@ -227,13 +228,17 @@ class VfioUserDevice(DeviceProvider):
             vu.SetIrqs(index, vu.IRQ_DATA_NONE | vu.IRQ_ACTION_TRIGGER, vector, 1)
         )
 
-    async def _watch_intx(self) -> None:
-        fd, ctx = self._intx_fd, self._ctx
-        assert fd is not None and ctx is not None
+    async def _watch_intx(self, fd: int) -> None:
+        ctx = self._ctx
+        assert ctx is not None
         intx = self.irqs[vu.PCI_INTX_IRQ]
         automasked = bool(intx.flags & (vu.IRQ_INFO_AUTOMASKED | vu.IRQ_INFO_MASKABLE))
-        while self._intx_fd is not None:
-            await trio.lowlevel.wait_readable(fd)
+        # The task may start after close() (or a later attach) replaced the eventfd.
+        while self._intx_fd == fd:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                return  # close() is closing the eventfd
             try:
                 os.eventfd_read(fd)
             except BlockingIOError:

@@ -7,7 +7,8 @@ and BAR accesses synchronously (``pciback.devices``), and the benchmarks
 drive servers through the same client, one request at a time (:meth:`call`)
 or pipelined (:meth:`pipeline`).
 
-Every wait is bounded by ``timeout``. A server that stalls past it, closes
+Every call is bounded by ``timeout`` as a whole (a deadline, not a limit per
+read, so a server trickling bytes cannot stretch it). A server that stalls past it, closes
 the socket, or breaks the protocol makes the client *lost*
 (:class:`VfioUserServerLost`): the socket is closed and every later call
 fails at once with the same error, so one bad server costs its callers one
@@ -26,6 +27,7 @@ import errno
 import os
 import select
 import socket
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
@@ -92,6 +94,7 @@ class VfioUserClient:
         self.dma_handler = dma_handler
         self._lost: VfioUserServerLost | None = None
         self._early: list[vu.Received] = []
+        self._deadline = 0.0
         #: The server's VERSION reply (set by :meth:`negotiate`).
         self.server_version: vu.Version | None = None
         #: Called with the socket's descriptor just before it is closed (the
@@ -171,6 +174,7 @@ class VfioUserClient:
 
     def negotiate(self, capabilities: vu.Capabilities | None = None) -> vu.Version:
         """Propose version 0.0 with our limits (plus ``capabilities``); returns the reply."""
+        self._arm()
         proposal = vu.Version(0, 0, self.conn.advertised(capabilities))
         reply = self._round_trip(proposal, None, ())
         assert isinstance(reply, vu.Version)
@@ -181,15 +185,18 @@ class VfioUserClient:
         self, body: vu.Body, *, command: vu.Command | None = None, fds: Sequence[int] = ()
     ) -> vu.Body:
         """Send one command and wait for its reply body (raises on an errno reply)."""
+        self._arm()
         return self._round_trip(body, command, fds)
 
     def post(self, body: vu.Body, *, command: vu.Command | None = None) -> None:
         """Send a command with the no-reply flag (a posted write)."""
+        self._arm()
         _, data = self._encode(body, command, no_reply=True, fds=0)
         self._send(data, ())
 
     def pipeline(self, bodies: Sequence[vu.Body]) -> list[vu.Body]:
         """Send every command, then collect every reply in order (errno replies raise)."""
+        self._arm()
         ids = []
         for body in bodies:
             msg_id, data = self._encode(body, None, no_reply=False, fds=0)
@@ -220,9 +227,19 @@ class VfioUserClient:
 
     # -- I/O ----------------------------------------------------------------------------
 
+    def _arm(self) -> None:
+        self._deadline = time.monotonic() + self.timeout
+
+    def _time_left(self, sock: socket.socket) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise self._lose(f"no answer within {self.timeout} s")
+        sock.settimeout(left)
+
     def _send(self, data: bytes, fds: Sequence[int]) -> None:
         sock = self._sock
         assert sock is not None
+        self._time_left(sock)
         try:
             if fds:
                 ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
@@ -256,6 +273,7 @@ class VfioUserClient:
 
         Raises :class:`VfioUserServerLost` when the server has gone.
         """
+        self._arm()
         while (event := self._next_event(block=False)) is not None:
             if event.is_reply:
                 raise self._lose(f"a {event.command.name} reply to nothing was sent")
@@ -287,6 +305,7 @@ class VfioUserClient:
             ready, _, _ = select.select([sock], [], [], 0)
             if not ready:
                 return False
+        self._time_left(sock)
         fd_room = socket.CMSG_SPACE(self.conn.limits.max_msg_fds * 4) or socket.CMSG_SPACE(4)
         try:
             data, ancillary, flags, _ = sock.recvmsg(_RECV_SIZE, fd_room)

@@ -12,6 +12,7 @@ import errno
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,14 @@ class ScriptedServer:
             if self.behaviour == "garbage":
                 self.sock.sendall(b"\xff" * 16)
                 return False
+            if self.behaviour == "trickle":
+                # A valid reply, one byte at a time: each read comes quickly, the whole never.
+                header = vu.Header(event.msg_id, vu.Command.REGION_READ, 36, vu.MessageType.REPLY)
+                whole = header.pack() + vu.RegionData(0, body.offset, bytes(4)).encode()
+                for byte in whole:
+                    self.sock.sendall(bytes([byte]))
+                    time.sleep(0.05)  # the peer's pace, not a synchronisation
+                return True
             if self.behaviour == "dma":
                 # Ask for client memory first (the client mapped none), then answer.
                 _, ask = self.conn.send_command(vu.DmaAccess(0x1000, 8))
@@ -113,6 +122,7 @@ def scripted_device(behaviour: str) -> tuple[VfioUserDevice, ScriptedServer]:
     ("behaviour", "match"),
     [
         ("stall", "no answer within 0.3 s"),
+        ("trickle", "no answer within 0.3 s"),
         ("garbage", "broke the protocol"),
         ("wrong", "answered a read of 4 bytes at 0x0"),
         ("close", "closed the connection"),

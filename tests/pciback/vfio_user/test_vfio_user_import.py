@@ -10,18 +10,22 @@ DATA_NONE|ACTION_TRIGGER), which it does by writing the eventfd we gave it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from _vfio_user_peer import GPIO_BAR, GPIO_BAR_SIZE, GPIO_DEVICE, GPIO_VENDOR, gpio_server
 
 import pcifront
 from pciback.devices import VfioUserClient, VfioUserDevice, VfioUserServerLost
+from pciback.plane.runtime import DeviceRuntime
 from pciback.testing import TEST_TOKEN, running_backend
 from pcifront import cli
 from shared.errors import ErrorCode, PcisplitError
 from shared.protocol import vfio_user as vu
+from shared.sync import FastLock
 
 
 def config(socket: Path, *, with_edu: bool = False) -> str:
@@ -183,3 +187,19 @@ def test_an_unreachable_server_is_a_config_error(tmp_path: Path) -> None:
     cfg = parse_config(config(tmp_path / "nobody.sock"))
     with pytest.raises(ConfigFileError, match="cannot connect to the vfio-user server"):
         DeviceRegistry(cfg)
+
+
+async def test_closing_a_device_leaks_no_descriptor_and_frees_the_server(tmp_path: Path) -> None:
+    with gpio_server(tmp_path) as server:
+        before = sorted(os.listdir("/proc/self/fd"))
+        for _ in range(3):  # the sample takes the next client once one has left
+            async with trio.open_nursery() as nursery:
+                runtime = DeviceRuntime("gpio0", FastLock(), nursery)
+                device = VfioUserDevice(server.socket)
+                device.attach(runtime)  # an eventfd for INTx, and two watching tasks
+                assert device.config_read(0, 2) == GPIO_VENDOR
+                device.close()
+                await trio.testing.wait_all_tasks_blocked()
+                assert runtime.tasks_failed == 0
+                nursery.cancel_scope.cancel()
+        assert sorted(os.listdir("/proc/self/fd")) == before
