@@ -46,6 +46,7 @@ from ._base import (
     NullInterruptSink,
 )
 from ._irqstate import MsiRegisters, MsixRegisters, Signal
+from ._msix import MsixTableRegion, msix_capability_body
 from ._regfile import RegisterFile, apply_header_masks, bar_masks, rom_mask
 from ._regions import BarRegion, HandlerRegion, MemoryRegion, ReadHandler, WriteHandler
 
@@ -116,8 +117,7 @@ class EmulatedDevice(DeviceProvider):
         self._last_cap: int | None = None
         self._last_ext_cap: int | None = None
         self._msi_offset = 0
-        # The MSI and MSI-X registers the model declared show its InterruptState; reads
-        # and writes of bytes [_irq_start, _irq_end) go through these views.
+        # Declared MSI/MSI-X registers show the InterruptState ([_irq_start, _irq_end)).
         self._msi_regs: MsiRegisters | None = None
         self._msix_regs: MsixRegisters | None = None
         self._irq_start = self._irq_end = 0
@@ -280,6 +280,26 @@ class EmulatedDevice(DeviceProvider):
         self._irq_span(self._msi_regs.start, self._msi_regs.end)
         return self._msi_offset
 
+    def add_msix_capability(
+        self, entries: int, *, bar: int, table_offset: int = 0, pba_offset: int | None = None
+    ) -> int:
+        """Add an MSI-X capability whose table and PBA sit in the declared BAR ``bar``.
+
+        The table (``entries`` x 16 bytes at ``table_offset``) and the PBA
+        (right after it, unless ``pba_offset`` says where) show the device's
+        :attr:`interrupt_state`; the rest of the BAR stays the model's. Declare
+        the BAR (and its region) first.
+        """
+        spec, region = self._bar(bar)
+        body, wmask, pba = msix_capability_body(entries, bar, spec.size, table_offset, pba_offset)
+        offset = self.add_capability(CapId.MSIX, body, writable_mask=wmask)
+        self._bars[bar] = (spec, MsixTableRegion(
+            region, entries=entries, table_offset=table_offset, pba_offset=pba,
+            state=lambda: self.interrupt_state,
+            unmasked=lambda ready: self.signal_unmasked(IRQ_MODE_MSIX, ready),
+        ))  # fmt: skip
+        return offset
+
     # -- running: the context, interrupts ------------------------------------------------
 
     def attach(self, ctx: DeviceContext) -> None:
@@ -351,13 +371,25 @@ class EmulatedDevice(DeviceProvider):
             self.interrupt_sink.signal_msi(vector)
 
     def signal_msix(self, vector: int) -> None:
-        """Signal MSI-X table entry ``vector``.
+        """Signal MSI-X table entry ``vector``; a masked entry sets its PBA bit instead.
 
-        The sink (the IRQ router) applies the device's interrupt state (enable,
-        masks, pending bits) and checks ``vector`` against the table size, so a
-        model only says which entry fired.
+        With an IRQ router (or no declared MSI-X capability) the sink applies the
+        state; on its own the model does, and raises when MSI-X is off or the
+        entry is outside the table.
         """
-        self.interrupt_sink.signal_msix(vector)
+        state = self.interrupt_state
+        if state.managed or self._msix_regs is None:
+            self.interrupt_sink.signal_msix(vector)
+            return
+        result = state.signal(IRQ_MODE_MSIX, vector)
+        if result is Signal.DELIVER:
+            self.interrupt_sink.signal_msix(vector)
+        elif result is not Signal.PENDING:
+            raise PcisplitError(
+                f"MSI-X entry {vector} cannot be signalled: MSI-X is off or the table has "
+                f"{state.table_size} entries; check the MSI-X enable bit first",
+                code=ErrorCode.INVALID_STATE,
+            )
 
     def signal_unmasked(self, mode: int, vectors: int) -> None:
         """Send the vectors (bit per vector) that software unmasked while they were pending."""
@@ -518,10 +550,8 @@ class EmulatedDevice(DeviceProvider):
         return self._regs.read(self._msi_offset + 2, 2)
 
     def _update_intx_line(self) -> None:
-        # INTx reaches the sink only while software allows it: Command.INTX_DISABLE is
-        # clear and MSI is off (a function using MSI must not signal INTx). The line
-        # level lives in the interrupt state; with an IRQ router the sink records it
-        # (and delivers), on its own the model does.
+        # INTx reaches the sink only while Command.INTX_DISABLE is clear and MSI is off.
+        # The line level is the interrupt state's: a router sink records it, else we do.
         disabled = bool(self._regs.read(Reg.COMMAND, 2) & Command.INTX_DISABLE)
         line = self._intx_level and not disabled and not self.msi_enabled
         state = self.interrupt_state

@@ -3,12 +3,13 @@
 :class:`InterruptState` holds which mode is on (INTx, MSI or MSI-X; the three
 exclude each other), how many vectors it has, the MSI-X table size, the
 per-vector masks, the MSI-X function mask, the pending bits (MSI's pending
-register, MSI-X's PBA), the MSI message address and data, the INTx line
-level and the INTx in-service latch. Every device provider has exactly one
+register, MSI-X's PBA), the MSI message address and data, the MSI-X
+table's messages, the INTx line level and the INTx in-service latch. Every
+device provider has exactly one
 (:attr:`pciback.devices.DeviceProvider.interrupt_state`):
 
-- a model's MSI and MSI-X capability registers read and change it
-  (:class:`pciback.devices.EmulatedDevice`);
+- a model's MSI and MSI-X capability registers, and the MSI-X table and PBA
+  it lays into a BAR, read and change it (:class:`pciback.devices.EmulatedDevice`);
 - a guest's policy shows it in the capability's control, address, data and
   mask registers (``pciback.policy``);
 - the IRQ router (``pciback.plane.irq``) carries out the guest's interrupt
@@ -95,6 +96,7 @@ STATE_FIELDS = (
     "msi_mme",
     "msi_address",
     "msi_data",
+    "msix_messages",
     "intx_level",
     "intx_in_service",
 )
@@ -138,6 +140,8 @@ class InterruptState:
         #: MSI: the message address (64 bits) and data software programmed.
         self.msi_address = 0
         self.msi_data = 0
+        #: MSI-X: table entry -> (message address, message data) software programmed.
+        self.msix_messages: dict[int, tuple[int, int]] = {}
         #: INTx: the line level the device drives (after INTx disable and MSI gating).
         self.intx_level = False
         #: INTx: delivered and not yet EOI'd.
@@ -249,6 +253,22 @@ class InterruptState:
         self.msi_address = address
         self.msi_data = data
 
+    def set_msix_message(self, entry: int, address: int, data: int) -> None:
+        """MSI-X: table ``entry``'s message address (64 bits) and data (32 bits)."""
+        if not 0 <= entry < _MAX_VECTORS:
+            raise InterruptStateError(
+                f"MSI-X entry {entry} is outside 0..{_MAX_VECTORS - 1}",
+                code=ErrorCode.INVALID_OFFSET,
+            )
+        if not 0 <= address < 1 << 64 or not 0 <= data < 1 << 32:
+            raise InterruptStateError(
+                f"MSI-X message {address:#x}/{data:#x} does not fit 64 address and 32 data bits"
+            )
+        if address or data:
+            self.msix_messages[entry] = (address, data)
+        else:
+            self.msix_messages.pop(entry, None)
+
     # -- INTx --------------------------------------------------------------------------
 
     def set_intx_level(self, level: bool) -> bool:
@@ -271,9 +291,16 @@ class InterruptState:
 
     # -- the plain form ----------------------------------------------------------------
 
-    def save(self) -> dict[str, int | bool | None]:
-        """The state as a plain dictionary (keys :data:`STATE_FIELDS`); ``managed`` is not in it."""
-        return {name: getattr(self, name) for name in STATE_FIELDS}
+    def save(self) -> dict[str, int | bool | list[list[int]] | None]:
+        """The state as a plain dictionary (keys :data:`STATE_FIELDS`); ``managed`` is not in it.
+
+        ``msix_messages`` becomes a list of ``[entry, address, data]``, by entry.
+        """
+        saved: dict[str, int | bool | list[list[int]] | None] = {
+            name: getattr(self, name) for name in STATE_FIELDS
+        }
+        saved["msix_messages"] = [[e, a, d] for e, (a, d) in sorted(self.msix_messages.items())]
+        return saved
 
     def restore(self, saved: Mapping[str, object]) -> None:
         """Take back a :meth:`save` dictionary, after checking every field.
@@ -324,7 +351,9 @@ class InterruptState:
                 _mme(ints["vectors"], ints["msi_mme"])
         if flags["intx_in_service"] and mode != IRQ_MODE_INTX:
             raise InterruptStateError("an INTx line is in service only while INTx is on")
+        messages = _messages(saved["msix_messages"])
         self.mode = mode
+        self.msix_messages = messages
         for name, value in ints.items():
             setattr(self, name, value)
         for name, flag in flags.items():
@@ -337,6 +366,33 @@ class InterruptState:
 
 def _name(mode: int) -> str:
     return _MODE_NAMES.get(mode, f"mode {mode}")
+
+
+def _messages(saved: object) -> dict[int, tuple[int, int]]:
+    """Check a saved ``msix_messages`` list of ``[entry, address, data]``."""
+    if not isinstance(saved, list):
+        raise InterruptStateError(f"saved msix_messages {saved!r} is not a list")
+    out: dict[int, tuple[int, int]] = {}
+    for item in saved:
+        if (
+            not isinstance(item, list | tuple)
+            or len(item) != 3
+            or any(type(v) is not int for v in item)
+        ):
+            raise InterruptStateError(
+                f"saved msix_messages entry {item!r} is not [entry, address, data]"
+            )
+        entry, address, data = item
+        if not 0 <= entry < _MAX_VECTORS or entry in out:
+            raise InterruptStateError(f"saved msix_messages entry {entry} is out of range or twice")
+        if not 0 <= address < 1 << 64 or not 0 <= data < 1 << 32:
+            raise InterruptStateError(
+                f"saved msix_messages entry {entry}: {address:#x}/{data:#x} does not fit "
+                "64 address and 32 data bits"
+            )
+        if address or data:
+            out[entry] = (address, data)
+    return out
 
 
 def _mme(vectors: int, mme: int | None) -> int:

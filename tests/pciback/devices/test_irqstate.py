@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pciback.devices import (
     STATE_FIELDS,
+    DeviceSetupError,
     EmulatedDevice,
     InterruptState,
     InterruptStateError,
@@ -26,7 +27,7 @@ from pciback.devices import (
     SnapshotDevice,
 )
 from pciback.policy import PolicedDevice
-from shared.errors import ErrorCode
+from shared.errors import ErrorCode, PcisplitError
 from shared.pci import CapId, MsiControl, MsixControl, walk_capabilities
 from shared.protocol import IRQ_MODE_INTX, IRQ_MODE_MSI, IRQ_MODE_MSIX
 
@@ -462,3 +463,125 @@ def test_a_clipped_msi_capability_never_overwrites_its_neighbour() -> None:
         CapId.MSI,
         CapId.PM,
     ]
+
+
+# -- an MSI-X table and PBA in a model's BAR ----------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def assert_intx(self) -> None:
+        self.events.append(("assert", 0))
+
+    def deassert_intx(self) -> None:
+        self.events.append(("deassert", 0))
+
+    def signal_msi(self, vector: int) -> None:
+        self.events.append(("msi", vector))
+
+    def signal_msix(self, vector: int) -> None:
+        self.events.append(("msix", vector))
+
+
+class RecorderContext:
+    def __init__(self) -> None:
+        self.interrupts = Recorder()
+
+
+def msix_model() -> tuple[EmulatedDevice, int, Recorder]:
+    dev = EmulatedDevice(vendor_id=0x1234, device_id=0x22, class_code=0xFF0000)
+    dev.add_bar(0, 0x4000)
+    cap = dev.add_msix_capability(70, bar=0, table_offset=0x1000)
+    ctx = RecorderContext()
+    dev.attach(ctx)  # type: ignore[arg-type]
+    return dev, cap, ctx.interrupts
+
+
+def test_msix_table_and_pba_show_the_state() -> None:
+    dev, cap, sink = msix_model()
+    assert dev.config_read(cap + 2, 2) == 69  # table size - 1, disabled
+    assert dev.config_read(cap + 4, 4) == 0x1000  # table at 0x1000 in BAR0
+    pba = dev.config_read(cap + 8, 4)
+    assert pba == 0x1000 + 70 * 16  # right after the table, BAR0
+    dev.config_write(cap + 2, 2, MsixControl.ENABLE)
+    state = dev.interrupt_state
+    assert (state.mode, state.table_size, state.vectors) == (IRQ_MODE_MSIX, 70, 70)
+    entry = 0x1000 + 65 * 16
+    dev.bar_write(0, entry, 8, 0x1_FEE0_2000)  # address, one 64-bit write
+    dev.bar_write(0, entry + 8, 4, 0x4065)  # data
+    dev.bar_write(0, entry + 12, 4, 1)  # vector control: masked
+    assert state.msix_messages == {65: (0x1_FEE0_2000, 0x4065)}
+    assert state.masked == 1 << 65
+    dev.signal_msix(65)
+    dev.signal_msix(2)
+    assert sink.events == [("msix", 2)]
+    assert dev.bar_read(0, pba + 8, 8) == 1 << 1  # PBA bit 65 (second qword)
+    dev.bar_write(0, pba + 8, 8, 0)  # the PBA is read-only
+    assert state.pending == 1 << 65
+    assert dev.bar_read(0, entry, 4) == 0xFEE0_2000 and dev.bar_read(0, entry + 4, 4) == 1
+    dev.bar_write(0, entry + 12, 4, 0)  # unmask: the pending entry is sent
+    assert sink.events == [("msix", 2), ("msix", 65)]
+    assert dev.bar_read(0, pba + 8, 8) == 0
+    dev.bar_write(0, 0x10, 4, 0xAB)  # the rest of the BAR is the model's memory
+    assert dev.bar_read(0, 0x10, 4) == 0xAB
+    with pytest.raises(PcisplitError) as info:
+        dev.signal_msix(70)  # outside the table
+    assert info.value.code is ErrorCode.INVALID_STATE
+    dev.config_write(cap + 2, 2, 0)
+    with pytest.raises(PcisplitError):
+        dev.signal_msix(0)  # MSI-X is off
+    dev.reset()
+    assert state.msix_messages == {} and dev.bar_read(0, 0x10, 4) == 0
+
+
+def test_msix_table_mask_bits_are_the_routers_while_it_manages_the_device() -> None:
+    dev, cap, sink = msix_model()
+    state = dev.interrupt_state
+    state.managed = True
+    state.enable(IRQ_MODE_MSIX, 8, table_size=70)
+    assert dev.config_read(cap + 2, 2) & MsixControl.ENABLE
+    dev.bar_write(0, 0x1000 + 12, 4, 1)  # a guest's mask write: ignored
+    assert state.masked == 0
+    state.set_mask(3, True)  # the router's mask operation: shown in the table
+    assert dev.bar_read(0, 0x1000 + 3 * 16 + 12, 4) == 1
+    dev.bar_write(0, 0x1000 + 3 * 16, 4, 0xFEE0_0000)  # messages stay software's
+    assert state.msix_messages[3] == (0xFEE0_0000, 0)
+    dev.signal_msix(3)  # with a router the sink applies the state
+    assert sink.events == [("msix", 3)]
+
+
+@pytest.mark.parametrize(
+    ("entries", "table", "pba"),
+    [
+        (0, 0, None),
+        (2049, 0, None),
+        (300, 0, None),
+        (4, 0x3FF8, None),
+        (4, 4, None),
+        (4, 0, 0x20),
+        (4, 0, 0x3FFC),
+    ],
+)
+def test_msix_table_must_fit_its_bar(entries: int, table: int, pba: int | None) -> None:
+    dev = EmulatedDevice(vendor_id=0x1234, device_id=0x22, class_code=0xFF0000)
+    dev.add_bar(0, 0x1000 if entries == 300 else 0x4000)
+    with pytest.raises(DeviceSetupError):
+        dev.add_msix_capability(entries, bar=0, table_offset=table, pba_offset=pba)
+
+
+def test_msix_messages_round_trip_and_are_checked() -> None:
+    state = InterruptState()
+    state.set_msix_message(2047, (1 << 64) - 1, 0xFFFF_FFFF)
+    state.set_msix_message(0, 0xFEE0_0000, 1)
+    saved = json.loads(json.dumps(state.save()))
+    assert saved["msix_messages"] == [[0, 0xFEE0_0000, 1], [2047, (1 << 64) - 1, 0xFFFF_FFFF]]
+    other = InterruptState()
+    other.restore(saved)
+    assert other.msix_messages == state.msix_messages
+    for bad in ([[0, 0, 1 << 32]], [[2048, 1, 1]], [[1, 1, 1], [1, 2, 2]], [[1, 2]], {"1": 2}):
+        with pytest.raises(InterruptStateError):
+            other.restore({**saved, "msix_messages": bad})
+    with pytest.raises(InterruptStateError):
+        state.set_msix_message(2048, 0, 0)
