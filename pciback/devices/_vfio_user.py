@@ -9,10 +9,10 @@ apply:
   guest's policy like a host device's;
 - BAR accesses are REGION_READ/REGION_WRITE on regions 0-5 (the BAR kind and
   flags come from the server's own BAR registers);
-- the server's INTx is an eventfd handed over with DEVICE_SET_IRQS; a task
-  waits on it and raises the interrupt in the IRQ router, so the guest gets it
-  through its event channel; the interrupt is unmasked at the server again
-  (vfio's "automasked" INTx) as soon as it is delivered;
+- the server's interrupts are eventfds handed over with DEVICE_SET_IRQS (INTx
+  from the start; MSI or MSI-X vectors while the guest has that mode on);
+  tasks wait on them and raise the interrupts in the IRQ router, so the guest
+  gets them through its event channels (``_vfio_user_irqs``);
 - reset is DEVICE_RESET.
 
 Accesses are synchronous (the provider contract): each one is a round trip on
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -36,7 +35,8 @@ from shared.pci import Reg, check_access
 from shared.protocol import vfio_user as vu
 
 from ._base import BarKind, BarSpec, DeviceContext, DeviceProvider, DeviceSetupError
-from ._vfio_user_client import VfioUserClient, VfioUserServerError, VfioUserServerLost
+from ._vfio_user_client import VfioUserClient, VfioUserServerLost
+from ._vfio_user_irqs import ForwardingInterruptState, ServerInterrupts
 
 __all__ = ["VfioUserDevice"]
 
@@ -65,14 +65,14 @@ class VfioUserDevice(DeviceProvider):
         self.client = client or VfioUserClient.connect(self.path, timeout=timeout)
         self.client.closing_hook = _notify_closing
         self._ctx: DeviceContext | None = None
-        self._intx_fd: int | None = None
-        #: INTx interrupts the server raised and the router was given.
-        self.interrupts_forwarded = 0
         try:
             self._describe()
         except BaseException:
             self.client.close()
             raise
+        self._irq = ServerInterrupts(self.client, self.irqs, str(self.path))
+        # The one interrupt state, reporting the guest's mode changes to the server.
+        self._interrupt_state = ForwardingInterruptState(self._irq.mode_changed)
 
     def _describe(self) -> None:
         client = self.client
@@ -125,6 +125,11 @@ class VfioUserDevice(DeviceProvider):
 
     def __repr__(self) -> str:
         return f"VfioUserDevice({str(self.path)!r})"
+
+    @property
+    def interrupts_forwarded(self) -> int:
+        """Interrupts the server raised and the IRQ router was given."""
+        return self._irq.forwarded
 
     @property
     def lost(self) -> VfioUserServerLost | None:
@@ -183,36 +188,25 @@ class VfioUserDevice(DeviceProvider):
                                     code=exc.code) from exc
 
     def reset(self) -> None:
-        """DEVICE_RESET (when the server offers it); interrupts are re-armed after it."""
+        """DEVICE_RESET (when the server offers it); interrupts back to INTx, watched again."""
         if self.info.flags & vu.DEVICE_FLAG_RESET:
             self.client.reset()
         if self._ctx is not None:
             # The backend cancelled the device's tasks before this reset: watch again.
-            self._watch(self._ctx)
+            self._irq.rewatch()
+            self._watch_socket_soon(self._ctx)
+        self.interrupt_state.reset()
 
     # -- interrupts ---------------------------------------------------------------------
 
     def attach(self, ctx: DeviceContext) -> None:
-        """Hand the server an eventfd for INTx and watch it and the socket."""
+        """Hand the server an eventfd for INTx, and watch it and the socket."""
         self._ctx = ctx
-        intx = self.irqs.get(vu.PCI_INTX_IRQ)
-        if intx is not None and intx.count >= 1 and intx.flags & vu.IRQ_INFO_EVENTFD:
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            try:
-                self.client.set_irqs(
-                    vu.SetIrqs(vu.PCI_INTX_IRQ, vu.IRQ_DATA_EVENTFD | vu.IRQ_ACTION_TRIGGER, 0, 1),
-                    fds=(fd,),
-                )
-            except BaseException:
-                os.close(fd)
-                raise
-            self._intx_fd = fd
-        self._watch(ctx)
+        self._irq.attach(ctx)
+        self._watch_socket_soon(ctx)
 
-    def _watch(self, ctx: DeviceContext) -> None:
+    def _watch_socket_soon(self, ctx: DeviceContext) -> None:
         try:
-            if self._intx_fd is not None:
-                ctx.spawn(partial(self._watch_intx, self._intx_fd), "vfio-user INTx")
             ctx.spawn(self._watch_socket, "vfio-user socket")
         except RuntimeError:
             # The backend is stopping (its nursery takes no new tasks): the reset
@@ -227,38 +221,6 @@ class VfioUserDevice(DeviceProvider):
         self.client.set_irqs(
             vu.SetIrqs(index, vu.IRQ_DATA_NONE | vu.IRQ_ACTION_TRIGGER, vector, 1)
         )
-
-    async def _watch_intx(self, fd: int) -> None:
-        ctx = self._ctx
-        assert ctx is not None
-        intx = self.irqs[vu.PCI_INTX_IRQ]
-        automasked = bool(intx.flags & (vu.IRQ_INFO_AUTOMASKED | vu.IRQ_INFO_MASKABLE))
-        # The task may start after close() (or a later attach) replaced the eventfd.
-        while self._intx_fd == fd:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except trio.ClosedResourceError:
-                return  # close() is closing the eventfd
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                continue  # another reader emptied it first
-            async with ctx.locked():
-                if self.client.lost is not None:
-                    return
-                # An eventfd says "asserted" once; the router keeps the guest's
-                # event in service until its EOI.
-                ctx.interrupts.assert_intx()
-                ctx.interrupts.deassert_intx()
-                self.interrupts_forwarded += 1
-                if automasked:
-                    try:
-                        self.client.set_irqs(vu.SetIrqs(
-                            vu.PCI_INTX_IRQ, vu.IRQ_DATA_NONE | vu.IRQ_ACTION_UNMASK, 0, 1
-                        ))
-                    except VfioUserServerError as exc:
-                        log.warning("vfio-user device %s: INTx unmask failed: %s", self.path, exc)
-                        return
 
     async def _watch_socket(self) -> None:
         """Notice a server that goes away (or asks for DMA) while nobody accesses it."""
@@ -279,11 +241,8 @@ class VfioUserDevice(DeviceProvider):
                     return
 
     def close(self) -> None:
-        """Close the connection and the interrupt eventfd."""
-        fd, self._intx_fd = self._intx_fd, None
-        if fd is not None:
-            _notify_closing(fd)
-            os.close(fd)
+        """Close the connection and the interrupt eventfds."""
+        self._irq.close()
         self.client.close()
 
 
