@@ -5,9 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SYSPKGS := pciutils pci.ids fuse3 libfuse3-dev pkg-config
 
-.PHONY: install sysdeps peers vm-image vm demo test lint typecheck bench fuzz dist clean
+.PHONY: install shellfiles sysdeps peers vm-image vm demo test lint typecheck bench fuzz dist clean
 
-install: sysdeps $(STAMP)
+install: sysdeps $(STAMP) shellfiles
+
+# Man pages and bash/zsh completion from the parsers, into $(VENV)/share (docs/cli.md).
+shellfiles: $(STAMP)
+	@$(PY) tools/shell_files.py --out $(VENV)/share >/dev/null
 
 # System packages: installed through apt-get when run as root; otherwise we say what is missing.
 sysdeps:
@@ -24,7 +28,7 @@ $(STAMP): pyproject.toml setup.py shared/ring/_build.py shared/ring/ring.h \
           shared/evtchn/_build.py shared/evtchn/guard.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test,mount]'
+	$(PY) -m pip install -q -e '.[test,mount,shell]'
 	@# atheris (extra 'fuzz') has wheels for CPython <= 3.11 on x86_64 Linux and otherwise
 	@# needs clang; where it cannot be installed the fuzz smoke tests skip and say why.
 	$(PY) -m pip install -q -e '.[fuzz]' || \

@@ -1,7 +1,7 @@
 """``pciback``: the backend service's command line.
 
 pciback serve                       # embedded default: edu for guest0 on unix:./pciback.sock
-pciback serve --config backend.toml --listen tcp://127.0.0.1:7070
+pciback serve --config backend.toml --listen tcp://127.0.0.1:7070   # --listen replaces `listen`
 pciback check --config backend.toml # validate everything, start nothing (exit 0 or 2)
 pciback ctl list                    # the control socket: see pciback/ops/control_client.py
 
@@ -32,8 +32,11 @@ from pciback.config import (
     BackendConfig,
     check_listen,
     default_config,
+    default_control_path,
     load_config,
 )
+from pciback.devices import load_plugin
+from pciback.guests.identity import unreachable
 from pciback.ops.control_client import add_ctl_arguments, run_ctl
 from pciback.ops.lifecycle import notify_reloading, reload, sd_notify, summary
 from pciback.plane.registry import DeviceRegistry
@@ -48,6 +51,9 @@ __all__ = [
     "build_parser",
     "add_config_option",
     "config_from",
+    "listen_of",
+    "control_of",
+    "DEFAULT_LISTEN",
     "check_config",
     "JsonLogFormatter",
 ]
@@ -66,14 +72,71 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Where ``serve`` listens when neither ``--listen`` nor the config's ``listen`` says:
+#: the same address as the embedded default configuration.
+DEFAULT_LISTEN = ("unix:./pciback.sock",)
+
+
+def add_listen_option(parser: argparse.ArgumentParser) -> None:
+    """``--listen ADDR`` (repeatable): listen there instead of the config's ``listen``."""
+    parser.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="listen on ADDR instead of the config's `listen` addresses (repeatable), "
+        "e.g. --listen unix:/tmp/b.sock --listen shm:/tmp/b-shm.sock",
+    )
+
+
+def add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    """``--plugin FILE`` (repeatable): Python files run before the config is read."""
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="run this Python file first, e.g. one that calls pciback.register_model "
+        "(repeatable); model = \"module:Class\" in a [[device]] needs no plugin",
+    )
+
+
 def config_from(args: argparse.Namespace) -> BackendConfig:
-    """The configuration ``--config`` names, checked (listen addresses included)."""
+    """The configuration ``--config`` names, checked (listen addresses included).
+
+    The ``--plugin`` files (if the command has the option) run first.
+    """
+    for plugin in getattr(args, "plugin", ()):
+        load_plugin(plugin)
     config = load_config(args.config) if args.config else default_config()
     for i, address in enumerate(config.listen):
         problem = _address_problem(address)
         if problem:
             raise ConfigFileError(f"{config.source}: listen[{i}] {address!r}: {problem}")
     return config
+
+
+def listen_of(config: BackendConfig, listen: Sequence[str] = ()) -> tuple[str, ...]:
+    """Where ``serve`` listens: ``--listen`` if given (it replaces the config's
+    ``listen``), else the config's ``listen``, else :data:`DEFAULT_LISTEN`.
+
+    ``pciback check`` and ``pciback serve`` both use this, so they agree.
+    """
+    for address in listen:
+        problem = _address_problem(address)
+        if problem:
+            raise UsageError(f"--listen {address}: {problem}")
+    chosen = tuple(dict.fromkeys(listen)) or config.listen or DEFAULT_LISTEN
+    check_listen(chosen, config.tls)
+    return chosen
+
+
+def control_of(config: BackendConfig, listen: Sequence[str], control: str | None = None) -> Path:
+    """The control socket: ``--control``, else the config's ``control``, else
+    ``pciback.ctl`` beside the first ``unix:`` listener actually used."""
+    if control:
+        return Path(control)
+    return config.control if config.control is not None else default_control_path(listen)
 
 
 def _address_problem(address: str) -> str | None:
@@ -102,74 +165,104 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+#: ``serve``'s own lines (listening, serving, reloaded, stopped, reload refused): on
+#: stdout (warnings and errors on stderr), as ``pciback: ...`` text or as JSON objects.
+status_log = logging.getLogger("pciback")
+
+
+class _Below(logging.Filter):
+    """Passes records below ``level`` (the stdout half of :data:`status_log`)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
-    """``--log-format`` and ``-q`` for the service (replaces the CLI's default handler)."""
-    level = logging.ERROR if args.quiet else logging.WARNING - 10 * min(args.verbose, 2)
+    """``--log-format``, ``-q`` and ``-v`` for the service (replaces the CLI's handler).
+
+    The default level is INFO: guests connecting and leaving, devices assigned,
+    removed and reset are what an operator expects to see. ``-q`` logs errors
+    only (and prints no startup lines), ``-v`` adds debug lines.
+    """
+    level = logging.ERROR if args.quiet else logging.INFO - 10 * min(args.verbose, 1)
+    json_lines = args.log_format == "json"
     handler = logging.StreamHandler()
-    if args.log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(
+        JsonLogFormatter() if json_lines
+        else logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The command's own lines: INFO on stdout, WARNING and above on stderr, once each.
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_Below(logging.WARNING))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for h in (out, err):
+        h.setFormatter(
+            JsonLogFormatter() if json_lines else logging.Formatter("pciback: %(message)s")
+        )
+    status_log.handlers[:] = [out, err]
+    status_log.propagate = False
+    status_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
 
 
 async def _serve(args: argparse.Namespace) -> int:
     config = config_from(args)
-    for address in args.listen:
-        problem = _address_problem(address)
-        if problem:
-            raise UsageError(f"--listen {address}: {problem}")
+    listen = listen_of(config, args.listen)
     _setup_logging(args)
-    backend = Backend(config, extra_listen=args.listen, control=config.control_path())
-    say: Callable[[str], None] = (
-        (lambda text: None) if args.quiet else (lambda text: print(text, flush=True))
-    )
+    backend = Backend(config, listen=listen, control=control_of(config, listen, args.control))
+    say: Callable[[str], None] = status_log.info
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(backend.serve)
             for address in addresses:
-                say(f"pciback: listening on {address}")
-            say(summary(backend))
+                say(f"listening on {address}")
+            say(summary(backend).removeprefix("pciback: "))
             sd_notify("READY=1")
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await _reload(backend, args, say)
                     continue
                 name = signal.Signals(signum).name
-                say(f"pciback: {name} received, shutting down")
+                say(f"{name} received, shutting down")
                 sd_notify("STOPPING=1")
                 await backend.say_goodbye(f"the backend is shutting down ({name})")
                 nursery.cancel_scope.cancel()
                 break
-    say("pciback: stopped")
+    say("stopped")
     return 0
 
 
 async def _reload(backend: Backend, args: argparse.Namespace, say: Callable[[str], None]) -> None:
     if not args.config:
-        log.warning("SIGHUP: nothing to reload (pciback serve was started without --config)")
+        status_log.warning("SIGHUP: nothing to reload (started without --config)")
         return
     notify_reloading()
     try:
         result = await reload(backend, args.config)
     except ConfigFileError as exc:
-        log.error("SIGHUP: reload refused, the running configuration stays: %s", exc)
-        print(f"pciback: reload refused: {exc}", file=sys.stderr, flush=True)
+        # One line (stderr, or one JSON object): the running configuration stays.
+        status_log.error("reload refused: %s", exc)
     else:
-        say(f"pciback: reloaded {args.config}: {result.describe()}")
+        say(f"reloaded {args.config}: {result.describe()}")
     sd_notify("READY=1")
 
 
 _serve_parser = CLI.command("serve", _serve, "serve devices to guests")
 add_config_option(_serve_parser)
+add_listen_option(_serve_parser)
+add_plugin_option(_serve_parser)
 _serve_parser.add_argument(
-    "--listen",
-    action="append",
-    default=[],
-    metavar="ADDR",
-    help="extra address to listen on (repeatable), e.g. unix:/tmp/b.sock",
+    "--control",
+    metavar="PATH",
+    help="the control socket for `pciback ctl` (default: the config's `control`, else "
+    "pciback.ctl beside the first unix: listener)",
 )
 _serve_parser.add_argument(
     "-q", "--quiet", action="store_true", help="log errors only; print no startup lines"
@@ -178,18 +271,24 @@ _serve_parser.add_argument(
     "--log-format",
     choices=("text", "json"),
     default="text",
-    help="log lines on stderr as text (default) or one JSON object per line",
+    help="every line as text (default) or as one JSON object (time, level, logger, message)",
 )
 
 
 # ------------------------------------------------------------------------ check
 
 
-def check_config(path: str | Path) -> BackendConfig:
-    """Everything ``serve`` checks before it listens: keys, files, devices, TLS."""
-    args = argparse.Namespace(config=str(path))
+def check_config(
+    path: str | Path, listen: Sequence[str] = (), plugins: Sequence[str] = ()
+) -> BackendConfig:
+    """Everything ``serve`` checks before it listens: keys, files, devices, TLS.
+
+    ``listen`` and ``plugins`` are ``serve``'s ``--listen`` (replacing the
+    config's ``listen``) and ``--plugin``.
+    """
+    args = argparse.Namespace(config=str(path), plugin=list(plugins))
     config = config_from(args)
-    check_listen(config.listen, config.tls)
+    listen_of(config, listen)
     server_ssl_context(config)
     # Opens dumps and host devices and builds every policy, never writing a host device
     # (firmware set-up would set a writable one's decode bits); then lets the files go.
@@ -199,14 +298,18 @@ def check_config(path: str | Path) -> BackendConfig:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        config = check_config(args.config)
+        config = check_config(args.config, args.listen, args.plugin)
+    except UsageError:
+        raise
     except PcisplitError as exc:
         # One line naming the key, whatever the underlying error printed.
         raise ConfigFileError(" ".join(str(exc).split())) from exc
-    listen = ", ".join(config.listen) or "nothing"
+    listen = listen_of(config, args.listen)
+    for warning in unreachable(listen, config.guests):
+        print(f"pciback: warning: {warning}", file=sys.stderr)
     print(
         f"pciback: {args.config} is valid: {len(config.guests)} guest(s), "
-        f"{len(config.devices)} device(s), listening on {listen}"
+        f"{len(config.devices)} device(s), listening on {', '.join(listen)}"
     )
     return 0
 
@@ -215,6 +318,8 @@ _check_parser = CLI.command(
     "check", _check, "validate a config (files, devices, TLS) without starting anything"
 )
 _check_parser.add_argument("--config", metavar="FILE", required=True, help="the TOML config")
+add_listen_option(_check_parser)
+add_plugin_option(_check_parser)
 
 add_ctl_arguments(
     CLI.command("ctl", run_ctl, "inspect and change a running backend (control socket)")

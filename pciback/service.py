@@ -167,7 +167,10 @@ def _listen_hint(exc: OSError) -> str:
     if exc.errno == errno.ENOENT:
         return "its directory does not exist; create it or pick another path"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied; run as a user allowed to listen there or pick another address"
+        return (
+            f"uid {os.geteuid()} may not create it there (or, below port 1024, bind the port); "
+            "run as a user who may, or pick another address"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
         return "this machine has no such address; use one of its own or 0.0.0.0"
     return "check the address"
@@ -187,6 +190,7 @@ class Backend:
         config: BackendConfig,
         *,
         extra_listen: Sequence[str] = (),
+        listen: Sequence[str] | None = None,
         registry: DeviceRegistry | None = None,
         handshake_timeout: float | None = None,
         clock: Callable[[], float] = trio.current_time,
@@ -229,7 +233,9 @@ class Backend:
         self.hotplug = Hotplug(
             self.registry, self.sessions_of, ack_timeout=config.hotplug_ack_timeout
         )
-        self.addresses = list(dict.fromkeys([*config.listen, *extra_listen]))
+        # ``listen`` (pciback serve --listen) replaces the config's addresses.
+        chosen = config.listen if listen is None else listen
+        self.addresses = list(dict.fromkeys([*chosen, *extra_listen]))
         check_listen(self.addresses, config.tls)
         #: Seconds a connection gets to complete its handshake (``limits.handshake_timeout``).
         self.handshake_timeout = (
@@ -324,7 +330,9 @@ class Backend:
             async with dev.lock:
                 ok = self.registry.reset(dev, why)
         if ok:
-            log.info("device %s reset (%s)", dev.id, why)
+            # Before serving began no guest could have touched it: housekeeping, not news.
+            level = logging.INFO if self.started_at is not None else logging.DEBUG
+            log.log(level, "device %s reset (%s)", dev.id, why)
         return ok
 
     def _options(self, address: str) -> TransportOptions:
@@ -362,7 +370,7 @@ class Backend:
                     ) from exc
                 self.listeners.append(listener)
                 self._set_socket_mode(listener.address)
-                log.info("listening on %s", listener.address)
+                log.debug("listening on %s", listener.address)
             self._adopt_host_state()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

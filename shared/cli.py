@@ -8,7 +8,9 @@ with :meth:`Cli.command`, so every subcommand gets the same behaviour for free:
 - ``-v`` (before or after the subcommand) also shows the traceback of an
   expected failure; without it a traceback appears only for a real bug, followed
   by a line asking for a report;
-- ``--version`` prints the installed version.
+- ``--version`` prints the installed version;
+- a subcommand with ``--log-format json`` gets that failure line as one JSON
+  object (``time``, ``level``, ``logger``, ``message``), like its log lines.
 
 Exit codes (documented for users in ``docs/cli.md``):
 
@@ -32,9 +34,11 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import inspect
+import json
 import logging
 import ssl
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
@@ -146,6 +150,8 @@ class Cli:
             help="more logging; show the traceback of a failure",
         )
         self._sub = self.parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        #: The parsed subcommand asked for JSON lines (``--log-format json``).
+        self._json_lines = False
 
     def common_option(self, *flags: str, default: Any = None, **kwargs: Any) -> None:
         """Add an option that every subcommand accepts (before or after its name)."""
@@ -164,9 +170,12 @@ class Cli:
         """Parse ``argv``, run the subcommand, and turn any failure into an exit code."""
         err = stderr or sys.stderr
         verbose = 0
+        self._json_lines = False
         try:
             args = self.parser.parse_args(argv)
             verbose = args.verbose
+            # A subcommand with ``--log-format json`` gets its failure line as JSON too.
+            self._json_lines = getattr(args, "log_format", None) == "json"
             self._logging(verbose)
             handler: Handler = args.handler
             if inspect.iscoroutinefunction(handler):
@@ -197,5 +206,14 @@ class Cli:
         if verbose:
             traceback.print_exception(exc, file=err)
         more = f" (and {len(leaves) - 1} more failures)" if len(leaves) > 1 else ""
-        print(f"{self.prog}: {describe(first)}{more}", file=err)
+        if self._json_lines:
+            entry = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "level": "ERROR",
+                "logger": self.prog,
+                "message": f"{describe(first)}{more}",
+            }
+            print(json.dumps(entry), file=err)
+        else:
+            print(f"{self.prog}: {describe(first)}{more}", file=err)
         return exit_code(first)

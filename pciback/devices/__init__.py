@@ -32,6 +32,7 @@ from pciback.devices._irqstate import (
     MsixRegisters,
     Signal,
 )
+from pciback.devices._plugins import import_model, load_plugin
 from pciback.devices._regions import (
     BarRegion,
     HandlerRegion,
@@ -89,4 +90,7 @@ __all__ = [
     "VfioUserServerError",
     "VfioUserErrnoError",
     "VfioUserServerLost",
+    # models from the user's own code
+    "import_model",
+    "load_plugin",
 ]

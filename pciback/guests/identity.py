@@ -41,6 +41,7 @@ __all__ = [
     "authorize",
     "parse_guest",
     "read_token_file",
+    "unreachable",
     "GUEST_KEYS",
     "MIN_TOKEN_LEN",
 ]
@@ -223,3 +224,62 @@ def authorize(
 def tls_listeners(addresses: Sequence[str]) -> list[str]:
     """The ``tls://`` addresses among ``addresses`` (they need ``[tls] ca``)."""
     return [a for a in addresses if a.startswith("tls://")]
+
+
+#: Schemes whose peers prove a guest name with kernel credentials or a certificate:
+#: any guest can connect over them (root and the backend's own user always can).
+_NO_TOKEN_NEEDED = frozenset({"unix", "shm", "memory", "tls"})
+
+
+def _token_problem(guest: GuestConfig, scheme: str) -> str | None:
+    """Why ``guest`` will be refused on a ``scheme`` listener that needs a token, or None."""
+    missing = []
+    if scheme == "tcp" and not guest.allow_plain_tcp:
+        missing.append("allow_plain_tcp = true")
+    if not guest.token:
+        missing.append('token_file = "PATH"')
+    return " and ".join(missing) or None
+
+
+def unreachable(addresses: Sequence[str], guests: dict[str, GuestConfig]) -> list[str]:
+    """Warnings for listeners no guest can use and guests that can use no listener.
+
+    The same rules as :func:`authorize` and the service's plain-TCP check, applied
+    to the configuration alone (``pciback check`` prints them): over ``tcp://`` a
+    guest needs ``allow_plain_tcp = true`` and a ``token_file``, over ``vsock://`` a
+    ``token_file``; ``unix:``, ``shm:`` and ``tls://`` need neither. Listeners of
+    transport plugins are not judged.
+    """
+    schemes = {address: address.split(":", 1)[0] for address in addresses}
+    judged = {a: s for a, s in schemes.items() if s in ("tcp", "vsock")}
+    warnings = []
+    for address, scheme in judged.items():
+        if guests and all(_token_problem(g, scheme) for g in guests.values()):
+            needs = "allow_plain_tcp = true and " if scheme == "tcp" else ""
+            warnings.append(
+                f"listen {address}: no guest can connect there: every guest will be refused "
+                f"(over {scheme}:// a guest needs {needs}token_file = \"PATH\" in its [[guest]] "
+                "table)"
+            )
+    if any(scheme not in judged.values() for scheme in schemes.values()):
+        # A unix:, shm:, tls:// or plugin listener: every guest has a way in. A guest
+        # that asks for plain TCP without a token still never gets in over it.
+        tcp = [a for a, s in judged.items() if s == "tcp"]
+        warnings += [
+            f"guest {g.name!r} sets allow_plain_tcp = true but has no token_file, so it will "
+            f"be refused on {', '.join(tcp)}; add token_file = \"PATH\""
+            for g in guests.values()
+            if tcp and g.allow_plain_tcp and not g.token
+        ]
+        return warnings
+    for guest in guests.values():
+        problems = [
+            f"{address} (add {problem})"
+            for address, scheme in judged.items()
+            if (problem := _token_problem(guest, scheme))
+        ]
+        if judged and len(problems) == len(judged):
+            warnings.append(
+                f"guest {guest.name!r} cannot connect on any listener: " + "; ".join(problems)
+            )
+    return warnings

@@ -11,7 +11,9 @@ Exit status: 0 done, 1 refused or unreachable (the reason on stderr), 2 usage.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -85,9 +87,15 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
                     break
                 data += chunk
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise ControlUnreachableError(
+                f"cannot reach the control socket {path}: permission denied: it is only for the "
+                f"backend's own user and root (mode 0600), and this is uid {os.geteuid()}; run "
+                "pciback ctl as that user or as root"
+            ) from exc
         raise ControlUnreachableError(
             f"cannot reach the control socket {path}: {exc.strerror or exc}; is `pciback serve` "
-            "running, and are you its user or root? (--control PATH or --config FILE)"
+            "running there? (--control PATH or --config FILE say where its control socket is)"
         ) from exc
     try:
         return json.loads(data)

@@ -34,6 +34,7 @@ import trio
 from pciback.ops.hostview import DeviceIds, HostScan, format_table, host_view, scan_host, served_row
 from shared.errors import ErrorCode, PcisplitError
 from shared.pci import PciAddress
+from shared.transport import TransportConnectError
 from shared.transport._identity import peercred_identity
 
 if TYPE_CHECKING:
@@ -317,11 +318,18 @@ async def serve_control(
     old_umask = os.umask(0o177)  # the socket file is born 0600: no window where it is wider
     try:
         sock = await open_unix_listener_socket(str(path))
+    except TransportConnectError as exc:
+        # Say which socket this is: the guests' listeners were fine.
+        raise TransportConnectError(
+            f"cannot open the control socket {path} (the one `pciback ctl` talks to): {exc}; "
+            'a second backend needs its own: control = "PATH" in its config or '
+            "pciback serve --control PATH"
+        ) from exc
     finally:
         os.umask(old_umask)
     inode = os.stat(path).st_ino
     listener = trio.SocketListener(sock)
-    log.info("control socket at %s", path)
+    log.debug("control socket at %s", path)
     try:
         async with trio.open_nursery() as nursery:
             task_status.started(str(path))

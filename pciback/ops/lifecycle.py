@@ -187,7 +187,7 @@ def _build(
     try:
         for dev_id in ids:
             cfg = by_id[dev_id]
-            provider, physical = build_provider(cfg, new.sysfs_root)
+            provider, physical = build_provider(cfg, new.sysfs_root, base=new.base)
             built[dev_id] = provider, physical
             # The policy compiles now, not half-way through the reload.
             make_access(
@@ -282,5 +282,5 @@ async def reload(backend: Backend, path: str | Path) -> ReloadResult:
             await backend.assign(dev_id, guest)
         except PcisplitError as exc:
             log.error("reload: could not assign %s to %s: %s", dev_id, guest, exc)
-    log.info("configuration reloaded from %s: %s", path, plan.describe())
+    log.debug("configuration reloaded from %s: %s", path, plan.describe())
     return plan

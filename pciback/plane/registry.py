@@ -25,6 +25,7 @@ from pciback.devices import (
     InterruptSink,
     SnapshotDevice,
     VfioUserDevice,
+    import_model,
 )
 from pciback.plane.access import DeviceAccess, make_access
 from pciback.plane.firmware import GuestFirmware
@@ -59,8 +60,12 @@ def register_model(name: str, factory: Callable[[], DeviceProvider]) -> None:
     MODELS[name] = factory
 
 
-def _model(name: str, where: str) -> Callable[[], DeviceProvider]:
+def _model(name: str, where: str, base: Path | None = None) -> Callable[[], DeviceProvider]:
     global _models_loaded
+    if ":" in name:  # "module:Class": the user's own code, beside the config or installed
+        if name not in MODELS:
+            MODELS[name] = import_model(name, where, base)
+        return MODELS[name]
     if name not in MODELS and not _models_loaded:
         _models_loaded = True
         for ep in importlib.metadata.entry_points(group=MODEL_ENTRY_POINT_GROUP):
@@ -68,7 +73,8 @@ def _model(name: str, where: str) -> Callable[[], DeviceProvider]:
     if name not in MODELS:
         raise ConfigFileError(
             f"{where}.model: unknown device model {name!r}; {did_you_mean(name, MODELS)} "
-            f"(models are added with pciback.register_model or the {MODEL_ENTRY_POINT_GROUP!r} "
+            f"(a model of your own: model = \"module:Class\" with module.py beside the config, "
+            f"pciback --plugin FILE, pciback.register_model or the {MODEL_ENTRY_POINT_GROUP!r} "
             "entry point; see docs/devices.md)"
         )
     return MODELS[name]
@@ -138,16 +144,21 @@ class ServedDevice:
 
 
 def build_provider(
-    cfg: DeviceConfig, sysfs_root: Path = SYSFS_PCI_DEVICES, *, dry_run: bool = False
+    cfg: DeviceConfig,
+    sysfs_root: Path = SYSFS_PCI_DEVICES,
+    *,
+    dry_run: bool = False,
+    base: Path | None = None,
 ) -> tuple[DeviceProvider, PciAddress | None]:
     """Instantiate the provider a ``[[device]]`` table describes.
 
     ``dry_run`` (``pciback check``): host devices are opened read-only and never written.
+    ``base``: the config file's directory, where ``model = "module:Class"`` also looks.
     """
     try:
         if cfg.kind == "emulated":
             assert cfg.model is not None
-            return _model(cfg.model, cfg.where)(), None
+            return _model(cfg.model, cfg.where, base)(), None
         if cfg.kind == "snapshot":
             assert cfg.dump is not None
             dev = SnapshotDevice.from_dump(
@@ -178,7 +189,9 @@ class DeviceRegistry:
         self._devices: dict[str, ServedDevice] = {}
         self.audit = AuditLog(rate=config.audit_rate, burst=config.audit_burst)
         for cfg in config.devices:
-            provider, physical = build_provider(cfg, config.sysfs_root, dry_run=dry_run)
+            provider, physical = build_provider(
+                cfg, config.sysfs_root, dry_run=dry_run, base=config.base
+            )
             hidden = config.is_hidden(physical) is not None
             self._devices[cfg.id] = ServedDevice(cfg, provider, physical, hidden=hidden)
         self._buses: dict[str, dict[int, ServedDevice]] = {name: {} for name in config.guests}

@@ -1,10 +1,13 @@
 """pytest plugin ``pcisplit`` (entry point ``pytest11``): fixtures for integration tests.
 
-Install it with ``pip install 'pcisplit[testing]'`` (which brings pytest and
-pytest-trio). An ``async def`` test that uses one of these fixtures, and every
-check of a ``TransportConformance`` (or ``BlockingTransportConformance``)
-subclass, runs under trio without any configuration: the plugin marks it
-``@pytest.mark.trio`` (projects with ``trio_mode = true`` get the same).
+Install pcisplit with its ``testing`` extra (which brings pytest and
+pytest-trio): ``pip install '/path/to/pcisplit[testing]'`` from a checkout, or
+``pip install "$(ls dist/pcisplit-*.whl)[testing]"`` from the wheel ``make dist``
+builds (``docs/testing.md``). An ``async def`` test that uses one of these
+fixtures, and every check of a ``TransportConformance`` (or
+``BlockingTransportConformance``) subclass, runs under trio without any
+configuration: the plugin marks it ``@pytest.mark.trio`` (projects with
+``trio_mode = true`` get the same).
 
 Fixtures:
 

@@ -352,7 +352,8 @@ def check_mountpoint(path: Path) -> None:
     """Refuse a mount point that is missing, not a directory, busy or not empty."""
     if pyfuse3 is None:
         raise MountError(
-            "pcifront mount needs pyfuse3 (the 'mount' extra): pip install 'pcisplit[mount]'"
+            "pcifront mount needs pyfuse3 (the 'mount' extra): pip install pyfuse3, or "
+            "install pcisplit with it: pip install '/path/to/pcisplit[mount]' (a checkout)"
         )
     if not os.path.exists(FUSE_DEVICE):
         raise MountError(f"{FUSE_DEVICE} is missing: load the fuse module (modprobe fuse) or run "

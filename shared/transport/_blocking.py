@@ -51,7 +51,12 @@ from shared.transport._base import (
 from shared.transport._fdpass import close_fds, rights_message
 from shared.transport._identity import PeerIdentity, peercred_identity
 from shared.transport._shm_setup import _GOODBYE, _Session, check_setup_reply, offer_session
-from shared.transport._sockets import parse_host_port, parse_vsock, vsock_family
+from shared.transport._sockets import (
+    parse_host_port,
+    parse_vsock,
+    unix_connect_problem,
+    vsock_family,
+)
 
 __all__ = [
     "BlockingTransport",
@@ -518,10 +523,7 @@ def open_blocking_transport(address: str, options: TransportOptions) -> Blocking
             sock.connect(rest)
         except OSError as exc:
             sock.close()
-            raise TransportConnectError(
-                f"cannot connect to {address}: {exc.strerror or exc}; is `pciback serve` "
-                "running and listening there?"
-            ) from exc
+            raise TransportConnectError(unix_connect_problem(address, rest, exc)) from exc
         if scheme == "shm":
             return BlockingShmTransport(sock, options, name=address)
         return BlockingStreamTransport(sock, limit, name=address)

@@ -10,7 +10,7 @@ import trio
 
 from shared.transport._base import FrameListener, TransportConnectError, TransportOptions
 from shared.transport._shm import ShmTransport
-from shared.transport._sockets import _remove_stale_socket
+from shared.transport._sockets import _remove_stale_socket, unix_connect_problem
 from shared.transport._stream import _translate
 
 __all__ = ["ShmListener", "connect_shm", "listen_shm"]
@@ -56,10 +56,7 @@ async def connect_shm(path: str, options: TransportOptions) -> ShmTransport:
         await tsock.connect(path)
     except OSError as exc:
         tsock.close()
-        raise TransportConnectError(
-            f"cannot connect to shm:{path}: {exc.strerror or exc}; is `pciback serve` listening "
-            "there with shm:?"
-        ) from exc
+        raise TransportConnectError(unix_connect_problem(f"shm:{path}", path, exc)) from exc
     return ShmTransport(trio.SocketStream(tsock), options, name=f"shm:{path}")
 
 

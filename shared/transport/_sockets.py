@@ -134,14 +134,40 @@ def _unlink_if_ours(path: str, inode: tuple[int, int] | None) -> None:
             os.unlink(path)
 
 
+def unix_connect_problem(address: str, path: str, exc: OSError) -> str:
+    """Why connecting to ``address`` (a UNIX socket at ``path``) failed, and what to do.
+
+    A refused permission names the socket's owner and mode and the backend's keys
+    that open it (``listen_mode``, ``listen_group``) and decide who may act as a
+    guest (the guest's ``uid``/``gid``), instead of asking whether a backend runs.
+    """
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        try:
+            st = os.stat(path)
+        except OSError:
+            what = "the socket or a directory above it"
+        else:
+            what = (
+                f"the socket (owner uid {st.st_uid}, group gid {st.st_gid}, "
+                f"mode {stat.S_IMODE(st.st_mode):04o})"
+            )
+        return (
+            f"cannot connect to {address}: permission denied: this process (uid {os.geteuid()}) "
+            f"may not open {what}; run it as the backend's user, or let it in with the "
+            'backend config\'s listen_mode = "0660" and listen_group = "GROUP" (and the '
+            "guest's uid or gid keys)"
+        )
+    hint = "is `pciback serve` running and listening there?"
+    if address.startswith("shm:"):
+        hint = "is `pciback serve` listening there with shm:?"
+    return f"cannot connect to {address}: {exc.strerror or exc}; {hint}"
+
+
 async def connect_unix(path: str, options: TransportOptions) -> FrameTransport:
     try:
         stream = await trio.open_unix_socket(path)
     except OSError as exc:
-        raise TransportConnectError(
-            f"cannot connect to unix:{path}: {exc.strerror or exc}; is `pciback serve` running "
-            "and listening there?"
-        ) from exc
+        raise TransportConnectError(unix_connect_problem(f"unix:{path}", path, exc)) from exc
     return UnixFrameTransport(stream, max_frame_size=options.max_frame_size, name=f"unix:{path}")
 
 

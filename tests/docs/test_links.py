@@ -18,8 +18,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-TOP_DIRS = ("pciback", "pcifront", "shared", "tests", "docs", "examples", "benchmarks", "fuzz",
-            "vm")
+TOP_DIRS = (
+    "pciback", "pcifront", "shared", "tests", "docs", "examples", "benchmarks", "fuzz", "tools",
+    "vm",
+)
 REPO_PATH = re.compile(r"`((?:" + "|".join(TOP_DIRS) + r")/[\w./*-]*)`")
 FENCE = re.compile(r"^(`{3,}|~{3,}).*?^\1", re.M | re.S)
 

@@ -26,7 +26,7 @@ def _tool(name: str) -> list[str]:
 def backend(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     sock = tmp_path / "b.sock"
     proc = subprocess.Popen(
-        [*_tool("pciback"), "serve", "--listen", f"unix:{sock}"],
+        [*_tool("pciback"), "serve", "--listen", f"unix:{sock}", "--listen", "unix:./pciback.sock"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -51,7 +51,7 @@ def test_serve_default_prints_both_addresses_and_lspci_lists_edu(
     backend: tuple[subprocess.Popen[str], str], tmp_path: Path
 ) -> None:
     _proc, address = backend
-    # The embedded default also listens on ./pciback.sock (cwd is tmp_path).
+    # Both --listen addresses (./pciback.sock is relative to cwd, tmp_path).
     assert (tmp_path / "pciback.sock").exists()
     out = _pcifront("lspci", "--connect", address, "--guest", "guest0", "-n")
     assert out.returncode == 0, out.stderr

@@ -114,10 +114,18 @@ def test_sighup_reassigns_refuses_a_bad_config_and_sigterm_stops_cleanly(
         env=env,
     )
     out, err = Lines(proc.stdout), Lines(proc.stderr)
+
+    def said() -> str:
+        """The next line on stdout: a JSON object (--log-format json), its message."""
+        entry = json.loads(out.next())
+        assert {"time", "level", "logger", "message"} <= set(entry)
+        assert (entry["level"], entry["logger"]) == ("INFO", "pciback")
+        return str(entry["message"])
+
     try:
-        assert out.next() == f"pciback: listening on unix:{sock}\n"
-        summary = out.next()
-        assert summary.startswith("pciback: serving 2 guest(s), 1 device(s) (1 assigned, 0 hidden)")
+        assert said() == f"listening on unix:{sock}"
+        summary = said()
+        assert summary.startswith("serving 2 guest(s), 1 device(s) (1 assigned, 0 hidden)")
         assert summary.rstrip().endswith(f"control socket {tmp_path / 'pciback.ctl'}")
         assert notify.next() == "READY=1"
         assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "alpha"
@@ -126,7 +134,7 @@ def test_sighup_reassigns_refuses_a_bad_config_and_sigterm_stops_cleanly(
         config.write_text(CONFIG.format(sock=sock, owner="beta"))
         proc.send_signal(signal.SIGHUP)
         assert notify.next().startswith("RELOADING=1\nMONOTONIC_USEC=")
-        assert out.next() == f"pciback: reloaded {config}: edu-a: alpha -> beta\n"
+        assert said() == f"reloaded {config}: edu-a: alpha -> beta"
         assert notify.next() == "READY=1"
         assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
 
@@ -134,20 +142,28 @@ def test_sighup_reassigns_refuses_a_bad_config_and_sigterm_stops_cleanly(
         config.write_text(CONFIG.format(sock=sock, owner="gamma"))
         proc.send_signal(signal.SIGHUP)
         assert notify.next().startswith("RELOADING=1")
-        refused = err.next()
-        while not refused.startswith("pciback: reload refused"):
-            entry = json.loads(refused)  # log lines are JSON
-            assert {"time", "level", "logger", "message"} <= set(entry)
-            refused = err.next()
-        assert "device[0].guest: guest 'gamma' is not declared" in refused
+        # Every stderr line is JSON too; the refusal is said once, as an error.
+        entries = []
+        while not entries or not entries[-1]["message"].startswith("reload refused"):
+            entries.append(json.loads(err.next()))
+            assert {"time", "level", "logger", "message"} <= set(entries[-1])
+        refused = entries[-1]
+        assert (refused["level"], refused["logger"]) == ("ERROR", "pciback")
+        assert "device[0].guest: guest 'gamma' is not declared" in refused["message"]
+        assert not any("refused" in e["message"] for e in entries[:-1])
         assert notify.next() == "READY=1"
         assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
 
         proc.send_signal(signal.SIGTERM)
-        assert out.next() == "pciback: SIGTERM received, shutting down\n"
+        assert said() == "SIGTERM received, shutting down"
         assert notify.next() == "STOPPING=1"
         assert proc.wait(timeout=TIMEOUT) == 0
-        assert out.next() == "pciback: stopped\n"
+        assert said() == "stopped"
+        # Nothing said twice: the refusal was on stderr only, and stderr was all JSON.
+        assert proc.stderr is not None
+        rest = (err.buffer + proc.stderr.read()).decode()
+        assert all(json.loads(line) for line in rest.splitlines())
+        assert "reload refused" not in rest
         assert not sock.exists() and not (tmp_path / "pciback.ctl").exists()
     finally:
         if proc.poll() is None:
