@@ -408,13 +408,13 @@ class EmulatedDevice(DeviceProvider):
 
     def config_read(self, offset: int, size: int) -> int:
         if offset < self._irq_end and offset + size > self._irq_start:
-            self._show_interrupt_state()
+            self._show_interrupt_state(offset, offset + size)
         return self._regs.read(offset, size)
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         irq = offset < self._irq_end and offset + size > self._irq_start
         if irq:
-            self._show_interrupt_state()
+            self._show_interrupt_state(offset, offset + size)
         self._regs.write(offset, size, value)
         if offset <= Reg.COMMAND + 1 and offset + size > Reg.COMMAND + 1:
             self._update_intx_line()
@@ -569,8 +569,8 @@ class EmulatedDevice(DeviceProvider):
             start, end = min(start, self._irq_start), max(end, self._irq_end)
         self._irq_start, self._irq_end = start, end
 
-    def _show_interrupt_state(self) -> None:
-        """Lay the interrupt state over the capability registers that show it."""
+    def _show_interrupt_state(self, lo: int = 0, hi: int = 0x1000) -> None:
+        """Lay the interrupt state over the capability registers in ``[lo, hi)`` that show it."""
         state = self.interrupt_state
         overlays = []
         if self._msi_regs is not None:
@@ -579,8 +579,9 @@ class EmulatedDevice(DeviceProvider):
             overlays += self._msix_regs.overlays(state)
         regs = self._regs
         for offset, width, bits, value in overlays:
-            regs.set_bits(offset, width, bits, False)
-            regs.set_bits(offset, width, value & bits, True)
+            if offset < hi and offset + width > lo:
+                regs.set_bits(offset, width, bits, False)
+                regs.set_bits(offset, width, value & bits, True)
 
     def _store_interrupt_state(self, offset: int, size: int) -> None:
         """A config write touched the interrupt registers: the state takes what changed."""

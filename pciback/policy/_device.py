@@ -145,7 +145,7 @@ class PolicedDevice:
         table = self._compiled.table
         check_access(offset, size, table.size)
         if offset < self._irq_end and offset + size > self._irq_start:
-            self._show_interrupt_state()
+            self._show_interrupt_state(offset, offset + size)
         device_value = (
             self._provider.config_read(offset, size) if table.device_read_mask(offset, size) else 0
         )
@@ -157,7 +157,7 @@ class PolicedDevice:
         check_access(offset, size, table.size)
         irq = offset < self._irq_end and offset + size > self._irq_start
         if irq:
-            self._show_interrupt_state()
+            self._show_interrupt_state(offset, offset + size)
         device_value = self._provider.config_read(offset, size)
         try:
             plan = apply_write(table, offset, size, value, device_value, self._virtual)
@@ -276,11 +276,11 @@ class PolicedDevice:
             overlays += self._msix_regs.overlays(state)
         return overlays
 
-    def _show_interrupt_state(self) -> None:
-        """Lay the device's interrupt state over the virtual registers that show it."""
+    def _show_interrupt_state(self, lo: int = 0, hi: int = 0x1000) -> None:
+        """Lay the device's interrupt state over the virtual registers in ``[lo, hi)``."""
         own = self._irq_own
         for offset, width, bits, value in self._interrupt_overlays():
-            if (offset, width) in own:
+            if offset < hi and offset + width > lo and (offset, width) in own:
                 self._set_virtual(offset, bits, value, size=width)
 
     def _store_interrupt_state(self, offset: int, size: int) -> None:
