@@ -79,7 +79,10 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps(message).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(message).encode() + b"\n")
+            except BrokenPipeError:
+                pass  # the backend answered (a refusal) and closed before reading: read it
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -97,6 +100,11 @@ def request(path: Path, message: dict[str, Any], *, timeout: float = ANSWER_TIME
             f"cannot reach the control socket {path}: {exc.strerror or exc}; is `pciback serve` "
             "running there? (--control PATH or --config FILE say where its control socket is)"
         ) from exc
+    if not data:
+        raise ControlUnreachableError(
+            f"the control socket {path} closed the connection without an answer; is "
+            "`pciback serve` still running?"
+        )
     try:
         return json.loads(data)
     except ValueError as exc:

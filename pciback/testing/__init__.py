@@ -6,8 +6,11 @@ async helpers directly::
     async with running_backend(config, transports=("unix",), tmp=tmp_path) as rb:
         async with pcifront.connect(rb.address("unix"), guest="guest0") as bus:
             ...
+
+``FakeHost`` is a fake sysfs PCI tree for ``kind = "host"`` devices (``sysfs_root``).
 """
 
+from pciback.testing._fakehost import FakeHost
 from pciback.testing._kit import TEST_TOKEN, RunningBackend, listen_address, running_backend
 
-__all__ = ["TEST_TOKEN", "RunningBackend", "running_backend", "listen_address"]
+__all__ = ["TEST_TOKEN", "FakeHost", "RunningBackend", "running_backend", "listen_address"]

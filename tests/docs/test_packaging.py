@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.docs.installed import Installed
+from tests.support.serve import ServeProcess
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,16 +67,8 @@ def test_installed_commands_serve_edu_and_read_it_back(
     assert _run(pcisplit_installed, tmp_path, "pciback", "--version") == f"pciback {version}\n"
     assert _run(pcisplit_installed, tmp_path, "pcifront", "--version") == f"pcifront {version}\n"
 
-    backend = subprocess.Popen(
-        [str(pcisplit_installed.bin_dir / "pciback"), "serve"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert backend.stdout is not None
-        assert backend.stdout.readline() == "pciback: listening on unix:./pciback.sock\n"
+    with ServeProcess(tmp_path, command=[str(pcisplit_installed.bin_dir / "pciback")]) as backend:
+        assert backend.out.seen[0] == "pciback: listening on unix:./pciback.sock"
         listing = _run(pcisplit_installed, tmp_path, "pcifront", "lspci", "--connect",
                        "unix:./pciback.sock", "-n")
         assert listing == "00:00.0 00ff: 1234:11e8 (rev 10)\n"
@@ -89,7 +82,4 @@ def test_installed_commands_serve_edu_and_read_it_back(
             "trio.run(main)\n"
         )
         assert _run(pcisplit_installed, tmp_path, "python", "-c", script) == "0xedcba987\n"
-    finally:
-        backend.terminate()
-        backend.wait(30)
-    assert backend.returncode == 0
+        assert backend.stop() == 0

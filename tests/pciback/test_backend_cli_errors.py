@@ -10,6 +10,8 @@ import pytest
 import trustme
 
 from pciback.cli import main
+from tests.support.configs import guest_table
+from tests.support.tls import TlsFiles
 
 USAGE, FAILURE = 2, 1
 
@@ -194,7 +196,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_a_failed_tls_handshake_is_logged_with_its_reason(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tls_files: TlsFiles
 ) -> None:
     """The backend's log says why a guest's TLS handshake failed (it used to end in ': ')."""
     caplog.set_level("INFO", logger="pcisplit.backend")
@@ -204,16 +206,9 @@ async def test_a_failed_tls_handshake_is_logged_with_its_reason(
 
     from pciback.testing import running_backend
 
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
-    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    config = (
-        "[tls]\ncert='server.pem'\nkey='server.key'\nca='ca.pem'\n[[guest]]\nname='guest0'\n"
-    )
+    config = tls_files.section + guest_table("guest0")
     client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ca.configure_trust(client_ctx)  # trusts the backend, but has no client certificate
+    tls_files.ca.configure_trust(client_ctx)  # trusts the backend, but has no client certificate
     async with running_backend(config, transports=("tls",), tmp=tmp_path) as rb:
         host, port = rb.address("tls").removeprefix("tls://").rsplit(":", 1)
         stream = trio.SSLStream(

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
 import msgpack
 import pytest
 import trio
 import trio.testing
-import trustme
 
 import pcifront
 from pciback.config import parse_config
@@ -28,38 +26,26 @@ from shared.protocol import (
     encode_frame,
 )
 from shared.transport import TransportOptions, open_transport
+from tests.support.configs import ONE_GUEST, device_table, edu_config
+from tests.support.tls import TlsFiles
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pcidata"
 
-TWO_GUESTS = f"""
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "sata"
-kind = "snapshot"
-dump = "{DATA / "sata_intel_ich10_ahci.txt"}"
-guest = "beta"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-[[device]]
-id = "spare"
-model = "edu"
-"""
+TWO_GUESTS = (
+    edu_config(["alpha", "beta"], {"edu-a": "alpha"})
+    + device_table(
+        "sata", "beta", model=None, kind="snapshot", dump=str(DATA / "sata_intel_ich10_ahci.txt")
+    )
+    + device_table("edu-b", "beta")
+    + device_table("spare")
+)
 
 
 @pytest.mark.parametrize("kind", ["memory", "unix", "tcp"])
 async def test_edu_through_the_whole_stack(kind: str, tmp_path: Path) -> None:
     async with (
         running_backend(
-            "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
+            ONE_GUEST,
             transports=(kind,),
             tmp=tmp_path,
         ) as rb,
@@ -86,7 +72,7 @@ async def test_edu_through_the_whole_stack(kind: str, tmp_path: Path) -> None:
 async def test_many_requests_in_flight_get_one_reply_each(tmp_path: Path) -> None:
     async with (
         running_backend(
-            "[[guest]]\nname='guest0'\n[[device]]\nid='edu0'\nmodel='edu'\nguest='guest0'",
+            ONE_GUEST,
             transports=("unix",),
             tmp=tmp_path,
         ) as rb,
@@ -256,25 +242,9 @@ async def test_plain_tcp_needs_explicit_permission(tmp_path: Path) -> None:
             assert bus.devices[0].vendor_id == 0x1234
 
 
-def _tls_files(tmp_path: Path, client_name: str) -> tuple[str, ssl.SSLContext]:
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
-    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ca.configure_trust(client_ctx)
-    ca.issue_cert(client_name).configure_cert(client_ctx)
-    config = (
-        "[tls]\ncert='server.pem'\nkey='server.key'\nca='ca.pem'\n"
-        "[[guest]]\nname='guest0'\n[[guest]]\nname='guest1'\n"
-        "[[device]]\nid='e'\nmodel='edu'\nguest='guest0'\n"
-    )
-    return config, client_ctx
-
-
-async def test_tls_client_certificate_names_the_guest(tmp_path: Path) -> None:
-    config, client_ctx = _tls_files(tmp_path, "guest0")
+async def test_tls_client_certificate_names_the_guest(tmp_path: Path, tls_files: TlsFiles) -> None:
+    config = tls_files.section + edu_config(["guest0", "guest1"], {"e": "guest0"})
+    client_ctx = tls_files.client_context("guest0")
     async with running_backend(config, transports=("tls",), tmp=tmp_path) as rb:
         opts = TransportOptions(ssl_context=client_ctx)
         async with pcifront.connect(rb.address("tls"), guest="guest0", options=opts) as bus:

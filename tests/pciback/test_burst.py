@@ -25,8 +25,8 @@ from shared.protocol import (
     ValueReply,
 )
 from shared.transport import TransportOptions, open_transport
+from tests.support.configs import ONE_GUEST
 
-CONFIG = '[[guest]]\nname = "guest0"\n[[device]]\nid = "edu0"\nmodel = "edu"\nguest = "guest0"\n'
 BURST = 32
 
 
@@ -46,7 +46,7 @@ class _BackendSteps(trio.abc.Instrument):
 
 @pytest.mark.parametrize("kind", ["unix", "shm"])
 async def test_a_burst_is_answered_without_a_step_per_request(tmp_path: Path, kind: str) -> None:
-    async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
+    async with running_backend(ONE_GUEST, transports=(kind,), tmp=tmp_path) as rb:
         transport = await open_transport(rb.address(kind), TransportOptions())
         async with transport:
             conn = Connection(Role.CLIENT, limits=Limits(), guest="guest0")

@@ -10,19 +10,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from _irqdma_support import (
-    DMA_BUFFER,
-    DMA_CMD,
-    DMA_COUNT,
-    DMA_DST,
-    DMA_SRC,
-    EDU,
-    IRQ_ACK,
-    IRQ_STATUS,
-    RawGuest,
-    raw_guest,
-    sealed_memfd,
-)
 
 from pciback.testing import running_backend
 from shared.errors import ErrorCode
@@ -39,23 +26,22 @@ from shared.protocol import (
     PingRequest,
     ValueReply,
 )
+from tests.support.configs import TWO_GUESTS
+from tests.support.rawguest import (
+    DMA_BUFFER,
+    DMA_CMD,
+    DMA_COUNT,
+    DMA_DST,
+    DMA_SRC,
+    EDU,
+    IRQ_ACK,
+    IRQ_STATUS,
+    RawGuest,
+    raw_guest,
+    sealed_memfd,
+)
 
-CONFIG = """
-[dma]
-call_timeout = 2.0
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-"""
+CONFIG = "[dma]\ncall_timeout = 2.0\n" + TWO_GUESTS
 
 START, TO_RAM, IRQ = 0x1, 0x2, 0x4
 PATTERN = bytes((i * 7 + 3) & 0xFF for i in range(100))

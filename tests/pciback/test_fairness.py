@@ -11,6 +11,7 @@ import trio.testing
 import pcifront
 from pciback.guests.fairness import FairTurns
 from pciback.testing import running_backend
+from tests.support.configs import edu_config
 
 
 async def test_a_single_guest_takes_no_turn_and_no_checkpoint() -> None:
@@ -115,20 +116,7 @@ async def test_a_cancelled_wait_leaves_no_trace(autojump_clock: trio.testing.Moc
     assert fair._heap == []
 
 
-CONFIG = """
-[[guest]]
-name = "busy"
-[[guest]]
-name = "quiet"
-[[device]]
-id = "edu-busy"
-model = "edu"
-guest = "busy"
-[[device]]
-id = "edu-quiet"
-model = "edu"
-guest = "quiet"
-"""
+CONFIG = edu_config(["busy", "quiet"], {"edu-busy": "busy", "edu-quiet": "quiet"})
 
 
 async def test_two_busy_guests_take_turns_and_are_all_answered(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from _irqdma_support import EDU, raw_guest
 
 from pciback._ratelog import GUEST_LOG_BURST, SUMMARY_INTERVAL
 from pciback.ops.control_server import ControlApi
@@ -23,19 +22,10 @@ from shared.protocol import (
     DmaMapRequest,
     ErrorReply,
 )
+from tests.support.configs import edu_config
+from tests.support.rawguest import EDU, raw_guest
 
-CONFIG = """
-[limits]
-max_dma_windows_per_guest = 1
-
-[[guest]]
-name = "mallory"
-
-[[device]]
-id = "edu-m"
-model = "edu"
-guest = "mallory"
-"""
+CONFIG = "[limits]\nmax_dma_windows_per_guest = 1\n" + edu_config(["mallory"], {"edu-m": "mallory"})
 
 #: A packed address with no device on mallory's bus.
 NOWHERE = 0x0010

@@ -7,81 +7,46 @@ for writing), and compares it with pciutils' lspci.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 import pcifront
-from pciback.cli import check_config, main
+from pciback.cli import check_config
 from pciback.config import parse_config
 from pciback.devices import SYSFS_PCI_DEVICES
 from pciback.ops.control_server import _not_served
 from pciback.ops.hostview import HOST_VIEW_KEYS, DeviceIds, scan_host
 from pciback.plane.registry import DeviceRegistry
-from pciback.service import Backend
-from pciback.testing import listen_address
+from pciback.testing import FakeHost
 from shared.pci import PciAddress
+from tests.support.configs import writable_host_config
+from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
 DUMP = REPO / "tests/data/pcidata/eth_intel_82576_sriov.txt"
 
 
-def _function(
-    root: Path,
-    address: str,
-    vendor: int,
-    device: int,
-    klass: int,
-    *,
-    attributes: bool = True,
-    driver: str | None = None,
-) -> None:
-    """One function of a fake /sys/bus/pci/devices: config (+ resource) and, like sysfs,
-    vendor/device/class attribute files and a driver link."""
-    path = root / address
-    path.mkdir(parents=True)
-    image = bytearray(256)
-    image[0:4] = (device << 16 | vendor).to_bytes(4, "little")
-    image[8:12] = (klass << 8 | 0x01).to_bytes(4, "little")
-    (path / "config").write_bytes(bytes(image))
-    (path / "resource").write_text("")
-    if attributes:
-        (path / "vendor").write_text(f"0x{vendor:04x}\n")
-        (path / "device").write_text(f"0x{device:04x}\n")
-        (path / "class").write_text(f"0x{klass:06x}\n")
-    if driver is not None:
-        drivers = root.parent / "drivers" / driver
-        drivers.mkdir(parents=True, exist_ok=True)
-        (path / "driver").symlink_to(drivers)
-
-
-def _fake_host(root: Path) -> None:
-    _function(root, "0000:00:1f.2", 0x8086, 0x2922, 0x010601, driver="ahci")
-    _function(root, "0000:05:00.0", 0x8086, 0x10C9, 0x020000, attributes=False)
-    _function(root, "0000:07:00.0", 0x10DE, 0x1DB6, 0x030200, driver="nouveau")
+def _fake_host(host: FakeHost) -> None:
+    host.add("0000:00:1f.2", 0x8086, 0x2922, 0x010601, attributes=True, driver="ahci")
+    host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
+    host.add("0000:07:00.0", 0x10DE, 0x1DB6, 0x030200, attributes=True, driver="nouveau")
 
 
 # --------------------------------------------------------------------------- the scan
 
 
-def test_scan_reads_ids_drivers_and_says_what_it_skipped(tmp_path: Path) -> None:
-    root = tmp_path / "devices"
-    _fake_host(root)
-    (root / "not-an-address").mkdir()
-    _function(root, "0000:09:00.0", 0x1234, 0x5678, 0x0, attributes=False)
-    (root / "0000:09:00.0" / "config").write_bytes(b"\x34\x12")  # a truncated header
-    scan = scan_host(root)
+def test_scan_reads_ids_drivers_and_says_what_it_skipped(fake_host: FakeHost) -> None:
+    _fake_host(fake_host)
+    (fake_host.root / "not-an-address").mkdir()
+    fake_host.add("0000:09:00.0", 0x1234, 0x5678, 0x0)
+    fake_host.config("0000:09:00.0").write_bytes(b"\x34\x12")  # a truncated header
+    scan = scan_host(fake_host.root)
     assert [str(f.address) for f in scan.functions] == [
         "0000:00:1f.2", "0000:05:00.0", "0000:07:00.0", "0000:09:00.0"
     ]
@@ -104,43 +69,10 @@ def test_scan_of_a_missing_tree_reports_it(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- ctl list
 
 
-@asynccontextmanager
-async def serving(text: str, tmp: Path) -> AsyncIterator[tuple[Backend, str]]:
-    config = parse_config(
-        f"listen = [{json.dumps(listen_address('memory', tmp))}]\n" + text,
-        source=str(tmp / "backend.toml"),
-        base=tmp,
-    )
-    backend = Backend(config, control=tmp / "pciback.ctl")
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(backend.serve)
-        try:
-            yield backend, addresses[0]
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def ctl(tmp: Path, *argv: str) -> tuple[int, str, str]:
-    """``pciback ctl`` (a blocking client) in a thread while the backend serves."""
-    out, err = io.StringIO(), io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            return main(["ctl", "--control", str(tmp / "pciback.ctl"), *argv])
-
-    code = await trio.to_thread.run_sync(run)
-    return code, out.getvalue(), err.getvalue()
-
-
-async def ctl_json(tmp: Path, *argv: str) -> Any:
-    code, out, err = await ctl(tmp, *argv, "--json")
-    answer = json.loads(out)
-    assert (code == 0) == answer["ok"], (code, out, err)
-    return answer
 
 
 HOST_CONFIG = f"""
-sysfs_root = "devices"
+sysfs_root = "sysfs"
 hide = ["0000:07:*.*"]
 [[guest]]
 name = "alpha"
@@ -162,8 +94,10 @@ address = "0000:05:00.0"
 """
 
 
-async def test_list_shows_every_host_device_and_every_served_one(tmp_path: Path) -> None:
-    _fake_host(tmp_path / "devices")
+async def test_list_shows_every_host_device_and_every_served_one(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
+    _fake_host(fake_host)
     async with serving(HOST_CONFIG, tmp_path) as (_backend, address):
         async with pcifront.connect(address, guest="alpha"):
             listing = await ctl_json(tmp_path, "list")
@@ -213,8 +147,10 @@ async def test_list_shows_every_host_device_and_every_served_one(tmp_path: Path)
         assert all(line[s - 2 : s] == "  " and line[s] != " " for s in starts[1:]), line
 
 
-async def test_host_device_that_is_not_configured_cannot_be_assigned(tmp_path: Path) -> None:
-    _fake_host(tmp_path / "devices")
+async def test_host_device_that_is_not_configured_cannot_be_assigned(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
+    _fake_host(fake_host)
     async with serving(HOST_CONFIG, tmp_path) as (backend, _address):
         refused = await ctl_json(tmp_path, "assign", "0000:00:1f.2", "alpha")
         assert refused["code"] == "NOT_FOUND"
@@ -305,10 +241,12 @@ def test_the_real_host_is_read_only_and_agrees_with_lspci() -> None:
     assert ours == theirs
 
 
-def test_check_config_closes_the_host_devices_it_opened(tmp_path: Path) -> None:
+def test_check_config_closes_the_host_devices_it_opened(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
     # `pciback check` (and the docs runner, which calls check_config once per block)
     # opens every host device to validate it; nothing may stay open afterwards.
-    _fake_host(tmp_path / "devices")
+    _fake_host(fake_host)
     config = tmp_path / "host.toml"
     config.write_text(HOST_CONFIG)
     before = len(os.listdir("/proc/self/fd"))
@@ -317,31 +255,25 @@ def test_check_config_closes_the_host_devices_it_opened(tmp_path: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def _host_with_a_memory_bar(root: Path) -> Path:
+def _host_with_a_memory_bar(host: FakeHost) -> Path:
     """A writable-looking host function whose memory decode is off (firmware would set it)."""
-    image = bytearray(256)
-    image[0:4] = (0x10C9_8086).to_bytes(4, "little")
-    image[0x08:0x0C] = (0x0200_0001).to_bytes(4, "little")
-    image[0x10:0x14] = (0xFE00_0000).to_bytes(4, "little")  # BAR0: 32-bit memory
-    path = root / "0000:05:00.0"
-    path.mkdir(parents=True)
-    (path / "config").write_bytes(bytes(image))
-    (path / "resource").write_text(
-        "0x00000000fe000000 0x00000000fe000fff 0x0000000000040200\n"
-        + "0x0000000000000000 0x0000000000000000 0x0000000000000000\n" * 6
+    host.add(
+        "0000:05:00.0", 0x8086, 0x10C9, 0x020000,
+        resource="0x00000000fe000000 0x00000000fe000fff 0x0000000000040200\n"
+        + "0x0000000000000000 0x0000000000000000 0x0000000000000000\n" * 6,
     )
-    return path / "config"
+    config = host.config("0000:05:00.0")
+    image = bytearray(config.read_bytes())
+    image[0x10:0x14] = (0xFE00_0000).to_bytes(4, "little")  # BAR0: 32-bit memory
+    config.write_bytes(bytes(image))
+    return config
 
 
-def test_check_never_writes_a_writable_host_device(tmp_path: Path) -> None:
-    config_file = _host_with_a_memory_bar(tmp_path / "devices")
+def test_check_never_writes_a_writable_host_device(tmp_path: Path, fake_host: FakeHost) -> None:
+    config_file = _host_with_a_memory_bar(fake_host)
     original = config_file.read_bytes()
     config = tmp_path / "host.toml"
-    config.write_text(
-        'sysfs_root = "devices"\n[[guest]]\nname = "g"\n'
-        '[[device]]\nid = "h"\nkind = "host"\naddress = "0000:05:00.0"\nwritable = true\n'
-        'policy = "permissive"\nguest = "g"\n'
-    )
+    config.write_text(writable_host_config(fake_host.root, "0000:05:00.0"))
     check_config(config)
     assert config_file.read_bytes() == original  # pciback check: nothing written
     # Serving it does program the decode bits (so the check above could have written).

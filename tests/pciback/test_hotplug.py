@@ -29,22 +29,11 @@ from shared.protocol import (
     encode,
 )
 from shared.transport import FrameTransport, TransportOptions, open_transport
+from tests.support.configs import edu_config
 
-CONFIG = """
-[hotplug]
-ack_timeout = 5.0
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu1"
-model = "edu"
-"""
+CONFIG = "[hotplug]\nack_timeout = 5.0\n" + edu_config(
+    ["alpha", "beta"], {"edu0": "alpha", "edu1": None}
+)
 
 EDU_ID = 0x11E81234  # edu's vendor and device id, read as one dword
 

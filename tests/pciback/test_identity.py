@@ -7,7 +7,6 @@ import grp
 import os
 import shutil
 import socket
-import ssl
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 import pcifront
 from pciback.config import parse_config
@@ -29,6 +27,8 @@ from shared.protocol import Connection, HandshakeRejected, Limits, Role, Welcome
 from shared.protocol._framing import FrameDecoder, encode_frame
 from shared.transport import PeerIdentity, TransportOptions
 from shared.transport._identity import SO_PEERGROUPS, peer_groups, peercred_identity
+from tests.support.configs import edu_config
+from tests.support.tls import TlsFiles
 
 NOBODY = 65534
 
@@ -225,19 +225,11 @@ async def test_unknown_guest_and_not_authorized_are_told_apart_and_logged(
     assert "accepts only uid 4242" in unauthorized
 
 
-async def test_tls_certificate_name_is_case_insensitive(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
-    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ca.configure_trust(client)
-    ca.issue_cert("GUEST0.example", common_name="Guest0").configure_cert(client)
-    text = (
-        "[tls]\ncert='server.pem'\nkey='server.key'\nca='ca.pem'\n[[guest]]\nname='guest0'\n"
-        "[[device]]\nid='e'\nmodel='edu'\nguest='guest0'\n"
-    )
+async def test_tls_certificate_name_is_case_insensitive(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    client = tls_files.client_context("GUEST0.example", common_name="Guest0")
+    text = tls_files.section + edu_config(["guest0"], {"e": "guest0"})
     async with running_backend(text, transports=("tls",), tmp=tmp_path) as rb:
         opts = TransportOptions(ssl_context=client)
         async with pcifront.connect(rb.address("tls"), guest="guest0", options=opts) as bus:

@@ -13,15 +13,7 @@ import trio
 
 import pcifront
 from pciback.testing import TEST_TOKEN, running_backend
-
-CONFIG = """
-[[guest]]
-name = "guest0"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "guest0"
-"""
+from tests.support.configs import ONE_GUEST
 
 KINDS = ["memory", "unix", "shm", "tcp"]
 FD_KINDS = ("unix", "shm")
@@ -31,7 +23,7 @@ FD_KINDS = ("unix", "shm")
 @pytest.mark.parametrize("mode", ["intx", "msi"])
 async def test_interrupt_driven_factorial(kind: str, mode: str, tmp_path: Path) -> None:
     async with (
-        running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb,
+        running_backend(ONE_GUEST, transports=(kind,), tmp=tmp_path) as rb,
         pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus,
     ):
         (edu,) = bus.devices
@@ -58,7 +50,7 @@ async def test_interrupt_driven_factorial(kind: str, mode: str, tmp_path: Path) 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_dma_round_trip(kind: str, tmp_path: Path) -> None:
     async with (
-        running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb,
+        running_backend(ONE_GUEST, transports=(kind,), tmp=tmp_path) as rb,
         pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus,
     ):
         (edu,) = bus.devices

@@ -29,6 +29,7 @@ from shared.protocol import (
     IRQ_MODE_MSIX,
     InterruptEvent,
 )
+from tests.support.configs import device_table, edu_config
 
 EDU_RAISE, EDU_ACK, EDU_STATUS = 0x60, 0x64, 0x24
 
@@ -51,28 +52,12 @@ class MsixModel(EmulatedDevice):
 MODELS.setdefault("irq-test-msix", MsixModel)
 MODELS.setdefault("irq-test-msix2048", lambda: MsixModel(2048))
 
-CONFIG = """
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "msix-a"
-model = "irq-test-msix"
-guest = "alpha"
-[[device]]
-id = "big-a"
-model = "irq-test-msix2048"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-"""
+CONFIG = (
+    edu_config(["alpha", "beta"], {"edu-a": "alpha"})
+    + device_table("msix-a", "alpha", model="irq-test-msix")
+    + device_table("big-a", "alpha", model="irq-test-msix2048")
+    + device_table("edu-b", "beta")
+)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Interrupts through the whole backend: sessions, the dispatcher and the IRQ router.
 
-A hand-driven frontend (``_irqdma_support.RawGuest``) speaks the protocol so
+A hand-driven frontend (``tests.support.rawguest.RawGuest``) speaks the protocol so
 that every event the backend sends is visible, in order.
 """
 
@@ -12,16 +12,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from _irqdma_support import (
-    EDU,
-    FACTORIAL,
-    IRQ_ACK,
-    IRQ_RAISE,
-    IRQ_STATUS,
-    STATUS,
-    RawGuest,
-    raw_guest,
-)
 
 from pciback.testing import running_backend
 from shared.errors import ErrorCode
@@ -41,33 +31,20 @@ from shared.protocol import (
     InterruptMaskRequest,
     ValueReply,
 )
+from tests.support import configs
+from tests.support.configs import ONE_GUEST
+from tests.support.rawguest import (
+    EDU,
+    FACTORIAL,
+    IRQ_ACK,
+    IRQ_RAISE,
+    IRQ_STATUS,
+    STATUS,
+    RawGuest,
+    raw_guest,
+)
 
-ONE_EDU = """
-[[guest]]
-name = "guest0"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "guest0"
-"""
-
-TWO_GUESTS = """
-[interrupts]
-max_events_per_second = 10.0
-burst = 5
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-"""
+TWO_GUESTS = "[interrupts]\nmax_events_per_second = 10.0\nburst = 5\n" + configs.TWO_GUESTS
 
 
 async def bar_write(g: RawGuest, offset: int, value: int) -> None:
@@ -93,7 +70,7 @@ async def enable(
 @pytest.mark.parametrize("kind", ["memory", "unix"])
 async def test_edu_intx_exact_event_sequence(kind: str, tmp_path: Path) -> None:
     async with (
-        running_backend(ONE_EDU, transports=(kind,), tmp=tmp_path) as rb,
+        running_backend(ONE_GUEST, transports=(kind,), tmp=tmp_path) as rb,
         raw_guest(rb.address(kind), "guest0") as g,
     ):
         assert await enable(g, IRQ_MODE_INTX) == 1
@@ -113,7 +90,7 @@ async def test_edu_intx_exact_event_sequence(kind: str, tmp_path: Path) -> None:
 
 async def test_edu_factorial_interrupt_with_msi() -> None:
     async with (
-        running_backend(ONE_EDU) as rb,
+        running_backend(ONE_GUEST) as rb,
         raw_guest(rb.address("memory"), "guest0") as g,
     ):
         assert await enable(g, IRQ_MODE_MSI) == 1
@@ -136,7 +113,7 @@ async def test_edu_factorial_interrupt_with_msi() -> None:
 
 async def test_xsa157_sequences_over_the_wire() -> None:
     async with (
-        running_backend(ONE_EDU) as rb,
+        running_backend(ONE_GUEST) as rb,
         raw_guest(rb.address("memory"), "guest0") as g,
     ):
         # Disabling what is off: harmless.
@@ -231,7 +208,7 @@ async def test_storm_is_rate_limited_while_another_guest_keeps_its_service(
 
 async def test_eventfds_and_shared_memory_refused_without_fd_passing() -> None:
     async with (
-        running_backend(ONE_EDU) as rb,
+        running_backend(ONE_GUEST) as rb,
         raw_guest(rb.address("memory"), "guest0") as g,
     ):
         reply = await enable(g, IRQ_MODE_INTX, eventfds=True)
@@ -244,7 +221,7 @@ async def test_eventfds_and_shared_memory_refused_without_fd_passing() -> None:
 
 async def test_eventfd_interrupts_over_unix(tmp_path: Path) -> None:
     async with (
-        running_backend(ONE_EDU, transports=("unix",), tmp=tmp_path) as rb,
+        running_backend(ONE_GUEST, transports=("unix",), tmp=tmp_path) as rb,
         raw_guest(rb.address("unix"), "guest0") as g,
     ):
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -281,7 +258,7 @@ async def test_eventfd_interrupts_over_unix(tmp_path: Path) -> None:
 
 
 async def test_disconnect_drops_the_bindings() -> None:
-    async with running_backend(ONE_EDU) as rb:
+    async with running_backend(ONE_GUEST) as rb:
         async with raw_guest(rb.address("memory"), "guest0") as g:
             assert await enable(g, IRQ_MODE_INTX) == 1
         dev = rb.backend.registry.get("edu0")

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import select
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,40 +13,12 @@ import pytest
 
 from pciback.cli import JsonLogFormatter, main
 from pciback.ops.lifecycle import sd_notify
-
-PCIBACK = Path(sys.executable).parent / "pciback"
-TIMEOUT = 30.0  # a stall guard for a real process, not a speed target
-
-CONFIG = """
-listen = ["unix:{sock}"]
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "{owner}"
-"""
+from tests.support.configs import edu_config, listen_line
+from tests.support.serve import TIMEOUT, ServeFactory
 
 
-class Lines:
-    """Lines of a pipe, read with a time-out (no buffering behind select's back)."""
-
-    def __init__(self, stream: object) -> None:
-        assert hasattr(stream, "fileno")
-        self.fd = stream.fileno()
-        self.buffer = b""
-
-    def next(self, timeout: float = TIMEOUT) -> str:
-        while b"\n" not in self.buffer:
-            ready, _, _ = select.select([self.fd], [], [], timeout)
-            assert ready, "the backend printed nothing in time"
-            data = os.read(self.fd, 65536)
-            assert data, f"the backend closed the pipe; so far: {self.buffer!r}"
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode() + "\n"
+def _config(sock: Path, owner: str) -> str:
+    return listen_line(f"unix:{sock}") + edu_config(["alpha", "beta"], {"edu-a": owner})
 
 
 class Notifications:
@@ -100,75 +68,69 @@ def test_json_log_lines() -> None:
 
 @pytest.mark.slow
 def test_sighup_reassigns_refuses_a_bad_config_and_sigterm_stops_cleanly(
-    tmp_path: Path, notify: Notifications, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    notify: Notifications,
+    capsys: pytest.CaptureFixture[str],
+    serve_pciback: ServeFactory,
 ) -> None:
-    config = tmp_path / "backend.toml"
     sock = tmp_path / "pciback.sock"
-    config.write_text(CONFIG.format(sock=sock, owner="alpha"))
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path))
-    proc = subprocess.Popen(
-        [str(PCIBACK), "serve", "--config", str(config), "--log-format", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
-        env=env,
+    backend = serve_pciback(
+        "--log-format", "json",
+        config=_config(sock, owner="alpha"),
+        env={"NOTIFY_SOCKET": str(notify.path)},
     )
-    out, err = Lines(proc.stdout), Lines(proc.stderr)
+    config, out = backend.config, backend.out
+    assert config is not None
 
-    def said() -> str:
-        """The next line on stdout: a JSON object (--log-format json), its message."""
-        entry = json.loads(out.next())
+    def message(line: str) -> str:
+        """A line on stdout: a JSON object (--log-format json); its message."""
+        entry = json.loads(line)
         assert {"time", "level", "logger", "message"} <= set(entry)
         assert (entry["level"], entry["logger"]) == ("INFO", "pciback")
         return str(entry["message"])
 
-    try:
-        assert said() == f"listening on unix:{sock}"
-        summary = said()
-        assert summary.startswith("serving 2 guest(s), 1 device(s) (1 assigned, 0 hidden)")
-        assert summary.rstrip().endswith(f"control socket {tmp_path / 'pciback.ctl'}")
-        assert notify.next() == "READY=1"
-        assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "alpha"
+    def said() -> str:
+        return message(out.next())
 
-        # A reassignment: applied as hot-plug.
-        config.write_text(CONFIG.format(sock=sock, owner="beta"))
-        proc.send_signal(signal.SIGHUP)
-        assert notify.next().startswith("RELOADING=1\nMONOTONIC_USEC=")
-        assert said() == f"reloaded {config}: edu-a: alpha -> beta"
-        assert notify.next() == "READY=1"
-        assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
+    listening, summary = (message(line) for line in out.seen)
+    assert listening == f"listening on unix:{sock}"
+    assert summary.startswith("serving 2 guest(s), 1 device(s) (1 assigned, 0 hidden)")
+    assert summary.rstrip().endswith(f"control socket {tmp_path / 'pciback.ctl'}")
+    assert notify.next() == "READY=1"
+    assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "alpha"
 
-        # A config that does not validate: refused, the running one stays.
-        config.write_text(CONFIG.format(sock=sock, owner="gamma"))
-        proc.send_signal(signal.SIGHUP)
-        assert notify.next().startswith("RELOADING=1")
-        # Every stderr line is JSON too; the refusal is said once, as an error.
-        entries = []
-        while not entries or not entries[-1]["message"].startswith("reload refused"):
-            entries.append(json.loads(err.next()))
-            assert {"time", "level", "logger", "message"} <= set(entries[-1])
-        refused = entries[-1]
-        assert (refused["level"], refused["logger"]) == ("ERROR", "pciback")
-        assert "device[0].guest: guest 'gamma' is not declared" in refused["message"]
-        assert not any("refused" in e["message"] for e in entries[:-1])
-        assert notify.next() == "READY=1"
-        assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
+    # A reassignment: applied as hot-plug.
+    config.write_text(_config(sock, owner="beta"))
+    backend.send_signal(signal.SIGHUP)
+    assert notify.next().startswith("RELOADING=1\nMONOTONIC_USEC=")
+    assert said() == f"reloaded {config}: edu-a: alpha -> beta"
+    assert notify.next() == "READY=1"
+    assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
 
-        proc.send_signal(signal.SIGTERM)
-        assert said() == "SIGTERM received, shutting down"
-        assert notify.next() == "STOPPING=1"
-        assert proc.wait(timeout=TIMEOUT) == 0
-        assert said() == "stopped"
-        # Nothing said twice: the refusal was on stderr only, and stderr was all JSON.
-        assert proc.stderr is not None
-        rest = (err.buffer + proc.stderr.read()).decode()
-        assert all(json.loads(line) for line in rest.splitlines())
-        assert "reload refused" not in rest
-        assert not sock.exists() and not (tmp_path / "pciback.ctl").exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # A config that does not validate: refused, the running one stays.
+    config.write_text(_config(sock, owner="gamma"))
+    backend.send_signal(signal.SIGHUP)
+    assert notify.next().startswith("RELOADING=1")
+    assert notify.next() == "READY=1"  # sent after the refusal is in the log (stderr)
+    # Every stderr line is JSON too; the refusal is said once, as an error.
+    entries = [json.loads(line) for line in backend.log_text().splitlines()]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    (refused,) = (e for e in entries if "refused" in e["message"])
+    assert refused["message"].startswith("reload refused")
+    assert (refused["level"], refused["logger"]) == ("ERROR", "pciback")
+    assert "device[0].guest: guest 'gamma' is not declared" in refused["message"]
+    assert _ctl_list(tmp_path, capsys)["edu-a"]["owner"] == "beta"
+
+    backend.send_signal(signal.SIGTERM)
+    assert said() == "SIGTERM received, shutting down"
+    assert notify.next() == "STOPPING=1"
+    assert backend.wait() == 0
+    assert said() == "stopped"
+    # Nothing said twice: the refusal was on stderr only, and stderr was all JSON.
+    log = backend.log_text().splitlines()
+    assert all(json.loads(line) for line in log)
+    assert sum("reload refused" in line for line in log) == 1
+    assert not sock.exists() and not (tmp_path / "pciback.ctl").exists()
 
 
 # --------------------------------------------------------------------------- pciback check

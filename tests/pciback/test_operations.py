@@ -6,81 +6,32 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 import pcifront
-from pciback.cli import main
 from pciback.config import parse_config
 from pciback.ops.lifecycle import reload
 from pciback.service import Backend
-from pciback.testing import listen_address
+from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
+from tests.support.configs import edu_config, listen_line, writable_host_config
+from tests.support.inprocess import ctl, ctl_json, serving
 
 REPO = Path(__file__).resolve().parents[2]
 LIVENESS = 0x04  # edu BAR0: reads back the complement of what was written (0 at reset)
 MARK = 0x12345678
 
-CONFIG = """
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-"""
+CONFIG = edu_config(["alpha", "beta"], {"edu-a": "alpha", "edu-b": None})
 
 
-@asynccontextmanager
-async def serving(
-    text: str, tmp: Path, *, kind: str = "memory", control: bool = True
-) -> AsyncIterator[tuple[Backend, str]]:
-    config = parse_config(f"listen = [{json.dumps(listen_address(kind, tmp))}]\n" + text, base=tmp)
-    backend = Backend(config, control=tmp / "pciback.ctl" if control else None)
-    async with trio.open_nursery() as nursery:
-        addresses = await nursery.start(backend.serve)
-        try:
-            yield backend, addresses[0]
-        finally:
-            nursery.cancel_scope.cancel()
-
-
-async def ctl(tmp: Path, *argv: str) -> tuple[int, str, str]:
-    """Run ``pciback ctl`` (a blocking client) in a thread while the backend serves."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                return main(["ctl", "--control", str(tmp / "pciback.ctl"), *argv])
-            except SystemExit as exc:  # argparse: usage errors
-                return int(exc.code or 0)
-
-    code = await trio.to_thread.run_sync(run)
-    return code, out.getvalue(), err.getvalue()
-
-
-async def ctl_json(tmp: Path, *argv: str) -> Any:
-    code, out, err = await ctl(tmp, *argv, "--json")
-    answer = json.loads(out)
-    assert (code == 0) == answer["ok"], (code, out, err)
-    return answer
 
 
 # --------------------------------------------------------------------------- pciback ctl
@@ -296,28 +247,15 @@ async def test_reset_on_reload_move(tmp_path: Path) -> None:
             await _assert_clean(beta)
 
 
-def _fake_host(root: Path) -> bytes:
-    image = bytearray(256)
-    image[0:4] = (0x10C9_8086).to_bytes(4, "little")  # an 82576, as a host function
-    image[0x08:0x0C] = (0x0200_0001).to_bytes(4, "little")
-    path = root / "0000:05:00.0"
-    path.mkdir(parents=True)
-    (path / "config").write_bytes(bytes(image))
-    (path / "resource").write_text("")
-    return bytes(image)
-
-
-async def test_writable_host_device_gets_its_saved_config_back(tmp_path: Path) -> None:
-    """Never this machine's devices: a copy of a sysfs tree in tmp_path."""
-    sysfs = tmp_path / "sysfs"
-    original = _fake_host(sysfs)
-    text = (
-        f"listen = [{json.dumps(listen_address('memory', tmp_path))}]\n"
-        f"sysfs_root = '{sysfs}'\n[[guest]]\nname='g'\n"
-        "[[device]]\nid='h'\nkind='host'\naddress='0000:05:00.0'\nwritable=true\n"
-        "policy='permissive'\nguest='g'\n"
+async def test_writable_host_device_gets_its_saved_config_back(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
+    """Never this machine's devices: a fake sysfs tree in tmp_path."""
+    original = fake_host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
+    text = listen_line(listen_address("memory", tmp_path)) + writable_host_config(
+        fake_host.root, "0000:05:00.0"
     )
-    config_file = sysfs / "0000:05:00.0" / "config"
+    config_file = fake_host.config("0000:05:00.0")
     backend = Backend(parse_config(text, base=tmp_path))
     stop = trio.CancelScope()
 
@@ -360,3 +298,40 @@ async def test_hidden_capability_really_disappears(tmp_path: Path, hide: str) ->
             assert not await dev.config_read(0x06, 2) & 0x10  # Status.CAP_LIST clear
     with pytest.raises(ConfigFileError, match=r"hide_capabilities\[0\]: 4096 is not"):
         parse_config(text + "hide_capabilities=[0x1000]\n")
+
+
+def test_ctl_reads_a_refusal_sent_before_its_request_went_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend that refuses a peer answers and closes at once, maybe before the request
+    is sent: the request then fails with EPIPE, and the refusal must still be read."""
+    from pciback.ops import control_client
+
+    path = tmp_path / "pciback.ctl"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    refusal = {"ok": False, "error": "not authorized", "code": "NOT_AUTHORIZED"}
+    closed = threading.Event()
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        with conn:  # send, not sendall: accept() made it a LateSender too
+            conn.send(json.dumps(refusal).encode() + b"\n")
+        closed.set()
+
+    class LateSender(socket.socket):
+        """A real socket whose request goes out only after the backend has closed."""
+
+        def sendall(self, data: bytes, flags: int = 0) -> None:  # type: ignore[override]
+            assert closed.wait(10)
+            super().sendall(data, flags)
+
+    server = threading.Thread(target=refuse)
+    server.start()
+    monkeypatch.setattr(control_client.socket, "socket", LateSender)
+    try:
+        assert control_client.request(path, {"command": "status"}, timeout=10) == refusal
+    finally:
+        server.join(10)
+        listener.close()

@@ -15,6 +15,7 @@ import pcifront
 from pciback.testing import running_backend
 from pcifront.cli import _lspci, build_parser
 from shared.errors import ErrorCode
+from tests.support.configs import ONE_GUEST
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pcidata"
 DUMPS = sorted(p for p in DATA.glob("*.txt") if not p.name.endswith("vvv.txt"))
@@ -161,9 +162,7 @@ async def test_every_host_device_reads_back_identical_to_sysfs(tmp_path: Path) -
 async def test_denied_write_is_an_error_and_an_audit_entry(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = (
-        "[[guest]]\nname = 'guest0'\n[[device]]\nid = 'edu0'\nmodel = 'edu'\nguest = 'guest0'\n"
-    )
+    config = ONE_GUEST
     caplog.set_level(logging.INFO, logger="pcisplit.audit")
     async with (
         running_backend(config, transports=("unix",), tmp=tmp_path) as rb,

@@ -15,51 +15,22 @@ from pciback.devices import HostDevice
 from pciback.ops.lifecycle import reload
 from pciback.plane.registry import NotAssignedError
 from pciback.service import Backend
-from pciback.testing import listen_address
+from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
+from tests.support.configs import device_table, edu_config, writable_host_config
 
 LIVENESS = 0x04  # edu BAR0: reads back the complement of what was written (~0 at reset)
 MARK = 0x12345678
 EDU_ID = 0x11E81234
 TIMEOUT = 20.0  # a stall guard (a hot-plug step that never completes), not a speed target
 
-BEFORE = """
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-[[device]]
-id = "edu-c"
-model = "edu"
-"""
+BEFORE = edu_config(["alpha", "beta"], {"edu-a": "alpha", "edu-b": "beta", "edu-c": None})
 #: edu-a as it was; edu-b redefined (MSI hidden); edu-c removed; edu-d added for beta.
-AFTER = """
-[[guest]]
-name = "alpha"
-[[guest]]
-name = "beta"
-[[device]]
-id = "edu-a"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu-b"
-model = "edu"
-guest = "beta"
-hide_capabilities = ["msi"]
-[[device]]
-id = "edu-d"
-model = "edu"
-guest = "beta"
-"""
+AFTER = (
+    edu_config(["alpha", "beta"], {"edu-a": "alpha"})
+    + device_table("edu-b", "beta", hide_capabilities=["msi"])
+    + device_table("edu-d", "beta")
+)
 
 
 _LISTEN: dict[Path, str] = {}
@@ -182,37 +153,24 @@ async def test_a_new_device_that_cannot_be_created_refuses_the_reload(tmp_path: 
         nursery.cancel_scope.cancel()
 
 
-def _fake_host(root: Path) -> bytes:
-    image = bytearray(256)
-    image[0:4] = (0x10C9_8086).to_bytes(4, "little")
-    image[0x08:0x0C] = (0x0200_0001).to_bytes(4, "little")
-    (root / "0000:05:00.0").mkdir(parents=True)
-    (root / "0000:05:00.0" / "config").write_bytes(bytes(image))
-    (root / "0000:05:00.0" / "resource").write_text("")
-    return bytes(image)
-
-
 async def test_a_redefined_writable_host_device_keeps_its_clean_saved_config(
-    tmp_path: Path,
+    tmp_path: Path, fake_host: FakeHost
 ) -> None:
     """Never this machine's devices: a fake sysfs tree in tmp_path."""
-    sysfs = tmp_path / "sysfs"
-    original = _fake_host(sysfs)
-    host = (
-        f"sysfs_root = '{sysfs}'\n[[guest]]\nname='g'\n"
-        "[[device]]\nid='h'\nkind='host'\naddress='0000:05:00.0'\nwritable=true\n"
-        "policy='{policy}'\nguest='g'\n"
-    )
+    original = fake_host.add("0000:05:00.0", 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
     path = tmp_path / "backend.toml"
-    path.write_text(_listen(tmp_path) + host.format(policy="permissive"))
+    path.write_text(_listen(tmp_path) + writable_host_config(fake_host.root, "0000:05:00.0"))
     backend = Backend(parse_config(path.read_text(), base=tmp_path), control=tmp_path / "b.ctl")
-    config_file = sysfs / "0000:05:00.0" / "config"
+    config_file = fake_host.config("0000:05:00.0")
     async with trio.open_nursery() as nursery:
         address = (await nursery.start(backend.serve))[0]
         async with pcifront.connect(address, guest="g") as front:
             await front.devices[0].config_write(0x40, 4, 0xCAFEF00D)
             # Redefined while the guest holds it (and has written to it).
-            path.write_text(_listen(tmp_path) + host.format(policy="default"))
+            path.write_text(
+                _listen(tmp_path)
+                + writable_host_config(fake_host.root, "0000:05:00.0", policy="default")
+            )
             assert (await reload(backend, path)).redefined == ("h",)
             assert config_file.read_bytes() == original  # reset on its way out
             provider = backend.registry.get("h").provider

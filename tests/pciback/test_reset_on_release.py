@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,96 +30,27 @@ from pciback.devices import EduDevice, HostDevice
 from pciback.plane.hoststate import HostStateFile, state_path_for
 from pciback.plane.registry import MODELS
 from pciback.service import Backend
-from pciback.testing import listen_address
+from pciback.testing import FakeHost, listen_address
 from shared.errors import ConfigFileError
+from tests.support.configs import device_table, listen_line, writable_host_config
+from tests.support.serve import TIMEOUT, ServeProcess
 
 REPO = Path(__file__).resolve().parents[2]
 DUMP = REPO / "tests/data/pcidata/eth_intel_82576_sriov.txt"
 HOST = "0000:05:00.0"
 SNAPSHOT_FREE = 0xF0  # the 82576 dump: past its last capability, plain read/write memory
-TIMEOUT = 30.0  # a stall guard for a real process, not a speed target
-
-CONFIG = """
-listen = ["unix:{sock}"]
-sysfs_root = "{sysfs}"
-[[guest]]
-name = "g"
-[[device]]
-id = "h"
-kind = "host"
-address = "0000:05:00.0"
-writable = true
-policy = "permissive"
-guest = "g"
-[[device]]
-id = "nic"
-kind = "snapshot"
-dump = "{dump}"
-policy = "permissive"
-guest = "g"
-"""
 
 
-def _fake_host(root: Path) -> bytes:
-    """A host function's sysfs directory (an 82576's IDs), as a plain file under tmp_path."""
-    image = bytearray(256)
-    image[0:4] = (0x10C9_8086).to_bytes(4, "little")
-    image[0x08:0x0C] = (0x0200_0001).to_bytes(4, "little")
-    path = root / HOST
-    path.mkdir(parents=True)
-    (path / "config").write_bytes(bytes(image))
-    (path / "resource").write_text("")
-    return bytes(image)
 
-
-class ServeProcess:
-    """``pciback serve --config`` as a real process, its stdout read line by line."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.sock = tmp / "pciback.sock"
-        self.config = tmp / "backend.toml"
-        if not self.config.exists():
-            self.config.write_text(
-                CONFIG.format(sock=self.sock, sysfs=tmp / "sysfs", dump=DUMP)
-            )
-        self.log = (tmp / "backend.log").open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pciback.cli", "serve", "--config", str(self.config), "-v"],
-            cwd=tmp,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.address = f"unix:{self.sock}"
-
-    async def line(self) -> str:
-        assert self.proc.stdout is not None
-        with trio.fail_after(TIMEOUT):
-            data = await trio.to_thread.run_sync(self.proc.stdout.readline)
-        assert data, f"the backend exited; its log:\n{self.log_text()}"
-        return data.decode()
-
-    async def started(self) -> ServeProcess:
-        while not (await self.line()).startswith("pciback: serving"):
-            pass
-        return self
-
-    async def wait(self) -> int:
-        with trio.fail_after(TIMEOUT):
-            return await trio.to_thread.run_sync(self.proc.wait)
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return (self.tmp / "backend.log").read_text()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self.log.close()
+def _serve(tmp: Path, fake_host: FakeHost) -> ServeProcess:
+    """``pciback serve -v`` (the backend.log that tests read has its info lines) serving guest g
+    a writable host device h (at HOST in ``fake_host``) and a snapshot nic of DUMP."""
+    config = (
+        listen_line(f"unix:{tmp / 'pciback.sock'}")
+        + writable_host_config(fake_host.root, HOST)
+        + device_table("nic", "g", model=None, kind="snapshot", dump=str(DUMP), policy="permissive")
+    )
+    return ServeProcess(tmp, "-v", config=config)
 
 
 async def _write_both(front: pcifront.Bus) -> None:
@@ -133,19 +61,20 @@ async def _write_both(front: pcifront.Bus) -> None:
 
 
 @pytest.mark.slow
-async def test_sigterm_resets_a_held_host_device_and_snapshot_by_content(tmp_path: Path) -> None:
-    original = _fake_host(tmp_path / "sysfs")
-    config_file = tmp_path / "sysfs" / HOST / "config"
+async def test_sigterm_resets_a_held_host_device_and_snapshot_by_content(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
+    original = fake_host.add(HOST, 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
+    config_file = fake_host.config(HOST)
     dump_before = DUMP.read_bytes()
-    server = await ServeProcess(tmp_path).started()
-    try:
-        async with pcifront.connect(server.address, guest="g") as front:
+    async with _serve(tmp_path, fake_host) as server:
+        async with pcifront.connect(server.address("unix"), guest="g") as front:
             await _write_both(front)
             assert config_file.read_bytes()[0x40:0x44] == bytes.fromhex("0df0feca")
             # While a guest holds it, the saved config is on disk beside the control socket.
             assert state_path_for(tmp_path / "pciback.ctl").exists()
-            server.proc.send_signal(signal.SIGTERM)
-            assert await server.wait() == 0
+            server.send_signal(signal.SIGTERM)
+            assert await server.await_exit() == 0
             # The guest was told before the backend went.
             with trio.fail_after(TIMEOUT):
                 lost = await front.wait_closed()
@@ -156,55 +85,44 @@ async def test_sigterm_resets_a_held_host_device_and_snapshot_by_content(tmp_pat
         # A snapshot's original image is its dump file, which no guest write ever reaches:
         # the next backend (the same process would reset it, too) serves the dump's bytes.
         assert DUMP.read_bytes() == dump_before
-    finally:
-        server.close()
-    server = await ServeProcess(tmp_path).started()
-    try:
-        async with pcifront.connect(server.address, guest="g") as front:
+    async with _serve(tmp_path, fake_host) as server:
+        async with pcifront.connect(server.address("unix"), guest="g") as front:
             host, nic = front.devices
             assert await nic.config_read(SNAPSHOT_FREE, 4) == 0
             assert await host.config_read(0x40, 4) == 0
-        server.proc.send_signal(signal.SIGTERM)
-        assert await server.wait() == 0
-    finally:
-        server.close()
+        assert await server.astop() == 0
 
 
 @pytest.mark.slow
-async def test_sigkill_of_the_backend_is_repaired_by_the_next_start(tmp_path: Path) -> None:
-    original = _fake_host(tmp_path / "sysfs")
-    config_file = tmp_path / "sysfs" / HOST / "config"
+async def test_sigkill_of_the_backend_is_repaired_by_the_next_start(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
+    original = fake_host.add(HOST, 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
+    config_file = fake_host.config(HOST)
     state = state_path_for(tmp_path / "pciback.ctl")
-    server = await ServeProcess(tmp_path).started()
-    try:
-        async with pcifront.connect(server.address, guest="g") as front:
+    async with _serve(tmp_path, fake_host) as server:
+        async with pcifront.connect(server.address("unix"), guest="g") as front:
             await _write_both(front)
-            server.proc.send_signal(signal.SIGKILL)
-            assert await server.wait() == -signal.SIGKILL
+            server.send_signal(signal.SIGKILL)
+            assert await server.await_exit() == -signal.SIGKILL
         # Nobody reset anything: the guest's write is still in the device...
         dirty = config_file.read_bytes()
         assert dirty[0x40:0x44] == bytes.fromhex("0df0feca")
         # ...and the state file says what it must go back to.
         assert HostStateFile(state).load() == {HOST: original}
-    finally:
-        server.close()
-    server = await ServeProcess(tmp_path).started()
-    try:
+    async with _serve(tmp_path, fake_host) as server:
         # Restored at start, before any guest could connect.
         assert config_file.read_bytes() == original
         assert "the last backend did not stop cleanly; restored the config" in server.log_text()
-        async with pcifront.connect(server.address, guest="g") as front:
+        async with pcifront.connect(server.address("unix"), guest="g") as front:
             assert await front.devices[0].config_read(0x40, 4) == 0
             await front.devices[0].config_write(0x44, 4, 0x0BADF00D)
         await trio.testing.wait_all_tasks_blocked()
         # The saved config kept is the clean one, not what was read at open time.
         assert HostStateFile(state).load() == {HOST: original}
-        server.proc.send_signal(signal.SIGTERM)
-        assert await server.wait() == 0
+        assert await server.astop() == 0
         assert config_file.read_bytes() == original
         assert not state.exists()
-    finally:
-        server.close()
 
 
 def _state(state: HostStateFile, configs: dict[str, str]) -> None:
@@ -212,11 +130,13 @@ def _state(state: HostStateFile, configs: dict[str, str]) -> None:
     state.path.write_text(json.dumps({"version": 1, "devices": devices}))
 
 
-def test_a_state_file_that_does_not_fit_the_device_stops_the_start(tmp_path: Path) -> None:
-    original = _fake_host(tmp_path / "sysfs")
-    config = tmp_path / "sysfs" / HOST / "config"
+def test_a_state_file_that_does_not_fit_the_device_stops_the_start(
+    tmp_path: Path, fake_host: FakeHost
+) -> None:
+    original = fake_host.add(HOST, 0x8086, 0x10C9, 0x020000)  # an Intel 82576 NIC
+    config = fake_host.config(HOST)
     state = HostStateFile(tmp_path / "pciback.ctl.state")
-    with HostDevice(HOST, writable=True, sysfs_root=tmp_path / "sysfs") as dev:
+    with HostDevice(HOST, writable=True, sysfs_root=fake_host.root) as dev:
         other = b"\x86\x80\xd3\x10" + original[4:]  # another device's IDs at that address
         _state(state, {HOST: other.hex()})
         config.write_bytes(original[:0x40] + b"\xff" * 4 + original[0x44:])

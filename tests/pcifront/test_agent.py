@@ -4,76 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
+from tests.support.configs import edu_config, listen_line
+from tests.support.serve import Lines, ServeFactory
+
 pytestmark = pytest.mark.slow
 
 #: Generous: the point is that the agent comes back, not how fast (benchmarks measure speed).
 DEADLINE = 60.0
 
-CONFIG = """
-listen = ["unix:{sock}"]
-[[guest]]
-name = "alpha"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu1"
-model = "edu"
-{edu1_guest}
-"""
-
-
-class Lines:
-    """Lines of a child's stream, read by a thread, taken with a deadline."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._queue.put(line.rstrip("\n"))
-        self._queue.put(None)
-
-    def next(self) -> str:
-        try:
-            line = self._queue.get(timeout=DEADLINE)
-        except queue.Empty:
-            raise AssertionError(f"no line within {DEADLINE} s; so far: {self.seen}") from None
-        if line is None:
-            raise AssertionError(f"the stream ended; so far: {self.seen}")
-        self.seen.append(line)
-        return line
-
-    def until(self, needle: str) -> str:
-        while True:
-            line = self.next()
-            if needle in line:
-                return line
-
-
-def _spawn(*args: str, cwd: Path, stderr: IO[str] | None = None) -> subprocess.Popen[str]:
-    """Run ``python -m ARGS``; stderr joins stdout unless a file is given."""
+def _spawn(*args: str, cwd: Path, stderr: IO[str]) -> subprocess.Popen[str]:
+    """Run ``python -m ARGS`` (the agent), its stdout a pipe."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if stderr is None else stderr,
+        [sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr,
         text=True,
     )
 
@@ -88,32 +40,28 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
         proc.wait(timeout=DEADLINE)
 
 
-def _backend(tmp_path: Path, procs: list[Any], *, both: bool) -> tuple[Any, Lines]:
-    config = tmp_path / "backend.toml"
-    config.write_text(
-        CONFIG.format(sock=tmp_path / "pciback.sock", edu1_guest='guest = "alpha"' if both else "")
+def _config(tmp_path: Path, *, both: bool) -> str:
+    """alpha owns edu0; edu1 is alpha's too with ``both``, else spare."""
+    return listen_line(f"unix:{tmp_path / 'pciback.sock'}") + edu_config(
+        ["alpha"], {"edu0": "alpha", "edu1": "alpha" if both else None}
     )
-    proc = _spawn("pciback.cli", "serve", "--config", str(config), cwd=tmp_path)
-    procs.append(proc)
-    lines = Lines(proc.stdout)  # type: ignore[arg-type]
-    lines.until("pciback: listening on unix:")
-    return proc, lines
 
 
 def test_agent_reconnects_after_the_backend_is_killed_and_reenumerates(
-    tmp_path: Path, processes: list[subprocess.Popen[str]]
+    tmp_path: Path, processes: list[subprocess.Popen[str]], serve_pciback: ServeFactory
 ) -> None:
-    backend, _ = _backend(tmp_path, processes, both=False)
+    backend = serve_pciback(config=_config(tmp_path, both=False))
     agent = _spawn(
         "pcifront.cli", "agent", "--connect", f"unix:{tmp_path / 'pciback.sock'}",
         "--guest", "alpha", "--json", "--retry-initial", "0.05", "--retry-max", "0.5",
         cwd=tmp_path, stderr=(tmp_path / "agent.log").open("w"),
     )
     processes.append(agent)
-    out = Lines(agent.stdout)  # type: ignore[arg-type]
+    assert agent.stdout is not None
+    out = Lines(agent.stdout)
 
     def event() -> dict[str, Any]:
-        return json.loads(out.next())  # type: ignore[no-any-return]
+        return json.loads(out.next(DEADLINE))  # type: ignore[no-any-return]
 
     assert event()["event"] == "connected"
     present = event()
@@ -121,13 +69,12 @@ def test_agent_reconnects_after_the_backend_is_killed_and_reenumerates(
         "present", "0000:00:00.0", "1234"
     )
 
-    backend.send_signal(signal.SIGKILL)
-    backend.wait(timeout=DEADLINE)
+    assert backend.stop(signal.SIGKILL) == -signal.SIGKILL
     down = event()
     assert down["event"] == "down"
 
     # The backend comes back (stale socket and all) with edu1 assigned as well.
-    _backend(tmp_path, processes, both=True)
+    serve_pciback(config=_config(tmp_path, both=True))
     up = event()
     assert up["event"] == "up" and up["attempt"] >= 1
     added = event()
@@ -144,21 +91,21 @@ def test_agent_reconnects_after_the_backend_is_killed_and_reenumerates(
 
 
 def test_agent_text_output_and_a_refused_guest(
-    tmp_path: Path, processes: list[subprocess.Popen[str]]
+    tmp_path: Path, processes: list[subprocess.Popen[str]], serve_pciback: ServeFactory
 ) -> None:
-    _backend(tmp_path, processes, both=True)
-    address = f"unix:{tmp_path / 'pciback.sock'}"
+    address = serve_pciback(config=_config(tmp_path, both=True)).address("unix")
     agent = _spawn(
         "pcifront.cli", "agent", "--connect", address, "--guest", "alpha",
         cwd=tmp_path, stderr=(tmp_path / "agent.log").open("w"),
     )
     processes.append(agent)
-    out = Lines(agent.stdout)  # type: ignore[arg-type]
-    assert out.next() == f"connected {address} alpha"
-    assert out.next() == "present 0000:00:00.0 1234:11e8 class 00ff00"
-    assert out.next() == "present 0000:00:01.0 1234:11e8 class 00ff00"
+    assert agent.stdout is not None
+    out = Lines(agent.stdout)
+    assert out.next(DEADLINE) == f"connected {address} alpha"
+    assert out.next(DEADLINE) == "present 0000:00:00.0 1234:11e8 class 00ff00"
+    assert out.next(DEADLINE) == "present 0000:00:01.0 1234:11e8 class 00ff00"
     agent.send_signal(signal.SIGINT)
-    assert out.next() == "stopped SIGINT"
+    assert out.next(DEADLINE) == "stopped SIGINT"
     assert agent.wait(timeout=DEADLINE) == 0
 
     refused = subprocess.run(

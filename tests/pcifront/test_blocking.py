@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 import pcifront
 from pciback.testing import TEST_TOKEN, RunningBackend, running_backend
@@ -26,35 +25,17 @@ from shared.transport import (
     TransportConnectError,
     TransportOptions,
 )
+from tests.support.configs import edu_config
+from tests.support.tls import TlsFiles
 
 EDU_IDENT, EDU_LIVENESS, EDU_RAISE, EDU_ACK = 0x00, 0x04, 0x60, 0x64
 
-CONFIG = """
-[tls]
-cert = "server.pem"
-key = "server.key"
-ca = "ca.pem"
-[[guest]]
-name = "guest0"
-[[guest]]
-name = "guest1"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "guest0"
-"""
+CONFIG = TlsFiles.section + edu_config(["guest0", "guest1"], {"edu0": "guest0"})
 
 
 def _tls(tmp: Path) -> ssl.SSLContext:
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(str(tmp / "server.pem"))
-    server.private_key_pem.write_to_path(str(tmp / "server.key"))
-    ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ca.configure_trust(ctx)
-    ca.issue_cert("guest0").configure_cert(ctx)
-    return ctx
+    """The backend's TLS files in ``tmp`` (CONFIG's [tls] names them); guest0's context."""
+    return TlsFiles(tmp).client_context("guest0")
 
 
 @contextmanager

@@ -42,16 +42,9 @@ from shared.protocol import (
     ValueReply,
 )
 from shared.transport import FrameTransport, open_listener
+from tests.support.configs import ONE_GUEST
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """
-[[guest]]
-name = "guest0"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "guest0"
-"""
 DMA_SRC, DMA_DST, DMA_COUNT, DMA_CMD, EDU_BUFFER = 0x80, 0x88, 0x90, 0x98, 0x40000
 IRQ_ACK = 0x64
 
@@ -70,7 +63,7 @@ async def edu_dma(
 
 @pytest.mark.parametrize("kind", ["unix", "memory", "tcp"])
 async def test_dma_round_trip_through_edu(kind: str, tmp_path: Path) -> None:
-    async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
+    async with running_backend(ONE_GUEST, transports=(kind,), tmp=tmp_path) as rb:
         async with pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus:
             dev = bus.devices[0]
             async with dev.interrupts(mode="msi") as irqs, await bus.dma_map(8192) as buf:
@@ -93,7 +86,7 @@ async def test_dma_round_trip_through_edu(kind: str, tmp_path: Path) -> None:
 async def test_dma_outside_every_buffer_is_reported_on_dma_faults(
     kind: str, tmp_path: Path
 ) -> None:
-    async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
+    async with running_backend(ONE_GUEST, transports=(kind,), tmp=tmp_path) as rb:
         async with pcifront.connect(rb.address(kind), guest="guest0", token=TEST_TOKEN) as bus:
             dev = bus.devices[0]
             async with dev.interrupts(mode="msi") as irqs, await bus.dma_map(4096) as buf:
@@ -108,7 +101,7 @@ async def test_dma_outside_every_buffer_is_reported_on_dma_faults(
 
 
 async def test_buffer_arguments_are_checked(tmp_path: Path) -> None:
-    async with running_backend(CONFIG, transports=("memory",), tmp=tmp_path) as rb:
+    async with running_backend(ONE_GUEST, transports=("memory",), tmp=tmp_path) as rb:
         async with pcifront.connect(rb.address("memory"), guest="guest0") as bus:
             with pytest.raises(pcifront.DmaError, match="size"):
                 await bus.dma_map(0)
@@ -256,7 +249,7 @@ async def test_edu_driver_example(
     kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     drive = load_edu_driver()
-    async with running_backend(CONFIG, transports=(kind,), tmp=tmp_path) as rb:
+    async with running_backend(ONE_GUEST, transports=(kind,), tmp=tmp_path) as rb:
         assert await drive(rb.address(kind), "guest0", 10, TEST_TOKEN) == 3628800
     out = capsys.readouterr().out
     assert "factorial(10) = 3628800 (interrupt-driven)" in out

@@ -14,6 +14,7 @@ import pytest
 import trustme
 
 from pcifront.cli import main
+from tests.support.serve import ServeFactory
 
 USAGE, FAILURE = 2, 1
 BIN = Path(sys.executable).parent
@@ -166,28 +167,18 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.slow
-def test_a_refusal_by_the_backend_is_one_line_and_exit_1(tmp_path: Path) -> None:
+def test_a_refusal_by_the_backend_is_one_line_and_exit_1(
+    tmp_path: Path, serve_pciback: ServeFactory
+) -> None:
     """The real commands: the backend refuses a guest it does not know."""
     sock = tmp_path / "b.sock"
-    backend = subprocess.Popen(
-        [str(BIN / "pciback"), "serve", "--listen", f"unix:{sock}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+    serve_pciback("--listen", f"unix:{sock}")
+    out = subprocess.run(
+        [str(BIN / "pcifront"), "lspci", "--connect", f"unix:{sock}", "--guest", "nobody"],
+        capture_output=True,
         text=True,
+        timeout=60,
     )
-    try:
-        assert backend.stdout is not None
-        assert "listening on" in backend.stdout.readline()
-        out = subprocess.run(
-            [str(BIN / "pcifront"), "lspci", "--connect", f"unix:{sock}", "--guest", "nobody"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    finally:
-        backend.terminate()
-        backend.wait(30)
     assert out.returncode == FAILURE
     assert out.stdout == ""
     lines = out.stderr.splitlines()

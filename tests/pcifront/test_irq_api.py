@@ -19,6 +19,7 @@ from pciback.devices import EmulatedDevice
 from pciback.plane.registry import MODELS
 from pciback.testing import RunningBackend, running_backend
 from shared.pci import CapId
+from tests.support.configs import ONE_GUEST, device_table
 
 EDU_RAISE, EDU_ACK, EDU_IRQ_STATUS = 0x60, 0x64, 0x24
 
@@ -38,18 +39,7 @@ class FrontMsixModel(EmulatedDevice):
 
 MODELS.setdefault("pcifront-test-msix", FrontMsixModel)
 
-CONFIG = """
-[[guest]]
-name = "guest0"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "guest0"
-[[device]]
-id = "msix0"
-model = "pcifront-test-msix"
-guest = "guest0"
-"""
+CONFIG = ONE_GUEST + device_table("msix0", "guest0", model="pcifront-test-msix")
 
 KINDS = ["memory", "unix"]
 

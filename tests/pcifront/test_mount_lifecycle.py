@@ -23,6 +23,7 @@ from pciback.testing import running_backend
 from pcifront.cli import build_parser, main, open_bus
 from pcifront.tools import mount as _mount
 from pcifront.tools.setpci import SetpciError, SetpciSyntaxError, parse_op, setpci_main
+from tests.support.serve import ServeFactory
 
 pytestmark = needs_fuse
 
@@ -192,28 +193,19 @@ async def test_pcifront_setpci(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_setpci_denied_write_exits_non_zero_with_the_reason(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, serve_pciback: ServeFactory
 ) -> None:
-    sock = tmp_path / "pciback.sock"
     # The exit status is the point: both sides run as the real commands (the default
     # configuration serves one edu device to guest0).
-    backend = subprocess.Popen(
-        [sys.executable, "-m", "pciback.cli", "serve", "--listen", f"unix:{sock}"],
-        stdout=subprocess.PIPE, text=True,
+    sock = tmp_path / "pciback.sock"
+    serve_pciback("--listen", f"unix:{sock}")
+    out = subprocess.run(
+        [sys.executable, "-m", "pcifront.cli", "setpci", "--connect", f"unix:{sock}",
+         "VENDOR_ID=0"], capture_output=True, text=True, timeout=60,
     )
-    try:
-        assert backend.stdout is not None
-        assert "listening on" in backend.stdout.readline()
-        out = subprocess.run(
-            [sys.executable, "-m", "pcifront.cli", "setpci", "--connect", f"unix:{sock}",
-             "VENDOR_ID=0"], capture_output=True, text=True, timeout=60,
-        )
-        assert out.returncode == 1
-        assert out.stderr.count("\n") == 1
-        assert "denied by the backend's policy" in out.stderr and "vendor_id" in out.stderr
-    finally:
-        backend.send_signal(signal.SIGTERM)
-        backend.communicate(timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1
+    assert "denied by the backend's policy" in out.stderr and "vendor_id" in out.stderr
 
 
 @pytest.mark.parametrize(

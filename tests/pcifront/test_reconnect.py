@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,18 +14,10 @@ import pcifront
 from pciback.config import BackendConfig, GuestConfig
 from pciback.service import Backend
 from pciback.testing._kit import make_test_config
+from tests.support.configs import edu_config, listen_line
+from tests.support.serve import TIMEOUT, ServeProcess
 
-CONFIG = """
-[[guest]]
-name = "alpha"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "alpha"
-[[device]]
-id = "edu1"
-model = "edu"
-"""
+CONFIG = edu_config(["alpha"], {"edu0": "alpha", "edu1": None})
 
 EDU_ID = 0x11E81234
 LIVENESS = 0x04  # edu BAR0 register: reads back the inverse of the last value written
@@ -71,181 +60,167 @@ def config() -> BackendConfig:
     return make_test_config(CONFIG, transports=("memory",), tmp=None)
 
 
+@pytest.fixture
+async def server(nursery: trio.Nursery, config: BackendConfig) -> Restartable:
+    """``config``'s backend, started (in the test's nursery, cancelled when the test ends)."""
+    server = Restartable(nursery, config)
+    await server.start()
+    return server
+
+
 async def test_a_read_made_while_the_backend_is_down_waits_and_succeeds(
-    autojump_clock: trio.testing.MockClock, config: BackendConfig
+    autojump_clock: trio.testing.MockClock, server: Restartable, nursery: trio.Nursery
 ) -> None:
     links: list[pcifront.LinkEvent] = []
-    async with trio.open_nursery() as nursery:
-        server = Restartable(nursery, config)
+    async with pcifront.connect(
+        server.address, guest="alpha", reconnect=fast_policy(links)
+    ) as bus:
+        dev = bus.devices[0]
+        await server.kill()
+        assert not bus.connected
+        assert [e.state for e in links] == ["down"]
+        result: list[int] = []
+        done = trio.Event()
+
+        async def read() -> None:
+            result.append(await dev.config_read(0, 4))
+            done.set()
+
+        nursery.start_soon(read)
+        await trio.sleep(1.0)  # several back-off attempts find nobody
+        assert result == []
         await server.start()
-        async with pcifront.connect(
-            server.address, guest="alpha", reconnect=fast_policy(links)
-        ) as bus:
-            dev = bus.devices[0]
-            await server.kill()
-            assert not bus.connected
-            assert [e.state for e in links] == ["down"]
-            result: list[int] = []
-            done = trio.Event()
-
-            async def read() -> None:
-                result.append(await dev.config_read(0, 4))
-                done.set()
-
-            nursery.start_soon(read)
-            await trio.sleep(1.0)  # several back-off attempts find nobody
-            assert result == []
-            await server.start()
-            await done.wait()
-            assert result == [EDU_ID]
-            assert [e.state for e in links] == ["down", "up"] and links[1].attempt > 1
-            assert bus.statistics().reconnects == 1
-            # Re-enumerated: the device is the same, so it keeps its Device object.
-            assert bus.devices == [dev] and not dev.removed
-        nursery.cancel_scope.cancel()
+        await done.wait()
+        assert result == [EDU_ID]
+        assert [e.state for e in links] == ["down", "up"] and links[1].attempt > 1
+        assert bus.statistics().reconnects == 1
+        # Re-enumerated: the device is the same, so it keeps its Device object.
+        assert bus.devices == [dev] and not dev.removed
 
 
 async def test_a_write_whose_reply_was_lost_raises_outcome_unknown_and_is_not_replayed(
-    autojump_clock: trio.testing.MockClock, config: BackendConfig
+    autojump_clock: trio.testing.MockClock, server: Restartable, nursery: trio.Nursery
 ) -> None:
     links: list[pcifront.LinkEvent] = []
-    async with trio.open_nursery() as nursery:
-        server = Restartable(nursery, config)
-        backend = await server.start()
-        async with pcifront.connect(
-            server.address, guest="alpha", reconnect=fast_policy(links)
-        ) as bus:
-            dev = bus.devices[0]
-            lock = backend.registry.get("edu0").lock
-            outcome: list[BaseException] = []
-            read_back: list[int] = []
-            read_done = trio.Event()
+    backend = server.backend
+    assert backend is not None
+    async with pcifront.connect(
+        server.address, guest="alpha", reconnect=fast_policy(links)
+    ) as bus:
+        dev = bus.devices[0]
+        lock = backend.registry.get("edu0").lock
+        outcome: list[BaseException] = []
+        read_back: list[int] = []
+        read_done = trio.Event()
 
-            async def write() -> None:
-                try:
-                    await dev.bar_write(0, LIVENESS, 4, 0x5A5A5A5A)
-                except pcifront.ConnectionLostError as exc:
-                    outcome.append(exc)
+        async def write() -> None:
+            try:
+                await dev.bar_write(0, LIVENESS, 4, 0x5A5A5A5A)
+            except pcifront.ConnectionLostError as exc:
+                outcome.append(exc)
 
-            async def read() -> None:
-                read_back.append(await dev.bar_read(0, LIVENESS, 4))
-                read_done.set()
+        async def read() -> None:
+            read_back.append(await dev.bar_read(0, LIVENESS, 4))
+            read_done.set()
 
-            # The backend receives both and waits for the device; then it dies.
-            await lock.acquire()
-            nursery.start_soon(write)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(read)
-            await trio.testing.wait_all_tasks_blocked()
-            await server.kill()
-            lock.release()
-            (error,) = outcome
-            assert isinstance(error, pcifront.OutcomeUnknownError)
-            assert error.request_sent is True
-            assert "not replayed" in str(error)
-            # The read is retried on the new backend. Had the write been replayed,
-            # the liveness register would read back ~0x5A5A5A5A.
-            backend2 = await server.start()
-            await read_done.wait()
-            assert read_back == [0xFFFFFFFF]
-            assert backend2.registry.get("edu0").provider.bar_read(0, LIVENESS, 4) == 0xFFFFFFFF
-            # And a write made on the new connection goes through normally.
-            await dev.bar_write(0, LIVENESS, 4, 1)
-            assert await dev.bar_read(0, LIVENESS, 4) == 0xFFFFFFFE
-        nursery.cancel_scope.cancel()
+        # The backend receives both and waits for the device; then it dies.
+        await lock.acquire()
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await server.kill()
+        lock.release()
+        (error,) = outcome
+        assert isinstance(error, pcifront.OutcomeUnknownError)
+        assert error.request_sent is True
+        assert "not replayed" in str(error)
+        # The read is retried on the new backend. Had the write been replayed,
+        # the liveness register would read back ~0x5A5A5A5A.
+        backend2 = await server.start()
+        await read_done.wait()
+        assert read_back == [0xFFFFFFFF]
+        assert backend2.registry.get("edu0").provider.bar_read(0, LIVENESS, 4) == 0xFFFFFFFF
+        # And a write made on the new connection goes through normally.
+        await dev.bar_write(0, LIVENESS, 4, 1)
+        assert await dev.bar_read(0, LIVENESS, 4) == 0xFFFFFFFE
 
 
 async def test_reenumeration_reports_the_devices_that_changed(
-    autojump_clock: trio.testing.MockClock, config: BackendConfig
+    autojump_clock: trio.testing.MockClock, server: Restartable, config: BackendConfig
 ) -> None:
     links: list[pcifront.LinkEvent] = []
     both = replace(config, devices=tuple(replace(d, guest="alpha") for d in config.devices))
-    async with trio.open_nursery() as nursery:
-        server = Restartable(nursery, config)
+    async with pcifront.connect(
+        server.address, guest="alpha", reconnect=fast_policy(links)
+    ) as bus:
+        first = bus.devices[0]
+        changes = bus.changes()
+        reason = "re-enumerated after reconnecting"
+        # Restarted with edu1 assigned as well: one device more.
+        await server.kill()
+        await server.start(both)
+        added = await changes.__anext__()
+        assert (added.kind, added.address, added.reason) == (
+            pcifront.ChangeKind.ADDED, "0000:00:01.0", reason
+        )
+        assert bus.devices == [first, added.device]
+        assert await added.device.config_read(0, 4) == EDU_ID
+        # Restarted with the original config again: that device is gone.
+        await server.kill()
         await server.start()
-        async with pcifront.connect(
-            server.address, guest="alpha", reconnect=fast_policy(links)
-        ) as bus:
-            first = bus.devices[0]
-            changes = bus.changes()
-            reason = "re-enumerated after reconnecting"
-            # Restarted with edu1 assigned as well: one device more.
-            await server.kill()
-            await server.start(both)
-            added = await changes.__anext__()
-            assert (added.kind, added.address, added.reason) == (
-                pcifront.ChangeKind.ADDED, "0000:00:01.0", reason
-            )
-            assert bus.devices == [first, added.device]
-            assert await added.device.config_read(0, 4) == EDU_ID
-            # Restarted with the original config again: that device is gone.
-            await server.kill()
-            await server.start()
-            removed = await changes.__anext__()
-            assert (removed.kind, removed.device, removed.reason) == (
-                pcifront.ChangeKind.REMOVED, added.device, reason
-            )
-            assert bus.devices == [first]
-            with pytest.raises(pcifront.DeviceRemovedError):
-                await added.device.config_read(0, 4)
-            assert [e.state for e in links] == ["down", "up", "down", "up"]
-        nursery.cancel_scope.cancel()
+        removed = await changes.__anext__()
+        assert (removed.kind, removed.device, removed.reason) == (
+            pcifront.ChangeKind.REMOVED, added.device, reason
+        )
+        assert bus.devices == [first]
+        with pytest.raises(pcifront.DeviceRemovedError):
+            await added.device.config_read(0, 4)
+        assert [e.state for e in links] == ["down", "up", "down", "up"]
 
 
 async def test_a_backend_that_refuses_the_guest_after_a_restart_ends_the_retries(
-    autojump_clock: trio.testing.MockClock, config: BackendConfig
+    autojump_clock: trio.testing.MockClock, server: Restartable, config: BackendConfig
 ) -> None:
     links: list[pcifront.LinkEvent] = []
-    async with trio.open_nursery() as nursery:
-        server = Restartable(nursery, config)
-        await server.start()
-        async with pcifront.connect(
-            server.address, guest="alpha", reconnect=fast_policy(links)
-        ) as bus:
-            changes = bus.changes()
-            await server.kill()
-            other = replace(
-                config,
-                guests={"beta": GuestConfig("beta", False)},
-                devices=tuple(replace(d, guest=None) for d in config.devices),
-            )
-            await server.start(other)
-            with pytest.raises(pcifront.ConnectionLostError, match="UNKNOWN_GUEST"):
-                await changes.__anext__()
-            with pytest.raises(pcifront.ConnectionLostError, match="UNKNOWN_GUEST"):
-                await bus.devices[0].config_read(0, 4)
-            assert [e.state for e in links] == ["down", "failed"]
-        nursery.cancel_scope.cancel()
+    async with pcifront.connect(
+        server.address, guest="alpha", reconnect=fast_policy(links)
+    ) as bus:
+        changes = bus.changes()
+        await server.kill()
+        other = replace(
+            config,
+            guests={"beta": GuestConfig("beta", False)},
+            devices=tuple(replace(d, guest=None) for d in config.devices),
+        )
+        await server.start(other)
+        with pytest.raises(pcifront.ConnectionLostError, match="UNKNOWN_GUEST"):
+            await changes.__anext__()
+        with pytest.raises(pcifront.ConnectionLostError, match="UNKNOWN_GUEST"):
+            await bus.devices[0].config_read(0, 4)
+        assert [e.state for e in links] == ["down", "failed"]
 
 
 async def test_without_reconnect_a_lost_connection_ends_changes_and_wait_changed(
-    config: BackendConfig,
+    server: Restartable,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        server = Restartable(nursery, config)
-        await server.start()
-        async with pcifront.connect(server.address, guest="alpha") as bus:
-            changes = bus.changes()
-            await server.kill()
-            with pytest.raises(pcifront.ConnectionLostError):
-                await changes.__anext__()
-            with pytest.raises(pcifront.ConnectionLostError):
-                await bus.wait_changed()
-            with pytest.raises(pcifront.ConnectionLostError) as info:
-                await bus.devices[0].config_read(0, 4)
-            assert not isinstance(info.value, pcifront.OutcomeUnknownError)
-            assert info.value.request_sent is False
-        nursery.cancel_scope.cancel()
+    async with pcifront.connect(server.address, guest="alpha") as bus:
+        changes = bus.changes()
+        await server.kill()
+        with pytest.raises(pcifront.ConnectionLostError):
+            await changes.__anext__()
+        with pytest.raises(pcifront.ConnectionLostError):
+            await bus.wait_changed()
+        with pytest.raises(pcifront.ConnectionLostError) as info:
+            await bus.devices[0].config_read(0, 4)
+        assert not isinstance(info.value, pcifront.OutcomeUnknownError)
+        assert info.value.request_sent is False
 
 
-async def test_changes_end_when_the_guest_closes_the_bus(config: BackendConfig) -> None:
-    async with trio.open_nursery() as nursery:
-        server = Restartable(nursery, config)
-        await server.start()
-        async with pcifront.connect(server.address, guest="alpha", reconnect=True) as bus:
-            changes = bus.changes()
-        assert [c async for c in changes] == []
-        nursery.cancel_scope.cancel()
+async def test_changes_end_when_the_guest_closes_the_bus(server: Restartable) -> None:
+    async with pcifront.connect(server.address, guest="alpha", reconnect=True) as bus:
+        changes = bus.changes()
+    assert [c async for c in changes] == []
 
 
 def test_policy_delays_grow_exponentially_up_to_the_cap() -> None:
@@ -264,89 +239,46 @@ EDU_BUFFER = 0x40000
 
 
 async def test_interrupt_waiters_and_dma_buffers_fail_loudly_when_the_connection_is_lost(
-    autojump_clock: trio.testing.MockClock, config: BackendConfig
+    autojump_clock: trio.testing.MockClock, server: Restartable, nursery: trio.Nursery
 ) -> None:
     """In-band interrupts and message DMA (memory:): the lost session's state ends loudly."""
     links: list[pcifront.LinkEvent] = []
-    async with trio.open_nursery() as nursery:
-        server = Restartable(nursery, config)
-        await server.start()
-        async with pcifront.connect(
-            server.address, guest="alpha", reconnect=fast_policy(links)
-        ) as bus:
-            dev = bus.devices[0]
-            errors: list[BaseException] = []
-            async with dev.interrupts(mode="intx") as irqs:
-                buf = await bus.dma_map(4096)
-                assert irqs.delivery == "inband" and not buf.shared
+    async with pcifront.connect(
+        server.address, guest="alpha", reconnect=fast_policy(links)
+    ) as bus:
+        dev = bus.devices[0]
+        errors: list[BaseException] = []
+        async with dev.interrupts(mode="intx") as irqs:
+            buf = await bus.dma_map(4096)
+            assert irqs.delivery == "inband" and not buf.shared
 
-                async def wait() -> None:
-                    try:
-                        await irqs.receive()
-                    except pcifront.ConnectionLostError as exc:
-                        errors.append(exc)
+            async def wait() -> None:
+                try:
+                    await irqs.receive()
+                except pcifront.ConnectionLostError as exc:
+                    errors.append(exc)
 
-                nursery.start_soon(wait)
-                await trio.testing.wait_all_tasks_blocked()
-                await server.kill()
-                (error,) = errors
-                assert isinstance(error, pcifront.ResourceLostError)
-                assert "enter interrupts() again" in str(error)
-                with pytest.raises(pcifront.ResourceLostError, match=r"bus\.dma_map\(\)"):
-                    buf.write(0, b"x")
-                await server.start()
-                await buf.unmap()  # a no-op: nothing is mapped any more
-                assert await dev.config_read(0, 4) == EDU_ID  # connected again
-            # Leaving the dead block sent nothing: a new block enables at once.
-            async with dev.interrupts(mode="intx") as again:
-                await dev.bar_write(0, IRQ_RAISE, 4, 1)
-                assert (await again.receive()).vector == 0
-        nursery.cancel_scope.cancel()
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            await server.kill()
+            (error,) = errors
+            assert isinstance(error, pcifront.ResourceLostError)
+            assert "enter interrupts() again" in str(error)
+            with pytest.raises(pcifront.ResourceLostError, match=r"bus\.dma_map\(\)"):
+                buf.write(0, b"x")
+            await server.start()
+            await buf.unmap()  # a no-op: nothing is mapped any more
+            assert await dev.config_read(0, 4) == EDU_ID  # connected again
+        # Leaving the dead block sent nothing: a new block enables at once.
+        async with dev.interrupts(mode="intx") as again:
+            await dev.bar_write(0, IRQ_RAISE, 4, 1)
+            assert (await again.receive()).vector == 0
 
 
-PROCESS_CONFIG = """
-listen = ["unix:{sock}"]
-[[guest]]
-name = "alpha"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "alpha"
-"""
-PROCESS_TIMEOUT = 30.0  # a stall guard for real processes, not a speed target
-
-
-class BackendProcess:
+def _backend_process(tmp: Path) -> ServeProcess:
     """``pciback serve`` as a real process on a fixed unix: socket (eventfds, shared DMA)."""
-
-    def __init__(self, tmp: Path) -> None:
-        config = tmp / "backend.toml"
-        config.write_text(PROCESS_CONFIG.format(sock=tmp / "pciback.sock"))
-        self.address = f"unix:{tmp / 'pciback.sock'}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pciback.cli", "serve", "--config", str(config)],
-            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-
-    async def started(self) -> BackendProcess:
-        assert self.proc.stdout is not None
-        with trio.fail_after(PROCESS_TIMEOUT):
-            line = await trio.to_thread.run_sync(self.proc.stdout.readline)
-        assert line.startswith(b"pciback: listening on unix:"), line
-        return self
-
-    async def kill_9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        with trio.fail_after(PROCESS_TIMEOUT):
-            assert await trio.to_thread.run_sync(self.proc.wait) == -signal.SIGKILL
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+    config = listen_line(f"unix:{tmp / 'pciback.sock'}") + edu_config(["alpha"], {"edu0": "alpha"})
+    return ServeProcess(tmp, config=config)
 
 
 @pytest.mark.slow
@@ -359,10 +291,10 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             up.set()
 
     policy = pcifront.ReconnectPolicy(initial_delay=0.05, max_delay=0.5, on_link=on_link)
-    backends = [await BackendProcess(tmp_path).started()]
+    backends = [await _backend_process(tmp_path).aready()]
     try:
         async with pcifront.connect(
-            backends[0].address, guest="alpha", reconnect=policy, timeout=PROCESS_TIMEOUT
+            backends[0].address("unix"), guest="alpha", reconnect=policy, timeout=TIMEOUT
         ) as bus, trio.open_nursery() as nursery:
             edu = bus.devices[0]
             await edu.config_write(0x04, 2, 0x6)  # memory decode and bus master
@@ -400,12 +332,12 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             assert (await old.receive()).vector == 0  # live before the kill
             await edu.bar_write(0, IRQ_ACK, 4, 1)
 
-            with trio.fail_after(PROCESS_TIMEOUT):
+            with trio.fail_after(TIMEOUT):
                 async with trio.open_nursery() as waiters:
                     waiters.start_soon(receive)
                     waiters.start_soon(iterate)
                     await trio.testing.wait_all_tasks_blocked()
-                    await backends[0].kill_9()
+                    assert await backends[0].astop(signal.SIGKILL) == -signal.SIGKILL
             assert [type(e) for e in lost] == [pcifront.ResourceLostError] * 2
             assert "interrupts() block is dead" in str(lost[0])
             with pytest.raises(pcifront.ResourceLostError, match="map a new buffer"):
@@ -413,8 +345,8 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             with pytest.raises(pcifront.ResourceLostError):
                 await old.eoi(0)
 
-            backends.append(await BackendProcess(tmp_path).started())
-            with trio.fail_after(PROCESS_TIMEOUT):
+            backends.append(await _backend_process(tmp_path).aready())
+            with trio.fail_after(TIMEOUT):
                 await up.wait()
             # The new backend has a freshly reset device: the driver sets it up again.
             await edu.config_write(0x04, 2, 0x6)
@@ -428,7 +360,7 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
                     await edu.bar_write(0, DMA_DST, 8, EDU_BUFFER)
                     await edu.bar_write(0, DMA_COUNT, 8, 16)
                     await edu.bar_write(0, DMA_CMD, 8, DMA_TO_DEVICE_WITH_IRQ)
-                    with trio.fail_after(PROCESS_TIMEOUT):
+                    with trio.fail_after(TIMEOUT):
                         assert (await irqs.receive()).vector == 0
                     await edu.bar_write(0, IRQ_ACK, 4, IRQ_DMA)
                     copied = await edu.bar_read(0, EDU_BUFFER, 8)
@@ -436,4 +368,4 @@ async def test_msi_and_shared_dma_across_a_kill_9_of_a_real_backend(tmp_path: Pa
             assert bus.statistics().reconnects == 1
     finally:
         for backend in backends:
-            backend.close()
+            backend.stop(signal.SIGKILL)  # already dead, or at the end of the test

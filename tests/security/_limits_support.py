@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pcifront
-
-# The hand-driven protocol guest lives with the backend's interrupt and DMA tests.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pciback"))
-
-from _irqdma_support import (
-    EDU,
-    IRQ_ACK,
-    IRQ_RAISE,
-    RawGuest,
-    raw_guest,
-)
-
 from shared.protocol import BarWriteRequest
+from tests.support.configs import edu_config
+from tests.support.rawguest import EDU, IRQ_ACK, IRQ_RAISE, RawGuest, raw_guest
 
 __all__ = [
     "EDU",
@@ -33,20 +21,7 @@ __all__ = [
 ]
 
 #: An honest guest ("victim") and a hostile one ("mallory"), one edu device each.
-TWO_GUESTS = """
-[[guest]]
-name = "victim"
-[[guest]]
-name = "mallory"
-[[device]]
-id = "edu-v"
-model = "edu"
-guest = "victim"
-[[device]]
-id = "edu-m"
-model = "edu"
-guest = "mallory"
-"""
+TWO_GUESTS = edu_config(["victim", "mallory"], {"edu-v": "victim", "edu-m": "mallory"})
 
 
 async def bar_write(g: RawGuest, offset: int, value: int) -> None:

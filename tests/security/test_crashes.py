@@ -55,25 +55,11 @@ from shared.transport import (
     open_transport,
     register_transport,
 )
+from tests.support.configs import edu_config
 
-CONFIG = """
-[[guest]]
-name = "guest0"
-[[guest]]
-name = "attacker"
-[[device]]
-id = "edu0"
-model = "edu"
-guest = "guest0"
-[[device]]
-id = "edu1"
-model = "edu"
-guest = "attacker"
-[[device]]
-id = "edu2"
-model = "edu"
-guest = "attacker"
-"""
+CONFIG = edu_config(
+    ["guest0", "attacker"], {"edu0": "guest0", "edu1": "attacker", "edu2": "attacker"}
+)
 
 KINDS = ["unix", "shm", "tcp"]
 

@@ -12,7 +12,6 @@ vectors.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +35,8 @@ from shared.protocol import (
     InterruptEnableRequest,
     ValueReply,
 )
-
-# _limits_support put tests/pciback on sys.path; its module name sorts before ours.
-sealed_memfd = importlib.import_module("_irqdma_support").sealed_memfd
+from tests.support.configs import device_table, edu_config
+from tests.support.rawguest import sealed_memfd
 
 #: mallory's bus: edu at 00.0, the MSI-X device at 01.0.
 MSIX = 0x0008
@@ -46,23 +44,11 @@ COMMAND, MEMORY_DECODE = 0x04, 0x2
 
 
 def config(max_fds: int) -> str:
-    return f"""
-[limits]
-max_fds_per_connection = {max_fds}
-
-[[guest]]
-name = "mallory"
-
-[[device]]
-id = "edu-m"
-model = "edu"
-guest = "mallory"
-
-[[device]]
-id = "msix-m"
-model = "sec-msix"
-guest = "mallory"
-"""
+    return (
+        f"[limits]\nmax_fds_per_connection = {max_fds}\n"
+        + edu_config(["mallory"], {"edu-m": "mallory"})
+        + device_table("msix-m", "mallory", model="sec-msix")
+    )
 
 
 def open_fds() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import ssl
 import subprocess
 import sys
 import threading
@@ -22,7 +21,6 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-import trustme
 from _limits_support import EDU, IRQ_ACK, IRQ_RAISE, TWO_GUESTS, bar_write, raw_guest, worst_latency
 
 import pcifront
@@ -49,6 +47,7 @@ from shared.transport import (
     open_transport,
 )
 from shared.transport._shm import ShmTransport
+from tests.support.tls import TlsFiles
 
 #: The attack plus 20 config reads by an honest guest take at most this long
 #: (wall clock: the backend, both guests and trio's clock share one thread).
@@ -286,21 +285,10 @@ async def test_shm_doorbell_made_blocking_and_full_stalls_nobody(tmp_path: Path)
 # --------------------------------------------------------------------------- stall 7: TLS
 
 
-def _tls_config(tmp_path: Path) -> tuple[str, ssl.SSLContext]:
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
-    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ca.configure_trust(client)
-    ca.issue_cert("victim").configure_cert(client)
-    tls = "[tls]\ncert='server.pem'\nkey='server.key'\nca='ca.pem'\n"
-    return tls + TWO_GUESTS, client
-
-
-async def test_a_silent_tcp_client_on_the_tls_port_blocks_no_one(tmp_path: Path) -> None:
-    config, client_ctx = _tls_config(tmp_path)
+async def test_a_silent_tcp_client_on_the_tls_port_blocks_no_one(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    config, client_ctx = tls_files.section + TWO_GUESTS, tls_files.client_context("victim")
     async with running_backend(config, transports=("tls",), tmp=tmp_path) as rb:
         host, port = rb.address("tls").removeprefix("tls://").rsplit(":", 1)
         async with await trio.open_tcp_stream(host, int(port)):  # connects, sends nothing
