@@ -41,7 +41,7 @@ import trio
 from shared.transport._base import FdPassingUnsupportedError, FrameTooLargeError, FrameTransport
 from shared.transport._blocking import BlockingTransport
 from shared.transport._identity import PeerIdentity
-from shared.transport.conformance import ConformanceFailure
+from shared.transport.conformance import ConformanceFailure, _check, _frame
 
 __all__ = ["BlockingTransportConformance", "BlockingPairFactory", "run_blocking_conformance"]
 
@@ -50,16 +50,6 @@ BlockingPairFactory = Callable[
 ]
 #: Seconds any one blocking receive of a check may take before the check fails.
 PATIENCE = 30.0
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConformanceFailure(message)
-
-
-def _frame(i: int, size: int) -> bytes:
-    pattern = i.to_bytes(4, "little")
-    return (pattern * (size // 4 + 1))[:size]
 
 
 def _send_all(end: BlockingTransport, frames: list[bytes]) -> None:

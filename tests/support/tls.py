@@ -7,7 +7,9 @@ from pathlib import Path
 
 import trustme
 
-__all__ = ["TlsFiles"]
+from shared.transport import TransportOptions
+
+__all__ = ["TlsFiles", "transport_options"]
 
 
 class TlsFiles:
@@ -41,3 +43,23 @@ class TlsFiles:
         cert.cert_chain_pems[0].write_to_path(str(pem))
         cert.private_key_pem.write_to_path(str(key))
         return pem, key
+
+
+def transport_options() -> tuple[TransportOptions, TransportOptions]:
+    """``(server, client)`` transport options for ``tls://127.0.0.1`` with a new CA.
+
+    The server presents a certificate for 127.0.0.1 and requires one from the
+    client, which presents one for ``guest0``; both trust only the CA.
+    """
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(server_ctx)
+    ca.configure_trust(server_ctx)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ca.configure_trust(client_ctx)
+    ca.issue_cert("guest0").configure_cert(client_ctx)
+    return (
+        TransportOptions(ssl_context=server_ctx),
+        TransportOptions(ssl_context=client_ctx, server_hostname="127.0.0.1"),
+    )

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 from shared.transport import (
     BlockingStreamTransport,
@@ -34,6 +32,7 @@ from shared.transport.blocking_conformance import (
     run_blocking_conformance,
 )
 from shared.transport.conformance import ConformanceFailure
+from tests.support.tls import transport_options
 
 Connect = Callable[[str, TransportOptions], BlockingTransport]
 
@@ -139,18 +138,7 @@ class TestBlockingTcpConformance(_Loopback):
 class TestBlockingTlsConformance(_Loopback):
     @pytest.fixture(autouse=True)
     def _certs(self) -> None:
-        ca = trustme.CA()
-        server_cert = ca.issue_cert("localhost", "127.0.0.1")
-        client_cert = ca.issue_cert("guest0")
-        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_cert.configure_cert(server_ctx)
-        ca.configure_trust(server_ctx)
-        server_ctx.verify_mode = ssl.CERT_REQUIRED
-        client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        ca.configure_trust(client_ctx)
-        client_cert.configure_cert(client_ctx)
-        self.server_opts = TransportOptions(ssl_context=server_ctx)
-        self.client_opts = TransportOptions(ssl_context=client_ctx, server_hostname="127.0.0.1")
+        self.server_opts, self.client_opts = transport_options()
 
     def make_pair(self, max_frame_size: int):  # type: ignore[no-untyped-def]
         return _blocking_pair(

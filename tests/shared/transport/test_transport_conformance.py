@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 from shared.transport import (
     FrameTransport,
@@ -20,6 +18,7 @@ from shared.transport import (
 )
 from shared.transport._sockets import vsock_loopback_problem
 from shared.transport.conformance import TransportConformance
+from tests.support.tls import transport_options
 
 
 @asynccontextmanager
@@ -93,18 +92,7 @@ class TestTcpConformance(TransportConformance):
 class TestTlsConformance(TransportConformance):
     @pytest.fixture(autouse=True)
     def _certs(self) -> None:
-        ca = trustme.CA()
-        server_cert = ca.issue_cert("localhost", "127.0.0.1")
-        client_cert = ca.issue_cert("guest0")
-        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_cert.configure_cert(server_ctx)
-        ca.configure_trust(server_ctx)
-        server_ctx.verify_mode = ssl.CERT_REQUIRED
-        client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        ca.configure_trust(client_ctx)
-        client_cert.configure_cert(client_ctx)
-        self.server_opts = TransportOptions(ssl_context=server_ctx)
-        self.client_opts = TransportOptions(ssl_context=client_ctx, server_hostname="127.0.0.1")
+        self.server_opts, self.client_opts = transport_options()
 
     def make_pair(self, max_frame_size: int):  # type: ignore[no-untyped-def]
         return _listener_pair(
