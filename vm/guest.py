@@ -79,9 +79,14 @@ def device_json(socket_path: str, **properties: object) -> str:
 
 def qemu_argv(kernel: str, initrd: str, *, sockets: Sequence[str] = (), append: str = "",
               serial: Sequence[str] = (), memory_mb: int = 256,
-              machine: str = "q35") -> list[str]:
-    """QEMU's command line (paths as QEMU sees them): the guest, its ports, its devices."""
-    argv = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+              machine: str = "q35", reboot: bool = False) -> list[str]:
+    """QEMU's command line (paths as QEMU sees them): the guest, its ports, its devices.
+
+    A guest's reboot stops QEMU unless ``reboot`` (then it resets the machine, devices
+    included, and boots again).
+    """
+    argv = [QEMU, "-nodefaults", "-no-user-config", "-display", "none",
+            *([] if reboot else ["-no-reboot"]),
             "-machine", f"{machine},memory-backend=ram0", "-accel", accel(),
             "-m", f"{memory_mb}M",
             "-object", f"memory-backend-memfd,id=ram0,size={memory_mb}M,share=on",
@@ -122,11 +127,15 @@ def _read(path: Path) -> str:
 
 async def run_script(script: str, *, sockets: Sequence[str | os.PathLike[str]] = (),
                      timeout: float = 120.0, memory_mb: int = 256, machine: str = "q35",
-                     image: Image | None = None, cmdline: str = "quiet") -> GuestResult:
+                     image: Image | None = None, cmdline: str = "quiet",
+                     boots: int = 1) -> GuestResult:
     """Boot a guest with a ``vfio-user-pci`` device per socket, run ``script`` (busybox sh).
 
-    Returns the script's exit status and output. Raises :class:`GuestTimeout` when the
-    guest has not powered off after ``timeout`` seconds (boot included), and
+    Returns the script's exit status and output. With ``boots`` > 1 the script may reset
+    the machine (``reboot -f``) to run again, up to ``boots`` runs in all: it sees which run
+    it is in ``$PCISPLIT_BOOT`` (1, 2, ...); the output and console of every run are kept.
+    Raises :class:`GuestTimeout` when the guest has not powered off after ``timeout``
+    seconds (boots included), and
     :class:`GuestError` when QEMU fails or the guest stops without reporting a status (both
     quote the console and QEMU's own messages). ``cmdline`` is added to the kernel's.
     """
@@ -154,8 +163,8 @@ async def run_script(script: str, *, sockets: Sequence[str | os.PathLike[str]] =
         binds, inside = _socket_binds(sockets)
         binds = [(image.boot, BOOT_IN_ROOT), (work, WORK_IN_ROOT), *binds]
         argv = qemu_argv(f"{BOOT_IN_ROOT}/vmlinuz", f"{WORK_IN_ROOT}/initrd", sockets=inside,
-                         append=f"{cmdline} pcisplit.mode=script", memory_mb=memory_mb,
-                         machine=machine,
+                         append=f"{cmdline} pcisplit.mode=script pcisplit.boots={boots}",
+                         memory_mb=memory_mb, machine=machine, reboot=boots > 1,
                          serial=[f"file:{WORK_IN_ROOT}/{name}" for name in ports])
         started = time.monotonic()
         stderr_path = work / "qemu.stderr"

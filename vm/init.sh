@@ -7,6 +7,10 @@
 #                              the console (ttyS0), then its exit status, in decimal, to the
 #                              third port (ttyS2); then the guest powers off.
 #   pcisplit.mode=interactive  a shell on the console; the guest powers off when it exits.
+#   pcisplit.boots=N           how many boots the script may take (default 1): the script sees
+#                              PCISPLIT_BOOT (1, 2, ...) and may reset the machine with
+#                              `reboot -f` to run again; the count lives in a CMOS RAM byte,
+#                              which a machine reset keeps. A boot past N reports status 125.
 # Nothing else: no network, no disks, no services.
 
 /bin/busybox mkdir -p /usr/bin /usr/sbin /sbin
@@ -21,11 +25,25 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 
 mode=script
+boots=1
 for word in $(cat /proc/cmdline); do
     case "$word" in
         pcisplit.mode=*) mode="${word#pcisplit.mode=}" ;;
+        pcisplit.boots=*) boots="${word#pcisplit.boots=}" ;;
     esac
 done
+
+# CMOS RAM (index port 0x70 = 112, data port 0x71 = 113) through /dev/port, one byte.
+byte() { printf "\\$(printf %03o "$1")"; }
+cmos_read() {
+    byte "$1" | dd of=/dev/port bs=1 seek=112 count=1 conv=notrunc 2>/dev/null
+    dd if=/dev/port bs=1 skip=113 count=1 2>/dev/null | hexdump -v -e '1/1 "%u"'
+}
+cmos_write() {
+    byte "$1" | dd of=/dev/port bs=1 seek=112 count=1 conv=notrunc 2>/dev/null
+    byte "$2" | dd of=/dev/port bs=1 seek=113 count=1 conv=notrunc 2>/dev/null
+}
+CMOS_BOOT=126  # 0x7e: no firmware or QEMU field
 
 if [ "$mode" = interactive ]; then
     echo "pcisplit guest: $(uname -r), busybox; lspci and setpci are pciutils'."
@@ -38,6 +56,15 @@ fi
 if [ ! -f /pcisplit/script ]; then
     echo "pcisplit guest: no /pcisplit/script in the initramfs" >&2
     echo 127 > /dev/ttyS2
+    poweroff -f
+fi
+
+previous=$(cmos_read $CMOS_BOOT)
+export PCISPLIT_BOOT=$(( ${previous:-0} + 1 ))
+cmos_write $CMOS_BOOT "$PCISPLIT_BOOT"
+if [ "$PCISPLIT_BOOT" -gt "$boots" ]; then
+    echo "pcisplit guest: boot $PCISPLIT_BOOT, but the script may take only $boots" >&2
+    echo 125 > /dev/ttyS2
     poweroff -f
 fi
 
