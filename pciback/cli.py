@@ -37,10 +37,11 @@ from pciback.config import (
 )
 from pciback.devices import load_plugin
 from pciback.guests.identity import unreachable
+from pciback.guests.listen import server_ssl_context
 from pciback.ops.control_client import add_ctl_arguments, run_ctl
 from pciback.ops.lifecycle import notify_reloading, reload, sd_notify, summary
 from pciback.plane.registry import DeviceRegistry
-from pciback.service import Backend, server_ssl_context
+from pciback.service import Backend
 from shared.cli import Cli
 from shared.errors import ConfigFileError, PcisplitError, UsageError
 from shared.transport import split_address

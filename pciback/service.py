@@ -1,5 +1,11 @@
 """The backend service: listeners, one trio task tree per connection, clean shutdown.
 
+This is the one composition root of the backend: it builds the device plane
+(registry, IRQ router, DMA hub, hot-plug), the guest side's gate and
+listeners, and starts the control socket. Operations reach it only through
+:class:`pciback.ops.interface.OperatedBackend`, which :class:`Backend`
+satisfies; only the command line (``pciback.cli``) sits above it.
+
 Containment
 -----------
 Every accepted connection runs in its own task tree under
@@ -17,28 +23,27 @@ from becoming a denial of service for every guest.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import math
 import os
 import ssl
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from pciback._ratelog import MODEL_LOG, RateLimitedLog, RateLogStatistics
-from pciback.config import BackendConfig, check_listen
-from pciback.devices import HostDevice
-from pciback.guests._accept import AcceptStatistics, accept_loop
+from pciback.config import BackendConfig, DeviceConfig, check_listen
+from pciback.devices import DeviceProvider, HostDevice
+from pciback.guests._accept import accept_loop
 from pciback.guests.fairness import FairTurns
-from pciback.guests.identity import authorize
+from pciback.guests.handshake import server_handshake
 from pciback.guests.limits import ConnectionGate, GateTicket, source_of
+from pciback.guests.listen import listen_hint, server_ssl_context
 from pciback.guests.session import GuestSession
+from pciback.guests.statistics import BackendStatistics
+from pciback.ops.interface import ConnectionInfo
 from pciback.plane.dma import DmaHub
 from pciback.plane.hoststate import HostStateFile, state_path_for
 from pciback.plane.hotplug import Hotplug, HotplugResult
@@ -53,20 +58,14 @@ from shared.errors import (
     reason,
 )
 from shared.evtchn import EventfdStalledError
-from shared.protocol import (
-    HOTPLUG_FEATURE,
-    Connection,
-    Goodbye,
-    Hello,
-    Role,
-)
+from shared.pci import PciAddress
+from shared.protocol import Goodbye
 from shared.transport import (
     FrameListener,
     FrameTransport,
     ReceiveBudget,
     TransportConnectError,
     TransportOptions,
-    get_scheme,
     open_listener,
     split_address,
 )
@@ -77,103 +76,6 @@ log = logging.getLogger("pcisplit.backend")
 
 #: Seconds between checks for due "N more ... suppressed" summaries.
 LOG_TICK = 1.0
-
-#: Features this backend offers in the handshake.
-BACKEND_FEATURES = (
-    "bus-snapshot",
-    "config-access",
-    "bar-access",
-    "reset",
-    "ping",
-    "interrupts",
-    "dma",
-    HOTPLUG_FEATURE,
-)
-
-
-@dataclass
-class BackendStatistics:
-    """Counters of one backend (``Backend.statistics()``)."""
-
-    connections_accepted: int = 0
-    connections_active: int = 0
-    handshakes_rejected: int = 0
-    requests: int = 0
-    protocol_errors: int = 0
-    disconnects_for_misbehaviour: int = 0
-    per_guest_requests: dict[str, int] = field(default_factory=dict)
-    #: ``[limits]`` key -> times a peer went over that limit (see pciback.guests.limits).
-    limits_exceeded: Counter[str] = field(default_factory=Counter)
-    accept: AcceptStatistics = field(default_factory=AcceptStatistics)
-    #: Connections ended by an unexpected exception (a backend or plugin bug), contained:
-    #: logged with its traceback, and the service went on.
-    connections_crashed: int = 0
-    #: Unexpected exceptions from a listener's accept() (the listener keeps listening).
-    accept_failures: int = 0
-    #: Replies and events ready after their connection stopped carrying them (dropped).
-    replies_dropped: int = 0
-    events_dropped: int = 0
-    #: Requests answered with an ``ErrorReply`` by the dispatcher, by error code name.
-    requests_refused: Counter[str] = field(default_factory=Counter)
-    #: Guest-triggered log lines not written (rate limit), all kinds together; by kind in
-    #: :meth:`Backend.log_statistics` (each suppressed run is logged as one summary line).
-    log_lines_suppressed: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready values (``dataclasses.asdict`` turns a Counter into nonsense:
-        it rebuilds it from (key, count) pairs, which it then counts)."""
-        result = asdict(self)
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, Counter):
-                result[spec.name] = dict(value)
-        return result
-
-
-def server_ssl_context(config: BackendConfig) -> ssl.SSLContext | None:
-    """TLS server context: guests must present a certificate signed by ``tls.ca``.
-
-    Without ``tls.ca`` there is no context at all, so no ``tls://`` listener
-    can exist that accepts any client (:func:`check_listen` says so first).
-    """
-    if config.tls is None or config.tls.ca is None:
-        return None
-    tls = config.tls
-    for key, path in (("cert", tls.cert), ("key", tls.key), ("ca", tls.ca)):
-        if not path.is_file():
-            raise ConfigFileError(f"{config.source}: tls.{key}: {path}: no such file")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(
-            f"{config.source}: tls.cert {tls.cert} / tls.key {tls.key}: cannot load them "
-            f"({reason(exc)}); both must be PEM files and the key must match the certificate"
-        ) from exc
-    try:
-        ctx.load_verify_locations(str(tls.ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigFileError(
-            f"{config.source}: tls.ca {tls.ca}: not a PEM CA certificate ({reason(exc)})"
-        ) from exc
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _listen_hint(exc: OSError) -> str:
-    """What to do when ``address`` cannot be bound."""
-    if exc.errno == errno.EADDRINUSE:
-        return "something already listens there (another pciback?); stop it or pick another address"
-    if exc.errno == errno.ENOENT:
-        return "its directory does not exist; create it or pick another path"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return (
-            f"uid {os.geteuid()} may not create it there (or, below port 1024, bind the port); "
-            "run as a user who may, or pick another address"
-        )
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return "this machine has no such address; use one of its own or 0.0.0.0"
-    return "check the address"
 
 
 class Backend:
@@ -228,6 +130,8 @@ class Backend:
         #: kind, summarised (pciback/_ratelog.py; the IRQ router, the connection gate and
         #: the audit log have their own instances of the same rule).
         self.guest_log = RateLimitedLog(log, clock=clock)
+        #: Lines control-socket clients cause (pciback.ops.control_server), by the same rule.
+        self.control_log = RateLimitedLog(log, clock=clock)
         self._session_numbers = itertools.count(1)
         #: Live assign/unassign with acknowledgement (``assign``/``unassign`` below).
         self.hotplug = Hotplug(
@@ -258,6 +162,7 @@ class Backend:
     def _rate_logs(self) -> list[RateLimitedLog]:
         return [
             self.guest_log,
+            self.control_log,
             self.irq.guest_log,
             self.gate.log,
             self.registry.audit.limiter,
@@ -284,6 +189,71 @@ class Backend:
     def sessions_of(self, guest: str) -> list[GuestSession]:
         """The guest's connected sessions (a guest may hold several connections)."""
         return [s for s in self.sessions if s.guest == guest]
+
+    # --- what operations use (pciback.ops.interface.OperatedBackend) -------------------
+
+    def connection_count(self, guest: str) -> int:
+        """How many sessions ``guest`` has connected."""
+        return sum(1 for s in self.sessions if s.guest == guest)
+
+    def connections(self) -> list[ConnectionInfo]:
+        """Every connected guest session, as ``ctl status`` shows it."""
+        return [
+            ConnectionInfo(
+                guest=s.guest,
+                number=s.number,
+                transport=s.transport.describe(),
+                requests=s.stats.requests,
+                fds_held=s.held_fds(),
+            )
+            for s in self.sessions
+        ]
+
+    def bound_addresses(self) -> list[str]:
+        """The addresses the backend listens on, as bound."""
+        return [lst.address for lst in self.listeners]
+
+    @property
+    def forced_removals(self) -> int:
+        """Hot-unplugs completed without every acknowledgement (after ``ack_timeout``)."""
+        return self.hotplug.forced_removals
+
+    def adopt_config(self, new: BackendConfig) -> None:
+        """Make ``new`` the running configuration: what a reload changes first.
+
+        The registry and hot-plug read it from now on, new guests get their
+        bus, and free devices are hidden or offered as ``new.hide`` says.
+        Devices whose definition or owner changed are moved by the caller
+        (:func:`pciback.ops.lifecycle.reload`), through the methods below.
+        """
+        added = sorted(set(new.guests) - set(self.config.guests))
+        self.config = new
+        self.registry.config = new
+        self.hotplug.ack_timeout = new.hotplug_ack_timeout
+        for name in added:
+            self.registry.add_guest(name, new.guests[name].bus)
+        for dev in self.registry:
+            if dev.state in ("free", "hidden") and dev.physical is not None:
+                dev.hidden = new.is_hidden(dev.physical) is not None
+
+    def remove_device(self, device_id: str) -> ServedDevice:
+        """Stop serving the free device ``device_id`` (its interrupt state goes too)."""
+        dev = self.registry.remove_device(device_id)
+        self.irq.forget_device(dev)
+        return dev
+
+    def add_device(
+        self, config: DeviceConfig, provider: DeviceProvider, physical: PciAddress | None
+    ) -> ServedDevice:
+        """Serve a new device, free, with its runtime started (assign it with :meth:`assign`)."""
+        dev = self.registry.add_device(config, provider, physical)
+        self.start_device(dev)
+        return dev
+
+    def record_host_state(self, *, devices_changed: bool) -> None:
+        """Record the writable host devices in the state file (if one is kept and matters)."""
+        if self.host_state is not None and (self.host_state.owned or devices_changed):
+            self.host_state.record(self.writable_host_devices())
 
     async def assign(self, device_id: str, guest: str) -> HotplugResult:
         """Hot-plug ``device_id`` into ``guest`` (see :class:`pciback.plane.hotplug.Hotplug`)."""
@@ -366,7 +336,7 @@ class Backend:
                     if not isinstance(cause, OSError):
                         raise  # already says what to do
                     raise TransportConnectError(
-                        f"cannot listen on {address}: {reason(cause)}; {_listen_hint(cause)}"
+                        f"cannot listen on {address}: {reason(cause)}; {listen_hint(cause)}"
                     ) from exc
                 self.listeners.append(listener)
                 self._set_socket_mode(listener.address)
@@ -529,76 +499,20 @@ class Backend:
             what,
         )
 
-    async def _handshake(
-        self, transport: FrameTransport, address: str, ticket: GateTicket
-    ) -> Connection | None:
-        conn = Connection(Role.SERVER, limits=self.config.limits, features=BACKEND_FEATURES)
-        frame = await transport.receive_frame()
-        hello = conn.receive(frame)
-        if not isinstance(hello, Hello):
-            # The table lets a Goodbye come first: the peer left before its handshake.
-            self.guest_log.log(
-                f"source {source_of(transport.peer_identity())}", "connections", logging.INFO,
-                "%s: left before the handshake (%s)", transport.describe(), hello,
-            )
-            return None
-        refusal = self._refusal(hello, transport, address)
-        if refusal is None:
-            crowded = self.gate.authenticate(ticket, hello.guest)
-            if crowded is not None:
-                refusal = ErrorCode.BUSY, crowded
-        problem: str | None
-        if refusal is None:
-            problem = conn.check_version()
-            code = ErrorCode.VERSION_MISMATCH
-        else:
-            code, problem = refusal
-        if problem is not None:
-            self.stats.handshakes_rejected += 1
-            # A peer can retry a refused Hello in a loop: rate-limited per source like
-            # every other line a peer can cause (the guest name it sent is only shown).
-            identity = transport.peer_identity()
-            self.guest_log.log(
-                f"source {source_of(identity)}",
-                "refused handshakes",
-                logging.WARNING,
-                "%s: handshake refused (%s) for guest %r: %s",
-                identity.describe(),
-                code.name,
-                hello.guest,
-                problem,
-            )
-            await transport.send_frame(conn.reject(code, problem))
-            return None
-        await transport.send_frame(conn.accept())
-        transport.set_max_frame_size(conn.frame_size)
-        await transport.start_session(is_server=True, max_frame_size=conn.frame_size)
-        return conn
-
-    def _refusal(
-        self, hello: Hello, transport: FrameTransport, address: str
-    ) -> tuple[ErrorCode, str] | None:
-        guest = self.config.guests.get(hello.guest)
-        if guest is None:
-            return ErrorCode.UNKNOWN_GUEST, (
-                f"guest {hello.guest!r} is not known to this backend; known guests are declared "
-                "with [[guest]] in the backend config"
-            )
-        scheme, _ = split_address(address)
-        if not get_scheme(scheme.name).secure and not guest.allow_plain_tcp:
-            return ErrorCode.ACCESS_DENIED, (
-                f"guest {hello.guest!r} may not connect over {scheme.name}:// without TLS; "
-                "use tls:// or set allow_plain_tcp = true for this guest in the backend config"
-            )
-        refusal = authorize(guest, transport.peer_identity(), scheme=scheme.name, token=hello.token)
-        return None if refusal is None else (refusal.code, refusal.message)
-
     async def _run_connection(
         self, transport: FrameTransport, address: str, ticket: GateTicket
     ) -> None:
         # The whole handshake (TLS, Hello, shm setup) is one time budget.
         with trio.fail_after(self.handshake_timeout):
-            conn = await self._handshake(transport, address, ticket)
+            conn = await server_handshake(
+                transport,
+                address,
+                ticket,
+                config=self.config,
+                gate=self.gate,
+                guest_log=self.guest_log,
+                stats=self.stats,
+            )
         if conn is None:
             return
         guest = conn.guest

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pciback._ratelog import RateLimitedLog, ScopedLog
-from pciback.plane.registry import DeviceRegistry, DeviceRemovedError, ServedDevice
+from pciback.plane.registry import DeviceRegistry, DeviceRemovedError, ServedDevice, device_info
 from pciback.policy import AccessDeniedError
 from shared.errors import ErrorCode, LimitExceededError, PcisplitError
 from shared.evtchn import EventfdPort, Port
@@ -39,7 +39,6 @@ from shared.protocol import (
     BarWriteRequest,
     ConfigReadRequest,
     ConfigWriteRequest,
-    DeviceInfo,
     DmaMapRequest,
     DmaUnmapRequest,
     DoneReply,
@@ -94,25 +93,6 @@ def _eventfd_ports(fds: list[int]) -> list[Port]:
                 "send one os.eventfd() per vector"
             )
     return [EventfdPort(fd) for fd in fds]
-
-
-def device_info(dev: ServedDevice, include_config: bool) -> DeviceInfo:
-    """Describe a device as its guest sees it (through the policy)."""
-    image = dev.access.config_image()
-    assert dev.address is not None
-    word = int.from_bytes
-    return DeviceInfo(
-        address=dev.address.pack(),
-        vendor_id=word(image[0:2], "little"),
-        device_id=word(image[2:4], "little"),
-        class_code=word(image[9:12], "little"),
-        revision=image[8],
-        header_type=image[0x0E],
-        subsystem_vendor_id=word(image[0x2C:0x2E], "little"),
-        subsystem_id=word(image[0x2E:0x30], "little"),
-        config=image if include_config else None,
-        bar_sizes=dev.access.bar_sizes(),
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,8 +68,8 @@ from shared.sync import CallTable, FastLock
 from shared.transport import FrameTransport
 
 if TYPE_CHECKING:
+    from pciback.guests.statistics import BackendStatistics
     from pciback.plane.registry import DeviceRegistry
-    from pciback.service import BackendStatistics
 
 __all__ = ["GuestSession", "SessionStatistics"]
 

@@ -16,7 +16,15 @@ Commands: ``status``, ``list`` (the host view: every PCI device of the host and
 every device served, see :mod:`pciback.ops.hostview`), ``assign``,
 ``unassign``, ``hide``, ``unhide``, ``reset``. ``device`` is a device id or a
 host address. Assign and unassign are the hot-plug operations of
-:class:`pciback.service.Backend`, the same ones a config reload (SIGHUP) uses.
+the backend (:class:`pciback.ops.interface.OperatedBackend`), the same ones
+a config reload (SIGHUP) uses.
+
+Each connection is contained like a guest's (:class:`ControlServer`): any
+failure, a client leaving before its answer or a bug alike, ends that
+connection only, is logged once through the backend's rate-limited log and
+counted (``ctl status`` shows ``control``). At most :data:`MAX_CONNECTIONS`
+are served at once; a client has :data:`IDLE_TIMEOUT` seconds to send each
+request line and :data:`SEND_TIMEOUT` seconds to read each answer.
 """
 
 from __future__ import annotations
@@ -25,23 +33,36 @@ import contextlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from pciback._ratelog import RateLimitedLog
 from pciback.ops.hostview import DeviceIds, HostScan, format_table, host_view, scan_host, served_row
-from shared.errors import ErrorCode, PcisplitError
+from pciback.ops.interface import OperatedBackend
+from shared.errors import ErrorCode, PcisplitError, reason
 from shared.pci import PciAddress
 from shared.transport import TransportConnectError
 from shared.transport._identity import peercred_identity
 
 if TYPE_CHECKING:
     from pciback.plane.registry import ServedDevice
-    from pciback.service import Backend
 
-__all__ = ["serve_control", "ControlApi", "ControlError", "COMMANDS", "MAX_REQUEST"]
+__all__ = [
+    "serve_control",
+    "ControlApi",
+    "ControlServer",
+    "ControlStatistics",
+    "ControlError",
+    "ControlConnectionError",
+    "COMMANDS",
+    "MAX_REQUEST",
+    "MAX_CONNECTIONS",
+]
 
 log = logging.getLogger("pcisplit.backend")
 
@@ -76,10 +97,12 @@ def _served_ids(dev: ServedDevice) -> DeviceIds | None:
 
 
 class ControlApi:
-    """Answers control requests against one running :class:`Backend`."""
+    """Answers control requests against one running backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: OperatedBackend) -> None:
         self.backend = backend
+        #: The control socket's own counters (its :class:`ControlServer` keeps them).
+        self.control_stats = ControlStatistics()
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[tuple[Any, str]]]] = {
             "status": self._status,
             "list": self._list,
@@ -114,7 +137,7 @@ class ControlApi:
         guests = {}
         for name in backend.config.guests:
             guests[name] = {
-                "connections": len(backend.sessions_of(name)),
+                "connections": backend.connection_count(name),
                 "devices": [dev.id for dev in backend.registry.devices_of(name)],
             }
         stats = backend.statistics().as_dict()
@@ -122,28 +145,29 @@ class ControlApi:
         # Guest-triggered log lines by kind: what the rate limit let through and what it
         # only counted (each suppressed run was logged as one summary line).
         stats["log_lines"] = {"logged": dict(logs.logged), "suppressed": dict(logs.suppressed)}
-        stats["forced_removals"] = backend.hotplug.forced_removals
+        stats["forced_removals"] = backend.forced_removals
         stats["reset_failures"] = backend.reset_failures
         sessions = [
             {
-                "guest": s.guest,
-                "connection": s.number,
-                "transport": s.transport.describe(),
-                "requests": s.stats.requests,
-                "fds_held": s.held_fds(),
+                "guest": c.guest,
+                "connection": c.number,
+                "transport": c.transport,
+                "requests": c.requests,
+                "fds_held": c.fds_held,
             }
-            for s in backend.sessions
+            for c in backend.connections()
         ]
         result = {
             "uptime": round(uptime, 3),
-            "listen": [lst.address for lst in backend.listeners],
-            "connections": len(backend.sessions),
+            "listen": backend.bound_addresses(),
+            "connections": len(sessions),
             "guests": guests,
             "sessions": sessions,
             "counters": stats,
+            "control": self.control_stats.as_dict(),
         }
         lines = [
-            f"uptime {uptime:.0f} s, {len(backend.sessions)} connection(s) on "
+            f"uptime {uptime:.0f} s, {len(sessions)} connection(s) on "
             + (", ".join(result["listen"]) or "nothing")
         ]
         for name, info in guests.items():
@@ -157,6 +181,12 @@ class ControlApi:
             )
         flat = [f"{k} {v}" for k, v in stats.items() if not isinstance(v, dict)]
         lines.append("counters: " + ", ".join(flat))
+        control = self.control_stats
+        ended = ", ".join(f"{n} {kind}" for kind, n in sorted(control.ended.items()))
+        lines.append(
+            f"control socket: {control.connections} connection(s), {control.refused} refused, "
+            f"ended early: {ended or 'none'}"
+        )
         return result, "\n".join(lines)
 
     async def _scan(self) -> HostScan:
@@ -177,7 +207,7 @@ class ControlApi:
         found = scan.get(dev.physical) if scan is not None else None
         return served_row(
             dev,
-            connected=dev.guest is not None and bool(self.backend.sessions_of(dev.guest)),
+            connected=dev.guest is not None and self.backend.connection_count(dev.guest) > 0,
             ids=ids[dev.id],
             driver=found.driver if found is not None else None,
         )
@@ -190,7 +220,7 @@ class ControlApi:
             devices,
             scan,
             self.backend.config,
-            connected=lambda guest: bool(self.backend.sessions_of(guest)),
+            connected=lambda guest: self.backend.connection_count(guest) > 0,
             ids=lambda dev: ids[dev.id],
         )
         text = format_table(rows)
@@ -275,46 +305,203 @@ def _not_served(address: PciAddress, command: str, source: str) -> str:
     )
 
 
-async def _serve_client(api: ControlApi, stream: trio.SocketStream) -> None:
-    peer = peercred_identity(stream.socket, "control")
-    async with stream:
+@dataclass
+class ControlStatistics:
+    """Counters of the control socket (``pciback ctl status`` shows them under ``control``)."""
+
+    #: Connections accepted, and those open now.
+    connections: int = 0
+    active: int = 0
+    #: Connections turned away at once: a peer that is not root or the backend's user, or
+    #: one over :data:`MAX_CONNECTIONS`.
+    refused: int = 0
+    #: Connections that ended without their client closing cleanly between requests, by
+    #: kind (:class:`ControlConnectionError` kinds, plus ``"client went away"`` and
+    #: ``"unexpected error"``, a bug: logged with its traceback).
+    ended: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return {
+            "connections": self.connections,
+            "active": self.active,
+            "refused": self.refused,
+            "ended": dict(self.ended),
+        }
+
+
+class ControlConnectionError(PcisplitError):
+    """A control client broke the rules of the socket (its connection is ended).
+
+    ``kind`` names the rule, from a fixed vocabulary: it is the log's kind
+    and the key of :attr:`ControlStatistics.ended`.
+    """
+
+    code = ErrorCode.PROTOCOL_ERROR
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+#: Connections the control socket serves at once; more are answered ``BUSY`` and closed
+#: (each holds a file descriptor of the process that also serves the guests).
+MAX_CONNECTIONS = 16
+#: Seconds a client may take to send a whole request line, once connected or answered.
+IDLE_TIMEOUT = 60.0
+#: Seconds a client may take to read an answer; one that does not read is disconnected.
+SEND_TIMEOUT = 10.0
+
+#: The scope of control-socket lines in the backend's rate-limited log.
+LOG_SCOPE = "control socket"
+
+
+def _parse(line: bytes) -> tuple[Any, dict[str, Any] | None]:
+    """A request line -> (the request, None), or (None, the error answer)."""
+    try:
+        return json.loads(line), None
+    except ValueError as exc:  # invalid UTF-8 included (UnicodeDecodeError)
+        problem = f"not JSON: {exc}"
+    except RecursionError:
+        problem = 'nested too deeply; a request is one flat JSON object, e.g. {"command": "status"}'
+    return None, {"ok": False, "error": problem, "code": "PROTOCOL_ERROR"}
+
+
+def _encode(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
+
+
+class ControlServer:
+    """The control socket's connections: each one served inside one net.
+
+    :meth:`serve_connection` is the wrapper every connection runs in, like
+    the guest side's: whatever a client does (leave before its answer, send
+    garbage or nothing, never read), and whatever fails while it is served,
+    ends that connection only; it is logged once through the backend's
+    rate-limited log (:mod:`pciback._ratelog`; a bug with its traceback) and
+    counted in :attr:`stats`. An operation the client started (a hot-unplug)
+    runs to its end even when the client has gone.
+    """
+
+    def __init__(self, api: ControlApi, rate_log: RateLimitedLog) -> None:
+        self.api = api
+        self.stats = api.control_stats
+        self._log = rate_log
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one control connection until it ends; never raises (the net)."""
+        stats = self.stats
+        stats.connections += 1
+        stats.active += 1
+        number = stats.connections
+        try:
+            try:
+                await self._serve(stream, number)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+        except Exception as exc:  # noqa: BLE001 - the net: every failure ends this connection only
+            self._ended(number, exc)
+        finally:
+            stats.active -= 1
+
+    def _ended(self, number: int, exc: Exception) -> None:
+        peer = f"control connection {number}"
+        if isinstance(exc, ControlConnectionError):
+            kind, level, text, trace = exc.kind, logging.WARNING, str(exc), False
+        elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+            kind, level, trace = "client went away", logging.INFO, False
+            text = f"the client left before its answer ({reason(exc.__cause__ or exc)})"
+        else:
+            kind, level, trace = "unexpected error", logging.ERROR, True
+            text = (
+                f"failed unexpectedly (a bug): {type(exc).__name__}: {exc}; this connection "
+                "is closed and the backend goes on"
+            )
+        self.stats.ended[kind] += 1
+        self._log.log(LOG_SCOPE, kind, level, "%s: %s", peer, text, exc_info=trace)
+
+    async def _serve(self, stream: trio.SocketStream, number: int) -> None:
+        peer = peercred_identity(stream.socket, "control")
         if peer.uid not in (0, os.geteuid()):
             # The socket's mode already keeps others out; this catches a loosened mode.
-            log.warning("control socket: refused %s", peer.describe())
-            await stream.send_all(
-                json.dumps({"ok": False, "error": "not authorized", "code": "NOT_AUTHORIZED"})
-                .encode() + b"\n"
+            self.stats.refused += 1
+            self._log.log(
+                LOG_SCOPE, "refused", logging.WARNING, "control socket: refused %s",
+                peer.describe(),
             )
+            await self._send(stream, {
+                "ok": False, "error": "not authorized", "code": "NOT_AUTHORIZED"
+            })
+            return
+        if self.stats.active > MAX_CONNECTIONS:
+            self.stats.refused += 1
+            self._log.log(
+                LOG_SCOPE, "refused", logging.WARNING,
+                "control socket: refused %s: %d connections are open already",
+                peer.describe(), MAX_CONNECTIONS,
+            )
+            await self._send(stream, {
+                "ok": False,
+                "error": f"the control socket serves {MAX_CONNECTIONS} connections at once; "
+                "try again when the others are done",
+                "code": "BUSY",
+            })
             return
         buffer = b""
         while True:
-            while b"\n" not in buffer:
-                if len(buffer) > MAX_REQUEST:
-                    log.warning("control socket: %s sent an over-long request", peer.describe())
-                    return
-                data = await stream.receive_some(MAX_REQUEST)
-                if not data:
-                    return
-                buffer += data
+            with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                while b"\n" not in buffer:
+                    if len(buffer) > MAX_REQUEST:
+                        await self._send(stream, {
+                            "ok": False,
+                            "error": f"request longer than {MAX_REQUEST} bytes",
+                            "code": "PROTOCOL_ERROR",
+                        })
+                        raise ControlConnectionError(
+                            "over-long request",
+                            f"sent a request line longer than {MAX_REQUEST} bytes; disconnected",
+                        )
+                    data = await stream.receive_some(MAX_REQUEST)
+                    if not data:
+                        if buffer:
+                            raise ControlConnectionError(
+                                "incomplete request",
+                                f"closed the connection after {len(buffer)} bytes of a "
+                                "request line without its newline",
+                            )
+                        return  # a clean end between requests
+                    buffer += data
+            if idle.cancelled_caught:
+                raise ControlConnectionError(
+                    "idle", f"sent no complete request within {IDLE_TIMEOUT:g} s; disconnected"
+                )
             line, buffer = buffer.split(b"\n", 1)
-            try:
-                request = json.loads(line)
-            except ValueError as exc:
-                answer: dict[str, Any] = {
-                    "ok": False, "error": f"not JSON: {exc}", "code": "PROTOCOL_ERROR"
-                }
-            else:
-                answer = await api.handle(request)
-            await stream.send_all(json.dumps(answer).encode() + b"\n")
+            request, answer = _parse(line)
+            if answer is None:
+                answer = await self.api.handle(request)
+            await self._send(stream, answer)
+
+    async def _send(self, stream: trio.SocketStream, answer: dict[str, Any]) -> None:
+        with trio.move_on_after(SEND_TIMEOUT) as scope:
+            await stream.send_all(_encode(answer))
+        if scope.cancelled_caught:
+            raise ControlConnectionError(
+                "answer not read",
+                f"did not read its answer within {SEND_TIMEOUT:g} s; disconnected",
+            )
 
 
 async def serve_control(
-    backend: Backend, path: Path, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    backend: OperatedBackend,
+    path: Path,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control API on the UNIX socket ``path`` (mode 0600) until cancelled."""
     from shared.transport._sockets import open_unix_listener_socket
 
-    api = ControlApi(backend)
+    server = ControlServer(ControlApi(backend), backend.control_log)
     old_umask = os.umask(0o177)  # the socket file is born 0600: no window where it is wider
     try:
         sock = await open_unix_listener_socket(str(path))
@@ -340,7 +527,7 @@ async def serve_control(
                     log.warning("control socket: accept failed: %s", exc)
                     await trio.sleep(0.1)  # EMFILE and friends: back off rather than spin
                     continue
-                nursery.start_soon(_serve_client, api, stream)
+                nursery.start_soon(server.serve_connection, stream)
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()

@@ -27,17 +27,14 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pciback.config import BackendConfig, DeviceConfig, load_config
 from pciback.devices import DeviceProvider, HostDevice
+from pciback.ops.interface import OperatedBackend
 from pciback.plane.access import make_access
 from pciback.plane.registry import build_provider
 from shared.errors import ConfigFileError, PcisplitError
 from shared.pci import PciAddress
-
-if TYPE_CHECKING:
-    from pciback.service import Backend
 
 __all__ = ["sd_notify", "reload", "ReloadResult", "summary", "plan_reload"]
 
@@ -66,12 +63,12 @@ def notify_reloading() -> bool:
     return sd_notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
 
-def summary(backend: Backend) -> str:
+def summary(backend: OperatedBackend) -> str:
     """``pciback: serving 2 guests, 3 devices (2 assigned, 1 hidden) on ...; control ...``."""
     devices = list(backend.registry)
     assigned = sum(dev.guest is not None for dev in devices)
     hidden = sum(dev.hidden for dev in devices)
-    listen = ", ".join(lst.address for lst in backend.listeners) or "nothing"
+    listen = ", ".join(backend.bound_addresses()) or "nothing"
     text = (
         f"pciback: serving {len(backend.config.guests)} guest(s), {len(devices)} device(s) "
         f"({assigned} assigned, {hidden} hidden) on {listen}"
@@ -175,7 +172,7 @@ def plan_reload(old: BackendConfig, new: BackendConfig) -> ReloadResult:
 
 
 def _build(
-    backend: Backend, new: BackendConfig, ids: tuple[str, ...]
+    backend: OperatedBackend, new: BackendConfig, ids: tuple[str, ...]
 ) -> dict[str, tuple[DeviceProvider, PciAddress | None]]:
     """The providers of new and redefined devices, each checked with its policy.
 
@@ -207,7 +204,7 @@ def _close(provider: DeviceProvider) -> None:
         close()
 
 
-async def reload(backend: Backend, path: str | Path) -> ReloadResult:
+async def reload(backend: OperatedBackend, path: str | Path) -> ReloadResult:
     """Apply the config file at ``path`` to the running ``backend`` (see the module doc).
 
     Raises :class:`ConfigFileError` (nothing changed) when the file does not
@@ -224,14 +221,7 @@ async def reload(backend: Backend, path: str | Path) -> ReloadResult:
         if guest is not None and new.is_hidden(dev.physical) is not None:
             raise ConfigFileError(f"device {dev_id} is hidden by the new config's hide")
     built = _build(backend, new, plan.redefined + plan.added)
-    backend.config = new
-    registry.config = new
-    backend.hotplug.ack_timeout = new.hotplug_ack_timeout
-    for name in plan.guests_added:
-        registry.add_guest(name, new.guests[name].bus)
-    for dev in registry:
-        if dev.state in ("free", "hidden") and dev.physical is not None:
-            dev.hidden = new.is_hidden(dev.physical) is not None
+    backend.adopt_config(new)
     # 1. Take every affected device away from its guest (hot-unplug: reset on the way out).
     leaving = [dev_id for dev_id, old_guest, _ in plan.moves if old_guest is not None]
     for dev_id in (*plan.removed, *plan.redefined, *leaving):
@@ -245,11 +235,10 @@ async def reload(backend: Backend, path: str | Path) -> ReloadResult:
     saved: dict[str, bytes] = {}
     for dev_id in (*plan.removed, *plan.redefined):
         try:
-            old = registry.remove_device(dev_id)
+            old = backend.remove_device(dev_id)
         except PcisplitError as exc:
             log.error("reload: could not remove %s: %s", dev_id, exc)
             continue
-        backend.irq.forget_device(old)
         if isinstance(old.provider, HostDevice) and old.provider.writable:
             saved[str(old.provider.address)] = old.provider.saved_config
     by_id = {dev.id: dev for dev in new.devices}
@@ -261,14 +250,12 @@ async def reload(backend: Backend, path: str | Path) -> ReloadResult:
             # the one saved by the old definition, not what was read at open time.
             provider.saved_config = previous
         try:
-            dev = registry.add_device(by_id[dev_id], provider, physical)
+            backend.add_device(by_id[dev_id], provider, physical)
         except PcisplitError as exc:
             log.error("reload: could not add %s: %s", dev_id, exc)
             _close(provider)
             continue
-        backend.start_device(dev)
-    if backend.host_state is not None and backend.host_state.owned | bool(saved) | bool(built):
-        backend.host_state.record(backend.writable_host_devices())
+    backend.record_host_state(devices_changed=bool(saved) or bool(built))
     # 3. Assign (hot-plug: the guests see device-added).
     assign = [(dev_id, guest) for dev_id, _old, guest in plan.moves if guest is not None]
     assign += [

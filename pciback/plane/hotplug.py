@@ -12,7 +12,9 @@ reset.
 
 Announcements never block the operation on a slow guest: each session has a
 bounded queue and a task that sends from it (:class:`SessionChanges`), and
-the time-out covers sending and acknowledging alike. Sessions that did not
+the time-out covers sending and acknowledging alike. An announcement awaiting
+its acknowledgement is a call in :class:`shared.sync.CallTable`, keyed by its
+change id, like the frontend's requests and the backend's DMA calls. Sessions that did not
 negotiate the ``hotplug`` feature are not told (they see ``DEVICE_REMOVED``
 replies and new snapshots) and are not waited for.
 """
@@ -26,8 +28,7 @@ from typing import Literal, Protocol
 
 import trio
 
-from pciback.guests.dispatch import device_info
-from pciback.plane.registry import DeviceRegistry
+from pciback.plane.registry import DeviceRegistry, device_info
 from shared.errors import LocalProtocolError
 from shared.pci import PciAddress
 from shared.protocol import (
@@ -38,8 +39,16 @@ from shared.protocol import (
     DeviceRemovedEvent,
     Message,
 )
+from shared.sync import Call, CallTable
 
-__all__ = ["Hotplug", "HotplugResult", "SessionChanges", "ChangeSink", "ANNOUNCE_QUEUE"]
+__all__ = [
+    "Hotplug",
+    "HotplugResult",
+    "SessionChanges",
+    "Announcement",
+    "ChangeSink",
+    "ANNOUNCE_QUEUE",
+]
 
 log = logging.getLogger("pcisplit.backend")
 
@@ -47,22 +56,24 @@ log = logging.getLogger("pcisplit.backend")
 #: the session is counted as not reachable (the operation does not wait for it).
 ANNOUNCE_QUEUE = 64
 
-Outcome = Literal["pending", "acknowledged", "disconnected", "undeliverable", "timed-out"]
+Outcome = Literal["acknowledged", "disconnected", "undeliverable", "timed-out"]
+#: How one announcement ended, and why (for the log).
+Ending = tuple[Outcome, str]
 
 
-class _Announcement:
-    __slots__ = ("done", "make", "outcome", "why")
+class Announcement:
+    """One queued or sent announcement: the event to build and its call in the table.
 
-    def __init__(self, make: Callable[[int], Message]) -> None:
+    The change id is taken when the announcement is queued, so the
+    acknowledgement finds it in :class:`~shared.sync.CallTable` like any
+    other outstanding call; the event is built and sent later, in order.
+    """
+
+    __slots__ = ("call", "make")
+
+    def __init__(self, make: Callable[[int], Message], call: Call[Ending]) -> None:
         self.make = make
-        self.done = trio.Event()
-        self.outcome: Outcome = "pending"
-        self.why = ""
-
-    def finish(self, outcome: Outcome, why: str = "") -> None:
-        if self.outcome == "pending":
-            self.outcome, self.why = outcome, why
-            self.done.set()
+        self.call = call
 
 
 class SessionChanges:
@@ -71,73 +82,94 @@ class SessionChanges:
     ``send`` is the session's one send path. :meth:`run` sends the queue (a
     task in the session's nursery); the session's receive loop hands each
     :class:`DeviceChangeAck` to :meth:`acknowledged`; :meth:`close` ends
-    every announcement still waiting when the connection ends.
+    every announcement still waiting when the connection ends. The
+    announcements awaiting acknowledgement are calls in a
+    :class:`~shared.sync.CallTable` keyed by change id, the table the
+    frontend's requests and the backend's DMA calls use too.
     """
 
     def __init__(self, conn: Connection, send: Callable[[Message], Awaitable[bool]]) -> None:
         self._conn = conn
         self._send = send
         self.enabled = HOTPLUG_FEATURE in conn.features
-        self._in, self._out = trio.open_memory_channel[_Announcement](ANNOUNCE_QUEUE)
-        self._waiting: dict[int, _Announcement] = {}
-        self._closed = False
+        self._in, self._out = trio.open_memory_channel[Announcement](ANNOUNCE_QUEUE)
+        # No slot limit here: the Connection refuses an announcement over its limit of
+        # unacknowledged changes when it is sent (TooManyInFlightError).
+        self._calls: CallTable[Ending] = CallTable(lambda: False)
         #: Acknowledgements that came after the backend stopped waiting (legal, counted).
         self.late_acks = 0
         self.announced = 0
 
-    def announce(self, make: Callable[[int], Message]) -> _Announcement:
+    def announce(self, make: Callable[[int], Message]) -> Announcement:
         """Queue an event built by ``make(change_id)``; never blocks."""
-        item = _Announcement(make)
-        if self._closed:
-            item.finish("disconnected", "the connection ended")
+        call = self._calls.open(self._conn.next_change_id())
+        item = Announcement(make, call)
+        if self._calls.failed is not None:
+            self._end(call, "disconnected", "the connection ended")
             return item
         try:
             self._in.send_nowait(item)
         except trio.WouldBlock:
-            item.finish("undeliverable", f"{ANNOUNCE_QUEUE} announcements already queued")
+            self._end(call, "undeliverable", f"{ANNOUNCE_QUEUE} announcements already queued")
         return item
+
+    def _end(self, call: Call[Ending], outcome: Outcome, why: str) -> None:
+        """``call`` ended without an acknowledgement; its id is forgotten."""
+        self._calls.complete(call, (outcome, why))
+        self._calls.close(call)
 
     async def run(self) -> None:
         """Send queued announcements through the session's send path, in order."""
         async for item in self._out:
-            cid = self._conn.next_change_id()
-            # Registered first: the acknowledgement may be processed before send returns.
-            self._waiting[cid] = item
+            # Sent even when the operation stopped waiting meanwhile (a forced removal):
+            # the guest still learns of it, and its acknowledgement counts as late.
+            call = item.call
             try:
-                sent = await self._send(item.make(cid))
+                sent = await self._send(item.make(call.id))
             except LocalProtocolError as exc:
                 # TooManyInFlightError: the guest leaves too many changes unacknowledged.
-                self._waiting.pop(cid, None)
-                item.finish("undeliverable", str(exc))
+                self._end(call, "undeliverable", str(exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._waiting.pop(cid, None)
-                item.finish("disconnected", "the connection broke while announcing")
+                self._end(call, "disconnected", "the connection broke while announcing")
                 raise
             else:
                 if sent:
                     self.announced += 1
                 else:  # the session's send path: the connection no longer carries events
-                    self._waiting.pop(cid, None)
-                    item.finish("disconnected", "the connection ended before the announcement")
+                    self._end(call, "disconnected", "the connection ended before the announcement")
+
+    async def wait(self, item: Announcement) -> None:
+        """Park until ``item`` is acknowledged, fails or the connection ends (cancellable)."""
+        await self._calls.wait(item.call)
+
+    def settle(self, item: Announcement) -> Ending:
+        """How ``item`` ended; one still pending is given up (``timed-out``) now.
+
+        A given-up announcement's acknowledgement may still come: it is counted
+        in :attr:`late_acks`.
+        """
+        call = item.call
+        if call.result is None:
+            if self._calls.failed is not None:
+                return "disconnected", "the connection ended"
+            self._end(call, "timed-out", "")
+        assert call.result is not None
+        return call.result
 
     def acknowledged(self, ack: DeviceChangeAck) -> None:
-        item = self._waiting.pop(ack.change_id, None)
-        if item is None:
+        call = self._calls.resolve(ack.change_id, ("acknowledged", ""))
+        if call is None:
+            # Not waited for any more: the operation gave up (time-out) before it came.
             self.late_acks += 1
             return
-        if item.outcome != "pending":
-            self.late_acks += 1  # the operation stopped waiting (time-out) before it came
-        item.finish("acknowledged")
+        self._calls.close(call)
 
     def close(self) -> None:
         """The connection ended: a guest that is gone holds nothing; stop waiting for it."""
-        self._closed = True
-        for item in self._waiting.values():
-            item.finish("disconnected", "the connection ended")
-        self._waiting.clear()
+        self._calls.fail_all("the connection ended")
         while True:
             try:
-                self._out.receive_nowait().finish("disconnected", "the connection ended")
+                self._out.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
         self._in.close()
@@ -273,24 +305,28 @@ class Hotplug:
         change: Literal["added", "removed"],
         make: Callable[[int], Message],
     ) -> HotplugResult:
-        items = [s.changes.announce(make) for s in self._sessions(guest) if s.changes.enabled]
+        items = [
+            (s.changes, s.changes.announce(make))
+            for s in self._sessions(guest)
+            if s.changes.enabled
+        ]
         start = trio.current_time()
         with trio.move_on_after(self.ack_timeout) as scope:
-            for item in items:
-                await item.done.wait()
+            for changes, item in items:
+                await changes.wait(item)
         waited = trio.current_time() - start
-        for item in items:
-            item.finish("timed-out")  # no-op for those that already answered
-            if item.outcome == "undeliverable":
+        endings = [changes.settle(item) for changes, item in items]
+        for outcome, why in endings:
+            if outcome == "undeliverable":
                 log.warning(
                     "device %s: could not announce its %s to guest %s: %s",
                     device_id,
                     "arrival" if change == "added" else "removal",
                     guest,
-                    item.why,
+                    why,
                 )
-        acknowledged = sum(item.outcome == "acknowledged" for item in items)
-        disconnected = sum(item.outcome == "disconnected" for item in items)
+        acknowledged = sum(outcome == "acknowledged" for outcome, _ in endings)
+        disconnected = sum(outcome == "disconnected" for outcome, _ in endings)
         return HotplugResult(
             device=device_id,
             guest=guest,
@@ -300,7 +336,7 @@ class Hotplug:
             acknowledged=acknowledged,
             disconnected=disconnected,
             forced=change == "removed" and (scope.cancelled_caught or any(
-                item.outcome == "undeliverable" for item in items
+                outcome == "undeliverable" for outcome, _ in endings
             )),
             waited=waited,
         )

@@ -33,6 +33,7 @@ from pciback.plane.runtime import DeviceDmaPort, DeviceRuntime
 from pciback.policy import AuditLog
 from shared.errors import ConfigFileError, ErrorCode, PcisplitError, did_you_mean
 from shared.pci import PciAddress
+from shared.protocol import DeviceInfo
 from shared.sync import FastLock
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "DeviceRegistry",
     "NotAssignedError",
     "DeviceRemovedError",
+    "device_info",
 ]
 
 MODEL_ENTRY_POINT_GROUP = "pcisplit.models"
@@ -141,6 +143,25 @@ class ServedDevice:
         if self.runtime is not None:
             self.runtime.cancel_background()
         self.access.reset()
+
+
+def device_info(dev: ServedDevice, include_config: bool) -> DeviceInfo:
+    """Describe a device as its guest sees it (through the policy)."""
+    image = dev.access.config_image()
+    assert dev.address is not None
+    word = int.from_bytes
+    return DeviceInfo(
+        address=dev.address.pack(),
+        vendor_id=word(image[0:2], "little"),
+        device_id=word(image[2:4], "little"),
+        class_code=word(image[9:12], "little"),
+        revision=image[8],
+        header_type=image[0x0E],
+        subsystem_vendor_id=word(image[0x2C:0x2E], "little"),
+        subsystem_id=word(image[0x2E:0x30], "little"),
+        config=image if include_config else None,
+        bar_sizes=dev.access.bar_sizes(),
+    )
 
 
 def build_provider(

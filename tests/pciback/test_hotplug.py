@@ -11,8 +11,10 @@ import trio
 import trio.testing
 
 import pcifront
+from pciback.plane.hotplug import ANNOUNCE_QUEUE, SessionChanges
 from pciback.testing import running_backend
 from shared.errors import ErrorCode, PcisplitError
+from shared.pci import PciAddress
 from shared.protocol import (
     HOTPLUG_FEATURE,
     ConfigReadRequest,
@@ -22,6 +24,7 @@ from shared.protocol import (
     DeviceRemovedEvent,
     ErrorReply,
     Limits,
+    Message,
     Reply,
     Role,
     ValueReply,
@@ -340,3 +343,81 @@ async def test_an_acknowledgement_of_nothing_disconnects_only_that_guest() -> No
         assert result.acknowledged == 1 and [d.address for d in other.devices] == [
             "0000:00:00.0"
         ]
+
+
+# --------------------------------------------------------------------------- SessionChanges
+
+
+def _pair(max_in_flight: int) -> tuple[Connection, Connection]:
+    """A backend Connection and a hot-plug frontend's, past their handshake."""
+    client = Connection(
+        Role.CLIENT,
+        limits=Limits(max_in_flight=max_in_flight),
+        features=(HOTPLUG_FEATURE,),
+        guest="alpha",
+    )
+    server = Connection(Role.SERVER, limits=Limits(), features=(HOTPLUG_FEATURE,))
+    server.receive(client.hello())
+    assert isinstance(client.receive(server.accept()), Welcome)
+    return server, client
+
+
+def _removal(cid: int) -> DeviceRemovedEvent:
+    return DeviceRemovedEvent(cid, PciAddress(0, 0, 1, 0).pack(), "a test")
+
+
+async def test_announcements_are_calls_in_one_table_and_each_ends_once() -> None:
+    conn, frontend = _pair(max_in_flight=2)
+    sent: list[Message] = []
+
+    async def send(msg: Message) -> bool:
+        # The session's send path: the Connection's rules apply, the frontend reads it.
+        frontend.receive(conn.send(msg))
+        sent.append(msg)
+        return True
+
+    def ack(cid: int) -> DeviceChangeAck:
+        msg = conn.receive(frontend.send(DeviceChangeAck(cid)))
+        assert isinstance(msg, DeviceChangeAck)
+        return msg
+
+    changes = SessionChanges(conn, send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(changes.run)
+        first, second, third = (changes.announce(_removal) for _ in range(3))
+        await trio.testing.wait_all_tasks_blocked()
+        # The frontend accepts two unacknowledged changes: the third is not sent.
+        assert [m.change_id for m in sent] == [first.call.id, second.call.id]  # type: ignore[attr-defined]
+        await changes.wait(third)  # ended already: returns at once
+        outcome, why = changes.settle(third)
+        assert outcome == "undeliverable" and "max_in_flight" in why
+        changes.acknowledged(ack(first.call.id))
+        await changes.wait(first)
+        assert changes.settle(first) == ("acknowledged", "")
+        # The operation gives up on the second; its acknowledgement is then late.
+        assert changes.settle(second) == ("timed-out", "")
+        changes.acknowledged(ack(second.call.id))
+        assert changes.late_acks == 1
+        assert conn.outstanding_changes == frozenset()
+        # The connection ends: whatever is still waiting ends as disconnected, at once.
+        fourth = changes.announce(_removal)
+        changes.close()
+        await changes.wait(fourth)
+        assert changes.settle(fourth) == ("disconnected", "the connection ended")
+        assert changes.settle(changes.announce(_removal))[0] == "disconnected"
+
+
+async def test_a_full_announcement_queue_makes_the_next_one_undeliverable() -> None:
+    conn, _ = _pair(max_in_flight=ANNOUNCE_QUEUE * 2)
+
+    async def send(msg: Message) -> bool:
+        raise AssertionError("nothing is sent: run() is not running")
+
+    changes = SessionChanges(conn, send)
+    queued = [changes.announce(_removal) for _ in range(ANNOUNCE_QUEUE)]
+    extra = changes.announce(_removal)
+    outcome, why = changes.settle(extra)
+    assert outcome == "undeliverable" and f"{ANNOUNCE_QUEUE} announcements" in why
+    assert len({item.call.id for item in [*queued, extra]}) == ANNOUNCE_QUEUE + 1
+    changes.close()
+    assert {changes.settle(item)[0] for item in queued} == {"disconnected"}

@@ -16,8 +16,8 @@ import pytest
 import trio
 
 import pcifront
-from pciback.config import parse_config
-from pciback.guests.identity import GuestConfig, authorize
+from pciback.config import GuestConfig, parse_config
+from pciback.guests.identity import authorize
 from pciback.ops.control_client import ControlUnreachableError
 from pciback.ops.control_client import request as ctl_request
 from pciback.service import Backend

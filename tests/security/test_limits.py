@@ -12,8 +12,7 @@ import trio
 from _limits_support import TWO_GUESTS, raw_guest, worst_latency
 
 import pcifront
-from pciback.config import parse_config
-from pciback.guests.limits import ResourceLimits
+from pciback.config import ResourceLimits, parse_config
 from pciback.testing import TEST_TOKEN, running_backend
 from shared.errors import ConfigFileError, ErrorCode
 from shared.protocol import DmaMapRequest, ErrorReply, ValueReply

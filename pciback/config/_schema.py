@@ -6,7 +6,7 @@ Schema (later issues extend it)::
     [limits]                    # optional: protocol limits and resource limits (docs/security.md)
     max_message_size = 65536
     max_in_flight = 64
-    max_connections = 256  max_connections_per_guest = 8  ...  (guests.limits.ResourceLimits)
+    max_connections = 256  max_connections_per_guest = 8  ...  (config.ResourceLimits)
     [tls]                       # needed only for tls:// listeners
     cert = "server.pem"  key = "server.key"  ca = "guests-ca.pem"
     [[guest]]
@@ -47,9 +47,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pciback.config._guests import GUEST_KEYS, GuestConfig, parse_guest, tls_listeners
+from pciback.config._limits import LIMIT_KEYS, ResourceLimits
 from pciback.devices import SYSFS_PCI_DEVICES
-from pciback.guests.identity import GUEST_KEYS, GuestConfig, parse_guest, tls_listeners
-from pciback.guests.limits import LIMIT_KEYS, ResourceLimits
 from pciback.policy import PolicyConfig, QuirkConfig
 from shared.errors import ConfigFileError, LocalProtocolError, did_you_mean
 from shared.pci import PciAddress
