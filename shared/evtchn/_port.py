@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import trio
 
-from shared.sync import ConflictDetector
-
 __all__ = ["Port", "PortStatistics", "InMemoryPort", "InbandPort"]
 
 
@@ -54,7 +52,7 @@ class Port(abc.ABC):
         self._pending = False
         self._masked = False
         self._closed = False
-        self._waiters = ConflictDetector("another task is already waiting on this port")
+        self._waiting = False
         self._sent = 0
         self._received = 0
         self._coalesced = 0
@@ -131,12 +129,9 @@ class Port(abc.ABC):
         Raises :class:`trio.ClosedResourceError` if the port is (or gets)
         closed, and :class:`trio.BusyResourceError` if another task is waiting.
         """
-        # The doorbell sleep of the request path: the detector's enter and exit spelled
-        # out (a with block would be two Python calls per sleep; shared/sync/_conflict.py).
-        waiters = self._waiters
-        if waiters.held:
-            raise waiters.error()
-        waiters.held = True
+        if self._waiting:
+            raise trio.BusyResourceError("another task is already waiting on this port")
+        self._waiting = True
         blocked = False
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -159,7 +154,7 @@ class Port(abc.ABC):
                 if not self._closed:
                     self._absorb(self._collect())
         finally:
-            waiters.held = False
+            self._waiting = False
 
     def statistics(self) -> PortStatistics:
         """Counters of notifications sent, received, coalesced and wake-ups."""
@@ -257,7 +252,7 @@ class InbandPort(_QueuedArrivals):
         self._send_fn = send
         self._outgoing = False
         self._outgoing_lot = trio.lowlevel.ParkingLot()
-        self._runs = ConflictDetector("InbandPort.run is already running")
+        self._running = False
 
     def _send(self) -> bool:
         if self._outgoing:
@@ -276,7 +271,10 @@ class InbandPort(_QueuedArrivals):
         Errors from ``send`` (say ``BrokenResourceError``) propagate to the
         nursery: a doorbell that cannot ring is a broken connection.
         """
-        with self._runs:
+        if self._running:
+            raise trio.BusyResourceError("InbandPort.run is already running")
+        self._running = True
+        try:
             task_status.started()
             while not self._closed:
                 if not self._outgoing:
@@ -286,6 +284,8 @@ class InbandPort(_QueuedArrivals):
                 # because the peer may already have looked at the state it announces.
                 self._outgoing = False
                 await self._send_fn()
+        finally:
+            self._running = False
 
     def _close_resources(self) -> None:
         super()._close_resources()
