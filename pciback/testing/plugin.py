@@ -3,8 +3,9 @@
 Install pcisplit with its ``testing`` extra (which brings pytest and
 pytest-trio): ``pip install '/path/to/pcisplit[testing]'`` from a checkout, or
 ``pip install "$(ls dist/pcisplit-*.whl)[testing]"`` from the wheel ``make dist``
-builds (``docs/testing.md``). An ``async def`` test that uses one of these fixtures, and every
-check of a ``TransportConformance`` subclass, runs under trio without any
+builds (``docs/testing.md``). An ``async def`` test that uses one of these
+fixtures, and every check of a ``TransportConformance`` (or
+``BlockingTransportConformance``) subclass, runs under trio without any
 configuration: the plugin marks it ``@pytest.mark.trio`` (projects with
 ``trio_mode = true`` get the same).
 
@@ -37,6 +38,7 @@ import trio
 from pciback.config import DEFAULT_CONFIG_TEXT, BackendConfig
 from pciback.testing._kit import RunningBackend, make_test_config, start_backend
 from pcifront import Bus, connect
+from shared.transport.blocking_conformance import BlockingTransportConformance
 from shared.transport.conformance import TransportConformance
 
 StartBackend = Callable[..., Awaitable[RunningBackend]]
@@ -49,14 +51,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark our ``async def`` tests as trio tests (pytest-trio runs them).
 
     Ours: tests that use the fixtures below, and the checks of a transport
-    conformance suite (a subclass of ``TransportConformance``).
+    conformance suite (a subclass of ``TransportConformance`` or
+    ``BlockingTransportConformance``).
     """
     for item in items:
         if not isinstance(item, pytest.Function) or item.get_closest_marker("trio"):
             continue
         if not inspect.iscoroutinefunction(item.obj):
             continue
-        conformance = item.cls is not None and issubclass(item.cls, TransportConformance)
+        conformance = item.cls is not None and issubclass(
+            item.cls, (TransportConformance, BlockingTransportConformance)
+        )
         if conformance or TRIO_FIXTURES.intersection(item.fixturenames):
             item.add_marker(pytest.mark.trio)
 

@@ -31,6 +31,8 @@ from shared.transport._budget import ReceiveBudget, ReceiveLimits
 from shared.transport._identity import PeerIdentity
 
 __all__ = [
+    "SEND_CONFLICT",
+    "RECEIVE_CONFLICT",
     "FrameTransport",
     "FrameListener",
     "FrameTooLargeError",
@@ -40,6 +42,11 @@ __all__ = [
     "TransportOptions",
     "DEFAULT_MAX_FRAME",
 ]
+
+#: What a second sender or receiver is told (:class:`trio.BusyResourceError`): every
+#: transport keeps the rule with a :class:`shared.sync.ConflictDetector` per direction.
+SEND_CONFLICT = "another task is already sending on this transport"
+RECEIVE_CONFLICT = "another task is already receiving on this transport"
 
 #: Frame limit before a handshake has negotiated one.
 DEFAULT_MAX_FRAME = 1 << 20

@@ -1,7 +1,7 @@
 """Blocking frame transports for code that runs without trio (``pcifront.blocking``).
 
 The same wire formats as the trio transports, driven from the calling thread:
-``unix:``, ``tcp://`` and ``tls://`` carry length-prefixed frames
+``unix:``, ``tcp://``, ``tls://`` and ``vsock://`` carry length-prefixed frames
 (``shared.protocol._framing``) on a socket; ``shm:`` runs the same bootstrap
 as :mod:`shared.transport._shm` (handshake on the UNIX socket, then one sealed
 memfd with a ring per direction and an eventfd doorbell per side) and then
@@ -17,7 +17,10 @@ Errors follow the trio transports' contract, reusing trio's exception
 classes (nothing here runs a trio event loop): :class:`trio.EndOfChannel`
 on a clean close, :class:`trio.BrokenResourceError` when the connection broke
 or the peer corrupted the ring, :class:`trio.ClosedResourceError` after
-:meth:`BlockingTransport.close`. A receive whose deadline passes returns None.
+:meth:`BlockingTransport.close`, and :class:`trio.BusyResourceError` when a
+second thread sends (or receives) while another one is (the rule of
+:class:`shared.sync.ThreadConflictDetector`). A receive whose deadline passes
+returns None. ``shared.transport.blocking_conformance`` checks all of it.
 """
 
 from __future__ import annotations
@@ -35,15 +38,25 @@ import trio
 from shared.errors import RemoteProtocolError
 from shared.protocol._framing import FrameDecoder, encode_frame
 from shared.ring import RingCorruptError, RingError, RingFullError
+from shared.sync import ThreadConflictDetector
 from shared.transport._base import (
+    RECEIVE_CONFLICT,
+    SEND_CONFLICT,
+    FdPassingUnsupportedError,
     FrameTooLargeError,
     TransportAddressError,
     TransportConnectError,
     TransportOptions,
 )
 from shared.transport._fdpass import close_fds, rights_message
+from shared.transport._identity import PeerIdentity, peercred_identity
 from shared.transport._shm_setup import _GOODBYE, _Session, check_setup_reply, offer_session
-from shared.transport._sockets import parse_host_port, unix_connect_problem
+from shared.transport._sockets import (
+    parse_host_port,
+    parse_vsock,
+    unix_connect_problem,
+    vsock_family,
+)
 
 __all__ = [
     "BlockingTransport",
@@ -54,7 +67,7 @@ __all__ = [
 ]
 
 #: Address schemes :func:`open_blocking_transport` understands.
-BLOCKING_SCHEMES = ("unix", "shm", "tcp", "tls")
+BLOCKING_SCHEMES = ("unix", "shm", "tcp", "tls", "vsock")
 _CHUNK = 65536
 
 
@@ -72,20 +85,39 @@ def _broken(what: str, exc: OSError) -> trio.BrokenResourceError | trio.ClosedRe
 
 
 class BlockingTransport:
-    """One end of a connection carrying frames, driven by blocking calls."""
+    """One end of a connection carrying frames, driven by blocking calls.
+
+    One thread may send while another receives; a second sender or receiver
+    gets :class:`trio.BusyResourceError`.
+    """
 
     max_frame_size: int
 
     @property
     def can_pass_fds(self) -> bool:
+        """True when :meth:`send_frame` takes ``fds`` now."""
         return False
 
-    def send_frame(self, frame: bytes) -> None:
+    @property
+    def receiving(self) -> bool:
+        """True while a thread is inside :meth:`receive_frame`."""
+        return False
+
+    def send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
+        """Send one whole frame, with ``fds`` attached where :attr:`can_pass_fds`."""
         raise NotImplementedError
 
     def receive_frame(self, deadline: float | None = None) -> bytes | None:
         """The next frame, or None once ``deadline`` (``time.monotonic()``) has passed."""
         raise NotImplementedError
+
+    def receive_frame_nowait(self) -> bytes | None:
+        """A frame that is already here, or None; never waits."""
+        return None
+
+    def peer_identity(self) -> PeerIdentity:
+        """Who is at the other end, as far as the transport can tell (see PeerIdentity)."""
+        return PeerIdentity(self.describe())
 
     def set_max_frame_size(self, size: int) -> None:
         self.max_frame_size = size
@@ -111,10 +143,28 @@ class BlockingStreamTransport(BlockingTransport):
         self._name = name
         self._eof = False
         self._closed = False
+        self._send_conflicts = ThreadConflictDetector(SEND_CONFLICT)
+        self._receive_conflicts = ThreadConflictDetector(RECEIVE_CONFLICT)
 
     @property
     def can_pass_fds(self) -> bool:
         return self._sock.family == socket.AF_UNIX and not self._closed
+
+    @property
+    def receiving(self) -> bool:
+        return self._receive_conflicts.held
+
+    def peer_identity(self) -> PeerIdentity:
+        """SO_PEERCRED on UNIX sockets (``unix:``, ``shm:``), else the peer's address."""
+        sock = self._sock
+        if sock.family == socket.AF_UNIX:
+            return peercred_identity(sock, self._name)
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            return PeerIdentity(self._name)
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+        return PeerIdentity(self._name, address=address)
 
     def describe(self) -> str:
         return self._name
@@ -128,7 +178,22 @@ class BlockingStreamTransport(BlockingTransport):
             raise trio.ClosedResourceError(f"{self._name} was closed")
 
     def send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
+        sending = self._send_conflicts
+        if not sending.claim():
+            raise sending.error()
+        try:
+            self._send_stream(frame, fds)
+        finally:
+            sending.release()
+
+    def _send_stream(self, frame: bytes, fds: list[int] | None) -> None:
+        """One frame on the socket; the caller holds the send side."""
         self._check_open()
+        if fds and not self.can_pass_fds:
+            raise FdPassingUnsupportedError(
+                f"{self._name} cannot pass file descriptors (only unix: and shm: before its "
+                "session starts can); send the frame without them"
+            )
         if len(frame) > self.max_frame_size:
             raise FrameTooLargeError(
                 f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
@@ -152,6 +217,16 @@ class BlockingStreamTransport(BlockingTransport):
         return bool(poller.poll(_ms_until(deadline)))
 
     def receive_frame(self, deadline: float | None = None) -> bytes | None:
+        receiving = self._receive_conflicts
+        if not receiving.claim():
+            raise receiving.error()
+        try:
+            return self._receive_stream(deadline)
+        finally:
+            receiving.release()
+
+    def _receive_stream(self, deadline: float | None) -> bytes | None:
+        """The next frame from the socket; the caller holds the receive side."""
         self._check_open()
         while True:
             try:
@@ -177,11 +252,19 @@ class BlockingStreamTransport(BlockingTransport):
             self._decoder.feed(data)
 
     def receive_frame_nowait(self) -> bytes | None:
-        """A frame already decoded from bytes received earlier, or None (no system call)."""
+        """A frame already decoded from bytes received earlier, or None (no system call).
+
+        None too while another thread receives (its decoder is not ours to touch).
+        """
+        receiving = self._receive_conflicts
+        if not receiving.claim():
+            return None
         try:
             return self._decoder.next_frame()
         except RemoteProtocolError:
             return None  # reported by the next receive_frame
+        finally:
+            receiving.release()
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -190,8 +273,16 @@ class BlockingStreamTransport(BlockingTransport):
         if self._closed:
             return
         self._closed = True
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket):
+            # A clean TLS end is a close_notify: without it the peer sees a truncated
+            # stream (a broken connection), not the end of one. Sent without waiting
+            # for the peer's own close_notify (SSLWantReadError), which may never come.
+            with contextlib.suppress(OSError, ValueError):
+                sock.setblocking(False)
+                sock.unwrap()
         with contextlib.suppress(OSError):
-            self._sock.close()
+            sock.close()
 
 
 class BlockingShmTransport(BlockingStreamTransport):
@@ -222,27 +313,37 @@ class BlockingShmTransport(BlockingStreamTransport):
 
     def start_session(self, max_frame_size: int) -> None:
         self._check_open()
-        self.set_max_frame_size(max_frame_size)
+        sending, receiving = self._send_conflicts, self._receive_conflicts
+        if not sending.claim():
+            raise trio.BusyResourceError("cannot start the session while a send or receive runs")
+        if not receiving.claim():
+            sending.release()
+            raise trio.BusyResourceError("cannot start the session while a send or receive runs")
         try:
-            # The same offer as the trio client's (see shared.transport._shm_setup).
-            session, setup, fds = offer_session(self._options.ring_size, max_frame_size)
+            self.set_max_frame_size(max_frame_size)
             try:
-                super().send_frame(setup, fds)
-                check_setup_reply(super().receive_frame(None) or b"")
-            except trio.EndOfChannel as exc:
-                session.close()
-                raise trio.BrokenResourceError(
-                    "server closed the connection during shm setup"
-                ) from exc
-            except BaseException:
-                session.close()
-                raise
-            finally:
-                close_fds(fds[:1])  # the memfd: the mapping keeps the memory
-        except (RingError, OSError, ValueError) as exc:
-            raise trio.BrokenResourceError(f"shm session setup failed: {exc}") from exc
-        self._session = session
-        self._rx, self._tx = session.rx_port.fileno(), session.tx_port.fileno()
+                # The same offer as the trio client's (see shared.transport._shm_setup).
+                session, setup, fds = offer_session(self._options.ring_size, max_frame_size)
+                try:
+                    self._send_stream(setup, fds)
+                    check_setup_reply(self._receive_stream(None) or b"")
+                except trio.EndOfChannel as exc:
+                    session.close()
+                    raise trio.BrokenResourceError(
+                        "server closed the connection during shm setup"
+                    ) from exc
+                except BaseException:
+                    session.close()
+                    raise
+                finally:
+                    close_fds(fds[:1])  # the memfd: the mapping keeps the memory
+            except (RingError, OSError, ValueError) as exc:
+                raise trio.BrokenResourceError(f"shm session setup failed: {exc}") from exc
+            self._session = session
+            self._rx, self._tx = session.rx_port.fileno(), session.tx_port.fileno()
+        finally:
+            sending.release()
+            receiving.release()
 
     # -- frames ---------------------------------------------------------------------
     def _check_peer(self) -> None:
@@ -262,7 +363,7 @@ class BlockingShmTransport(BlockingStreamTransport):
     def _control(self) -> None:
         """The control socket is readable: the peer's goodbye, its death, or nonsense."""
         try:
-            frame = super().receive_frame(time.monotonic())
+            frame = self._receive_stream(time.monotonic())
         except trio.EndOfChannel:
             self._peer_gone = "peer closed the shm control socket without saying goodbye (died?)"
             return
@@ -300,37 +401,49 @@ class BlockingShmTransport(BlockingStreamTransport):
         if session is None:
             super().send_frame(frame, fds)
             return
-        self._check_open()
-        if fds:
-            raise FrameTooLargeError(  # pragma: no cover - the client never does this
-                "the blocking shm: transport sends no file descriptors after the session started"
-            )
-        producer = session.producer
-        while True:
-            if self._peer_gone is not None:
-                # Gone, even cleanly: for a sender that is a broken connection (as on
-                # the trio transports), not the end of what it receives.
-                raise trio.BrokenResourceError(self._peer_gone or "peer closed the connection")
-            try:
-                notify = producer.send_nowait(frame)
-            except RingFullError:
-                if producer.prepare_wait_space(len(frame)):
+        sending = self._send_conflicts
+        if not sending.claim():
+            raise sending.error()
+        try:
+            self._check_open()
+            if fds:
+                raise FdPassingUnsupportedError(
+                    "the blocking shm: transport sends no file descriptors after the session "
+                    "started (can_pass_fds is False)"
+                )
+            producer = session.producer
+            while True:
+                if self._peer_gone is not None:
+                    # A send never reports a goodbye as the end of the stream: the
+                    # frame cannot arrive, so the connection is broken for us.
+                    raise trio.BrokenResourceError(
+                        self._peer_gone or "peer closed the connection; cannot send"
+                    )
+                try:
+                    notify = producer.send_nowait(frame)
+                except RingFullError:
+                    if producer.prepare_wait_space(len(frame)):
+                        continue
+                    self._wait(None)
                     continue
-                self._wait(None)
-                continue
-            except RingCorruptError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            except RingError as exc:
-                raise FrameTooLargeError(str(exc)) from exc
-            break
-        if notify:
-            self._ring()
+                except RingCorruptError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                except RingError as exc:
+                    raise FrameTooLargeError(str(exc)) from exc
+                break
+            if notify:
+                self._ring()
+        finally:
+            sending.release()
 
     def receive_frame(self, deadline: float | None = None) -> bytes | None:
         session = self._session
         if session is None:
             return super().receive_frame(deadline)
         self._check_open()
+        receiving = self._receive_conflicts
+        if not receiving.claim():
+            raise receiving.error()
         consumer = session.consumer
         try:
             while True:
@@ -354,20 +467,27 @@ class BlockingShmTransport(BlockingStreamTransport):
                     return None
         except RingCorruptError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
+        finally:
+            receiving.release()
 
     def receive_frame_nowait(self) -> bytes | None:
         session = self._session
         if session is None:
             return super().receive_frame_nowait()
+        receiving = self._receive_conflicts
+        if not receiving.claim():
+            return None  # another thread receives
         try:
             item = session.consumer.receive_nowait()
+            if item is None:
+                return None
+            if item[1]:
+                self._ring()
+            return item[0]
         except RingCorruptError:
             return None  # the next receive_frame reports it
-        if item is None:
-            return None
-        if item[1]:
-            self._ring()
-        return item[0]
+        finally:
+            receiving.release()
 
     def close(self) -> None:
         if self._closed:
@@ -383,7 +503,7 @@ class BlockingShmTransport(BlockingStreamTransport):
 
 
 def open_blocking_transport(address: str, options: TransportOptions) -> BlockingTransport:
-    """Connect to ``address`` (``unix:``, ``shm:``, ``tcp://``, ``tls://``) from this thread.
+    """Connect to ``address`` (``unix:``, ``shm:``, ``tcp://``, ``tls://``, ``vsock://``).
 
     Raises :class:`TransportAddressError` for another scheme or a malformed
     address and :class:`TransportConnectError` when nothing answers there.
@@ -407,6 +527,8 @@ def open_blocking_transport(address: str, options: TransportOptions) -> Blocking
         if scheme == "shm":
             return BlockingShmTransport(sock, options, name=address)
         return BlockingStreamTransport(sock, limit, name=address)
+    if scheme == "vsock":
+        return _connect_vsock(address, rest, limit)
     if not rest.startswith("//"):
         raise TransportAddressError(f"address {address!r} needs the form {scheme}://HOST:PORT")
     host, port = parse_host_port(rest[2:], scheme)
@@ -429,3 +551,20 @@ def open_blocking_transport(address: str, options: TransportOptions) -> Blocking
         tcp.close()
         raise TransportConnectError(f"cannot connect to {address}: {exc}") from exc
     return BlockingStreamTransport(tls, limit, name=address)
+
+
+def _connect_vsock(address: str, rest: str, limit: int) -> BlockingStreamTransport:
+    """``vsock://CID:PORT``: frames on an AF_VSOCK stream socket, as on TCP."""
+    if not rest.startswith("//"):
+        raise TransportAddressError(f"address {address!r} needs the form vsock://CID:PORT")
+    cid, port = parse_vsock(rest[2:])
+    sock = socket.socket(vsock_family(), socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect((cid, port))
+    except OSError as exc:
+        sock.close()
+        raise TransportConnectError(
+            f"cannot connect to {address}: {exc.strerror or exc}; is `pciback serve` listening "
+            "there, and does this kernel have a vsock transport for that CID?"
+        ) from exc
+    return BlockingStreamTransport(sock, limit, name=address)

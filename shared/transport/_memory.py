@@ -6,8 +6,11 @@ import math
 
 import trio
 
+from shared.sync import ConflictDetector
 from shared.transport._base import (
     DEFAULT_MAX_FRAME,
+    RECEIVE_CONFLICT,
+    SEND_CONFLICT,
     FrameListener,
     FrameTooLargeError,
     FrameTransport,
@@ -38,8 +41,8 @@ class MemoryTransport(FrameTransport):
         self.max_frame_size = max_frame_size
         self._name = name
         self._closed = False
-        self._send_busy = False
-        self._receive_busy = False
+        self._send_conflicts = ConflictDetector(SEND_CONFLICT)
+        self._receive_conflicts = ConflictDetector(RECEIVE_CONFLICT)
 
     async def send_frame(self, frame: bytes) -> None:
         if self._closed:
@@ -48,27 +51,17 @@ class MemoryTransport(FrameTransport):
             raise FrameTooLargeError(
                 f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit"
             )
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this transport")
-        self._send_busy = True
-        try:
+        with self._send_conflicts:
             await self._send.send(bytes(frame))
-        finally:
-            self._send_busy = False
 
     async def receive_frame(self) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("this transport was closed")
-        if self._receive_busy:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
-        self._receive_busy = True
-        try:
+        with self._receive_conflicts:
             return await self._receive.receive()
-        finally:
-            self._receive_busy = False
 
     def receive_frame_nowait(self) -> bytes | None:
-        if self._closed or self._receive_busy:
+        if self._closed or self._receive_conflicts.held:
             return None
         try:
             return self._receive.receive_nowait()

@@ -32,7 +32,10 @@ that the shm transport owns (:attr:`ShmTransport.control`): framing, fd
 passing and its caps, the receive limits (idle partial frame, buffer budget),
 SO_PEERCRED identity and the translation of EOF and socket errors are the
 ``unix:`` transport's, written once. This module adds only what is shm's: the
-setup exchange, the ring, the doorbells and the FDS/FDA/goodbye control frames.
+ring, the doorbells and the FDS/FDA/goodbye control frames. The setup
+exchange and its validation are in ``_shm_setup``; the doorbell's sleeper
+(:class:`~shared.transport._shm_parts.Doorbell`) and the fds announced for
+ring frames (:class:`~shared.transport._shm_parts.RingFds`) in ``_shm_parts``.
 
 The peer is untrusted: ring corruption is detected in C (see ``ring.h``) and
 turns into :class:`trio.BrokenResourceError` for this connection only.
@@ -51,7 +54,10 @@ from shared.ring import (
     RingError,
     RingFullError,
 )
+from shared.sync import ConflictDetector
 from shared.transport._base import (
+    RECEIVE_CONFLICT,
+    SEND_CONFLICT,
     FrameTooLargeError,
     FrameTransport,
     ReceiveInterrupted,
@@ -59,20 +65,18 @@ from shared.transport._base import (
 )
 from shared.transport._fdpass import MAX_FDS_PER_FRAME, check_fds_argument
 from shared.transport._identity import PeerIdentity
+from shared.transport._shm_parts import Doorbell, RingFds
 from shared.transport._shm_setup import (
-    _ACK,
     _FDS_ACK,
     _FDS_MARK,
     _GOODBYE,
-    _MAX_FD_BATCHES,
     _SEQ,
     _YIELD_EVERY,
     ShmStatistics,
     _close_fds,
     _Session,
-    accept_session,
-    check_setup_reply,
-    offer_session,
+    accept_setup,
+    offer_setup,
 )
 from shared.transport._stream import UnixFrameTransport
 
@@ -94,29 +98,24 @@ class ShmTransport(FrameTransport):
         self._options = options
         self._name = name
         self.max_frame_size = options.max_frame_size
-        self._max_fds = MAX_FDS_PER_FRAME if options.max_fds is None else options.max_fds
-        # After session start: fds announced for ring frame `seq`, and the fds
-        # tied to the ring frame returned last (closed at the next one if untaken).
-        self._ring_fd_batches: dict[int, list[int]] = {}
-        self._ring_fds: list[int] = []
-        self._ring_fds_active = False
+        # After session start: fds announced for ring frames, tied to them on receipt.
+        self._ring_fds = RingFds(MAX_FDS_PER_FRAME if options.max_fds is None else options.max_fds)
         self._control_lock = trio.Lock()
         self._fd_ack_wanted: int | None = None
         self._fd_ack_event: trio.Event | None = None
         self._closed = False
         self._broken: str | None = None
-        self._sending = False
-        self._receiving = False
+        # One sender and one receiver at a time (shared.sync.ConflictDetector), spelled out
+        # on the detectors' fields (_claim_send, receive_frame): a with block would be two
+        # Python calls per frame on the request path (see shared/sync/_conflict.py).
+        self._send_conflicts = ConflictDetector(SEND_CONFLICT)
+        self._receive_conflicts = ConflictDetector(RECEIVE_CONFLICT)
         self._session: _Session | None = None
         self._peer_gone = False
         self._peer_reason: str | None = None  # None: clean goodbye
         self._peer_cause: Exception | None = None  # a limit the peer went over, if that was it
-        self._doorbell_busy = False
-        # Set when _wake_waiters woke the doorbell sleeper through notify_closing.
-        self._doorbell_woken = False
+        self._doorbell = Doorbell()
         self._interrupt = False
-        self._doorbell_lot = trio.lowlevel.ParkingLot()
-        self._doorbell_followers = 0  # tasks parked in _doorbell_lot
         self._watch_scope = trio.CancelScope()
         poll_us = DEFAULT_POLL_US if options.poll_us is None else options.poll_us
         if poll_us < 0:
@@ -128,7 +127,6 @@ class ShmTransport(FrameTransport):
         self._frames_sent = 0
         self._frames_received = 0
         self._doorbells_sent = 0
-        self._doorbell_sleeps = 0
         self._spin_hits = 0
         self._spin_misses = 0
         self._space_waits = 0
@@ -165,7 +163,7 @@ class ShmTransport(FrameTransport):
             frames_sent=self._frames_sent,
             frames_received=self._frames_received,
             doorbells_sent=self._doorbells_sent,
-            doorbell_sleeps=self._doorbell_sleeps,
+            doorbell_sleeps=self._doorbell.sleeps,
             spin_hits=self._spin_hits,
             spin_misses=self._spin_misses,
             space_waits=self._space_waits,
@@ -198,9 +196,10 @@ class ShmTransport(FrameTransport):
                     f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit; "
                     "send smaller messages or negotiate a larger max_message_size"
                 )
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this transport")
-        self._sending = True
+        sending = self._send_conflicts
+        if sending.held:
+            raise sending.error()
+        sending.held = True
 
     async def _socket_send_frame(self, frame: bytes, fds: list[int] | None = None) -> None:
         """Before the session: one frame on the control socket, exactly as on ``unix:``."""
@@ -211,17 +210,12 @@ class ShmTransport(FrameTransport):
             else:
                 await self._control.send_frame_with_fds(frame, fds)
         finally:
-            self._sending = False
+            self._send_conflicts.held = False
 
     async def _socket_receive_frame(self) -> bytes:
         self._check_usable()
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
-        self._receiving = True
-        try:
+        with self._receive_conflicts:
             return await self._control.receive_frame()
-        finally:
-            self._receiving = False
 
     async def send_frame_with_fds(self, frame: bytes, fds: Sequence[int]) -> None:
         """Send ``frame`` with ``fds`` attached; before or after the session started.
@@ -265,26 +259,13 @@ class ShmTransport(FrameTransport):
             raise
         finally:
             self._fd_ack_wanted = self._fd_ack_event = None
-            self._sending = False
+            self._send_conflicts.held = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def take_received_fds(self) -> list[int]:
         if self._session is None:
             return self._control.take_received_fds()
-        fds, self._ring_fds = self._ring_fds, []
-        self._ring_fds_active = bool(self._ring_fd_batches)
-        return fds
-
-    def _tie_ring_fds(self, seq: int) -> None:
-        """Ring frame ``seq`` was returned: close untaken fds, attach any announced for it."""
-        if self._ring_fds:
-            _close_fds(self._ring_fds)
-        batches = self._ring_fd_batches
-        self._ring_fds = batches.pop(seq, [])
-        for stale in [s for s in batches if s < seq]:
-            # Announced for a frame that has passed: an honest peer never does this.
-            _close_fds(batches.pop(stale))
-        self._ring_fds_active = bool(batches or self._ring_fds)
+        return self._ring_fds.take()
 
     async def _on_fds_announced(self, frame: bytes, fds: list[int]) -> str | None:
         """Socket task: file the ``fds`` of an ``FDS seq`` frame and acknowledge it.
@@ -295,24 +276,10 @@ class ShmTransport(FrameTransport):
             _close_fds(fds)
             return "peer sent a malformed file-descriptor announcement on the shm socket"
         (seq,) = _SEQ.unpack_from(frame, len(_FDS_MARK))
-        batches = self._ring_fd_batches
-        if seq < self._frames_received or seq in batches or len(batches) >= _MAX_FD_BATCHES:
-            _close_fds(fds)
-            return (
-                f"peer announced file descriptors for ring frame {seq}, which is already "
-                f"received, announced twice or too far ahead ({len(batches)} pending)"
-            )
-        held = len(fds) + len(self._ring_fds) + sum(len(batch) for batch in batches.values())
-        if held > self._max_fds:
-            _close_fds(fds)
-            problem = (
-                f"peer announced file descriptors that would make us hold {held}, over the "
-                f"limit of {self._max_fds} per connection (limits.max_fds_per_connection)"
-            )
-            self._peer_cause = LimitExceededError("max_fds_per_connection", problem)
+        refused = self._ring_fds.file(seq, fds, self._frames_received)
+        if refused is not None:
+            problem, self._peer_cause = refused
             return problem
-        batches[seq] = fds
-        self._ring_fds_active = True
         async with self._control_lock:
             await self._control.send_frame(_FDS_ACK + _SEQ.pack(seq))
         return None
@@ -331,15 +298,18 @@ class ShmTransport(FrameTransport):
         self._check_usable()
         if self._session is not None:
             raise trio.BusyResourceError("the shm session was already started")
-        if self._sending or self._receiving:
+        sending, receiving = self._send_conflicts, self._receive_conflicts
+        if sending.held or receiving.held:
             raise trio.BusyResourceError("cannot start the session while a send or receive runs")
         self.set_max_frame_size(max_frame_size)
-        self._sending = self._receiving = True
+        sending.held = receiving.held = True
         try:
             if is_server:
-                session = await self._accept_setup(max_frame_size)
+                session = await accept_setup(self._control, max_frame_size)
             else:
-                session = await self._offer_setup(max_frame_size)
+                session = await offer_setup(
+                    self._control, self._options.ring_size, max_frame_size, self._initial_index
+                )
         except (RingError, OSError, ValueError) as exc:
             self._broken = f"shm session setup failed: {exc}"
             raise trio.BrokenResourceError(self._broken) from exc
@@ -347,40 +317,10 @@ class ShmTransport(FrameTransport):
             self._broken = str(exc)
             raise
         finally:
-            self._sending = self._receiving = False
+            sending.held = receiving.held = False
             _close_fds(self._control.take_received_fds())  # a hostile ack's fds, say
         self._session = session
         trio.lowlevel.spawn_system_task(self._watch_peer, name=f"{self._name} liveness")
-
-    async def _offer_setup(self, max_frame_size: int) -> _Session:
-        session, setup, fds = offer_session(
-            self._options.ring_size, max_frame_size, initial_index=self._initial_index
-        )
-        try:
-            await self._control.send_frame_with_fds(setup, fds)
-            check_setup_reply(await self._control.receive_frame())
-        except trio.EndOfChannel as exc:
-            session.close()
-            raise trio.BrokenResourceError("server closed the connection during shm setup") from exc
-        except BaseException:
-            session.close()
-            raise
-        finally:
-            _close_fds(fds[:1])  # the memfd: the mapping keeps the memory, the peer has its own
-        return session
-
-    async def _accept_setup(self, max_frame_size: int) -> _Session:
-        try:
-            frame, fds = await self._control.receive_frame_with_fds()
-        except trio.EndOfChannel as exc:
-            raise trio.BrokenResourceError("client closed the connection during shm setup") from exc
-        session = accept_session(frame, fds, max_frame_size)
-        try:
-            await self._control.send_frame(_ACK)
-        except BaseException:
-            session.close()
-            raise
-        return session
 
     # ------------------------------------------------------------------ liveness
     async def _watch_peer(self) -> None:
@@ -429,49 +369,15 @@ class ShmTransport(FrameTransport):
 
     def _wake_waiters(self) -> None:
         session = self._session
-        if self._doorbell_busy and session is not None and not session.rx_port.closed:
-            # Wake the doorbell sleeper without a cancel scope around every sleep (one
-            # costs as much as a scheduler pass): notify_closing makes its
-            # wait_readable raise ClosedResourceError, which _wait_doorbell turns
-            # back into a plain wake-up. The fd stays open and is waited on again.
-            self._doorbell_woken = True
-            trio.lowlevel.notify_closing(session.rx_port.fileno())
-        self._doorbell_lot.unpark_all()
+        self._doorbell.wake(None if session is None else session.rx_port)
         if self._fd_ack_event is not None:
             self._fd_ack_event.set()
 
     def interrupt_receive(self) -> None:
         """Make a blocked :meth:`receive_frame` raise :class:`ReceiveInterrupted`."""
-        if self._receiving:
+        if self._receive_conflicts.held:
             self._interrupt = True
             self._wake_waiters()
-
-    async def _wait_doorbell(self, session: _Session) -> None:
-        """Sleep until our doorbell rings, the peer goes away, or we close.
-
-        One doorbell serves both "data arrived" and "space freed", so one task
-        (the leader) waits on the eventfd and wakes the others when it returns.
-        Every caller re-checks its own condition afterwards.
-        """
-        if self._doorbell_busy:
-            self._doorbell_followers += 1
-            try:
-                await self._doorbell_lot.park()
-            finally:
-                self._doorbell_followers -= 1
-            return
-        self._doorbell_busy = True
-        self._doorbell_sleeps += 1
-        try:
-            await session.rx_port.wait()
-        except trio.ClosedResourceError:
-            if not self._doorbell_woken:
-                raise  # the port itself was closed
-        finally:
-            self._doorbell_woken = False
-            self._doorbell_busy = False
-            if self._doorbell_followers:  # usually none: skip the lot's bookkeeping
-                self._doorbell_lot.unpark_all()
 
     def _fail(self, message: str, exc: BaseException) -> trio.BrokenResourceError:
         self._broken = message
@@ -498,7 +404,7 @@ class ShmTransport(FrameTransport):
             await trio.lowlevel.checkpoint_if_cancelled()
             await self._ring_send(session, frame)
         finally:
-            self._sending = False
+            self._send_conflicts.held = False
         # Always a cancellation point (above); a schedule point only every
         # _YIELD_EVERY frames: a scheduler round trip per frame doubled the QD1
         # round trip in measurements, and a full ring makes us sleep anyway.
@@ -506,7 +412,7 @@ class ShmTransport(FrameTransport):
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _ring_send(self, session: _Session, frame: bytes) -> None:
-        """Put one frame on the ring, waiting for space. The caller holds ``_sending``."""
+        """Put one frame on the ring, waiting for space. The caller holds the send side."""
         length = len(frame)
         producer = session.producer
         deadline: float | None = None
@@ -529,7 +435,7 @@ class ShmTransport(FrameTransport):
                     timeout = self._send_timeout
                     deadline = trio.current_time() + timeout if timeout else float("inf")
                 with trio.move_on_at(deadline) as waited:
-                    await self._wait_doorbell(session)
+                    await self._doorbell.wait(session.rx_port)
                 if waited.cancelled_caught:
                     err = TimeoutError(f"ring full for {self._send_timeout} s")
                     raise self._fail(
@@ -583,9 +489,9 @@ class ShmTransport(FrameTransport):
                     self._ring_doorbell(session)
                 if done < len(frames) and not producer.prepare_wait_space(len(frames[done])):
                     self._space_waits += 1
-                    await self._wait_doorbell(session)
+                    await self._doorbell.wait(session.rx_port)
         finally:
-            self._sending = False
+            self._send_conflicts.held = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _take_ring_frame(self, session: _Session) -> bytes | None:
@@ -599,14 +505,19 @@ class ShmTransport(FrameTransport):
         frame, wake_producer = item
         if wake_producer:
             self._ring_doorbell(session)
-        if self._ring_fds_active:
-            self._tie_ring_fds(self._frames_received)
+        if self._ring_fds.active:
+            self._ring_fds.tie(self._frames_received)
         self._frames_received += 1
         return frame
 
     def receive_frame_nowait(self) -> bytes | None:
         session = self._session
-        if session is None or self._receiving or self._closed or self._broken is not None:
+        if (
+            session is None
+            or self._receive_conflicts.held
+            or self._closed
+            or self._broken is not None
+        ):
             return None
         try:
             return self._take_ring_frame(session)
@@ -618,9 +529,10 @@ class ShmTransport(FrameTransport):
         if session is None:
             return await self._socket_receive_frame()
         self._check_usable()
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
-        self._receiving = True
+        receiving = self._receive_conflicts
+        if receiving.held:
+            raise receiving.error()
+        receiving.held = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             consumer = session.consumer
@@ -648,13 +560,13 @@ class ShmTransport(FrameTransport):
                 if consumer.prepare_wait():
                     continue
                 slept = True
-                await self._wait_doorbell(session)
+                await self._doorbell.wait(session.rx_port)
                 if self._interrupt:
                     self._interrupt = False
                     raise ReceiveInterrupted("receive_frame was interrupted; nothing was consumed")
         finally:
             self._interrupt = False
-            self._receiving = False
+            receiving.held = False
         if not slept and self._frames_received % _YIELD_EVERY == 0:
             # Sleeping on the doorbell was already a full checkpoint. A frame that was
             # already there (a pipelined burst, or one a polling spin caught) costs a
@@ -676,11 +588,7 @@ class ShmTransport(FrameTransport):
         if session is not None and not self._peer_gone and self._broken is None:
             # Best effort: without the goodbye the peer reports our close as a death.
             self._control.send_frame_nowait(_GOODBYE)
-        _close_fds(self._ring_fds)
-        for batch in self._ring_fd_batches.values():
-            _close_fds(batch)
-        self._ring_fd_batches.clear()
-        self._ring_fds_active = False
+        self._ring_fds.close()
         if session is not None:
             session.close()
         # Closes the socket, its fds and its share of the receive budget before it checkpoints.

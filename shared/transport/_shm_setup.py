@@ -1,6 +1,9 @@
-"""The ``shm:`` bootstrap's wire format, the session state, and validation of a peer's setup.
+"""The ``shm:`` bootstrap: wire format, session state, the exchange and its validation.
 
-Split out of ``_shm.py`` (the transport itself). The peer is untrusted: every
+Split out of ``_shm.py`` (the transport itself): :func:`offer_setup` and
+:func:`accept_setup` run the exchange on the control socket (the blocking
+client runs the same offer through :func:`offer_session` and
+:func:`check_setup_reply`). The peer is untrusted: every
 field of its setup frame and every fd it sent is checked before we map
 anything (see :func:`validate_setup`).
 """
@@ -27,12 +30,15 @@ from shared.ring import (
     ring_size_for,
 )
 from shared.transport._fdpass import close_fds
+from shared.transport._stream import UnixFrameTransport
 
 __all__ = [
     "ShmStatistics",
     "accept_session",
+    "accept_setup",
     "check_setup_reply",
     "offer_session",
+    "offer_setup",
     "validate_setup",
 ]
 
@@ -219,3 +225,37 @@ def accept_session(frame: bytes, fds: list[int], max_frame_size: int) -> _Sessio
         return session
     finally:
         _close_fds([fd for fd in fds if fd >= 0])
+
+
+async def offer_setup(
+    control: UnixFrameTransport, ring_size: int, max_frame_size: int, initial_index: int = 0
+) -> _Session:
+    """Client: offer a new session on the control socket and map it once the server agrees."""
+    session, setup, fds = offer_session(ring_size, max_frame_size, initial_index=initial_index)
+    try:
+        await control.send_frame_with_fds(setup, fds)
+        check_setup_reply(await control.receive_frame())
+    except trio.EndOfChannel as exc:
+        session.close()
+        raise trio.BrokenResourceError("server closed the connection during shm setup") from exc
+    except BaseException:
+        session.close()
+        raise
+    finally:
+        _close_fds(fds[:1])  # the memfd: the mapping keeps the memory, the peer has its own
+    return session
+
+
+async def accept_setup(control: UnixFrameTransport, max_frame_size: int) -> _Session:
+    """Server: take the client's offer from the control socket, check it, map it, agree."""
+    try:
+        frame, fds = await control.receive_frame_with_fds()
+    except trio.EndOfChannel as exc:
+        raise trio.BrokenResourceError("client closed the connection during shm setup") from exc
+    session = accept_session(frame, fds, max_frame_size)
+    try:
+        await control.send_frame(_ACK)
+    except BaseException:
+        session.close()
+        raise
+    return session

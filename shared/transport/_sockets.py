@@ -40,6 +40,9 @@ __all__ = [
     "connect_vsock",
     "listen_vsock",
     "parse_host_port",
+    "parse_vsock",
+    "vsock_family",
+    "vsock_loopback_problem",
     "StreamListener",
 ]
 
@@ -368,7 +371,8 @@ async def listen_tls(rest: str, options: TransportOptions) -> FrameListener:
 # --------------------------------------------------------------------------- vsock
 
 
-def _parse_vsock(rest: str) -> tuple[int, int]:
+def parse_vsock(rest: str) -> tuple[int, int]:
+    """``CID:PORT`` (after ``vsock://``) as numbers; ``any`` or ``-1`` is VMADDR_CID_ANY."""
     cid_text, sep, port_text = rest.partition(":")
     if not sep or not port_text.isdigit():
         raise TransportAddressError(f"vsock://{rest} needs the form vsock://CID:PORT")
@@ -381,16 +385,48 @@ def _parse_vsock(rest: str) -> tuple[int, int]:
     return cid, int(port_text)
 
 
-def _vsock_family() -> int:
+def vsock_family() -> int:
+    """``socket.AF_VSOCK``, or :class:`TransportConnectError` where the platform has none."""
     family = getattr(socket, "AF_VSOCK", None)
     if family is None:
         raise TransportConnectError("this platform has no AF_VSOCK support")
     return int(family)
 
 
+def vsock_loopback_problem(timeout: float = 2.0) -> str | None:
+    """Why loopback vsock (CID 1) cannot carry a connection here, or None when it can.
+
+    Listens on a free port and connects to it through CID 1 (blocking, at
+    most ``timeout`` seconds). Many machines (CI runners, containers) have no
+    vsock transport for it; tests that need it skip with this reason.
+    """
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        return "this Python has no AF_VSOCK"
+    try:
+        srv = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot create an AF_VSOCK socket: {exc}"
+    try:
+        srv.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        cli = socket.socket(family, socket.SOCK_STREAM)
+        cli.settimeout(timeout)
+        try:
+            cli.connect((1, port))  # CID 1: local loopback
+        finally:
+            cli.close()
+    except OSError as exc:
+        return f"vsock loopback (CID 1) does not answer on this machine: {exc}"
+    finally:
+        srv.close()
+    return None
+
+
 async def connect_vsock(rest: str, options: TransportOptions) -> FrameTransport:
-    cid, port = _parse_vsock(rest)
-    sock = trio.socket.socket(_vsock_family(), socket.SOCK_STREAM)
+    cid, port = parse_vsock(rest)
+    sock = trio.socket.socket(vsock_family(), socket.SOCK_STREAM)
     try:
         await sock.connect((cid, port))
     except OSError as exc:
@@ -408,8 +444,8 @@ async def connect_vsock(rest: str, options: TransportOptions) -> FrameTransport:
 
 
 async def listen_vsock(rest: str, options: TransportOptions) -> FrameListener:
-    cid, port = _parse_vsock(rest)
-    sock = trio.socket.socket(_vsock_family(), socket.SOCK_STREAM)
+    cid, port = parse_vsock(rest)
+    sock = trio.socket.socket(vsock_family(), socket.SOCK_STREAM)
     try:
         await sock.bind((cid, port))
         sock.listen(128)

@@ -16,8 +16,11 @@ import trio
 
 from shared.errors import LimitExceededError, RemoteProtocolError
 from shared.protocol._framing import FRAME_HEADER, FrameDecoder, encode_frame
+from shared.sync import ConflictDetector
 from shared.transport._base import (
     DEFAULT_MAX_FRAME,
+    RECEIVE_CONFLICT,
+    SEND_CONFLICT,
     FrameTooLargeError,
     FrameTransport,
     TransportOptions,
@@ -59,8 +62,11 @@ class StreamFrameTransport(FrameTransport):
         self._decoder = FrameDecoder(max_frame_size)
         self.max_frame_size = max_frame_size
         self._name = name or type(stream).__name__
-        self._send_busy = False
-        self._receive_busy = False
+        # One sender and one receiver at a time (shared.sync.ConflictDetector). The
+        # request path spells out its enter and exit on the detector's fields: a with
+        # block would be two Python calls per frame there (see shared/sync/_conflict.py).
+        self._send_conflicts = ConflictDetector(SEND_CONFLICT)
+        self._receive_conflicts = ConflictDetector(RECEIVE_CONFLICT)
         self._eof = False
         self._closed = False
         self._broken: str | None = None
@@ -91,8 +97,8 @@ class StreamFrameTransport(FrameTransport):
                 f"frame of {len(frame)} bytes exceeds the {self.max_frame_size}-byte limit; "
                 "send smaller messages or negotiate a larger max_message_size"
             )
-        if self._send_busy:
-            raise trio.BusyResourceError("another task is already sending on this transport")
+        if self._send_conflicts.held:
+            raise self._send_conflicts.error()
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
 
@@ -106,7 +112,7 @@ class StreamFrameTransport(FrameTransport):
         await self._send_encoded(b"".join([encode_frame(frame) for frame in frames]))
 
     def receive_frame_nowait(self) -> bytes | None:
-        if self._closed or self._receive_busy or self._broken is not None:
+        if self._closed or self._receive_conflicts.held or self._broken is not None:
             return None
         try:
             frame = self._decoder.next_frame()
@@ -120,7 +126,7 @@ class StreamFrameTransport(FrameTransport):
         return frame
 
     async def _send_encoded(self, data: bytes) -> None:
-        self._send_busy = True
+        self._send_conflicts.held = True  # _check_send saw it free: no await since
         try:
             direct = self._direct
             if direct is not None:
@@ -152,16 +158,17 @@ class StreamFrameTransport(FrameTransport):
             await trio.aclose_forcefully(self._stream)
             raise
         finally:
-            self._send_busy = False
+            self._send_conflicts.held = False
 
     async def receive_frame(self) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("this transport was closed")
-        if self._receive_busy:
-            raise trio.BusyResourceError("another task is already receiving on this transport")
+        receiving = self._receive_conflicts
+        if receiving.held:
+            raise receiving.error()
         if self._broken is not None:
             raise trio.BrokenResourceError(self._broken)
-        self._receive_busy = True
+        receiving.held = True
         try:
             while True:
                 try:
@@ -185,7 +192,7 @@ class StreamFrameTransport(FrameTransport):
                         )
                     raise trio.EndOfChannel("peer closed the connection")
         finally:
-            self._receive_busy = False
+            receiving.held = False
 
     async def _receive_limited(self) -> bool:
         """:meth:`_receive_chunk` under the server's limits (idle partial frame, buffers)."""
@@ -332,7 +339,7 @@ class UnixFrameTransport(StreamFrameTransport):
         or broken, the socket buffer is full or the peer is gone. A partial
         write breaks the transport (the byte stream is no longer framed).
         """
-        if self._closed or self._send_busy or self._broken is not None:
+        if self._closed or self._send_conflicts.held or self._broken is not None:
             return False
         if len(frame) > self.max_frame_size:
             raise FrameTooLargeError(
@@ -354,7 +361,6 @@ class UnixFrameTransport(StreamFrameTransport):
         self._check_send(frame)
         data = encode_frame(frame)
         rights_pieces(data, fd_list)  # validates before anything is sent
-        self._send_busy = True
         progress = SendProgress()
         sock = self._sock
 
@@ -363,17 +369,16 @@ class UnixFrameTransport(StreamFrameTransport):
                 return await sock.sendmsg([piece], rights_message(group))
             return await sock.send(piece)
 
-        try:
+        with self._send_conflicts:
             try:
-                await send_with_fds(send_piece, data, fd_list, progress)
-            except OSError as exc:
-                self._broken = f"sending a frame with file descriptors failed: {exc}"
-                raise _translate(exc, "send") from exc
-        except trio.Cancelled:
-            if progress.sent:
-                # Part of the frame went out: the byte stream is unframed from here on.
-                self._broken = "an earlier send was cancelled mid-frame; reconnect"
-                await trio.aclose_forcefully(self._stream)
-            raise
-        finally:
-            self._send_busy = False
+                try:
+                    await send_with_fds(send_piece, data, fd_list, progress)
+                except OSError as exc:
+                    self._broken = f"sending a frame with file descriptors failed: {exc}"
+                    raise _translate(exc, "send") from exc
+            except trio.Cancelled:
+                if progress.sent:
+                    # Part of the frame went out: the byte stream is unframed from here on.
+                    self._broken = "an earlier send was cancelled mid-frame; reconnect"
+                    await trio.aclose_forcefully(self._stream)
+                raise

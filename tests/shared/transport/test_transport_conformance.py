@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from shared.transport import (
     open_listener,
     open_transport,
 )
+from shared.transport._sockets import vsock_loopback_problem
 from shared.transport.conformance import TransportConformance
 from tests.support.tls import transport_options
 
@@ -100,32 +100,7 @@ class TestTlsConformance(TransportConformance):
         )
 
 
-def _vsock_loopback_works() -> str | None:
-    family = getattr(socket, "AF_VSOCK", None)
-    if family is None:
-        return "this Python has no AF_VSOCK"
-    try:
-        srv = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        return f"cannot create an AF_VSOCK socket: {exc}"
-    try:
-        srv.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
-        srv.listen(1)
-        port = srv.getsockname()[1]
-        cli = socket.socket(family, socket.SOCK_STREAM)
-        cli.settimeout(2)
-        try:
-            cli.connect((1, port))  # CID 1: local loopback
-        finally:
-            cli.close()
-    except OSError as exc:
-        return f"vsock loopback (CID 1) does not answer on this machine: {exc}"
-    finally:
-        srv.close()
-    return None
-
-
-_VSOCK_SKIP = _vsock_loopback_works()
+_VSOCK_SKIP = vsock_loopback_problem()
 
 
 @pytest.mark.skipif(_VSOCK_SKIP is not None, reason=str(_VSOCK_SKIP))
