@@ -33,9 +33,9 @@ PACKAGES = ("shared", "pcifront", "pciback")
 LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "shared": (
         ("shared.errors",),
+        ("shared.sync",),
         (
             "shared.pci",
-            "shared.sync",
             "shared.protocol",
             "shared.ring",
             "shared.evtchn",

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import trio
 
+from shared.sync import ConflictDetector
+
 __all__ = ["Port", "PortStatistics", "InMemoryPort", "InbandPort"]
 
 
@@ -52,7 +54,7 @@ class Port(abc.ABC):
         self._pending = False
         self._masked = False
         self._closed = False
-        self._waiting = False
+        self._waiters = ConflictDetector("another task is already waiting on this port")
         self._sent = 0
         self._received = 0
         self._coalesced = 0
@@ -129,9 +131,12 @@ class Port(abc.ABC):
         Raises :class:`trio.ClosedResourceError` if the port is (or gets)
         closed, and :class:`trio.BusyResourceError` if another task is waiting.
         """
-        if self._waiting:
-            raise trio.BusyResourceError("another task is already waiting on this port")
-        self._waiting = True
+        # The doorbell sleep of the request path: the detector's enter and exit spelled
+        # out (a with block would be two Python calls per sleep; shared/sync/_conflict.py).
+        waiters = self._waiters
+        if waiters.held:
+            raise waiters.error()
+        waiters.held = True
         blocked = False
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -154,7 +159,7 @@ class Port(abc.ABC):
                 if not self._closed:
                     self._absorb(self._collect())
         finally:
-            self._waiting = False
+            waiters.held = False
 
     def statistics(self) -> PortStatistics:
         """Counters of notifications sent, received, coalesced and wake-ups."""
@@ -252,7 +257,7 @@ class InbandPort(_QueuedArrivals):
         self._send_fn = send
         self._outgoing = False
         self._outgoing_lot = trio.lowlevel.ParkingLot()
-        self._running = False
+        self._runs = ConflictDetector("InbandPort.run is already running")
 
     def _send(self) -> bool:
         if self._outgoing:
@@ -271,10 +276,7 @@ class InbandPort(_QueuedArrivals):
         Errors from ``send`` (say ``BrokenResourceError``) propagate to the
         nursery: a doorbell that cannot ring is a broken connection.
         """
-        if self._running:
-            raise trio.BusyResourceError("InbandPort.run is already running")
-        self._running = True
-        try:
+        with self._runs:
             task_status.started()
             while not self._closed:
                 if not self._outgoing:
@@ -284,8 +286,6 @@ class InbandPort(_QueuedArrivals):
                 # because the peer may already have looked at the state it announces.
                 self._outgoing = False
                 await self._send_fn()
-        finally:
-            self._running = False
 
     def _close_resources(self) -> None:
         super()._close_resources()

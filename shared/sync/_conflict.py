@@ -1,7 +1,7 @@
 """One rule for resources that allow one user at a time: a second one is a bug.
 
-A frame transport allows one task sending and one receiving at a time. A
-second task that tries while the first is
+A frame transport allows one task sending and one receiving at a time, an
+event-channel port one waiter. A second task that tries while the first is
 inside has a bug, and gets :class:`trio.BusyResourceError` at once rather
 than interleaved frames. trio keeps this rule in a small ``ConflictDetector``
 (``with self._send_conflict_detector:``); ours are the same, in two flavours

@@ -35,8 +35,7 @@ def test_the_claim_ends_with_the_block_even_when_it_raises() -> None:
 
 
 async def test_two_tasks_waiting_on_one_port_is_busy() -> None:
-    # The event-channel port keeps the same rule with its own flag (shared.evtchn and
-    # shared.sync are sibling layers: neither imports the other).
+    # Port.wait spells the detector out on the doorbell path; same rule, same error.
     port, peer = InMemoryPort.pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(port.wait)
